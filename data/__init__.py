@@ -1,0 +1,1 @@
+"""Input data: sources and batch formats. Knows nothing of meshes, training or serving."""

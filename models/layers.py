@@ -1,0 +1,87 @@
+"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE, the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen
+from flax import nnx
+
+from models.config import ModelConfig, RopeScaling
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
+  """A parameter whose metadata names its logical axes; `parallelism/` maps them to the mesh."""
+  assert len(shape) == len(axes), (shape, axes)
+  # eager_sharding=False: the model never shards itself; sharding is decided by the caller's
+  # jit out_shardings, derived from these names.
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def fan_in_init(fan_in: int):
+  """Truncated-normal init with std 1/sqrt(fan_in) (LeCun), as in most Llama trainers."""
+  return jax.nn.initializers.truncated_normal(stddev=1.0 / math.sqrt(fan_in))
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """Hints an activation's sharding by logical names; a no-op unless rules and a mesh are set."""
+  return linen.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis, computed in float32 (the Llama reference does the same)."""
+
+  def __init__(self, dim: int, eps: float, axis_name: str, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (axis_name,), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None):
+  """Per-pair rotation frequencies [H/2], with Llama-3.1 scaling of the long wavelengths."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv_freq
+  low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+  high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates query/key halves (the Hugging Face `rotate_half` layout), in float32."""
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos, sin = jnp.cos(angles_BTh)[:, :, None, :], jnp.sin(angles_BTh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, F, pdt = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
+    self.gate_DF = param(rngs, fan_in_init(D), (D, F), ('embed', 'mlp'), pdt)
+    self.up_DF = param(rngs, fan_in_init(D), (D, F), ('embed', 'mlp'), pdt)
+    self.down_FD = param(rngs, fan_in_init(F), (F, D), ('mlp', 'embed'), pdt)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    dt = x_BTD.dtype
+    gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, self.gate_DF[...].astype(dt))
+    up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, self.up_DF[...].astype(dt))
+    h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ('batch', 'length', 'mlp'))
+    return jnp.einsum('BTF,FD->BTD', h_BTF, self.down_FD[...].astype(dt))

@@ -1,0 +1,42 @@
+"""Named model configurations. `tiny` and `small` run here; the rest are built abstractly only."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from models.config import ModelConfig, RopeScaling
+
+_LLAMA3 = dict(vocab_size=128_256, num_kv_heads=8, head_dim=128, rope_theta=500_000.0)
+_QWEN = dict(vocab_size=151_936, rope_theta=1_000_000.0, rms_eps=1e-6, tie_embeddings=True)
+
+PRESETS: dict[str, ModelConfig] = {
+    # ~5M parameters: trains on a laptop CPU in minutes; every dim divides an 8-device mesh.
+    'tiny': ModelConfig(vocab_size=4096, d_model=256, num_layers=4, num_heads=8, num_kv_heads=4,
+                        head_dim=32, mlp_dim=768),
+    # ~126M parameters (GPT-3 Small width and depth, Llama blocks).
+    'small': ModelConfig(vocab_size=32_768, d_model=768, num_layers=12, num_heads=12,
+                         num_kv_heads=4, head_dim=64, mlp_dim=2048),
+    'llama3_8b': ModelConfig(d_model=4096, num_layers=32, num_heads=32, mlp_dim=14_336, **_LLAMA3),
+    'llama3_70b': ModelConfig(d_model=8192, num_layers=80, num_heads=64, mlp_dim=28_672,
+                              **_LLAMA3),
+    'llama31_8b': ModelConfig(d_model=4096, num_layers=32, num_heads=32, mlp_dim=14_336,
+                              rope_scaling=RopeScaling(), **_LLAMA3),
+    'mistral_7b': ModelConfig(vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
+                              num_kv_heads=8, head_dim=128, mlp_dim=14_336,
+                              rope_theta=1_000_000.0),
+    'qwen2_0_5b': ModelConfig(d_model=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                              head_dim=64, mlp_dim=4864, qkv_bias=True, **_QWEN),
+    'qwen3_0_6b': ModelConfig(d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+                              head_dim=128, mlp_dim=3072, qk_norm=True, **_QWEN),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  """Returns the preset `name`, with any ModelConfig field replaced by `overrides`."""
+  if name not in PRESETS:
+    raise ValueError(f'Unknown model preset {name!r}; choose one of {sorted(PRESETS)}.')
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = set(overrides) - fields
+  if unknown:
+    raise ValueError(f'Unknown ModelConfig field(s) {sorted(unknown)}; fields are {sorted(fields)}.')
+  return dataclasses.replace(PRESETS[name], **overrides)

@@ -1,0 +1,130 @@
+"""The Llama-family decoder in Flax NNX.
+
+Layers are stacked on a leading 'layers' axis and run under `jax.lax.scan` (one compiled block,
+fast compiles for deep models), or unrolled when `scan_layers=False`. Either way each block can
+be rematerialised with a `jax.checkpoint` policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import attention
+from models.config import ModelConfig
+from models.layers import MLP, RMSNorm, apply_rope, constrain, fan_in_init, param, rope_inverse_frequencies
+
+_REMAT = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE, optional QKV bias (Qwen2) and q/k norm (Qwen3)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, N, K, H, pdt = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+    self.impl = cfg.attention
+    self.q_DNH = param(rngs, fan_in_init(D), (D, N, H), ('embed', 'heads', 'head_dim'), pdt)
+    self.k_DKH = param(rngs, fan_in_init(D), (D, K, H), ('embed', 'kv_heads', 'head_dim'), pdt)
+    self.v_DKH = param(rngs, fan_in_init(D), (D, K, H), ('embed', 'kv_heads', 'head_dim'), pdt)
+    self.o_NHD = param(rngs, fan_in_init(N * H), (N, H, D), ('heads', 'head_dim', 'embed'), pdt)
+    # Optional parts are nnx.data(None) when absent, so the attribute is data either way.
+    self.bias = nnx.data(None)
+    if cfg.qkv_bias:
+      zeros = jax.nn.initializers.zeros
+      self.bias = nnx.data(dict(
+          q_NH=param(rngs, zeros, (N, H), ('heads', 'head_dim'), pdt),
+          k_KH=param(rngs, zeros, (K, H), ('kv_heads', 'head_dim'), pdt),
+          v_KH=param(rngs, zeros, (K, H), ('kv_heads', 'head_dim'), pdt)))
+    self.q_norm = self.k_norm = nnx.data(None)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(H, cfg.rms_eps, 'head_dim', pdt, rngs)
+      self.k_norm = RMSNorm(H, cfg.rms_eps, 'head_dim', pdt, rngs)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+    dt = x_BTD.dtype
+    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.q_DNH[...].astype(dt))
+    k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, self.k_DKH[...].astype(dt))
+    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, self.v_DKH[...].astype(dt))
+    if self.bias is not None:
+      q_BTNH += self.bias['q_NH'][...].astype(dt)
+      k_BTKH += self.bias['k_KH'][...].astype(dt)
+      v_BTKH += self.bias['v_KH'][...].astype(dt)
+    if self.q_norm is not None:
+      q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+    out_BTNH = attention.attend(self.impl, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    return jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.o_NHD[...].astype(dt))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, 'embed', cfg.param_dtype, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, 'embed', cfg.param_dtype, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+    x_BTD += self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq)
+    x_BTD += self.mlp(self.mlp_norm(x_BTD))
+    return constrain(x_BTD, ('batch', 'length', 'act_embed'))
+
+
+class Transformer(nnx.Module):
+  """Token ids [B, T] -> float32 logits [B, T, V]."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, V, pdt = cfg.d_model, cfg.vocab_size, cfg.param_dtype
+    self.embed_VD = param(rngs, fan_in_init(D), (V, D), ('vocab', 'embed'), pdt)
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      def stacked(rngs):
+        return Block(cfg, rngs)
+      self.layers = stacked(rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(D, cfg.rms_eps, 'embed', pdt, rngs)
+    self.lm_head_DV = nnx.data(None)
+    if not cfg.tie_embeddings:
+      self.lm_head_DV = param(rngs, fan_in_init(D), (D, V), ('embed', 'vocab'), pdt)
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.compute_dtype(jax.default_backend()))
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones_like(tokens_BT)
+    inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt)
+    x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
+
+    def run_block(x_BTD, block_state, graphdef):
+      block = nnx.merge(graphdef, block_state)
+      return block(x_BTD, positions_BT, segment_ids_BT, inv_freq)
+
+    if cfg.remat != 'none':
+      run_block = jax.checkpoint(run_block, policy=_REMAT[cfg.remat], static_argnums=(2,))
+    if cfg.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      x_BTD, _ = jax.lax.scan(lambda x, s: (run_block(x, s, graphdef), None), x_BTD, state)
+    else:
+      for block in self.layers:
+        graphdef, state = nnx.split(block)
+        x_BTD = run_block(x_BTD, state, graphdef)
+
+    x_BTD = self.final_norm(x_BTD)
+    head_DV = self.embed_VD[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
+    logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, head_DV.astype(dt),
+                            preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, ('batch', 'length', 'vocab'))

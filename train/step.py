@@ -1,0 +1,125 @@
+"""The pure, sharded train step: `train_step(state, batch) -> (state, metrics)`.
+
+Gradient accumulation scans over microbatches with float32 accumulators and divides by the
+total number of target tokens once at the end, so k microbatches give the same update as one
+batch of k times the size.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from models import transformer
+from parallelism import sharding
+from parallelism.rules import DEFAULT_RULES, Rules
+from train.config import TrainConfig
+from train.optimizer import make_optimizer, schedule
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: optimizer steps taken (skipped non-finite steps included)
+  params: nnx.State
+  opt_state: Any
+
+
+BATCH_KEYS = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
+
+
+def loss_sums(params, graphdef, batch, z_loss: float):
+  """Sum over target tokens of the masked cross-entropy (+ z-loss), and the token count."""
+  model = nnx.merge(graphdef, params)
+  logits_BTV = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, batch['targets'][..., None], axis=-1)[..., 0]
+  weights_BT = batch['loss_mask'].astype(jnp.float32)
+  nll = jnp.sum((logz_BT - target_logit_BT) * weights_BT)
+  objective = nll + z_loss * jnp.sum(jnp.square(logz_BT) * weights_BT) if z_loss else nll
+  return objective, (nll, jnp.sum(weights_BT))
+
+
+def _microbatches(batch, k: int):
+  """[k*b, ...] -> [k, b, ...], microbatch i taking rows i, i+k, ...: each device keeps its rows."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransformation,
+               cfg: TrainConfig):
+  grad_fn = jax.grad(loss_sums, has_aux=True)
+  if cfg.microbatches == 1:
+    grads, (nll, tokens) = grad_fn(state.params, graphdef, batch, cfg.z_loss)
+  else:
+    def accumulate(carry, micro):
+      g, (n, t) = grad_fn(state.params, graphdef, micro, cfg.z_loss)
+      acc_g, acc_n, acc_t = carry
+      acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
+      return (acc_g, acc_n + n, acc_t + t), None
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (grads, nll, tokens), _ = jax.lax.scan(
+        accumulate, (zeros, 0.0, 0.0), _microbatches(batch, cfg.microbatches))
+  denom = jnp.maximum(tokens, 1.0)
+  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # The schedule is evaluated at the number of updates applied before this one.
+  applied = state.step - state.opt_state.total_notfinite
+  metrics = {
+      'loss': nll / denom,
+      'grad_norm': optax.global_norm(grads),
+      'learning_rate': schedule(cfg.optimizer, cfg.steps)(applied),
+      'tokens': tokens,
+      'skipped_steps': opt_state.total_notfinite,
+  }
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def abstract_model(cfg: TrainConfig):
+  """(graphdef, abstract params) of the model, without allocating anything."""
+  return nnx.split(nnx.eval_shape(lambda: transformer.Transformer(cfg.model, nnx.Rngs(cfg.seed))))
+
+
+def fresh_state(cfg: TrainConfig, tx: optax.GradientTransformation) -> TrainState:
+  params = nnx.state(transformer.Transformer(cfg.model, nnx.Rngs(cfg.seed)))
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def init_train_state(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransformation,
+                     rules: Rules = DEFAULT_RULES):
+  """A freshly initialised TrainState, created sharded. Returns (state, state shardings)."""
+  return sharding.init_sharded(functools.partial(fresh_state, cfg, tx), mesh, rules)
+
+
+def batch_spec(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """Abstract global batch with its sharding: what the compiled step expects."""
+  data_ways = 1
+  for a in sharding.batch_axes(mesh, rules):
+    data_ways *= mesh.shape[a]
+  if cfg.batch_size % (data_ways * cfg.microbatches):
+    raise ValueError(f'train.batch_size ({cfg.batch_size}) must be a multiple of the data-parallel '
+                     f'ways ({data_ways}) x train.microbatches ({cfg.microbatches}).')
+  spec = sharding.batch_sharding(mesh, 2, rules)
+  shape = (cfg.batch_size, cfg.seq_len)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'loss_mask' else jnp.int32,
+                                  sharding=spec) for k in BATCH_KEYS}
+
+
+def compile_train_step(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransformation,
+                       state_shardings, rules: Rules = DEFAULT_RULES):
+  """Lowers and compiles the step once for the config's shapes; the state argument is donated."""
+  graphdef, _ = abstract_model(cfg)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch = batch_spec(cfg, mesh, rules)
+  step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
+                 in_shardings=(state_shardings, jax.tree.map(lambda b: b.sharding, batch)),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                jax.eval_shape(functools.partial(fresh_state, cfg, tx)),
+                                state_shardings)
+  with sharding.activation_rules(mesh, rules):
+    return step.lower(abstract_state, batch).compile()
