@@ -20,7 +20,7 @@ def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
   T = segment_ids_BT.shape[1]
   causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
   same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-  return same_BTS & causal_TS
+  return same_BTS & causal_TS[None]
 
 
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale: float) -> jax.Array:

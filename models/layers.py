@@ -42,7 +42,8 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x32 * scale).astype(x.dtype)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None):
@@ -63,7 +64,8 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotates query/key halves (the Hugging Face `rotate_half` layout), in float32."""
-  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  # h: H/2 rotation pairs.
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq[None, None, :]
   cos, sin = jnp.cos(angles_BTh)[:, :, None, :], jnp.sin(angles_BTh)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -51,9 +51,9 @@ class Attention(nnx.Module):
     k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, self.k_DKH[...].astype(dt))
     v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, self.v_DKH[...].astype(dt))
     if self.bias is not None:
-      q_BTNH += self.bias['q_NH'][...].astype(dt)
-      k_BTKH += self.bias['k_KH'][...].astype(dt)
-      v_BTKH += self.bias['v_KH'][...].astype(dt)
+      q_BTNH += self.bias['q_NH'][...].astype(dt)[None, None]
+      k_BTKH += self.bias['k_KH'][...].astype(dt)[None, None]
+      v_BTKH += self.bias['v_KH'][...].astype(dt)[None, None]
     if self.q_norm is not None:
       q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
