@@ -71,7 +71,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
   applied = state.step - state.opt_state.total_notfinite
   metrics = {
       'loss': nll / denom,
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
       'learning_rate': schedule(cfg.optimizer, cfg.steps)(applied),
       'tokens': tokens,
       'skipped_steps': opt_state.total_notfinite,

@@ -75,3 +75,33 @@ def test_parameter_count_matches_created_shapes():
     abstract = nnx.eval_shape(lambda c=cfg: transformer.Transformer(c, nnx.Rngs(0)))
     created = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
     assert created == cfg.num_params(), name
+
+
+def test_no_loss_depends_on_a_later_token_or_another_document():
+  """d loss_t / d (input embedding at s) is nonzero exactly when s <= t in the same document.
+
+  Every position gets a distinct token id, so the gradient with respect to row s of the
+  embedding table is the gradient with respect to the input at position s.
+  """
+  from flax import nnx
+  from models import transformer
+  T = 24
+  cfg = presets.preset('tiny', num_layers=2, vocab_size=T)
+  model = transformer.Transformer(cfg, nnx.Rngs(3))
+  graphdef, params = nnx.split(model)
+  tokens = jnp.arange(T, dtype=jnp.int32)[None]
+  segments = jnp.asarray([[1] * 9 + [2] * 11 + [0] * 4], jnp.int32)  # two documents + padding
+  positions = jnp.asarray([list(range(9)) + list(range(11)) + list(range(4))], jnp.int32)
+  targets = jnp.roll(tokens, -1, axis=1)
+
+  def per_position_loss(embed_VD):
+    p = jax.tree.map(lambda x: x, params)
+    p['embed_VD'] = nnx.Param(embed_VD)
+    logits = nnx.merge(graphdef, p)(tokens, positions, segments)[0]
+    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[0][:, None], 1)[:, 0]
+
+  jac_TVD = jax.jacrev(per_position_loss)(params['embed_VD'][...])
+  depends_TS = np.asarray(jnp.abs(jac_TVD).sum(-1) > 0)
+  seg = np.asarray(segments[0])
+  allowed_TS = (seg[:, None] == seg[None, :]) & (np.arange(T)[:, None] >= np.arange(T)[None, :])
+  np.testing.assert_array_equal(depends_TS, allowed_TS)
