@@ -20,7 +20,7 @@ from models import transformer
 from parallelism import sharding
 from parallelism.rules import DEFAULT_RULES, Rules
 from train.config import TrainConfig
-from train.optimizer import make_optimizer, schedule
+from train.optimizer import schedule
 
 
 class TrainState(NamedTuple):
@@ -64,7 +64,8 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
     (grads, nll, tokens), _ = jax.lax.scan(
         accumulate, (zeros, 0.0, 0.0), _microbatches(batch, cfg.microbatches))
   denom = jnp.maximum(tokens, 1.0)
-  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+  grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads,
+                       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # The schedule is evaluated at the number of updates applied before this one.
