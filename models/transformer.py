@@ -106,7 +106,11 @@ class Transformer(nnx.Module):
       segment_ids_BT = jnp.ones_like(tokens_BT)
     inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
-    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt)
+    # Gather from a whole table: like every FSDP weight it is all-gathered for use. Gathering
+    # from a sharded table leaves rows split over the width, which then cannot be resharded
+    # onto the batch axes without a full rematerialisation.
+    embed_VD = constrain(self.embed_VD[...], (None, None))
+    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dt)
     x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
 
     def run_block(x_BTD, block_state, graphdef):
