@@ -47,9 +47,22 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale: float) -> jax
                                       implementation='cudnn')
 
 
+def resolve(impl: AttentionImpl, platform: str, dtype, seq_len: int) -> AttentionImpl:
+  """What AUTO means here. All implementations compute the same function (see the tests):
+  the choice only changes speed. cuDNN needs 16-bit inputs; splash needs T % 128 == 0."""
+  if impl != AttentionImpl.AUTO:
+    return impl
+  if platform == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return AttentionImpl.CUDNN
+  if platform == 'tpu' and seq_len % 128 == 0:
+    return AttentionImpl.SPLASH
+  return AttentionImpl.XLA
+
+
 def attend(impl: AttentionImpl, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT) -> jax.Array:
   """Dispatches to the chosen implementation; all take and return the same layouts."""
   scale = q_BTNH.shape[-1] ** -0.5
+  impl = resolve(impl, jax.default_backend(), q_BTNH.dtype, q_BTNH.shape[1])
   if impl == AttentionImpl.XLA:
     return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale)
   if impl == AttentionImpl.CUDNN:

@@ -9,6 +9,7 @@ import enum
 class AttentionImpl(str, enum.Enum):
   """Which attention implementation the model runs."""
 
+  AUTO = 'auto'  # The fastest that applies: cudnn on GPU (bf16/f16), splash on TPU, else xla.
   XLA = 'xla'  # Plain einsum + mask; runs everywhere, the reference.
   SPLASH = 'splash'  # TPU splash-attention Pallas kernel (interpret mode on CPU).
   CUDNN = 'cudnn'  # cuDNN fused attention through jax.nn.dot_product_attention (GPU only).
@@ -47,7 +48,7 @@ class ModelConfig:
   qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys
   scan_layers: bool = True
   remat: str = 'none'
-  attention: AttentionImpl = AttentionImpl.XLA
+  attention: AttentionImpl = AttentionImpl.AUTO
   param_dtype: str = 'float32'
   dtype: str = 'auto'  # compute dtype; 'auto' is float32 on CPU and bfloat16 on TPU/GPU
 

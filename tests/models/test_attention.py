@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from models import attention, presets, splash, transformer
+from models.config import AttentionImpl
 from parallelism import sharding
 
 # Tolerances, relative to the reference's largest magnitude. float32: every output or gradient
@@ -170,3 +171,16 @@ def test_cudnn_matches_reference_bf16(N, K, H):
   _assert_close(out, ref_out, BF16_TOL, 'output')
   for name, g, ref_g in zip(('dq', 'dk', 'dv'), grads, ref_grads):
     _assert_close(g, ref_g, BF16_TOL, name)
+
+
+@pytest.mark.parametrize('platform,dtype,seq_len,expected', [
+    ('cpu', jnp.float32, 256, AttentionImpl.XLA),
+    ('cpu', jnp.bfloat16, 256, AttentionImpl.XLA),
+    ('gpu', jnp.bfloat16, 100, AttentionImpl.CUDNN),
+    ('gpu', jnp.float32, 256, AttentionImpl.XLA),  # cuDNN needs 16-bit inputs
+    ('tpu', jnp.bfloat16, 256, AttentionImpl.SPLASH),
+    ('tpu', jnp.bfloat16, 100, AttentionImpl.XLA),  # splash needs T % 128 == 0
+])
+def test_auto_picks_the_fastest_that_applies(platform, dtype, seq_len, expected):
+  assert attention.resolve(AttentionImpl.AUTO, platform, dtype, seq_len) == expected
+  assert attention.resolve(AttentionImpl.XLA, platform, dtype, seq_len) == AttentionImpl.XLA
