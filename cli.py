@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -30,7 +31,21 @@ def _train(gin_files, gin_params, workdir) -> int:
   return 0
 
 
+def _prepare(args, argv) -> int:
+  from data import prepare  # pylint: disable=g-import-not-at-top  (no JAX needed: keep start-up fast)
+  fields = {f.name for f in dataclasses.fields(prepare.PrepareConfig)}
+  cfg = prepare.PrepareConfig(**{k: v for k, v in vars(args).items() if k in fields})
+  manifest = prepare.prepare(cfg, args.out, argv)
+  train, val = manifest['splits']['train'], manifest['splits']['validation']
+  print(f'Prepared {args.out}: {manifest["documents"]["kept"]} documents '
+        f'(train {train["documents"]}, validation {val["documents"]}), '
+        f'{train["tokens"] + val["tokens"]} tokens in {len(train["shards"]) + len(val["shards"])} shards, '
+        f'vocabulary {manifest["tokenizer"]["vocab_size"]}. Manifest: {os.path.join(args.out, "manifest.json")}')
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(prog='stoker', description=__doc__)
   parser.add_argument('--host_devices', type=int, default=8,
                       help='CPU devices to emulate when running on CPU (default 8).')
@@ -48,10 +63,39 @@ def main(argv: list[str] | None = None) -> int:
                      help='Default: runs/quickstart-<timestamp> in the current directory.')
   quick.add_argument('--gin_param', action='append', default=[])
 
+  prep = sub.add_parser('prepare', help='Clean and tokenize a corpus into Parquet token shards + manifest.json.')
+  prep.add_argument('--source', default='stdlib',
+                    help="'stdlib' (the running Python's standard library *.py files; default), or a file, "
+                         'directory or glob of .txt/.md/.jsonl/.csv/.parquet files.')
+  prep.add_argument('--format', default='auto', choices=['auto', 'text', 'jsonl', 'csv', 'parquet'],
+                    help='Input format (default: from each file extension).')
+  prep.add_argument('--field', '--column', dest='field', default='text',
+                    help='The JSONL field or CSV/Parquet column holding the text (default text).')
+  prep.add_argument('--limit-files', type=int, default=None, help='Read only the first N files (in order).')
+  prep.add_argument('--out', required=True, help='Output directory (written whole, or not at all).')
+  prep.add_argument('--overwrite', action='store_true', help='Replace an earlier output in --out.')
+  prep.add_argument('--tokenizer', default=None, help='A Hugging Face tokenizer.json (or its directory) to use.')
+  prep.add_argument('--train-tokenizer', action='store_true',
+                    help='Train a byte-level BPE on the train split instead, saved as <out>/tokenizer.json.')
+  prep.add_argument('--vocab-size', type=int, default=4096, help='Vocabulary of the trained BPE (default 4096).')
+  prep.add_argument('--max-vocab', type=int, default=None,
+                    help="Fail if the tokenizer's vocabulary exceeds this (the model's vocab_size).")
+  prep.add_argument('--eos-token', default=None,
+                    help='End-of-text token appended to each document (default: <|endoftext|>, </s>, ...).')
+  prep.add_argument('--min-chars', type=int, default=1, help='Drop documents shorter than this (default 1).')
+  prep.add_argument('--max-chars', type=int, default=None, help='Drop documents longer than this.')
+  prep.add_argument('--validation-fraction', type=float, default=0.05, help='Share of documents (default 0.05).')
+  prep.add_argument('--seed', type=int, default=0, help='Seed of the train/validation split (default 0).')
+  prep.add_argument('--shard-max-tokens', type=int, default=2**20, help='Tokens per shard at most (default 2^20).')
+  prep.add_argument('--row-group-size', type=int, default=256, help='Parquet rows per row group (default 256).')
+  prep.add_argument('--output-format', default='parquet', choices=['parquet', 'arrayrecord'])
+
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   _use_host_devices(args.host_devices)
   try:
+    if args.command == 'prepare':
+      return _prepare(args, argv)
     if args.command == 'train':
       return _train(args.gin_file or [QUICKSTART_GIN], args.gin_param, args.workdir)
     workdir = args.workdir or os.path.join('runs', time.strftime('quickstart-%Y%m%d-%H%M%S'))

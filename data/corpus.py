@@ -1,0 +1,202 @@
+"""The raw corpus for `stoker prepare`: the running Python's standard library, or files by path or glob.
+
+A source yields documents (one per text file, JSONL line, CSV row or Parquet row) in a fixed order, and a
+description of what was read for the manifest. Every error names the file (and line, row or column) and the fix.
+
+`stdlib`: every `*.py` file under `sysconfig.get_paths()['stdlib']`, test suites included (they are most of the
+text), `site-packages`/`dist-packages` excluded, sorted by relative path; one document per file. Files that are
+not UTF-8 (a handful of deliberately mis-encoded test fixtures) are skipped and listed in the manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import platform
+import sys
+import sysconfig
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tqdm
+
+STDLIB = 'stdlib'
+FORMATS = ('auto', 'text', 'jsonl', 'csv', 'parquet')
+EXTENSIONS = {'.txt': 'text', '.md': 'text', '.jsonl': 'jsonl', '.csv': 'csv', '.parquet': 'parquet'}
+_STDLIB_EXCLUDED_DIRS = {'site-packages', 'dist-packages', '__pycache__'}
+
+
+def _progress(iterable, **kwargs):
+  return tqdm.tqdm(iterable, disable=not sys.stderr.isatty(), **kwargs)
+
+
+def read_source(source: str, fmt: str = 'auto', field: str = 'text',
+                limit_files: int | None = None) -> tuple[list[str], dict]:
+  """Reads every document of `source` ('stdlib', a file, a directory or a glob), in order.
+
+  Returns the documents' texts and the manifest's description of the source.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f'unknown --format {fmt!r}: choose one of {", ".join(FORMATS)}')
+  if source == STDLIB:
+    return _read_stdlib(limit_files)
+  paths = _expand(source, fmt)[:limit_files]
+  texts, digest, total_bytes = [], hashlib.sha256(), 0
+  for path in _progress(paths, desc='read', unit='file'):
+    data = _read_bytes(path)
+    total_bytes += len(data)
+    digest.update(f'{path}\0{len(data)}\0'.encode() + data)
+    file_format = fmt if fmt != 'auto' else EXTENSIONS[os.path.splitext(path)[1].lower()]
+    texts.extend(_READERS[file_format](path, data, field))
+  info = {'kind': 'files', 'pattern': source, 'format': fmt, 'field': field, 'files': len(paths),
+          'bytes': total_bytes, 'sha256': digest.hexdigest()}
+  return texts, info
+
+
+def _read_stdlib(limit_files: int | None) -> tuple[list[str], dict]:
+  root = sysconfig.get_paths()['stdlib']
+  paths = []
+  for directory, dirs, names in os.walk(root):
+    dirs[:] = sorted(d for d in dirs if d not in _STDLIB_EXCLUDED_DIRS)
+    paths += [os.path.relpath(os.path.join(directory, n), root) for n in names if n.endswith('.py')]
+  paths = sorted(p.replace(os.sep, '/') for p in paths)[:limit_files]
+  texts, skipped, digest, total_bytes = [], [], hashlib.sha256(), 0
+  for rel in _progress(paths, desc='read stdlib', unit='file'):
+    data = _read_bytes(os.path.join(root, rel))
+    try:
+      text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+      skipped.append({'path': rel, 'reason': f'not UTF-8 (byte {e.start})'})
+      continue
+    total_bytes += len(data)
+    digest.update(f'{rel}\0{len(data)}\0'.encode() + data)
+    texts.append(text)
+  if not paths:
+    raise FileNotFoundError(f'no *.py files under the standard library at {root}: pass --source PATH instead')
+  info = {'kind': STDLIB, 'python': platform.python_version(), 'root': root, 'limit_files': limit_files,
+          'files': len(texts), 'bytes': total_bytes, 'sha256': digest.hexdigest(), 'skipped': skipped}
+  return texts, info
+
+
+def _expand(source: str, fmt: str) -> list[str]:
+  """The files `source` names, sorted; a directory is searched recursively for the format's extensions."""
+  wanted = tuple(e for e, f in EXTENSIONS.items() if fmt in ('auto', f))
+  if os.path.isdir(source):
+    paths = []
+    for directory, dirs, names in os.walk(source):
+      dirs[:] = sorted(dirs)
+      paths += [os.path.join(directory, n) for n in names if n.lower().endswith(wanted)]
+    what = f'no {"/".join(wanted)} files under directory {source!r}'
+  elif glob.has_magic(source):
+    paths = [p for p in glob.glob(source, recursive=True) if not os.path.isdir(p)]
+    what = f'--source {source!r} matched no files'
+  elif os.path.lexists(source):
+    paths = [source]
+    what = ''
+  else:
+    raise FileNotFoundError(f'--source {source!r}: no such file, directory or glob match '
+                            f'(use --source stdlib for the built-in corpus)')
+  if not paths:
+    raise FileNotFoundError(f'{what}: check the path, or pass --format to choose the file type')
+  paths.sort()
+  if fmt == 'auto':
+    for path in paths:
+      if os.path.splitext(path)[1].lower() not in EXTENSIONS:
+        raise ValueError(f'{path}: cannot tell the format from the extension: pass --format '
+                         f'({", ".join(FORMATS[1:])})')
+  return paths
+
+
+def _read_bytes(path: str) -> bytes:
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError as e:
+    raise ValueError(f'cannot read {path}: {e.strerror or e}: fix the file or its permissions, '
+                     f'or remove it from --source') from e
+
+
+def _decode(path: str, data: bytes) -> str:
+  try:
+    return data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b'\n') + 1
+    raise ValueError(f'{path}:{line}: not valid UTF-8 (byte {e.start}): convert the file to UTF-8 '
+                     f'(e.g. iconv -t UTF-8) or remove it from --source') from e
+
+
+def _read_text(path: str, data: bytes, field: str) -> Iterator[str]:
+  del field  # a text file is one document
+  yield _decode(path, data)
+
+
+def _read_jsonl(path: str, data: bytes, field: str) -> Iterator[str]:
+  for number, line in enumerate(_decode(path, data).split('\n'), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{number}: not valid JSON ({e.msg} at column {e.colno}): fix or remove the '
+                       f'line') from e
+    if not isinstance(record, dict):
+      raise ValueError(f'{path}:{number}: expected a JSON object per line, got {type(record).__name__}')
+    if field not in record:
+      raise ValueError(f'{path}:{number}: no field {field!r} (fields: {", ".join(map(repr, record)) or "none"}): '
+                       f'choose one with --field')
+    yield _as_text(record[field], f'{path}:{number}: field {field!r}')
+
+
+def _read_csv(path: str, data: bytes, field: str) -> Iterator[str]:
+  csv.field_size_limit(2**31 - 1)  # documents are long; the default limit is 128 KiB per field
+  reader = csv.DictReader(_decode(path, data).splitlines(keepends=True))
+  try:
+    if reader.fieldnames is None:
+      raise ValueError(f'{path}: empty CSV file (no header row): remove it from --source')
+    if field not in reader.fieldnames:
+      raise ValueError(f'{path}: no column {field!r} (columns: {", ".join(map(repr, reader.fieldnames))}): '
+                       f'choose one with --column')
+    for row in reader:
+      yield _as_text(row[field], f'{path}:{reader.line_num}: column {field!r}')
+  except csv.Error as e:
+    raise ValueError(f'{path}:{reader.line_num}: malformed CSV ({e}): fix or remove the line') from e
+
+
+def _read_parquet(path: str, data: bytes, field: str) -> Iterator[str]:
+  try:
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+  except (pa.ArrowException, OSError) as e:
+    raise ValueError(f'{path}: not a readable Parquet file ({e}): re-export it or remove it from --source') from e
+  names = parquet.schema_arrow.names
+  if field not in names:
+    raise ValueError(f'{path}: no column {field!r} (columns: {", ".join(map(repr, names))}): '
+                     f'choose one with --column')
+  column_type = parquet.schema_arrow.field(field).type
+  if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+    raise ValueError(f'{path}: column {field!r} has type {column_type}, not string: choose a text column '
+                     f'with --column')
+  row = 0
+  for group in range(parquet.num_row_groups):
+    try:
+      values = parquet.read_row_group(group, columns=[field]).column(0).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+      raise ValueError(f'{path}: row group {group} is corrupt ({e}): re-export the file') from e
+    for value in values:
+      yield _as_text(value, f'{path}: row {row}, column {field!r}')
+      row += 1
+
+
+def _as_text(value, where: str) -> str:
+  """A document's text; null is an empty document (dropped by the length filter and counted as filtered)."""
+  if value is None:
+    return ''
+  if not isinstance(value, str):
+    raise ValueError(f'{where} is a {type(value).__name__}, not text: choose a text field')
+  return value
+
+
+_READERS = {'text': _read_text, 'jsonl': _read_jsonl, 'csv': _read_csv, 'parquet': _read_parquet}

@@ -1,0 +1,260 @@
+"""`stoker prepare`: raw text -> cleaned, deduplicated, tokenized documents in Parquet shards + manifest.json.
+
+Output directory (the contract the Grain pipeline reads):
+
+  manifest.json                                 format 'stoker-tokens-v1'; sorted keys, no timestamps
+  tokenizer.json                                the tokenizer that made the tokens (trained here or copied)
+  train/shard-00000-of-0000N.parquet ...        one row per document: tokens list<int32> (EOS last), doc_id int64
+  validation/shard-00000-of-0000M.parquet ...
+
+Steps: read (`corpus.py`) -> clean (line ends to \\n, control characters but \\n and \\t stripped, Unicode NFC)
+-> length filters -> drop exact duplicates (sha256 of the cleaned text; the first one stays) -> split by document
+-> train or load the tokenizer (`tokenizer.py`; trained on the train split only) -> encode -> shards (`shards.py`).
+`doc_id` is a document's index among the kept documents. Everything is written to `OUT.tmp-<pid>` and renamed to
+OUT at the end, so an OUT with a manifest.json is always complete; the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import unicodedata
+from typing import Sequence
+
+from data import shards
+from data import corpus
+from data import tokenizer as tok
+
+FORMAT = 'stoker-tokens-v1'
+MANIFEST = 'manifest.json'
+TOKENIZER = 'tokenizer.json'
+SPLITS = ('train', 'validation')
+_CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]')  # C0/C1 controls but \t and \n; the BOM
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+  """What `stoker prepare` does; the fields are its flags."""
+
+  source: str = corpus.STDLIB
+  format: str = 'auto'
+  field: str = 'text'
+  limit_files: int | None = None
+  tokenizer: str | None = None
+  train_tokenizer: bool = False
+  vocab_size: int = 4096
+  max_vocab: int | None = None
+  eos_token: str | None = None
+  min_chars: int = 1
+  max_chars: int | None = None
+  validation_fraction: float = 0.05
+  seed: int = 0
+  shard_max_tokens: int = 2**20
+  row_group_size: int = 256
+  output_format: str = 'parquet'
+  overwrite: bool = False
+
+  def __post_init__(self):
+    if bool(self.tokenizer) == self.train_tokenizer:
+      raise ValueError('give exactly one of --tokenizer PATH (load a tokenizer.json) and --train-tokenizer '
+                       '(train a byte-level BPE of --vocab-size entries)')
+    for name in ('shard_max_tokens', 'row_group_size', 'vocab_size'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'--{name.replace("_", "-")} must be positive, got {getattr(self, name)}')
+    if self.limit_files is not None and self.limit_files < 1:
+      raise ValueError(f'--limit-files must be positive, got {self.limit_files}')
+    if self.min_chars < 0 or (self.max_chars is not None and self.max_chars < max(self.min_chars, 1)):
+      raise ValueError(f'--min-chars {self.min_chars} / --max-chars {self.max_chars}: need '
+                       f'0 <= min-chars <= max-chars and max-chars >= 1')
+    if not 0 <= self.validation_fraction < 1:
+      raise ValueError(f'--validation-fraction must be in [0, 1), got {self.validation_fraction}')
+    if self.output_format not in shards.OUTPUT_FORMATS:
+      raise ValueError(f'unknown --output-format {self.output_format!r}: choose one of '
+                       f'{", ".join(shards.OUTPUT_FORMATS)}')
+
+
+def clean(text: str) -> str:
+  """Line ends to \\n, control characters (but \\n, \\t) and the BOM stripped, then Unicode NFC."""
+  text = _CONTROL.sub('', text.replace('\r\n', '\n').replace('\r', '\n'))
+  return unicodedata.normalize('NFC', text)
+
+
+def dedup_and_filter(texts: Sequence[str], min_chars: int = 1,
+                     max_chars: int | None = None) -> tuple[list[str], list[bytes], dict]:
+  """Cleans `texts`, drops those outside the length bounds, then all but the first of exact duplicates.
+
+  Returns the kept texts, their sha256 digests, and the counts for the manifest.
+  """
+  seen, kept, digests, duplicates, filtered = set(), [], [], 0, 0
+  for text in texts:
+    text = clean(text)
+    if len(text) < max(min_chars, 1) or (max_chars is not None and len(text) > max_chars):
+      filtered += 1  # an empty document is always dropped
+      continue
+    digest = hashlib.sha256(text.encode('utf-8')).digest()
+    if digest in seen:
+      duplicates += 1
+      continue
+    seen.add(digest)
+    kept.append(text)
+    digests.append(digest)
+  counts = {'read': len(texts), 'duplicates': duplicates, 'filtered': filtered, 'kept': len(kept)}
+  return kept, digests, counts
+
+
+def split_validation(digests: Sequence[bytes], fraction: float, seed: int) -> list[bool]:
+  """Whether each document is in the validation split.
+
+  Documents are ranked by sha256(seed, content digest); the first round(fraction * n) go to validation (at least
+  one when fraction > 0 and n >= 2, and never all). A document's rank depends only on its content and the seed.
+  """
+  n = len(digests)
+  n_val = 0
+  if fraction > 0 and n >= 2:
+    n_val = min(max(1, round(fraction * n)), n - 1)
+  seed_bytes = seed.to_bytes(8, 'little', signed=True)
+  ranked = sorted(range(n), key=lambda i: hashlib.sha256(seed_bytes + digests[i]).digest())
+  chosen = set(ranked[:n_val])
+  return [i in chosen for i in range(n)]
+
+
+def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> dict:
+  """Runs the whole preparation into directory `out`; returns the manifest.
+
+  `argv` (the `stoker` arguments, recorded in the manifest with the --out value as `<out>`) defaults to a
+  command rebuilt from `cfg`.
+  """
+  _check_out(out, cfg.overwrite)
+  loaded = None
+  if cfg.tokenizer:
+    loaded = tok.load(cfg.tokenizer)
+    tok.check_vocab_size(tok.vocab_size(loaded), cfg.max_vocab)
+  else:
+    tok.check_vocab_size(cfg.vocab_size, cfg.max_vocab)
+
+  raw, source_info = corpus.read_source(cfg.source, cfg.format, cfg.field, cfg.limit_files)
+  texts, digests, counts = dedup_and_filter(raw, cfg.min_chars, cfg.max_chars)
+  del raw
+  if not texts:
+    raise ValueError(f'empty corpus: {counts["read"]} documents read from {cfg.source!r}, {counts["duplicates"]} '
+                     f'duplicates, {counts["filtered"]} outside --min-chars {cfg.min_chars} / --max-chars '
+                     f'{cfg.max_chars}: check --source/--field, or widen the length filters')
+  in_validation = split_validation(digests, cfg.validation_fraction, cfg.seed)
+  members = {'train': [i for i, v in enumerate(in_validation) if not v],
+             'validation': [i for i, v in enumerate(in_validation) if v]}
+
+  tokenizer = loaded or tok.train_bpe([texts[i] for i in members['train']], cfg.vocab_size)
+  vocab = tok.vocab_size(tokenizer)
+  tok.check_vocab_size(vocab, cfg.max_vocab)
+  eos_token, eos_id = tok.eos(tokenizer, cfg.eos_token)
+  docs = tok.encode(tokenizer, texts, eos_id)
+
+  tmp = f'{os.path.normpath(out)}.tmp-{os.getpid()}'
+  os.makedirs(tmp)
+  try:
+    if loaded is not None:
+      shutil.copyfile(tok.load_path(cfg.tokenizer), os.path.join(tmp, TOKENIZER))
+    else:
+      with open(os.path.join(tmp, TOKENIZER), 'w', encoding='utf-8') as f:
+        f.write(tokenizer.to_str(pretty=True))
+    splits = {}
+    for split in SPLITS:
+      ids = members[split]
+      written = shards.write_split(tmp, split, [docs[i] for i in ids], ids, max_tokens=cfg.shard_max_tokens,
+                                   row_group_size=cfg.row_group_size, output_format=cfg.output_format)
+      splits[split] = {'documents': len(ids), 'tokens': sum(s['tokens'] for s in written), 'shards': written}
+    manifest = {
+        'format': FORMAT,
+        'command': recorded_command(argv if argv is not None else _argv_from_config(cfg, out), out),
+        'source': source_info,
+        'tokenizer': {'path': TOKENIZER, 'vocab_size': vocab, 'sha256': shards.sha256_file(
+            os.path.join(tmp, TOKENIZER)), 'trained': loaded is None, 'eos_token': eos_token},
+        'eos_id': eos_id,
+        'documents': counts,
+        'cleaning': {'normalization': 'NFC', 'min_chars': cfg.min_chars, 'max_chars': cfg.max_chars,
+                     'dedup': 'sha256 of the cleaned text'},
+        'splits': splits,
+        'validation_fraction': cfg.validation_fraction,
+        'seed': cfg.seed,
+        'output_format': cfg.output_format,
+        'shard_max_tokens': cfg.shard_max_tokens,
+        'row_group_size': cfg.row_group_size,
+    }
+    with open(os.path.join(tmp, MANIFEST), 'w', encoding='utf-8') as f:
+      f.write(json.dumps(manifest, sort_keys=True, indent=2) + '\n')
+    _replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return manifest
+
+
+def read_manifest(directory: str) -> dict:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} not found: {directory!r} is not a `stoker prepare` output (run stoker prepare '
+                            f'--out {directory})')
+  with open(path, encoding='utf-8') as f:
+    manifest = json.load(f)
+  if manifest.get('format') != FORMAT:
+    raise ValueError(f'{path}: format {manifest.get("format")!r}, expected {FORMAT!r}: re-run stoker prepare')
+  return manifest
+
+
+def check_vocab(manifest_dir: str, model_vocab_size: int) -> dict:
+  """Raises ValueError if the tokens of `manifest_dir` need more embedding rows than the model has."""
+  manifest = read_manifest(manifest_dir)
+  tok.check_vocab_size(manifest['tokenizer']['vocab_size'], model_vocab_size)
+  return manifest
+
+
+def recorded_command(argv: Sequence[str], out: str) -> str:
+  """`stoker <argv>` with the output directory written `<out>`, so that the manifest is the same wherever it goes."""
+  args = []
+  for i, arg in enumerate(argv):
+    if arg == out and i > 0 and argv[i - 1] == '--out':
+      arg = '\0'
+    elif arg == f'--out={out}':
+      arg = '--out=\0'
+    args.append(arg)
+  return 'stoker ' + shlex.join(args).replace("'\0'", '<out>').replace("'--out=\0'", '--out=<out>')
+
+
+def _argv_from_config(cfg: PrepareConfig, out: str) -> list[str]:
+  argv = ['prepare', '--out', out]
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    flag = '--' + field.name.replace('_', '-')
+    if value != field.default:
+      argv += [flag] if value is True else [flag, str(value)]
+  return argv
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise ValueError(f'--out {out!r} exists and is not a directory: choose another --out')
+  if os.path.isfile(os.path.join(out, MANIFEST)):
+    if not overwrite:
+      raise ValueError(f'--out {out!r} already holds a prepared dataset ({MANIFEST}): pass --overwrite to '
+                       f'replace it, or choose another --out')
+  elif os.listdir(out):
+    raise ValueError(f'--out {out!r} exists, is not empty and is not a `stoker prepare` output: choose another '
+                     f'--out (it is never overwritten)')
+
+
+def _replace(tmp: str, out: str) -> None:
+  """Moves the finished `tmp` to `out`, replacing an earlier output (checked by _check_out) only at the end."""
+  old = None
+  if os.path.exists(out):
+    old = f'{os.path.normpath(out)}.old-{os.getpid()}'
+    os.rename(out, old)
+  os.rename(tmp, out)
+  if old:
+    shutil.rmtree(old)
