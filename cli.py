@@ -24,8 +24,10 @@ def _train(gin_files, gin_params, workdir) -> int:
   from train import loop  # pylint: disable=g-import-not-at-top
   cfg = configs.load_train_config(gin_files, gin_params)
   logged = loop.train(cfg, workdir)
-  first, last = logged[0]['loss'], logged[-1]['loss']
-  print(f'Trained {cfg.steps} steps: loss {first:.4f} -> {last:.4f}. '
+  losses = [r['loss'] for r in logged if 'loss' in r]
+  validation = [r['val_perplexity'] for r in logged if 'val_perplexity' in r]
+  summary = f', validation perplexity {validation[-1]:.2f}' if validation else ''
+  print(f'Trained {cfg.steps} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}{summary}. '
         f'Metrics: {os.path.join(workdir, "metrics.jsonl")}; '
         f'TensorBoard: tensorboard --logdir {os.path.join(workdir, "tensorboard")}')
   return 0

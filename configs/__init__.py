@@ -5,6 +5,7 @@ gin binds only these top-level constructors; library code takes the resulting fr
   model(name, **overrides) -> models.presets.preset: a named preset with fields replaced
   mesh(...)       -> parallelism.mesh.MeshConfig
   optimizer(...)  -> train.config.OptimizerConfig
+  data(...)       -> train.config.DataConfig
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import gin
 
 from models.presets import preset
 from parallelism.mesh import MeshConfig
-from train.config import OptimizerConfig, TrainConfig
+from train.config import DataConfig, OptimizerConfig, TrainConfig
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,6 +25,7 @@ train = gin.external_configurable(TrainConfig, 'train')
 model = gin.external_configurable(preset, 'model')
 mesh = gin.external_configurable(MeshConfig, 'mesh')
 optimizer = gin.external_configurable(OptimizerConfig, 'optimizer')
+data = gin.external_configurable(DataConfig, 'data')
 
 gin.add_config_file_search_path(CONFIG_DIR)
 

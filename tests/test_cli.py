@@ -20,13 +20,21 @@ def stoker(*args, cwd):
 @pytest.mark.xdist_group('cli')
 def test_train_30_steps_loss_falls(tmp_path):
   workdir = tmp_path / 'W'
+  cache = tmp_path / 'cache'  # the stdlib corpus is prepared here on first use
   result = stoker('train', '--gin_file', 'configs/train/tiny_cpu.gin',
-                  '--gin_param', 'train.steps=30', '--workdir', str(workdir), cwd=REPO)
+                  '--gin_param', 'train.steps=30', '--gin_param', f"data.cache_dir='{cache}'",
+                  '--workdir', str(workdir), cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(workdir / 'metrics.jsonl') as f:
-    records = [json.loads(line) for line in f]
+    logged = [json.loads(line) for line in f]
+  records = [r for r in logged if 'loss' in r]
+  validation = [r for r in logged if 'val_loss' in r]
   assert [r['step'] for r in records] == [10, 20, 30]
   assert records[-1]['loss'] < records[0]['loss'] - 0.5
+  # Validation at step 30 on the prepared stdlib split: better than a uniform guess over V.
+  assert [r['step'] for r in validation] == [30]
+  assert validation[0]['val_perplexity'] < 4096 / 4 and validation[0]['val_tokens'] > 0
+  assert os.path.exists(cache / 'stdlib-v4096' / 'manifest.json')
   for r in records:
     assert {'step', 'loss', 'tokens_per_sec', 'mfu'} <= set(r)
     assert r['tokens_per_sec'] > 0 and 0 < r['mfu'] < 1

@@ -28,12 +28,36 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where batches come from, and how often the validation split is evaluated.
+
+  source: 'synthetic' (data/synthetic.py), 'stdlib' (the running Python's standard library,
+  prepared on first use into <cache_dir>/stdlib-v<model vocab>), or a `stoker prepare` directory.
+  """
+
+  source: str = 'synthetic'
+  cache_dir: str = '~/.cache/stoker/data'
+  eval_every: int = 0  # steps between validation runs; 0: never
+  eval_batches: int = 0  # global batches per validation run; 0: the whole split
+  worker_count: int = 0  # Grain worker processes (0: read in the training process)
+
+  def __post_init__(self):
+    if self.eval_every < 0 or self.eval_batches < 0 or self.worker_count < 0:
+      raise ValueError(f'data.eval_every, data.eval_batches and data.worker_count must be >= 0; '
+                       f'got {self}.')
+    if self.eval_every and self.source == 'synthetic':
+      raise ValueError("data.eval_every needs a validation split: set data.source to 'stdlib' or "
+                       'a `stoker prepare` directory.')
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run. `batch_size` is global (sequences per optimizer step)."""
 
   model: ModelConfig
   mesh: MeshConfig = MeshConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
+  data: DataConfig = DataConfig()
   steps: int = 100
   batch_size: int = 16
   seq_len: int = 128

@@ -11,31 +11,33 @@ import json
 import logging
 import os
 import time
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from data.synthetic import Batch, SyntheticData
+from data.synthetic import Batch
 from parallelism.mesh import make_mesh
 from parallelism.rules import DEFAULT_RULES, Rules
+from train import datasets
 from train.config import TrainConfig
+from train.evaluate import compile_eval_step, evaluate
 from train.flops import total_peak_flops
 from train.metrics import MetricsWriter
 from train.optimizer import make_optimizer
 from train.step import batch_spec, compile_train_step, init_train_state
 
 
-def default_batches(cfg: TrainConfig) -> Iterator[Batch]:
-  """The synthetic stream, until a real dataset is configured."""
-  return iter(SyntheticData(cfg.model.vocab_size, cfg.seq_len, cfg.batch_size, seed=cfg.seed))
-
-
 def train(cfg: TrainConfig, workdir: str, batches: Iterable[Batch] | None = None,
           rules: Rules = DEFAULT_RULES, progress: bool = True) -> list[dict]:
-  """Trains for `cfg.steps` steps; returns the logged metrics (also in <workdir>/metrics.jsonl)."""
+  """Trains for `cfg.steps` steps; returns the logged metrics (also in <workdir>/metrics.jsonl).
+
+  `batches` overrides cfg.data (tests); otherwise cfg.data.source decides, and validation runs
+  every cfg.data.eval_every steps and after the last step.
+  """
   os.makedirs(workdir, exist_ok=True)
+  directory = datasets.data_dir(cfg) if batches is None else None
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
   mesh = make_mesh(cfg.mesh)
@@ -46,7 +48,10 @@ def train(cfg: TrainConfig, workdir: str, batches: Iterable[Batch] | None = None
   logging.info('Compiled the train step in %.1f s on mesh %s.', time.perf_counter() - start,
                dict(mesh.shape))
   shardings = {k: v.sharding for k, v in batch_spec(cfg, mesh, rules).items()}
-  batches = iter(default_batches(cfg) if batches is None else batches)
+  batches = iter(datasets.train_batches(cfg, directory) if batches is None else batches)
+  eval_step = None
+  if directory is not None and cfg.data.eval_every:
+    eval_step = compile_eval_step(cfg, mesh, state_shardings.params, rules)
   flops_per_step = cfg.model.flops_per_token(cfg.seq_len) * cfg.tokens_per_step
   peak_flops = total_peak_flops(mesh.devices.flat)
 
@@ -85,14 +90,34 @@ def train(cfg: TrainConfig, workdir: str, batches: Iterable[Batch] | None = None
                   f"grad_norm {record['grad_norm']:.3f}  lr {record['learning_rate']:.2e}  "
                   f"{record['tokens_per_sec']:,.0f} tok/s  MFU {record['mfu']:.1%}")
 
+    def validate(step: int) -> None:
+      nonlocal last_done
+      with datasets.validation_batches(cfg, directory) as val:
+        record = evaluate(eval_step, state.params, val, shardings, cfg.data.eval_batches)
+      writer.write(step, record)
+      logged.append({'step': step, **record})
+      bar.write(f"step {step:>6}  validation loss {record['val_loss']:.4f}  "
+                f"perplexity {record['val_perplexity']:.2f}  ({record['val_tokens']:,.0f} tokens)")
+      last_done = time.perf_counter()  # evaluation time is not training step time
+
     pending = None
-    for step in range(cfg.steps):
-      host_batch = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(host_batch[k]))
-               for k, sharding in shardings.items()}
-      state, metrics = step_fn(state, batch)
+    try:
+      for step in range(cfg.steps):
+        host_batch = next(batches)
+        batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(host_batch[k]))
+                 for k, sharding in shardings.items()}
+        state, metrics = step_fn(state, batch)
+        if pending is not None:
+          finish(*pending)
+        pending = (step, metrics)
+        if eval_step is not None and ((step + 1) % cfg.data.eval_every == 0 or
+                                      step + 1 == cfg.steps):
+          finish(*pending)
+          pending = None
+          validate(step + 1)
       if pending is not None:
         finish(*pending)
-      pending = (step, metrics)
-    finish(*pending)
+    finally:
+      if hasattr(batches, 'close'):
+        batches.close()
   return logged
