@@ -76,19 +76,12 @@ def _variant(text: str) -> tuple[str, dict]:
   return name, overrides
 
 
-def _set_host_devices(n: int) -> None:
-  """The fake CPU device count is read once, when JAX starts: set it before importing jax."""
-  if 'jax' in sys.modules:
-    raise RuntimeError('jax was imported before --host_devices could be applied; run this file as '
-                       'a script.')
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={n}'])
+from _common import log, set_host_devices  # pylint: disable=g-import-not-at-top
 
 
 if __name__ == '__main__':
   ARGS = parse_args()
-  _set_host_devices(ARGS.host_devices)
+  set_host_devices(ARGS.host_devices)
 
 # pylint: disable=wrong-import-position  (jax must start after XLA_FLAGS is set)
 import dataclasses  # noqa: E402
@@ -113,10 +106,6 @@ from train.config import OptimizerConfig, TrainConfig  # noqa: E402
 from train.flops import total_peak_flops  # noqa: E402
 from train.optimizer import make_optimizer  # noqa: E402
 from train.step import batch_spec, compile_train_step, init_train_state  # noqa: E402
-
-
-def log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
 
 
 class Clock:

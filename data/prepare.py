@@ -30,8 +30,7 @@ from data import shards
 from data import corpus
 from data import tokenizer as tok
 
-FORMAT = 'stoker-tokens-v1'
-MANIFEST = 'manifest.json'
+FORMAT, MANIFEST = shards.FORMAT, shards.MANIFEST
 TOKENIZER = 'tokenizer.json'
 SPLITS = ('train', 'validation')
 _CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]')  # C0/C1 controls but \t and \n; the BOM

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tqdm
 
+FORMAT = 'stoker-tokens-v1'  # manifest.json 'format'
+MANIFEST = 'manifest.json'
 OUTPUT_FORMATS = ('parquet', 'arrayrecord')
 _EXTENSION = {'parquet': 'parquet', 'arrayrecord': 'array_record'}
 PARQUET_OPTIONS = dict(compression='zstd', compression_level=3, use_dictionary=False, write_statistics=True,

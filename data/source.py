@@ -25,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT = 'stoker-tokens-v1'
-MANIFEST = 'manifest.json'
+from data import shards
+
+FORMAT, MANIFEST = shards.FORMAT, shards.MANIFEST
 
 
 class ShardError(ValueError):
@@ -58,14 +59,6 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     raise ShardError(f'{data_dir} holds {manifest["output_format"]} shards; this pipeline reads '
                      f'Parquet: run `stoker prepare` with --output-format parquet.')
   return manifest
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
 
 
 class ParquetTokenSource:
@@ -132,7 +125,7 @@ class ParquetTokenSource:
       problems.append(f'column tokens is {field.type if field else "absent"}, expected list<int32>')
     if problems:
       raise ShardError(f'{path}: {"; ".join(problems)}. {_redo(self.data_dir)}')
-    if verify_checksums and _sha256(path) != shard['sha256']:
+    if verify_checksums and shards.sha256_file(path) != shard['sha256']:
       raise ShardError(f'{path}: sha256 differs from the manifest; the file is corrupt or was '
                        f'changed. {_redo(self.data_dir)}')
     return metadata

@@ -1,0 +1,18 @@
+"""What every benchmark script shares. Imports nothing heavy: it runs before JAX starts."""
+
+import os
+import sys
+
+
+def set_host_devices(n: int) -> None:
+  """The fake CPU device count is read once, when JAX starts: set it before importing jax."""
+  if 'jax' in sys.modules:
+    raise RuntimeError('jax was imported before --host_devices could be applied; run this file as '
+                       'a script.')
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={n}'])
+
+
+def log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
