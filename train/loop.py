@@ -96,8 +96,9 @@ def train(cfg: TrainConfig, workdir: str, batches: Iterable[Batch] | None = None
         record = evaluate(eval_step, state.params, val, shardings, cfg.data.eval_batches)
       writer.write(step, record)
       logged.append({'step': step, **record})
-      bar.write(f"step {step:>6}  validation loss {record['val_loss']:.4f}  "
-                f"perplexity {record['val_perplexity']:.2f}  ({record['val_tokens']:,.0f} tokens)")
+      if progress:
+        bar.write(f"step {step:>6}  validation loss {record['val_loss']:.4f}  "
+                  f"perplexity {record['val_perplexity']:.2f}  ({record['val_tokens']:,.0f} tokens)")
       last_done = time.perf_counter()  # evaluation time is not training step time
 
     pending = None
