@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 
 
 def set_host_devices(n: int) -> None:
@@ -16,3 +17,14 @@ def set_host_devices(n: int) -> None:
 
 def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
+
+
+class Clock:
+  """Wall time, and this process's CPU time over that wall time, per `cores` (1.0 = all busy)."""
+
+  def __init__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+  def stop(self, cores: int = 1) -> tuple[float, float]:
+    wall = time.perf_counter() - self.wall
+    return wall, (time.process_time() - self.cpu) / (wall * cores)

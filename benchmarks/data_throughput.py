@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-from _common import log, set_host_devices  # pylint: disable=g-import-not-at-top
+from _common import Clock, log, set_host_devices  # pylint: disable=g-import-not-at-top
 
 
 if __name__ == '__main__':
@@ -87,17 +87,6 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from data.pipeline import make_iterator  # noqa: E402
 from data.source import read_manifest  # noqa: E402
-
-
-class Clock:
-  """Wall time, and this process's CPU time / wall time meanwhile (1.0 = one busy core)."""
-
-  def __init__(self):
-    self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-  def stop(self) -> tuple[float, float]:
-    wall = time.perf_counter() - self.wall
-    return wall, (time.process_time() - self.cpu) / wall
 
 
 # ----------------------------------------------------------------------------- corpus

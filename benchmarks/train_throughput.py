@@ -76,7 +76,7 @@ def _variant(text: str) -> tuple[str, dict]:
   return name, overrides
 
 
-from _common import log, set_host_devices  # pylint: disable=g-import-not-at-top
+from _common import Clock, log, set_host_devices  # pylint: disable=g-import-not-at-top
 
 
 if __name__ == '__main__':
@@ -106,17 +106,6 @@ from train.config import OptimizerConfig, TrainConfig  # noqa: E402
 from train.flops import total_peak_flops  # noqa: E402
 from train.optimizer import make_optimizer  # noqa: E402
 from train.step import batch_spec, compile_train_step, init_train_state  # noqa: E402
-
-
-class Clock:
-  """Wall time, and the share of the host's cores this process got meanwhile (other load shows)."""
-
-  def __init__(self):
-    self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-  def stop(self) -> tuple[float, float]:
-    wall = time.perf_counter() - self.wall
-    return wall, (time.process_time() - self.cpu) / (wall * os.cpu_count())
 
 
 def full_row_batches(cfg: TrainConfig, count: int) -> list[dict[str, np.ndarray]]:
@@ -198,7 +187,7 @@ def torch_trainer(model, opt_cfg: OptimizerConfig, compile_model: bool, compute_
     clock = Clock()
     losses = [step(b) for b in batches]
     _sync(device)
-    return clock.stop(), [float(x) for x in losses]
+    return clock.stop(cores=os.cpu_count()), [float(x) for x in losses]
   return run
 
 
@@ -237,7 +226,7 @@ def jax_trainer(cfg: TrainConfig, devices, weights: dict[str, np.ndarray]):
       state, metrics = step(state, b)
       losses.append(metrics['loss'])
     jax.block_until_ready((state, losses))
-    times = clock.stop()
+    times = clock.stop(cores=os.cpu_count())
     holder['state'] = state
     return times, [float(x) for x in losses]
   return run, compile_s
