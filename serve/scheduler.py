@@ -1,0 +1,435 @@
+"""Host-side scheduler of the serving engine: which tokens of which requests one device step computes.
+
+Pure Python, no JAX. Each step the engine calls `schedule()`, runs the plan on the device (writes the keys/values
+of every ScheduledSeq's tokens into its block table's pages, samples where `sample` is set), then calls
+`update(plan, sampled)`. Policies (`Policy`):
+
+  CHUNKED        Sarathi-Serve stall-free batching under the token budget: every running decode gets one token,
+                 then partial prefills continue in chunks, then waiting requests are admitted first-come-first-served
+                 while budget, a free slot and free pages above the watermark allow.
+  PREFILL_FIRST  vLLM v0: a step either prefills (partial prefills, then whole prompts admitted FCFS; a prompt
+                 longer than the budget goes in chunks) or, when no prefill can run, decodes every running request.
+  STATIC         static batching: up to max_seqs requests are admitted only when nothing runs (their prompts'
+                 pages granted at once); the batch runs (prefills chunked, then decodes) until all of it finished.
+
+Pages are granted on demand as sequences grow, never reserved for max_tokens. When a grant cannot be met the
+newest running request (by arrival) not yet scheduled this step is preempted by recomputation: its pages are freed
+and it returns to the front of the waiting queue, keeping its outputs; readmitted, it prefills prompt + outputs
+again and samples its next token at the end of that prefill. A decode that would preempt an older request
+preempts itself instead; a prefill chunk shrinks to the pages it can get. No admission in a step that preempted.
+
+Request state (`_Request`), explicit: token_ids (prompt + outputs), num_computed (tokens whose keys/values are in
+its pages; the next token to compute is token_ids[num_computed]), prefill_len (tokens to prefill since the last
+admission: decoding once num_computed reaches it), pages, slot, num_committed (leading pages whose block hash is
+in the prefix cache, shared or committed by this request), block_hashes (chained hashes of its full blocks).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import enum
+import heapq
+import itertools
+from collections.abc import Collection, Mapping, Sequence
+
+from serve.allocator import PageAllocator, hash_blocks
+
+
+class Policy(enum.Enum):
+  CHUNKED = 'chunked'
+  PREFILL_FIRST = 'prefill_first'
+  STATIC = 'static'
+
+
+def _check_int(name: str, value, minimum: int, fix: str) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f'SchedulerConfig.{name} must be an int >= {minimum}; got {value!r}. {fix}')
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+  """Limits of the scheduler. num_pages counts the null page 0; page_size is G; max_seqs the slots B;
+  max_pages_per_seq the block-table width M; token_budget the tokens one step computes."""
+  num_pages: int
+  page_size: int
+  max_seqs: int
+  max_pages_per_seq: int
+  token_budget: int
+  policy: Policy = Policy.CHUNKED
+  watermark: float = 0.01
+  prefix_caching: bool = True
+
+  def __post_init__(self):
+    _check_int('num_pages', self.num_pages, 2, 'Page 0 is the null page; give the pool at least one more.')
+    _check_int('page_size', self.page_size, 1, 'Use the tokens per page of the KV pools (e.g. 16).')
+    _check_int('max_seqs', self.max_seqs, 1, 'Set the number of sequence slots (rows of the block table).')
+    _check_int('max_pages_per_seq', self.max_pages_per_seq, 1, 'Set the block-table width M.')
+    _check_int('token_budget', self.token_budget, 1, 'Set the tokens one step computes (e.g. 512).')
+    if isinstance(self.policy, str):
+      try:
+        object.__setattr__(self, 'policy', Policy(self.policy))
+      except ValueError:
+        pass
+    if not isinstance(self.policy, Policy):
+      raise ValueError(f'SchedulerConfig.policy must be one of {[p.value for p in Policy]}; got {self.policy!r}.')
+    if isinstance(self.watermark, bool) or not isinstance(self.watermark, (int, float)) or not (
+        0 <= self.watermark < 1):
+      raise ValueError(f'SchedulerConfig.watermark must be a fraction of the pool in [0, 1); got '
+                       f'{self.watermark!r}. Use e.g. 0.01, or 0 to admit until the pool is full.')
+    if not isinstance(self.prefix_caching, bool):
+      raise ValueError(f'SchedulerConfig.prefix_caching must be a bool; got {self.prefix_caching!r}.')
+
+  @property
+  def watermark_pages(self) -> int:
+    return int(self.watermark * (self.num_pages - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledSeq:
+  request_id: str
+  slot: int
+  token_ids: tuple[int, ...]
+  start_pos: int
+  block_table: tuple[int, ...]  # the sequence's pages only; the engine pads the row with the null page 0
+  sample: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  seqs: tuple[ScheduledSeq, ...]
+  preempted: tuple[str, ...]
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+  request_id: str
+  output_ids: tuple[int, ...]
+  reason: str  # 'stop' | 'length' | 'abort'
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+  request_id: str
+  arrival: int
+  num_prompt: int
+  max_tokens: int
+  stop_token_ids: frozenset[int]
+  token_ids: list[int]
+  slot: int | None = None
+  pages: list[int] = dataclasses.field(default_factory=list)
+  num_computed: int = 0
+  prefill_len: int = 0
+  num_committed: int = 0
+  block_hashes: list[bytes] = dataclasses.field(default_factory=list)
+
+  @property
+  def output_ids(self) -> tuple[int, ...]:
+    return tuple(self.token_ids[self.num_prompt:])
+
+  @property
+  def decoding(self) -> bool:
+    return self.num_computed >= self.prefill_len
+
+
+class Scheduler:
+  """Continuous batching over a paged KV cache; see the module docstring and Policy."""
+
+  def __init__(self, config: SchedulerConfig):
+    self.config = config
+    self.allocator = PageAllocator(config.num_pages, config.page_size, config.prefix_caching)
+    self._requests: dict[str, _Request] = {}   # every request not finished, waiting or running
+    self._waiting: list[_Request] = []          # FCFS; preempted requests go back to the front
+    self._running: list[_Request] = []          # sorted by arrival
+    self._free_slots = list(range(config.max_seqs))  # a heap: the lowest free slot is granted first
+    self._arrivals = itertools.count()
+    self._pending: tuple[StepPlan, dict[str, _Request]] | None = None  # the last non-empty plan, until update()
+
+  # ---- requests in and out.
+
+  def add(self, request_id: str, prompt_ids: Sequence[int], max_tokens: int,
+          stop_token_ids: Collection[int] = ()) -> None:
+    """Queues a request. ValueError for an empty prompt, a taken id, max_tokens < 1, or a request too long for the
+    block table (max_pages_per_seq * page_size tokens) or the pool ((num_pages - 1) * page_size tokens)."""
+    c = self.config
+    if request_id in self._requests:
+      raise ValueError(f'request id {request_id!r} is already queued or running; use a unique id per request.')
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+      raise ValueError(f'request {request_id!r} has an empty prompt; send at least one token (e.g. BOS).')
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+      raise ValueError(f'request {request_id!r}: max_tokens must be an int >= 1; got {max_tokens!r}.')
+    length = len(prompt) + max_tokens
+    if length > c.max_pages_per_seq * c.page_size:
+      raise ValueError(f'request {request_id!r}: prompt ({len(prompt)}) + max_tokens ({max_tokens}) = {length} '
+                       f'tokens exceeds the block table, max_pages_per_seq * page_size = {c.max_pages_per_seq} * '
+                       f'{c.page_size} = {c.max_pages_per_seq * c.page_size}; shorten the request or raise '
+                       f'max_pages_per_seq.')
+    if length > self.allocator.total * c.page_size:
+      raise ValueError(f'request {request_id!r}: prompt ({len(prompt)}) + max_tokens ({max_tokens}) = {length} '
+                       f'tokens exceeds the whole pool, (num_pages - 1) * page_size = {self.allocator.total} * '
+                       f'{c.page_size} = {self.allocator.total * c.page_size}; shorten the request or raise '
+                       f'num_pages.')
+    request = _Request(request_id, next(self._arrivals), len(prompt), max_tokens, frozenset(stop_token_ids),
+                       prompt)
+    self._requests[request_id] = request
+    self._waiting.append(request)
+
+  def abort(self, request_id: str) -> Finished | None:
+    """Ends a request now (reason 'abort'), freeing its pages; None for an unknown id."""
+    return self.finish(request_id, 'abort')
+
+  def finish(self, request_id: str, reason: str = 'stop') -> Finished | None:
+    """Ends a request now with `reason` (e.g. an engine-side stop string), freeing its pages; None if unknown."""
+    request = self._requests.get(request_id)
+    if request is None:
+      return None
+    if request.slot is None:
+      self._waiting.remove(request)
+    else:
+      self._running.remove(request)
+      self._release(request)
+    del self._requests[request_id]
+    return Finished(request_id, request.output_ids, reason)
+
+  def output_ids(self, request_id: str) -> tuple[int, ...]:
+    """Tokens generated so far by a queued or running request."""
+    request = self._requests.get(request_id)
+    if request is None:
+      raise KeyError(f'unknown request id {request_id!r}: never added, or already finished (its Finished carries '
+                     f'the outputs).')
+    return request.output_ids
+
+  @property
+  def has_work(self) -> bool:
+    return bool(self._requests)
+
+  @property
+  def num_running(self) -> int:
+    return len(self._running)
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self._waiting)
+
+  def block_table(self, request_id: str) -> tuple[int, ...]:
+    """The pages a request holds now (empty while it waits)."""
+    return tuple(self._requests[request_id].pages)
+
+  def running_ids(self) -> tuple[str, ...]:
+    return tuple(r.request_id for r in self._running)
+
+  def check(self) -> None:
+    """Asserts the allocator's invariants and that used pages are exactly those running requests reference."""
+    self.allocator.check()
+    refs = [0] * self.config.num_pages
+    for request in self._running:
+      for page in request.pages:
+        refs[page] += 1
+    assert refs == self.allocator.ref_counts, 'page references differ from the pages of the running requests'
+    slots = [r.slot for r in self._running]
+    assert len(set(slots)) == len(slots) and not set(slots) & set(self._free_slots), f'slots clash: {slots}'
+    assert len(slots) + len(self._free_slots) == self.config.max_seqs, 'a slot leaked'
+    assert all(r.slot is None and not r.pages for r in self._waiting), 'a waiting request holds a slot or pages'
+
+  # ---- planning.
+
+  def schedule(self) -> StepPlan:
+    """Plans the next device step under the configured policy."""
+    if self._pending is not None:
+      raise RuntimeError('schedule() called twice without update(): pass each non-empty plan and its sampled '
+                         'tokens to update() before planning the next step.')
+    step = _Step(self.config.token_budget)
+    policy = self.config.policy
+    if policy == Policy.CHUNKED:
+      self._plan_decodes(step)
+      self._plan_prefills(step)
+      self._admit(step, whole_prompts=False)
+    elif policy == Policy.PREFILL_FIRST:
+      self._plan_prefills(step)
+      self._admit(step, whole_prompts=True)
+      if not step.seqs:
+        self._plan_decodes(step)
+    else:
+      if not self._running:
+        self._admit_batch()
+      self._plan_decodes(step)
+      self._plan_prefills(step)
+    plan = StepPlan(tuple(step.seqs), tuple(step.preempted))
+    if plan.seqs:
+      self._pending = plan, {s.request_id: self._requests[s.request_id] for s in plan.seqs}
+    return plan
+
+  def _plan_decodes(self, step: _Step) -> None:
+    for request in list(self._running):
+      if step.budget == 0:
+        break
+      if request.slot is None or not request.decoding or request.request_id in step.scheduled:
+        continue
+      if self._grow(request, 1, step, shrink=False):
+        self._emit(request, 1, step)
+
+  def _plan_prefills(self, step: _Step) -> None:
+    for request in list(self._running):
+      if step.budget == 0:
+        break
+      if request.slot is None or request.decoding or request.request_id in step.scheduled:
+        continue
+      chunk = self._grow(request, min(request.prefill_len - request.num_computed, step.budget), step, shrink=True)
+      if chunk:
+        self._emit(request, chunk, step)
+
+  def _grow(self, request: _Request, num_tokens: int, step: _Step, shrink: bool) -> int:
+    """Grants the pages for request's next num_tokens tokens, preempting newer unscheduled requests while the pool
+    is dry. Returns the tokens covered: num_tokens, fewer when shrink (prefill chunks), or 0 after a decode
+    preempted itself."""
+    G = self.config.page_size
+    while True:
+      needed = -(-(request.num_computed + num_tokens) // G) - len(request.pages)
+      if needed <= self.allocator.num_available:
+        break
+      victim = self._victim(request, step)
+      if victim is not None:
+        self._preempt(victim, step)
+      elif shrink:
+        num_tokens = (len(request.pages) + self.allocator.num_available) * G - request.num_computed
+        break
+      else:
+        self._preempt(request, step)
+        return 0
+    if num_tokens > 0:
+      request.pages += self.allocator.allocate(max(0, -(-(request.num_computed + num_tokens) // G)
+                                                   - len(request.pages)))
+    return max(num_tokens, 0)
+
+  def _victim(self, request: _Request, step: _Step) -> _Request | None:
+    """The newest running request newer than `request` and not yet in this step's plan, if any."""
+    for other in reversed(self._running):
+      if other is request:
+        return None
+      if other.request_id not in step.scheduled:
+        return other
+    return None
+
+  def _emit(self, request: _Request, num_tokens: int, step: _Step) -> None:
+    start = request.num_computed
+    request.num_computed += num_tokens
+    step.budget -= num_tokens
+    step.scheduled.add(request.request_id)
+    step.seqs.append(ScheduledSeq(
+        request.request_id, request.slot, tuple(request.token_ids[start:start + num_tokens]), start,
+        tuple(request.pages), sample=request.num_computed == len(request.token_ids)))
+
+  def _preempt(self, request: _Request, step: _Step) -> None:
+    self._running.remove(request)
+    self._release(request)
+    self._waiting.insert(0, request)
+    step.preempted.append(request.request_id)
+
+  def _release(self, request: _Request) -> None:
+    # Last page first, so the LRU evicts a sequence's tail before its (more shareable) head.
+    self.allocator.release(reversed(request.pages))
+    request.pages, request.num_computed, request.num_committed = [], 0, 0
+    heapq.heappush(self._free_slots, request.slot)
+    request.slot = None
+
+  # ---- admission.
+
+  def _prefix(self, request: _Request) -> list[int]:
+    """Cached pages matching the request's leading full blocks, leaving at least its last token to compute."""
+    if not self.config.prefix_caching:
+      return []
+    request.block_hashes = hash_blocks(request.token_ids, self.config.page_size, request.block_hashes)
+    return self.allocator.match(request.block_hashes[:(len(request.token_ids) - 1) // self.config.page_size])
+
+  def _take(self, request: _Request, shared: list[int], num_new_pages: int) -> None:
+    self.allocator.share(shared)
+    request.pages = shared + self.allocator.allocate(num_new_pages)
+    request.num_computed = len(shared) * self.config.page_size
+    request.num_committed = len(shared)
+    request.prefill_len = len(request.token_ids)
+    request.slot = heapq.heappop(self._free_slots)
+    self._waiting.remove(request)
+    bisect.insort(self._running, request, key=lambda r: r.arrival)
+
+  def _fits(self, shared: list[int], num_new_pages: int) -> bool:
+    """Admission control: pages for the new grant (and cached pages it takes off the LRU) above the watermark;
+    the watermark is waived when nothing runs, so a lone request always gets in."""
+    reserve = self.config.watermark_pages if self._running else 0
+    from_lru = sum(1 for p in shared if self.allocator.ref_counts[p] == 0)
+    return num_new_pages + from_lru <= self.allocator.num_available - reserve
+
+  def _admit(self, step: _Step, whole_prompts: bool) -> None:
+    G = self.config.page_size
+    while self._waiting and step.budget > 0 and self._free_slots and not step.preempted:
+      request = self._waiting[0]
+      shared = self._prefix(request)
+      remaining = len(request.token_ids) - len(shared) * G
+      chunk = min(remaining, step.budget)
+      if whole_prompts and chunk < remaining and remaining <= self.config.token_budget:
+        return  # a prompt that fits a step goes in whole, in a later step
+      num_new_pages = -(-(len(shared) * G + chunk) // G) - len(shared)
+      if not self._fits(shared, num_new_pages):
+        return
+      self._take(request, shared, num_new_pages)
+      self._emit(request, chunk, step)
+
+  def _admit_batch(self) -> None:
+    """STATIC: admit up to max_seqs waiting requests FCFS, granting the pages of their whole prompts now."""
+    G = self.config.page_size
+    while self._waiting and self._free_slots:
+      request = self._waiting[0]
+      shared = self._prefix(request)
+      num_new_pages = -(-len(request.token_ids) // G) - len(shared)
+      if not self._fits(shared, num_new_pages):
+        return
+      self._take(request, shared, num_new_pages)
+
+  # ---- results.
+
+  def update(self, plan: StepPlan, sampled: Mapping[str, int]) -> list[Finished]:
+    """Applies a step's results: commits the prefix-cache hashes of pages filled by the step, appends each sampled
+    token, and ends requests on a stop token or max_tokens. Requests aborted or finished since `schedule()` are
+    skipped. Returns the requests that finished."""
+    if not plan.seqs:
+      return []
+    if self._pending is None or self._pending[0] != plan:
+      raise ValueError('update() got a plan that is not the last one schedule() returned, or one already applied; '
+                       'call update() once per non-empty plan, in order.')
+    pending, self._pending = self._pending[1], None
+    # Skip requests aborted or finished since schedule() (a new request may even have reused the id).
+    live = [(s, pending[s.request_id]) for s in plan.seqs if self._requests.get(s.request_id) is pending[s.request_id]]
+    G = self.config.page_size
+    finished = []
+    for seq, request in live:
+      if self.config.prefix_caching:
+        full = request.num_computed // G
+        if full > request.num_committed:
+          request.block_hashes = hash_blocks(request.token_ids[:full * G], G, request.block_hashes)
+          for i in range(request.num_committed, full):
+            self.allocator.commit(request.pages[i], request.block_hashes[i])
+          request.num_committed = full
+      if not seq.sample:
+        continue
+      if seq.request_id not in sampled:
+        raise ValueError(f'update(): no sampled token for request {seq.request_id!r}, whose ScheduledSeq has '
+                         f'sample=True; pass one token for every such sequence.')
+      token = int(sampled[seq.request_id])
+      request.token_ids.append(token)
+      num_out = len(request.token_ids) - request.num_prompt
+      if token in request.stop_token_ids or num_out >= request.max_tokens:
+        finished.append(self.finish(request.request_id, 'stop' if token in request.stop_token_ids else 'length'))
+    return finished
+
+
+@dataclasses.dataclass
+class _Step:
+  """The plan under construction: budget left, sequences and preemptions so far."""
+  budget: int
+  seqs: list[ScheduledSeq] = dataclasses.field(default_factory=list)
+  scheduled: set[str] = dataclasses.field(default_factory=set)
+  preempted: list[str] = dataclasses.field(default_factory=list)
