@@ -45,7 +45,11 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(H, cfg.rms_eps, 'head_dim', pdt, rngs)
       self.k_norm = RMSNorm(H, cfg.rms_eps, 'head_dim', pdt, rngs)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+  def project_qkv(self, x_BTD, positions_BT, inv_freq):
+    """Queries, keys and values with bias, q/k norm and RoPE applied: what attention consumes.
+
+    Serving calls this (and `project_out`) around its paged attention, so both share one copy.
+    """
     dt = x_BTD.dtype
     q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.q_DNH[...].astype(dt))
     k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, self.k_DKH[...].astype(dt))
@@ -58,8 +62,15 @@ class Attention(nnx.Module):
       q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
-    out_BTNH = attention.attend(self.impl, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
-    return jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.o_NHD[...].astype(dt))
+    return q_BTNH, k_BTKH, v_BTKH
+
+  def project_out(self, out_BTNH):
+    """The output projection of the attended values, back to the model width."""
+    return jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.o_NHD[...].astype(out_BTNH.dtype))
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+    q_BTNH, k_BTKH, v_BTKH = self.project_qkv(x_BTD, positions_BT, inv_freq)
+    return self.project_out(attention.attend(self.impl, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT))
 
 
 class Block(nnx.Module):
@@ -97,21 +108,36 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head_DV = param(rngs, fan_in_init(D), (D, V), ('embed', 'vocab'), pdt)
 
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
+  def inv_freq(self) -> jax.Array:
     cfg = self.cfg
-    dt = jnp.dtype(cfg.compute_dtype(jax.default_backend()))
-    if positions_BT is None:
-      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    if segment_ids_BT is None:
-      segment_ids_BT = jnp.ones_like(tokens_BT)
-    inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
+  def embed(self, tokens_BT) -> jax.Array:
+    """Token ids [B, T] -> activations [B, T, D] in the compute dtype."""
+    dt = jnp.dtype(self.cfg.compute_dtype(jax.default_backend()))
     # Gather from a whole table: like every FSDP weight it is all-gathered for use. Gathering
     # from a sharded table leaves rows split over the width, which then cannot be resharded
     # onto the batch axes without a full rematerialisation.
     embed_VD = constrain(self.embed_VD[...], (None, None))
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dt)
-    x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
+    return constrain(x_BTD, ('batch', 'length', 'act_embed'))
+
+  def logits(self, x_BTD) -> jax.Array:
+    """Final norm and LM head: activations [B, T, D] -> float32 logits [B, T, V]."""
+    x_BTD = self.final_norm(x_BTD)
+    head_DV = self.embed_VD[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
+    logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, head_DV.astype(x_BTD.dtype),
+                            preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, ('batch', 'length', 'vocab'))
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
+    cfg = self.cfg
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones_like(tokens_BT)
+    inv_freq = self.inv_freq()
+    x_BTD = self.embed(tokens_BT)
 
     def run_block(x_BTD, block_state, graphdef):
       block = nnx.merge(graphdef, block_state)
@@ -126,9 +152,4 @@ class Transformer(nnx.Module):
       for block in self.layers:
         graphdef, state = nnx.split(block)
         x_BTD = run_block(x_BTD, state, graphdef)
-
-    x_BTD = self.final_norm(x_BTD)
-    head_DV = self.embed_VD[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
-    logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, head_DV.astype(dt),
-                            preferred_element_type=jnp.float32)
-    return constrain(logits_BTV, ('batch', 'length', 'vocab'))
+    return self.logits(x_BTD)
