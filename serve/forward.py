@@ -1,0 +1,80 @@
+"""The model's forward pass over one engine step: a flat token budget against the paged cache.
+
+A step's tokens (decodes of one token and prefill chunks, sequence after sequence) are one row of
+T tokens. Each layer projects them with the model's own code (Attention.project_qkv: bias, q/k
+norm, RoPE), writes their keys/values into their pages, runs ragged paged attention over the
+pools, and finishes with the model's output projection and MLP. Only the rows whose next token is
+needed go through the final norm and LM head.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from serve import attention, kv_cache
+from serve.kv_cache import KVPages
+
+
+class StepBatch(NamedTuple):
+  """One step's device inputs. T is the budget bucket, B the sequence slots, M pages per slot.
+
+  Rows of the block tables, kv_lens and cu_q_lens are in the step's order of sequences (not slot
+  ids); rows at or past num_seqs are padding (kv_len 0, cu_q_lens repeating the total).
+  """
+
+  token_ids_T: jax.Array  # int32; padding 0
+  positions_T: jax.Array  # int32; position of each token in its sequence; padding 0
+  block_tables_BM: jax.Array  # int32 page ids; 0 past a sequence's last page
+  kv_lens_B: jax.Array  # int32 tokens in the cache after this step's writes
+  cu_q_lens_B1: jax.Array  # int32 [B + 1]
+  num_seqs_1: jax.Array  # int32 [1]
+  logits_indices_B: jax.Array  # int32, token index whose logits each row needs (its last token)
+
+
+def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: StepBatch, *,
+            backend: attention.AttentionBackend | str = attention.AttentionBackend.REFERENCE,
+            ) -> tuple[jax.Array, KVPages]:
+  """Runs one step. Returns float32 logits [B, V] (row b: the token at logits_indices_B[b]) and
+  the pools with this step's keys/values written. Jit it with `pages` donated."""
+  model = nnx.merge(graphdef, params)
+  L, P, G, K, H = pages.k_LPGKH.shape
+  inv_freq = model.inv_freq()
+  positions_1T = batch.positions_T[None]
+  slots_T = kv_cache.slot_mapping(batch.positions_T, batch.block_tables_BM, batch.cu_q_lens_B1,
+                                  batch.num_seqs_1, G)
+  # Layers share one [L * P, G, K, H] pool: layer l owns pages l * P .. l * P + P - 1.
+  k_XGKH = pages.k_LPGKH.reshape(L * P, G, K, H)
+  v_XGKH = pages.v_LPGKH.reshape(L * P, G, K, H)
+
+  def layer(block, l, x_1TD, k_XGKH, v_XGKH):
+    q_1TNH, k_1TKH, v_1TKH = block.attn.project_qkv(block.attn_norm(x_1TD), positions_1T, inv_freq)
+    k_XGKH = kv_cache.write(k_XGKH, k_1TKH[0], slots_T + l * P * G)
+    v_XGKH = kv_cache.write(v_XGKH, v_1TKH[0], slots_T + l * P * G)
+    out_TNH = attention.ragged_paged_attention(
+        backend, q_1TNH[0], k_XGKH, v_XGKH, batch.kv_lens_B, batch.block_tables_BM + l * P,
+        batch.cu_q_lens_B1, batch.num_seqs_1, sm_scale=H ** -0.5)
+    x_1TD = x_1TD + block.attn.project_out(out_TNH[None])
+    x_1TD = x_1TD + block.mlp(block.mlp_norm(x_1TD))
+    return x_1TD, k_XGKH, v_XGKH
+
+  x_1TD = model.embed(batch.token_ids_T[None])
+  if model.cfg.scan_layers:
+    layers_def, layers_state = nnx.split(model.layers)
+
+    def body(carry, xs):
+      layer_state, l = xs
+      return layer(nnx.merge(layers_def, layer_state), l, *carry), None
+
+    (x_1TD, k_XGKH, v_XGKH), _ = jax.lax.scan(
+        body, (x_1TD, k_XGKH, v_XGKH), (layers_state, jnp.arange(L, dtype=jnp.int32)))
+  else:
+    for l, block in enumerate(model.layers):
+      x_1TD, k_XGKH, v_XGKH = layer(block, l, x_1TD, k_XGKH, v_XGKH)
+
+  x_1BD = jnp.take(x_1TD, batch.logits_indices_B, axis=1)
+  logits_BV = model.logits(x_1BD)[0]
+  return logits_BV, KVPages(k_XGKH.reshape(L, P, G, K, H), v_XGKH.reshape(L, P, G, K, H))

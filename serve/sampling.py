@@ -1,0 +1,110 @@
+"""Sampling on device: greedy, temperature, top-k, top-p, with a per-request seed.
+
+A request's randomness depends only on its own seed and the position of the token being drawn:
+key = fold_in(key(seed), position). Its tokens are therefore the same whatever else shares the
+batch, whichever row it lands in, and after a preemption recomputes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How one request is decoded. temperature 0 is greedy (top_k, top_p and seed are then unused).
+
+  Filters apply in order: temperature, then top-k, then top-p on the distribution renormalised
+  over the top-k tokens (the Hugging Face order). Stop token ids and max_tokens end a request in
+  the scheduler; stop strings need the engine's detokenize callback.
+  """
+
+  max_tokens: int = 16
+  temperature: float = 0.0
+  top_k: int = 0  # 0: no top-k filter
+  top_p: float = 1.0  # 1.0: no top-p filter
+  seed: int | None = None  # None: the engine draws one from its own seed
+  stop_token_ids: tuple[int, ...] = ()
+  stop: tuple[str, ...] = ()  # stop strings, matched in the detokenized output
+
+  def __post_init__(self):
+    object.__setattr__(self, 'stop_token_ids', tuple(int(t) for t in self.stop_token_ids))
+    if isinstance(self.stop, str):
+      object.__setattr__(self, 'stop', (self.stop,))
+    object.__setattr__(self, 'stop', tuple(self.stop))
+    if self.max_tokens < 1:
+      raise ValueError(f'SamplingParams.max_tokens={self.max_tokens}; generate at least 1 token.')
+    if not self.temperature >= 0:
+      raise ValueError(f'SamplingParams.temperature={self.temperature}; use 0 (greedy) or more.')
+    if self.top_k < 0:
+      raise ValueError(f'SamplingParams.top_k={self.top_k}; use 0 (off) or a positive count.')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'SamplingParams.top_p={self.top_p}; it must be in (0, 1] (1: off).')
+    if self.seed is not None and not 0 <= self.seed < 2 ** 32:
+      raise ValueError(f'SamplingParams.seed={self.seed}; use an integer in [0, 2**32).')
+    if any(not s for s in self.stop):
+      raise ValueError(f'SamplingParams.stop={self.stop} holds an empty string; remove it.')
+
+
+class SamplingBatch(NamedTuple):
+  """Per-row sampling inputs of one step, [B] each; padding rows are greedy."""
+
+  temperature_B: jax.Array  # float32
+  top_k_B: jax.Array  # int32, 0: off
+  top_p_B: jax.Array  # float32, 1.0: off
+  seeds_B: jax.Array  # uint32
+  positions_B: jax.Array  # int32: position of the token being drawn (its sequence's length)
+
+
+def host_batch(rows: list[tuple[SamplingParams, int, int]], num_rows: int) -> SamplingBatch:
+  """numpy arrays for (params, seed, position) per row, padded to num_rows greedy rows."""
+  temperature, top_k = np.zeros(num_rows, np.float32), np.zeros(num_rows, np.int32)
+  top_p, seeds = np.ones(num_rows, np.float32), np.zeros(num_rows, np.uint32)
+  positions = np.zeros(num_rows, np.int32)
+  for b, (params, seed, position) in enumerate(rows):
+    temperature[b], top_k[b], top_p[b] = params.temperature, params.top_k, params.top_p
+    seeds[b], positions[b] = seed, position
+  return SamplingBatch(temperature, top_k, top_p, seeds, positions)
+
+
+def filter_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+                  top_p_B: jax.Array) -> jax.Array:
+  """Temperature-scaled float32 logits with -inf outside each row's top-k/top-p support.
+
+  Ties are ranked by token id (lower first), so the support is always exactly top_k tokens.
+  Top-p keeps the smallest prefix of the ranked tokens whose probability reaches top_p: a token
+  stays when the mass ranked before it is below top_p. Rows with temperature 0 are not scaled.
+  """
+  B, V = logits_BV.shape
+  scale_B = jnp.where(temperature_B > 0, temperature_B, 1.0)
+  scaled_BV = logits_BV.astype(jnp.float32) / scale_B[:, None]
+  order_BV = jnp.argsort(-scaled_BV, axis=-1, stable=True)
+  sorted_BV = jnp.take_along_axis(scaled_BV, order_BV, axis=-1)
+  rank_V = jnp.arange(V, dtype=jnp.int32)
+  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
+  keep_BV = rank_V[None, :] < k_B[:, None]
+  probs_BV = jax.nn.softmax(jnp.where(keep_BV, sorted_BV, -jnp.inf), axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  # top_p == 1 must filter nothing, even where rounding makes the mass before a token reach 1.
+  keep_BV &= (mass_before_BV < top_p_B[:, None]) | (top_p_B[:, None] >= 1.0)
+  keep_in_vocab_BV = jnp.zeros_like(keep_BV).at[jnp.arange(B)[:, None], order_BV].set(keep_BV)
+  return jnp.where(keep_in_vocab_BV, scaled_BV, -jnp.inf)
+
+
+def sample(logits_BV: jax.Array, batch: SamplingBatch) -> jax.Array:
+  """One token id per row (int32 [B]): argmax where temperature is 0, else a draw from the
+  filtered distribution with the row's own key, fold_in(key(seed), position)."""
+  filtered_BV = filter_logits(logits_BV, batch.temperature_B, batch.top_k_B, batch.top_p_B)
+
+  def draw(seed, position, row_V):
+    key = jax.random.fold_in(jax.random.key(seed), position)
+    return jax.random.categorical(key, row_V)
+
+  drawn_B = jax.vmap(draw)(batch.seeds_B, batch.positions_B, filtered_BV)
+  greedy_B = jnp.argmax(logits_BV, axis=-1)
+  return jnp.where(batch.temperature_B > 0, drawn_B, greedy_B).astype(jnp.int32)
