@@ -400,9 +400,14 @@ class Scheduler:
     if self._pending is None or self._pending[0] != plan:
       raise ValueError('update() got a plan that is not the last one schedule() returned, or one already applied; '
                        'call update() once per non-empty plan, in order.')
-    pending, self._pending = self._pending[1], None
+    pending = self._pending[1]
     # Skip requests aborted or finished since schedule() (a new request may even have reused the id).
     live = [(s, pending[s.request_id]) for s in plan.seqs if self._requests.get(s.request_id) is pending[s.request_id]]
+    missing = [s.request_id for s, _ in live if s.sample and s.request_id not in sampled]
+    if missing:  # checked before any change, so the caller can retry with the full mapping
+      raise ValueError(f'update(): no sampled token for requests {missing}, whose ScheduledSeqs have sample=True; '
+                       f'pass one token for every such sequence.')
+    self._pending = None
     G = self.config.page_size
     finished = []
     for seq, request in live:
@@ -415,9 +420,6 @@ class Scheduler:
           request.num_committed = full
       if not seq.sample:
         continue
-      if seq.request_id not in sampled:
-        raise ValueError(f'update(): no sampled token for request {seq.request_id!r}, whose ScheduledSeq has '
-                         f'sample=True; pass one token for every such sequence.')
       token = int(sampled[seq.request_id])
       request.token_ids.append(token)
       num_out = len(request.token_ids) - request.num_prompt

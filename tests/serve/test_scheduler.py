@@ -1,0 +1,515 @@
+"""Scheduler driven by a fake device, checked against a naive per-request decode and a per-request replay.
+
+The fake device stores token ids (standing in for keys/values) in a [P, G] page pool through each ScheduledSeq's
+block table, and samples next_token() of the sequence it reads back through the block table. So wrong positions,
+short block tables, a page shared while written, or a stale page read all change the outputs, which must equal
+`reference_decode`, a plain loop that knows nothing of pages or steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import numpy as np
+import pytest
+
+from serve.scheduler import Policy, Scheduler, SchedulerConfig, StepPlan
+
+V = 61  # vocabulary of the fake model
+
+
+def next_token(tokens) -> int:
+  """The fake model: a deterministic function of the whole sequence so far."""
+  return hash(tuple(int(t) for t in tokens)) % V
+
+
+def reference_decode(prompt, max_tokens, stop_ids=()) -> tuple[int, ...]:
+  tokens, out = list(prompt), []
+  while len(out) < max_tokens:
+    t = next_token(tokens)
+    out.append(t)
+    tokens.append(t)
+    if t in stop_ids:
+      break
+  return tuple(out)
+
+
+def _pages(n_tokens: int, G: int) -> int:
+  return -(-n_tokens // G)
+
+
+class Harness:
+  """Plays the engine: schedule, fake device step, update; checks every plan against a replay of each request."""
+
+  def __init__(self, config: SchedulerConfig):
+    self.config = config
+    self.sched = Scheduler(config)
+    self.pool_PG = np.full((config.num_pages, config.page_size), -1, np.int64)
+    self.spec = {}          # id -> (prompt, max_tokens, stop_ids)
+    self.tokens = {}        # id -> prompt + outputs seen so far
+    self.next_pos = {}      # id -> expected start_pos of its next seq, while running
+    self.slot = {}          # id -> slot, while running
+    self.tables = {}        # id -> block table last seen, while running
+    self.decoding = set()   # running ids past their (re)prefill
+    self.finished = {}      # id -> Finished
+    self.admitted = []      # ids in order of first admission
+    self.arrival = []       # ids in order of add()
+    self.plans: list[StepPlan] = []
+    self.kinds: list[tuple[str, ...]] = []  # per plan, 'decode' or 'prefill' for each seq
+    self.num_preempted = 0
+    self.max_shared = 0     # max over steps of (sum of running block-table lengths - used pages)
+
+  def add(self, rid, prompt, max_tokens, stop_ids=()):
+    self.sched.add(rid, prompt, max_tokens, stop_ids)
+    self.spec[rid] = (tuple(prompt), max_tokens, tuple(stop_ids))
+    self.tokens[rid] = list(prompt)
+    self.arrival.append(rid)
+    self.check_state()
+
+  def end(self, rid, reason):
+    fin = self.sched.abort(rid) if reason == 'abort' else self.sched.finish(rid, reason)
+    if rid in self.tokens:
+      assert fin.output_ids == tuple(self.tokens[rid][len(self.spec[rid][0]):]) and fin.reason == reason
+      self._forget(rid)
+      self.finished[rid] = fin
+      del self.tokens[rid]
+    else:
+      assert fin is None
+    self.check_state()
+
+  def _forget(self, rid):
+    for d in (self.next_pos, self.slot, self.tables):
+      d.pop(rid, None)
+    self.decoding.discard(rid)
+
+  def step(self) -> StepPlan:
+    c, G = self.config, self.config.page_size
+    running_before = set(self.sched.running_ids())
+    waiting_before = sorted((r for r in self.tokens if r not in running_before), key=self.arrival.index)
+    plan = self.sched.schedule()
+    # FCFS, preempted requests included (they are older than any request never admitted): admission takes the
+    # oldest waiting requests, skipping none.
+    admitted = set(self.sched.running_ids()) - running_before
+    assert admitted == set(waiting_before[:len(admitted)]), (admitted, waiting_before)
+    self.plans.append(plan)
+    assert plan.num_tokens == sum(len(s.token_ids) for s in plan.seqs) <= c.token_budget
+    assert len(plan.seqs) <= c.max_seqs
+    assert len({s.request_id for s in plan.seqs}) == len(plan.seqs)
+    for rid in plan.preempted:
+      assert rid in running_before, f'{rid} preempted but was not running'
+      assert rid not in {s.request_id for s in plan.seqs}
+      self._forget(rid)
+      self.num_preempted += 1
+      # Newest first: every request newer than a preempted one that still runs was scheduled before it.
+      newer = {r for r in self.sched.running_ids() if self.arrival.index(r) > self.arrival.index(rid)}
+      assert newer <= {s.request_id for s in plan.seqs}, (rid, newer)
+    slots_in_use = {self.slot[r]: r for r in self.slot}
+    seen_prefill = False
+    self.kinds.append(tuple('decode' if s.request_id in self.decoding else 'prefill' for s in plan.seqs))
+    for s in plan.seqs:
+      rid, n, start = s.request_id, len(s.token_ids), s.start_pos
+      toks = self.tokens[rid]
+      assert n >= 1 and s.token_ids == tuple(toks[start:start + n]), (rid, start, s.token_ids)
+      assert s.sample == (start + n == len(toks))
+      assert 0 <= s.slot < c.max_seqs
+      if rid in self.next_pos:  # a continuing request: positions follow on, slot and pages are stable
+        assert start == self.next_pos[rid] and s.slot == self.slot[rid]
+        assert s.block_table[:len(self.tables[rid])] == self.tables[rid]
+      else:  # (re)admitted: starts after a run of whole cached pages, computes at least the last token
+        assert start % G == 0 and start <= len(toks) - 1
+        assert rid not in running_before or c.policy == Policy.STATIC
+        assert slots_in_use.get(s.slot, rid) == rid, f'slot {s.slot} given to {rid} while in use'
+        self.slot[rid] = s.slot
+        slots_in_use[s.slot] = rid
+      if rid not in self.admitted:
+        self.admitted.append(rid)
+      assert _pages(start + n, G) <= len(s.block_table) <= c.max_pages_per_seq
+      assert 0 not in s.block_table and len(set(s.block_table)) == len(s.block_table)
+      if rid in self.decoding:
+        assert n == 1 and not seen_prefill, 'a decode after a prefill chunk'
+      else:
+        seen_prefill = True
+      self.tables[rid] = s.block_table
+    # Device: write, with no page written by two sequences or held by another running sequence.
+    written = set()
+    for s in plan.seqs:
+      others = {p for r, t in self.tables.items() if r != s.request_id for p in t}
+      for i, tok in enumerate(s.token_ids):
+        pos = s.start_pos + i
+        page, off = s.block_table[pos // G], pos % G
+        assert (page, off) not in written and page not in others, f'{s.request_id} writes page {page} of another'
+        written.add((page, off))
+        self.pool_PG[page, off] = tok
+    sampled = {}
+    for s in plan.seqs:
+      if s.sample:
+        length = s.start_pos + len(s.token_ids)
+        seen = [int(self.pool_PG[s.block_table[p // G], p % G]) for p in range(length)]
+        assert seen == self.tokens[s.request_id][:length], f'{s.request_id} reads stale or foreign tokens'
+        sampled[s.request_id] = next_token(seen)
+    finished = self.sched.update(plan, sampled)
+    for s in plan.seqs:
+      self.next_pos[s.request_id] = s.start_pos + len(s.token_ids)
+      if s.sample:
+        self.tokens[s.request_id].append(sampled[s.request_id])
+        self.decoding.add(s.request_id)
+    for fin in finished:
+      rid = fin.request_id
+      prompt, max_tokens, stop_ids = self.spec[rid]
+      out = tuple(self.tokens[rid][len(prompt):])
+      assert fin.output_ids == out
+      assert fin.reason == ('stop' if out[-1] in stop_ids else 'length')
+      assert fin.reason == 'stop' or len(out) == max_tokens
+      self._forget(rid)
+      self.finished[rid] = fin
+      del self.tokens[rid]
+    self.check_state()
+    return plan
+
+  def check_state(self):
+    sched, alloc = self.sched, self.sched.allocator
+    sched.check()
+    assert alloc.num_free + alloc.num_used + alloc.num_cached == alloc.total
+    refs = collections.Counter(p for rid in sched.running_ids() for p in sched.block_table(rid))
+    assert {p for p in range(alloc.num_pages) if alloc.ref_counts[p]} == set(refs)
+    assert all(alloc.ref_counts[p] == k for p, k in refs.items())
+    assert alloc.num_used == len(refs)
+    assert sched.num_running <= self.config.max_seqs
+    assert set(self.tables) <= set(sched.running_ids())
+    for rid, table in self.tables.items():
+      assert sched.block_table(rid)[:len(table)] == table
+    self.max_shared = max(self.max_shared, sum(refs.values()) - len(refs))
+
+  def run(self, max_steps=10_000):
+    for _ in range(max_steps):
+      if not self.sched.has_work:
+        return self
+      self.step()
+    raise AssertionError(f'no progress after {max_steps} steps')
+
+  def check_outputs(self):
+    for rid, fin in self.finished.items():
+      if fin.reason in ('stop', 'length'):
+        assert fin.output_ids == reference_decode(*self.spec[rid]), rid
+      else:
+        assert fin.output_ids == reference_decode(*self.spec[rid])[:len(fin.output_ids)], rid
+    alloc = self.sched.allocator
+    assert not self.sched.has_work and alloc.num_used == 0
+    assert alloc.num_free + alloc.num_cached == alloc.total
+    alloc.check()
+
+
+def _config(**kw):
+  base = dict(num_pages=64, page_size=4, max_seqs=4, max_pages_per_seq=16, token_budget=16)
+  return SchedulerConfig(**{**base, **kw})
+
+
+def _prompts(seed, n, lo=1, hi=20):
+  rng = random.Random(seed)
+  return [[rng.randrange(V) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@pytest.mark.parametrize('policy', list(Policy))
+@pytest.mark.parametrize('G, budget', [(1, 3), (4, 16), (8, 5)])
+def test_outputs_equal_naive_decode(policy, G, budget):
+  h = Harness(_config(page_size=G, token_budget=budget, num_pages=256 // G, max_pages_per_seq=64 // G,
+                      policy=policy))
+  for i, p in enumerate(_prompts(G, 7)):
+    h.add(f'r{i}', p, max_tokens=1 + i % 9, stop_ids=(i % V,))
+  h.run().check_outputs()
+  assert h.num_preempted == 0
+  assert h.admitted == h.arrival  # first-come-first-served
+
+
+def test_chunked_decodes_first_and_never_stalled():
+  h = Harness(_config(token_budget=8, max_seqs=3))
+  h.add('a', list(range(5)), 30)
+  h.add('b', list(range(20, 40)), 30)  # 20 tokens: three chunks of <= 8 behind a's decodes
+  h.add('c', list(range(40, 45)), 30)
+  mixed = 0
+  while h.sched.has_work:
+    decoding_before = set(h.decoding)
+    plan = h.step()
+    # Stall-free: every request that was decoding gets its token (the budget allows it, the pool is big).
+    assert decoding_before <= {s.request_id for s in plan.seqs}
+    mixed += any(len(s.token_ids) > 1 for s in plan.seqs) and bool(decoding_before)
+  assert mixed >= 2  # prefill chunks rode along with decodes
+  # b's prompt went in chunks that filled the budget left over by decodes.
+  b_chunks = [len(s.token_ids) for p in h.plans for s in p.seqs if s.request_id == 'b' and s.start_pos < 20]
+  assert sum(b_chunks) == 20 and max(b_chunks) <= 8 and len(b_chunks) >= 3
+  h.check_outputs()
+
+
+def test_pages_granted_on_demand_not_for_max_tokens():
+  h = Harness(_config(page_size=4, token_budget=32))
+  h.add('a', list(range(9)), max_tokens=40)
+  h.step()
+  assert len(h.sched.block_table('a')) == 3  # 9 prompt tokens: 3 pages, nothing for the 40 outputs
+  h.step()  # decode of token 9 (position 9) fits page 3
+  assert len(h.sched.block_table('a')) == 3
+  for _ in range(3):
+    h.step()  # positions 10, 11, 12: the last crosses into a 4th page
+  assert len(h.sched.block_table('a')) == 4
+  h.run().check_outputs()
+
+
+def test_more_decodes_than_budget():
+  h = Harness(_config(max_seqs=4, token_budget=2, policy=Policy.PREFILL_FIRST))
+  for i in range(4):
+    h.add(f'r{i}', [i + 1], 6)
+  h.step()
+  h.step()  # prefill-first admits r2, r3 while r0, r1 wait to decode
+  assert h.sched.num_running == 4
+  assert [s.request_id for s in h.step().seqs] == ['r0', 'r1']  # the budget decodes the oldest two
+  h.run().check_outputs()
+  assert max(p.num_tokens for p in h.plans) == 2
+
+
+@pytest.mark.parametrize('policy', list(Policy))
+def test_forced_preemption_matches_big_pool(policy):
+  prompts = _prompts(7, 6, 3, 12)
+  outs = {}
+  for pages in (64, 7):  # 6 usable pages of 4 tokens: far fewer than 6 requests of up to 12 + 12 tokens need
+    h = Harness(_config(num_pages=pages, max_pages_per_seq=6, policy=policy))
+    for i, p in enumerate(prompts):
+      h.add(f'r{i}', p, 12)
+    h.run().check_outputs()
+    outs[pages] = {r: f.output_ids for r, f in h.finished.items()}
+    assert (h.num_preempted > 0) == (pages == 7)
+  assert outs[64] == outs[7]
+
+
+def test_preemption_takes_the_newest_request():
+  # 4 usable pages of 2 tokens; a and b each hold 2 pages after their prompts, then both need a third.
+  h = Harness(_config(num_pages=5, page_size=2, max_pages_per_seq=4, token_budget=8, prefix_caching=False,
+                      watermark=0))
+  h.add('a', [1, 2, 3], 5)
+  h.add('b', [4, 5, 6], 5)
+  preempted = []
+  while h.sched.has_work:
+    preempted += h.step().preempted
+  assert preempted and preempted[0] == 'b'
+  h.check_outputs()
+
+
+def test_prefix_sharing_shares_pages_and_skips_compute():
+  G = 4
+  h = Harness(_config(page_size=G, token_budget=64, max_seqs=4))
+  system = list(range(1, 13))  # three full pages
+  h.add('first', system + [50, 51], 20)
+  h.step()
+  h.step()  # first's pages committed after its prefill step
+  for i in range(3):
+    h.add(f'q{i}', system + [30 + i, 40 + i], 20)
+  plan = h.step()
+  starts = {s.request_id: s.start_pos for s in plan.seqs if s.request_id.startswith('q')}
+  assert starts == {'q0': 12, 'q1': 12, 'q2': 12}  # the three shared pages are not recomputed
+  tables = [h.sched.block_table(r) for r in ('first', 'q0', 'q1', 'q2')]
+  assert all(t[:3] == tables[0][:3] for t in tables)
+  alloc = h.sched.allocator
+  assert alloc.num_used < sum(len(t) for t in tables)
+  assert alloc.num_used == 3 + sum(len(t) - 3 for t in tables)
+  h.run().check_outputs()
+  assert h.max_shared >= 9
+
+
+def test_prefix_cache_serves_a_finished_request_and_whole_prompt_keeps_last_token():
+  G = 4
+  h = Harness(_config(page_size=G, token_budget=64))
+  prompt = list(range(1, 17))  # exactly four pages
+  h.add('a', prompt, 3)
+  h.run()
+  assert h.sched.allocator.num_cached >= 4
+  h.add('b', prompt, 3)
+  plan = h.step()
+  (seq,) = plan.seqs
+  assert seq.start_pos == 12 and seq.token_ids == (13, 14, 15, 16)  # last page recomputed: its logits are needed
+  h.add('c', prompt + [next_token(prompt)], 2)  # a's prompt + its first output: 17 tokens, 4 full pages cached
+  plan = h.step()
+  assert {s.request_id: s.start_pos for s in plan.seqs}['c'] == 16
+  h.run().check_outputs()
+
+
+def test_prefix_caching_off_computes_everything():
+  h = Harness(_config(prefix_caching=False, token_budget=64))
+  h.add('a', list(range(1, 17)), 3)
+  h.run()
+  h.add('b', list(range(1, 17)), 3)
+  plan = h.step()
+  assert plan.seqs[0].start_pos == 0 and h.sched.allocator.num_cached == 0
+  h.run().check_outputs()
+
+
+def test_prefill_first_steps_are_pure():
+  h = Harness(_config(policy=Policy.PREFILL_FIRST, token_budget=8, max_seqs=4))
+  h.add('a', [1, 2, 3], 20)
+  h.add('b', [4, 5, 6, 7, 8], 20)  # 3 + 5 fill the budget: one prefill step for both
+  plan = h.step()
+  assert [(s.request_id, len(s.token_ids)) for s in plan.seqs] == [('a', 3), ('b', 5)]
+  assert all(len(s.token_ids) == 1 for s in h.step().seqs)  # nothing waits: decode all
+  h.add('c', list(range(10, 30)), 5)  # 20 tokens > budget: chunked, and decodes stall meanwhile
+  h.add('d', [9, 9], 5)
+  chunks = [h.step() for _ in range(3)]
+  assert [[(s.request_id, len(s.token_ids)) for s in p.seqs] for p in chunks] == [
+      [('c', 8)], [('c', 8)], [('c', 4), ('d', 2)]]
+  h.run().check_outputs()
+  assert all(len(set(kinds)) == 1 for kinds in h.kinds), 'a prefill-first step mixed decodes and prefills'
+  assert ('prefill',) in h.kinds and ('decode',) * 4 in h.kinds
+
+
+def test_prefill_first_admits_whole_prompts_only():
+  h = Harness(_config(policy=Policy.PREFILL_FIRST, token_budget=8))
+  h.add('a', [1, 2, 3, 4, 5], 4)
+  h.add('b', [6, 7, 8, 9], 4)  # 5 + 4 > 8: b waits for the next step rather than being split
+  assert [(s.request_id, len(s.token_ids)) for s in h.step().seqs] == [('a', 5)]
+  assert [(s.request_id, len(s.token_ids)) for s in h.step().seqs] == [('b', 4)]
+  h.run().check_outputs()
+
+
+def test_static_runs_a_batch_to_completion():
+  h = Harness(_config(policy=Policy.STATIC, max_seqs=2, token_budget=16))
+  for i, (p, n) in enumerate([([1, 2], 3), ([3, 4, 5], 8), ([6], 2), ([7, 8], 2)]):
+    h.add(f'r{i}', p, n)
+  batches, current = [], set()
+  while h.sched.has_work:
+    before = set(h.sched.running_ids())
+    h.step()
+    new = set(h.sched.running_ids()) - before
+    if new:
+      assert not before, 'static batching admitted a request while its batch ran'
+      current = set(new)
+      batches.append(current)
+  assert batches == [{'r0', 'r1'}, {'r2', 'r3'}]
+  h.check_outputs()
+
+
+def test_watermark_holds_back_admission():
+  def run(watermark):
+    # 10 usable pages of 4 tokens; a and b take 4 each; c needs 2 more.
+    h = Harness(_config(num_pages=11, page_size=4, token_budget=64, watermark=watermark, prefix_caching=False))
+    h.add('a', list(range(16)), 4)
+    h.add('b', list(range(16, 32)), 4)
+    h.add('c', list(range(32, 40)), 4)
+    return h, {s.request_id for s in h.step().seqs}
+  h, first = run(0.2)  # 2 pages held back: c would leave 0
+  assert first == {'a', 'b'}
+  h.run().check_outputs()
+  h, first = run(0.0)
+  assert first == {'a', 'b', 'c'}
+  h.run().check_outputs()
+
+
+def test_abort_and_finish_in_flight_and_waiting():
+  h = Harness(_config(max_seqs=2, token_budget=16))
+  h.add('a', [1, 2, 3], 10)
+  h.add('b', [4, 5], 10)
+  h.add('c', [6, 7, 8], 10)  # waits for a slot
+  h.step()
+  h.step()
+  plan = h.sched.schedule()
+  assert h.sched.abort('a').reason == 'abort'  # between schedule() and update(): its pages are free at once
+  assert h.sched.finish('b', 'stop_string').output_ids == tuple(h.tokens['b'][2:])
+  assert h.sched.allocator.num_used == 0
+  assert h.sched.update(plan, {s.request_id: 0 for s in plan.seqs}) == []
+  h.sched.check()
+  for rid in ('a', 'b'):
+    del h.tokens[rid]
+    h._forget(rid)
+  h.end('c', 'abort')  # a waiting request
+  h.end('zzz', 'abort')  # unknown: a no-op
+  assert not h.sched.has_work and h.sched.allocator.num_used == 0
+
+
+@pytest.mark.parametrize('seed', range(9))
+def test_randomized_stress(seed):
+  """Random arrivals (often sharing a prefix), aborts and engine-side finishes on small pools: invariants after
+  every call, outputs equal to the naive decode, and nothing leaked at the end."""
+  rng = random.Random(seed)
+  policy = list(Policy)[seed % 3]
+  G = rng.choice([1, 2, 4])
+  M = rng.randint(3, 8)
+  config = SchedulerConfig(
+      num_pages=rng.randint(M + 1, 2 * M + 2), page_size=G, max_seqs=rng.randint(2, 6), max_pages_per_seq=M,
+      token_budget=rng.randint(1, 12), policy=policy, watermark=rng.choice([0.0, 0.01, 0.2]),
+      prefix_caching=seed % 4 != 3)
+  h = Harness(config)
+  stems = [[rng.randrange(V) for _ in range(M * G)] for _ in range(2)]  # shared prefixes
+  limit = min(M, config.num_pages - 1) * G
+  n_added, steps = 0, 0
+  while steps < 400 or h.sched.has_work:
+    if steps < 400 and rng.random() < 0.5:
+      n_prompt = rng.randint(1, limit - 1)
+      prompt = (rng.choice(stems)[:n_prompt] if rng.random() < 0.7 else
+                [rng.randrange(V) for _ in range(n_prompt)])
+      h.add(f'r{n_added}', prompt, rng.randint(1, limit - n_prompt), stop_ids=rng.sample(range(V), 2))
+      n_added += 1
+    if h.tokens and rng.random() < 0.03:
+      h.end(rng.choice(sorted(h.tokens)), rng.choice(['abort', 'stop_string']))
+    h.step()
+    steps += 1
+    assert steps < 5000, 'no progress'
+  h.check_outputs()
+  assert h.admitted == [r for r in h.arrival if r in h.admitted]  # FCFS
+  assert len(h.finished) == n_added
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('num_pages', 1, 'num_pages must be an int >= 2'),
+    ('page_size', 0, 'page_size must be an int >= 1'),
+    ('max_seqs', 0, 'max_seqs must be an int >= 1'),
+    ('max_pages_per_seq', 2.5, 'max_pages_per_seq must be an int'),
+    ('token_budget', 0, 'token_budget must be an int >= 1'),
+    ('token_budget', True, 'token_budget must be an int'),
+    ('policy', 'fastest', "policy must be one of \\['chunked', 'prefill_first', 'static'\\]"),
+    ('watermark', 1.0, r'watermark must be a fraction of the pool in \[0, 1\)'),
+    ('watermark', -0.1, 'watermark must be a fraction'),
+    ('prefix_caching', 'yes', 'prefix_caching must be a bool'),
+])
+def test_bad_config(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    _config(**{field: value})
+
+
+def test_policy_by_name():
+  assert _config(policy='prefill_first').policy is Policy.PREFILL_FIRST
+
+
+def test_bad_requests():
+  sched = Scheduler(_config(num_pages=9, page_size=4, max_pages_per_seq=4))  # 16-token table, 32-token pool
+  with pytest.raises(ValueError, match='empty prompt'):
+    sched.add('a', [], 4)
+  with pytest.raises(ValueError, match='max_tokens must be an int >= 1'):
+    sched.add('a', [1], 0)
+  with pytest.raises(ValueError, match=r'= 17 tokens exceeds the block table.*raise max_pages_per_seq'):
+    sched.add('a', [1] * 10, 7)
+  sched.add('a', [1] * 10, 6)  # exactly 16 fits
+  with pytest.raises(ValueError, match="'a' is already queued or running"):
+    sched.add('a', [1], 1)
+  small_pool = Scheduler(_config(num_pages=3, page_size=4, max_pages_per_seq=4))  # 2 usable pages: 8 tokens
+  with pytest.raises(ValueError, match=r'= 9 tokens exceeds the whole pool.*raise num_pages'):
+    small_pool.add('b', [1] * 5, 4)
+  assert sched.num_waiting == 1 and small_pool.num_waiting == 0
+  with pytest.raises(KeyError, match='unknown request id'):
+    sched.output_ids('nope')
+
+
+def test_misuse_of_the_step_protocol():
+  sched = Scheduler(_config())
+  sched.add('a', [1, 2, 3], 4)
+  plan = sched.schedule()
+  with pytest.raises(RuntimeError, match='without update'):
+    sched.schedule()
+  with pytest.raises(ValueError, match=r"no sampled token for requests \['a'\]"):
+    sched.update(plan, {})
+  assert sched.update(plan, {'a': 7}) == []  # the failed call changed nothing; the retry applies the step
+  sched.add('b', [4], 4)
+  plan = sched.schedule()
+  stale = StepPlan(plan.seqs[:1], ())
+  with pytest.raises(ValueError, match='not the last one schedule'):
+    sched.update(stale, {'a': 1})
+  assert sched.update(plan, {'a': 1, 'b': 2}) == []
+  with pytest.raises(ValueError, match='already applied'):
+    sched.update(plan, {'a': 1, 'b': 2})
+  assert sched.output_ids('a') == (7, 1) and sched.output_ids('b') == (2,)
+  sched.check()
