@@ -1,0 +1,165 @@
+"""The Triton ragged paged attention kernel against serve/kernels/reference.py.
+
+On CPU the kernel runs in Pallas interpret mode; on a GPU every test runs the real kernel (the
+reference then computes in full float32: `jax.default_matmul_precision('highest')`), and the tests
+marked gpu add larger batches. Interpret mode compiles each distinct shape in seconds and runs it in a fraction of one, and the
+batch's make-up (decodes, prefill chunks, kv lengths, unused slots, padding) is data, not shape: each
+test compiles one shape and runs every batch below through it, and CPU compiles skip LLVM's
+optimisations (without fast-math, which XLA leaves off, results are unchanged).
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from serve.kernels import pallas_gpu, reference
+
+ON_GPU = jax.default_backend() == 'gpu'
+
+# Tolerances, relative to the reference's largest magnitude. float32: an output element is a
+# convex combination of at most S = 64 values, accumulated blockwise in another order: worst case
+# ~S * 2^-24 = 4e-6 relative.
+F32_TOL = 1e-5
+# bfloat16 (2^-8 = 3.9e-3): probabilities are rounded to bf16 before p @ v and the output to bf16,
+# against a float32 reference on the same bf16 inputs: a few bf16 ulps.
+BF16_TOL = 2e-2
+
+T, B, M = 24, 6, 4  # query tokens, sequence slots, pages per slot (max kv length 4 G)
+UNUSED_PAGE = 10 ** 6  # table entries past a sequence's pages: out of range, so they must be ignored
+_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0} if not ON_GPU else None
+
+
+def batches(G):
+  """Named batches of (q_len, kv_len) per sequence in use; the rest of the B slots and T rows idle."""
+  return {
+      'decode': [(1, 1), (1, G), (1, G + 3), (1, 3 * G - 1), (1, 4 * G)],
+      # A first prefill chunk, a decode, a later chunk, an idle sequence (q_len 0), a decode.
+      'mixed': [(9, 9), (1, 2 * G + 5), (7, 3 * G - 2), (0, 5), (1, 1)],
+      'full': [(5, 4 * G), (1, G - 1), (10, 10), (1, 7), (6, 2 * G), (1, 3)],  # every slot and row
+  }
+
+
+def make_inputs(seqs, N, K, H, G, dtype=jnp.float32, seed=0, T=T, B=B, M=M):
+  """q, pools and metadata for `seqs`; pages are a random permutation of 1..P-1 (0 is the null page)."""
+  rng = np.random.default_rng(seed)
+  P = 1 + B * M
+  q = rng.standard_normal((T, N, H), np.float32)
+  k, v = rng.standard_normal((2, P, G, K, H), np.float32)
+  kv_lens = np.zeros(B, np.int32)
+  tables = np.full((B, M), UNUSED_PAGE, np.int32)
+  cu = np.zeros(B + 1, np.int32)
+  pages = iter(rng.permutation(np.arange(1, P)))
+  for b, (q_len, kv_len) in enumerate(seqs):
+    kv_lens[b] = kv_len
+    tables[b, :-(-kv_len // G)] = [next(pages) for _ in range(-(-kv_len // G))]
+    cu[b + 1] = cu[b] + q_len
+  cu[len(seqs) + 1:] = cu[len(seqs)]
+  assert cu[-1] <= T
+  q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+  return q, k, v, jnp.asarray(kv_lens), jnp.asarray(tables), jnp.asarray(cu), jnp.asarray(
+      [len(seqs)], jnp.int32)
+
+
+def assert_close(got, want, tol, what):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert got.shape == want.shape, (what, got.shape, want.shape)
+  scale = max(1.0, float(np.max(np.abs(want))))
+  err = float(np.max(np.abs(got - want)))
+  assert err <= tol * scale, f'{what}: max error {err:.3g} > {tol} x {scale:.3g}'
+
+
+def reference_f32(args, sm_scale=None):
+  """The reference in float32 (inputs upcast, full-precision matmuls on GPU as well)."""
+  args = [x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in args]
+  with jax.default_matmul_precision('highest'):
+    return jax.jit(functools.partial(reference.ragged_paged_attention, sm_scale=sm_scale),
+                   compiler_options=_COMPILER_OPTIONS)(*args)
+
+
+def check_all_batches(N, K, H, G, dtype=jnp.float32, tol=F32_TOL, sm_scale=None, **options):
+  kernel = jax.jit(functools.partial(pallas_gpu.ragged_paged_attention, sm_scale=sm_scale,
+                                     **options), compiler_options=_COMPILER_OPTIONS)
+  for name, seqs in batches(G).items():
+    args = make_inputs(seqs, N, K, H, G, dtype)
+    out = kernel(*args)
+    assert out.shape == (T, N, H) and out.dtype == dtype
+    want = reference_f32(args, sm_scale)
+    assert_close(out, want, tol, f'{name} batch')
+    used = sum(q_len for q_len, _ in seqs)
+    assert not np.any(np.asarray(out[used:], np.float32)), f'{name}: padding rows are not zero'
+
+
+# Items of 16 // (N // K) tokens split the 9- and 10-token prefill chunks when N > K; 16 kv tokens
+# per step give several steps per sequence.
+@pytest.mark.parametrize('N,K,H,G,options', [
+    (2, 2, 128, 8, dict(block_sizes=pallas_gpu.BlockSizes(16, 2))),
+    (4, 2, 64, 16, dict(block_sizes=pallas_gpu.BlockSizes(8, 1), sm_scale=0.3)),
+    (8, 2, 64, 8, dict(block_sizes=pallas_gpu.BlockSizes(4, 2))),
+    (6, 2, 64, 8, dict(block_sizes=pallas_gpu.BlockSizes(4, 2))),  # 3 heads a group, padded to 4
+    (4, 1, 128, 16, {}),  # default block sizes
+], ids=['mha-g8', 'gqa2-g16-scale', 'gqa4', 'gqa3-padded', 'mqa-default'])
+def test_matches_reference(N, K, H, G, options):
+  check_all_batches(N, K, H, G, **options)
+
+
+def test_matches_reference_bf16():
+  check_all_batches(4, 2, 128, 16, jnp.bfloat16, BF16_TOL, block_sizes=pallas_gpu.BlockSizes(8, 1))
+
+
+def test_block_sizes_validate_themselves():
+  with pytest.raises(ValueError, match='queries_per_block=0 must be a positive int'):
+    pallas_gpu.BlockSizes(queries_per_block=0)
+  with pytest.raises(ValueError, match='num_warps=2.5 must be a positive int'):
+    pallas_gpu.BlockSizes(num_warps=2.5)
+  with pytest.raises(ValueError, match='queries_per_block=12 must be a power of two'):
+    pallas_gpu.BlockSizes(queries_per_block=12)
+  with pytest.raises(ValueError, match='queries_per_block=4 gives 8 rows'):
+    pallas_gpu.BlockSizes(queries_per_block=4).check(4, 2, 16)
+  with pytest.raises(ValueError, match='pages_per_block=3 times page size G=8 = 24 kv tokens'):
+    pallas_gpu.BlockSizes(pages_per_block=3).check(4, 2, 8)
+  assert pallas_gpu.BlockSizes.default(32, 8, 16, 256) == pallas_gpu.BlockSizes(8, 4)
+  assert pallas_gpu.BlockSizes.default(4, 4, 4, 2) == pallas_gpu.BlockSizes(32, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason='needs a GPU')
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, F32_TOL), (jnp.bfloat16, BF16_TOL)],
+                         ids=['f32', 'bf16'])
+def test_real_gpu_larger_batch(dtype, tol):
+  """Llama-like heads (N=32, K=8, H=128, G=16): 24 decodes up to 1000 tokens and 3 prefill chunks."""
+  rng = np.random.default_rng(1)
+  seqs = [(1, int(n)) for n in rng.integers(1, 1000, 24)] + [(160, 700), (200, 200), (120, 1024)]
+  args = make_inputs(seqs, 32, 8, 128, 16, dtype, T=512, B=32, M=64)
+  out = pallas_gpu.ragged_paged_attention(*args)
+  assert_close(out, reference_f32(args), tol, 'large batch')
+  assert not np.any(np.asarray(out[sum(q for q, _ in seqs):], np.float32))
+
+
+def _bad(**changes):
+  q, k, v, kv_lens, tables, cu, num_seqs = make_inputs(batches(8)['decode'], 4, 2, 128, 8)
+  args = dict(q_TNH=q, k_pages_PGKH=k, v_pages_PGKH=v, kv_lens_B=kv_lens, block_tables_BM=tables,
+              cu_q_lens_B1=cu, num_seqs_1=num_seqs)
+  args.update(changes)
+  return args
+
+
+@pytest.mark.parametrize('changes,message', [
+    (dict(q_TNH=jnp.zeros((T, 4 * 128))), 'q must be [T, N, H]'),
+    (dict(v_pages_PGKH=jnp.zeros((25, 8, 1, 128))), 'key and value pools differ'),
+    (dict(q_TNH=jnp.zeros((T, 3, 128))), 'N (3) be a multiple of K (2)'),
+    (dict(cu_q_lens_B1=jnp.zeros((B,), jnp.int32)), 'cu_q_lens [B + 1]'),
+    (dict(num_seqs_1=jnp.zeros((), jnp.int32)), 'num_seqs must have shape [1]'),
+    (dict(q_TNH=jnp.zeros((T, 4, 96)), k_pages_PGKH=jnp.zeros((25, 8, 2, 96)),
+          v_pages_PGKH=jnp.zeros((25, 8, 2, 96))), 'power of two >= 16 (Triton block shapes); got H=96'),
+    (dict(q_TNH=jnp.zeros((T, 4, 128), jnp.bfloat16)), 'one dtype; got q bfloat16'),
+    (dict(kv_lens_B=jnp.zeros((B,), jnp.float32)), 'kv_lens must be integers'),
+    (dict(block_sizes=pallas_gpu.BlockSizes(queries_per_block=2)), 'gives 4 rows'),
+    (dict(block_sizes=(8, 2)), 'must be a pallas_gpu.BlockSizes'),
+])
+def test_bad_inputs_raise(changes, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    pallas_gpu.ragged_paged_attention(**_bad(**changes))
