@@ -69,11 +69,17 @@ def test_prefix_match_longest_run_and_chaining():
   assert alloc.match(hash_blocks(b, G)) == []
   # A one-block prefix.
   assert alloc.match(hash_blocks([1, 2], G)) == pages[:1]
+  # A run stops at the first uncached block even when later ones are cached.
+  c = [7, 7, 8, 8, 9, 9]
+  c_pages, c_hashes = alloc.allocate(2), hash_blocks(c, G)
+  assert alloc.commit(c_pages[0], c_hashes[0]) and alloc.commit(c_pages[1], c_hashes[2])
+  assert alloc.match(c_hashes) == c_pages[:1]
+  alloc.release(c_pages)
   # Duplicate content computed by a second sequence keeps the first page as the cached one.
   (dup,) = alloc.allocate(1)
   assert not alloc.commit(dup, hash_blocks(a, G)[0])
   alloc.release([dup])
-  assert alloc.num_free == 7 - 3  # unhashed, so back on the free list, not cached
+  assert (alloc.num_free, alloc.num_cached) == (7 - 3 - 2, 2)  # dup is unhashed, so back on the free list
   alloc.check()
 
 

@@ -83,11 +83,14 @@ class Harness:
       d.pop(rid, None)
     self.decoding.discard(rid)
 
-  def step(self) -> StepPlan:
+  def step(self, end_in_flight: str | None = None) -> StepPlan:
+    """One engine step; end_in_flight ('abort' or an engine-side reason) ends a random request of the plan
+    between the device step and update(), as the engine does for stop strings."""
     c, G = self.config, self.config.page_size
     running_before = set(self.sched.running_ids())
     waiting_before = sorted((r for r in self.tokens if r not in running_before), key=self.arrival.index)
     plan = self.sched.schedule()
+    assert plan.seqs, 'an empty plan while requests wait or run'
     # FCFS, preempted requests included (they are older than any request never admitted): admission takes the
     # oldest waiting requests, skipping none.
     admitted = set(self.sched.running_ids()) - running_before
@@ -148,7 +151,18 @@ class Harness:
         seen = [int(self.pool_PG[s.block_table[p // G], p % G]) for p in range(length)]
         assert seen == self.tokens[s.request_id][:length], f'{s.request_id} reads stale or foreign tokens'
         sampled[s.request_id] = next_token(seen)
+    if end_in_flight:
+      rid = random.Random(len(self.plans)).choice(plan.seqs).request_id
+      fin = self.sched.finish(rid, end_in_flight)  # its pages are free now; update() must skip it
+      assert fin.output_ids == tuple(self.tokens[rid][len(self.spec[rid][0]):])
+      self._forget(rid)
+      self.finished[rid] = fin
+      del self.tokens[rid]
+      plan_alive = StepPlan(tuple(s for s in plan.seqs if s.request_id != rid), plan.preempted)
     finished = self.sched.update(plan, sampled)
+    if end_in_flight:
+      assert rid not in {f.request_id for f in finished}
+      plan = plan_alive
     for s in plan.seqs:
       self.next_pos[s.request_id] = s.start_pos + len(s.token_ids)
       if s.sample:
@@ -446,7 +460,8 @@ def test_randomized_stress(seed):
       n_added += 1
     if h.tokens and rng.random() < 0.03:
       h.end(rng.choice(sorted(h.tokens)), rng.choice(['abort', 'stop_string']))
-    h.step()
+    if h.sched.has_work:
+      h.step(end_in_flight=rng.choice(['abort', 'stop_string']) if rng.random() < 0.02 else None)
     steps += 1
     assert steps < 5000, 'no progress'
   h.check_outputs()
