@@ -217,22 +217,22 @@ def _kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, first_seq_ref,  # SME
     hi = jnp.minimum(q_end, blk_end)  # this block's rows of sequence b: [max(q_start, start), hi)
     need = kv_len - q_len + (hi - q_start)  # kv tokens the block's last row of b can see
     has_rows = jnp.logical_and(hi > jnp.maximum(q_start, blk_start), q_len > 0)
-    num_kv_blocks = jnp.where(has_rows, pl.cdiv(need, S), 0)
-    n_pages = pl.cdiv(need, G)
+    num_kv_blocks = jnp.where(has_rows, _cdiv(need, S), 0)
+    n_pages = _cdiv(need, G)
 
     @pl.when(num_kv_blocks > 0)
     def _():
       page_copies(b, 0, 0, n_pages, lambda c: c.start())
 
     def kv_body(j, carry):
-      slot = j % 2
+      slot = lax.rem(j, 2)
 
       @pl.when(j + 1 < num_kv_blocks)
       def _():
         page_copies(b, j + 1, 1 - slot, n_pages, lambda c: c.start())
 
       page_copies(b, j, slot, n_pages, lambda c: c.wait())
-      t_rows = blk_start + lax.broadcasted_iota(jnp.int32, (rows, S), 0) // R
+      t_rows = blk_start + lax.div(lax.broadcasted_iota(jnp.int32, (rows, S), 0), R)
       c_cols = j * S + lax.broadcasted_iota(jnp.int32, (rows, S), 1)
       visible = ((t_rows >= q_start) & (t_rows < q_end)
                  & (c_cols <= kv_len - q_len + (t_rows - q_start)))
@@ -250,6 +250,11 @@ def _kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, first_seq_ref,  # SME
   lax.while_loop(seq_cond, seq_body, first_seq_ref[qb])
   l = l_ref[...][:, :, :1]
   o_ref[...] = jnp.where(l > 0, acc_ref[...] / jnp.where(l > 0, l, 1.0), 0).astype(o_ref.dtype)
+
+
+def _cdiv(a, b: int):
+  """Ceiling division of non-negative ints; lax.div skips the sign fix-ups of jnp's // (TPU scalars)."""
+  return lax.div(a + (b - 1), b)
 
 
 def _attend(h, q_ref, k_SH, v_SH, m_ref, l_ref, acc_ref, visible_XS, *, sm_scale):
