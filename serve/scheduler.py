@@ -288,6 +288,8 @@ class Scheduler:
     is dry. Returns the tokens covered: num_tokens, fewer when shrink (prefill chunks), or 0 after a decode
     preempted itself."""
     G = self.config.page_size
+    if request.num_computed + num_tokens <= len(request.pages) * G:
+      return num_tokens  # the common decode: room left in its last page
     while True:
       needed = -(-(request.num_computed + num_tokens) // G) - len(request.pages)
       if needed <= self.allocator.num_available:
