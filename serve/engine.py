@@ -1,0 +1,318 @@
+"""The serving engine: the host scheduler driving one compiled device step per budget bucket.
+
+Each step: scheduler.schedule() plans which tokens of which requests to compute; the engine flattens
+the plan into a StepBatch padded to the smallest budget bucket that holds it, and dispatches the
+compiled step (paged forward + sampling, pools donated so they update in place). The device step
+runs asynchronously: `step()` first waits for the previous step's tokens, applies them
+(scheduler.update), plans and dispatches the next step, and only then does the rest of the host
+work on the tokens it got (stop strings, outputs), which therefore overlaps the device.
+Planning step n+1 itself does not overlap step n: the scheduler needs step n's tokens first.
+
+Tensor parallelism: with a mesh whose 'tensor' axis is > 1, params are sharded by the rule table
+(heads, kv heads, MLP and vocabulary over 'tensor') and the pools on kv heads; XLA partitions the
+step. Outputs equal the unsharded engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from models import transformer
+from models.config import ModelConfig
+from parallelism import sharding as sharding_lib
+from parallelism.rules import DEFAULT_RULES, Rules
+from serve import forward as forward_lib
+from serve import kv_cache, sampling
+from serve.attention import AttentionBackend, resolve
+from serve.sampling import SamplingParams
+from serve.scheduler import Policy, Scheduler, SchedulerConfig, StepPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """The engine's limits. Pools hold num_pages pages of page_size tokens (page 0 is the null page);
+  a request may hold up to max_pages_per_seq pages (prompt + max_tokens <= that * page_size)."""
+
+  num_pages: int = 256
+  page_size: int = 16
+  max_seqs: int = 16
+  max_pages_per_seq: int = 64
+  token_budget: int = 256
+  policy: Policy = Policy.CHUNKED
+  watermark: float = 0.01
+  prefix_caching: bool = True
+  attention: AttentionBackend = AttentionBackend.AUTO
+  min_bucket: int = 16  # smallest token bucket; buckets double up to token_budget
+  kv_dtype: str | None = None  # None: the model's compute dtype
+  compilation_cache_dir: str | None = None  # JAX persistent compilation cache, for fast restarts
+  seed: int = 0  # draws the seeds of requests that bring none
+
+  def __post_init__(self):
+    object.__setattr__(self, 'policy', Policy(self.policy))
+    object.__setattr__(self, 'attention', AttentionBackend(self.attention))
+    if self.min_bucket < 1:
+      raise ValueError(f'EngineConfig.min_bucket={self.min_bucket}; use a positive token count.')
+    if self.max_seqs > self.token_budget:
+      raise ValueError(f'EngineConfig.max_seqs={self.max_seqs} > token_budget={self.token_budget}: '
+                       'a step could not decode every running sequence; raise token_budget.')
+    self.scheduler_config()  # validates the shared fields, naming them
+
+  def scheduler_config(self) -> SchedulerConfig:
+    return SchedulerConfig(self.num_pages, self.page_size, self.max_seqs, self.max_pages_per_seq,
+                           self.token_budget, self.policy, self.watermark, self.prefix_caching)
+
+  def buckets(self) -> tuple[int, ...]:
+    """Token counts a step is padded to: min_bucket, 2 * min_bucket, ... and token_budget."""
+    out, n = [], self.min_bucket
+    while n < self.token_budget:
+      out.append(n)
+      n *= 2
+    return tuple(out) + (self.token_budget,)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+  """What one step produced for one request: its new tokens, and whether it finished."""
+
+  request_id: str
+  new_token_ids: tuple[int, ...]
+  finished: bool = False
+  finish_reason: str | None = None  # 'stop' | 'length' | 'abort'
+  output_ids: tuple[int, ...] | None = None  # every generated token, once finished
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+  params: SamplingParams
+  seed: int
+
+
+class _InFlight(NamedTuple):
+  plan: StepPlan
+  requests: tuple[_Request | None, ...]  # per plan row, the request it was planned for
+  tokens_B: jax.Array
+
+
+def _step(graphdef, backend, params, pages, batch, sampling_batch):
+  logits_BV, pages = forward_lib.forward(graphdef, params, pages, batch, backend=backend)
+  return sampling.sample(logits_BV, sampling_batch), pages
+
+
+class Engine:
+  """Continuous batching over a paged KV cache. Not thread-safe: drive it from one thread."""
+
+  def __init__(self, model_cfg: ModelConfig, params: nnx.State | nnx.Module,
+               engine_cfg: EngineConfig = EngineConfig(), mesh: Mesh | None = None, *,
+               detokenize: Callable[[Sequence[int]], str] | None = None,
+               rules: Rules = DEFAULT_RULES):
+    self.model_cfg, self.config, self.mesh, self.detokenize = model_cfg, engine_cfg, mesh, detokenize
+    if engine_cfg.compilation_cache_dir:
+      enable_compilation_cache(engine_cfg.compilation_cache_dir)
+    if isinstance(params, nnx.Module):
+      params = nnx.state(params)
+    abstract = nnx.eval_shape(lambda: transformer.Transformer(model_cfg, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract)
+    expected = jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), abstract_params)
+    got = jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), params)
+    if expected != got:
+      raise ValueError(f'params do not match ModelConfig {model_cfg}: expected the state of '
+                       f'models.transformer.Transformer (scan_layers={model_cfg.scan_layers}), '
+                       f'shapes {jax.tree.leaves(expected)[:4]}...; got {jax.tree.leaves(got)[:4]}...')
+    self.backend = resolve(engine_cfg.attention)
+    spec = kv_cache.KVCacheSpec.for_model(model_cfg, engine_cfg.num_pages, engine_cfg.page_size,
+                                          engine_cfg.kv_dtype)
+    self.kv_spec = spec
+    step = functools.partial(_step, graphdef, self.backend)
+    if mesh is None:
+      self.params = params
+      self.pages = kv_cache.init_pages(spec)
+      jitted = jax.jit(step, donate_argnums=(1,))
+    else:
+      param_shardings = sharding_lib.logical_shardings(abstract_params, mesh, rules)
+      self.params = jax.device_put(params, param_shardings)
+      pool = kv_cache.pool_sharding(spec, mesh, rules)
+      self.pages = kv_cache.init_pages(spec, pool)
+      replicated = NamedSharding(mesh, PartitionSpec())
+      pools = kv_cache.KVPages(pool, pool)
+      jitted = jax.jit(step, donate_argnums=(1,),
+                       in_shardings=(param_shardings, pools, replicated, replicated),
+                       out_shardings=(replicated, pools))
+    self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    self.scheduler = Scheduler(engine_cfg.scheduler_config())
+    self._requests: dict[str, _Request] = {}
+    self._inflight: _InFlight | None = None
+    self._seeds = np.random.default_rng(engine_cfg.seed)
+    self._ids = itertools.count()
+    self.stats = dict(steps=0, tokens=0, padded_tokens=0, preemptions=0, compile_s=0.0,
+                      wait_s=0.0, host_s=0.0)
+    start = time.perf_counter()
+    self._compiled = {}
+    with self._rules(rules):
+      for T in engine_cfg.buckets():
+        self._compiled[T] = jitted.lower(self.params, self.pages,
+                                         *self._host_arrays(StepPlan((), ()), T)).compile()
+    self.stats['compile_s'] = time.perf_counter() - start
+
+  def _rules(self, rules):
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return sharding_lib.activation_rules(self.mesh, rules)
+
+  # ---- requests.
+
+  def add_request(self, request_id: str, prompt_ids: Sequence[int],
+                  params: SamplingParams = SamplingParams()) -> None:
+    """Queues a request; ValueError (from the scheduler) if it cannot ever fit."""
+    if params.stop and self.detokenize is None:
+      raise ValueError(f'request {request_id!r} has stop strings {params.stop} but the engine has '
+                       'no detokenize callback; pass Engine(..., detokenize=...).')
+    if any(not 0 <= t < self.model_cfg.vocab_size for t in prompt_ids):
+      raise ValueError(f'request {request_id!r}: prompt token ids must be in [0, '
+                       f'{self.model_cfg.vocab_size}); got {list(prompt_ids)[:16]}...')
+    self.scheduler.add(request_id, prompt_ids, params.max_tokens, params.stop_token_ids)
+    seed = params.seed if params.seed is not None else int(self._seeds.integers(2 ** 32))
+    self._requests[request_id] = _Request(params, seed)
+
+  def abort(self, request_id: str) -> RequestOutput | None:
+    """Ends a request now and frees its pages; None for an unknown (or finished) id."""
+    finished = self.scheduler.abort(request_id)
+    self._requests.pop(request_id, None)
+    if finished is None:
+      return None
+    return RequestOutput(request_id, (), True, finished.reason, finished.output_ids)
+
+  @property
+  def has_work(self) -> bool:
+    return self.scheduler.has_work or self._inflight is not None
+
+  # ---- steps.
+
+  def step(self) -> list[RequestOutput]:
+    """Collects the tokens of the step in flight, dispatches the next, returns what changed.
+
+    The first call after idle returns nothing (it only dispatches); every later call returns the
+    outputs of the step dispatched by the call before it.
+    """
+    start = time.perf_counter()
+    new, finished = [], []
+    if self._inflight is not None:
+      plan, requests, tokens_B = self._inflight
+      self._inflight = None
+      wait = time.perf_counter()
+      tokens = np.asarray(tokens_B)
+      self.stats['wait_s'] += time.perf_counter() - wait
+      sampled = {s.request_id: int(tokens[b]) for b, s in enumerate(plan.seqs) if s.sample}
+      finished = self.scheduler.update(plan, sampled)
+      # Requests aborted since dispatch are skipped by the scheduler; report nothing for them.
+      new = [(s.request_id, sampled[s.request_id]) for s, r in zip(plan.seqs, requests)
+             if s.sample and r is not None and self._requests.get(s.request_id) is r]
+    self._dispatch()
+    # Host work below overlaps the device step just dispatched.
+    done = {f.request_id: f for f in finished}
+    for request_id, _ in new:
+      params = self._requests[request_id].params
+      if request_id not in done and params.stop and self._hits_stop(request_id, params.stop):
+        done[request_id] = self.scheduler.finish(request_id, 'stop')
+    outputs = []
+    for request_id, token in new:
+      f = done.get(request_id)
+      if f is None:
+        outputs.append(RequestOutput(request_id, (token,)))
+      else:
+        self._requests.pop(request_id, None)
+        outputs.append(RequestOutput(request_id, (token,), True, f.reason, f.output_ids))
+    self.stats['host_s'] += time.perf_counter() - start
+    return outputs
+
+  def _hits_stop(self, request_id: str, stops: tuple[str, ...]) -> bool:
+    text = self.detokenize(self.scheduler.output_ids(request_id))
+    return any(s in text for s in stops)
+
+  def _dispatch(self) -> None:
+    if not self.scheduler.has_work:
+      return
+    plan = self.scheduler.schedule()
+    self.stats['preemptions'] += len(plan.preempted)
+    if not plan.seqs:
+      raise RuntimeError(f'the scheduler planned an empty step with {self.scheduler.num_waiting} '
+                         f'waiting and {self.scheduler.num_running} running requests; the pool '
+                         f'({self.config.num_pages} pages) or slots may be too small.')
+    T = next(b for b in self.config.buckets() if b >= plan.num_tokens)
+    arrays = self._host_arrays(plan, T)
+    if self._replicated is not None:
+      arrays = jax.device_put(arrays, self._replicated)
+    tokens_B, self.pages = self._compiled[T](self.params, self.pages, *arrays)
+    requests = tuple(self._requests.get(s.request_id) for s in plan.seqs)
+    self._inflight = _InFlight(plan, requests, tokens_B)
+    self.stats['steps'] += 1
+    self.stats['tokens'] += plan.num_tokens
+    self.stats['padded_tokens'] += T
+
+  def _host_arrays(self, plan: StepPlan, T: int):
+    """The plan as numpy StepBatch + SamplingBatch, padded to T tokens and max_seqs rows."""
+    B, M = self.config.max_seqs, self.config.max_pages_per_seq
+    tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
+    tables, kv_lens = np.zeros((B, M), np.int32), np.zeros(B, np.int32)
+    cu, last = np.zeros(B + 1, np.int32), np.zeros(B, np.int32)
+    rows = []
+    t = 0
+    for b, seq in enumerate(plan.seqs):
+      n, start = len(seq.token_ids), seq.start_pos
+      tokens[t:t + n] = seq.token_ids
+      positions[t:t + n] = np.arange(start, start + n)
+      tables[b, :len(seq.block_table)] = seq.block_table
+      kv_lens[b], last[b] = start + n, t + n - 1
+      t += n
+      cu[b + 1] = t
+      request = self._requests.get(seq.request_id)
+      if request is not None and seq.sample:
+        rows.append((request.params, request.seed, start + n))
+      else:
+        rows.append((SamplingParams(), 0, 0))  # not sampled: the token is discarded
+    cu[len(plan.seqs) + 1:] = t
+    batch = forward_lib.StepBatch(tokens, positions, tables, kv_lens, cu,
+                                  np.array([len(plan.seqs)], np.int32), last)
+    return batch, sampling.host_batch(rows, B)
+
+  # ---- offline use.
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+               ) -> list[list[int]]:
+    """Runs `prompts` to completion and returns their generated tokens, in order."""
+    if isinstance(params, SamplingParams):
+      params = [params] * len(prompts)
+    if len(params) != len(prompts):
+      raise ValueError(f'{len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one '
+                       'per prompt.')
+    ids = [f'generate-{next(self._ids)}' for _ in prompts]
+    for request_id, prompt, p in zip(ids, prompts, params):
+      self.add_request(request_id, prompt, p)
+    results: dict[str, tuple[int, ...]] = {}
+    while len(results) < len(ids):
+      if not self.has_work:
+        raise RuntimeError(f'engine went idle with {len(ids) - len(results)} requests unfinished.')
+      for out in self.step():
+        if out.finished:
+          results[out.request_id] = out.output_ids
+    while self._inflight is not None and not self.scheduler.has_work:
+      self.step()  # collect a step dispatched for requests that a stop string has since ended
+    return [list(results[i]) for i in ids]
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` (process-wide), for every compile."""
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+

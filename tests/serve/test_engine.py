@@ -1,0 +1,264 @@
+"""The engine end to end: greedy output equals a naive full-recompute greedy decode of the same model.
+
+Covered: mixed prompt lengths, page sizes 4 and 16, budgets small enough to chunk prompts, a pool
+small enough to force preemption, prefix sharing, tensor parallelism 1/2/4 on the fake CPU mesh,
+stale pages (isolation), aborts (no leaks), stop tokens/strings and seeded sampling.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import presets, transformer
+from parallelism.mesh import MeshConfig, make_mesh
+from serve.engine import Engine, EngineConfig
+from serve.sampling import SamplingParams
+
+CFG = presets.preset('tiny', num_layers=2, d_model=64, vocab_size=256, num_heads=8, num_kv_heads=4,
+                     head_dim=16, mlp_dim=128, dtype='float32')
+NAIVE_LEN = 64  # the naive decode runs every sequence right-padded to this length (causal: no effect)
+
+# Page size 4, prompts chunked by a 16-token budget, and a pool of 15 usable pages (60 tokens) for
+# 6 requests needing up to 11 pages each: preemption is certain.
+SMALL_POOL = EngineConfig(num_pages=16, page_size=4, max_seqs=4, max_pages_per_seq=12,
+                          token_budget=16, min_bucket=8, attention='reference')
+BIG_PAGES = EngineConfig(num_pages=64, page_size=16, max_seqs=4, max_pages_per_seq=4,
+                         token_budget=32, min_bucket=16, attention='reference')
+# Tensor parallel engines compile one bucket only: compiles dominate this file's time.
+ONE_BUCKET = dataclasses.replace(SMALL_POOL, min_bucket=16)
+
+
+def random_params(cfg, seed=0):
+  """Host-drawn weights: std 1/sqrt(fan in) matrices, norm scales near 1 (no per-shape compiles)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  fan_in = {'o_NHD': cfg.num_heads * cfg.head_dim, 'down_FD': cfg.mlp_dim}
+
+  def draw(path, x):
+    name = [k.key for k in path if isinstance(getattr(k, 'key', None), str)][-1]
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    if name == 'scale':
+      return jnp.asarray(1 + 0.1 * noise)
+    return jnp.asarray(noise / np.sqrt(fan_in.get(name, cfg.d_model)))
+
+  return graphdef, jax.tree.map_with_path(draw, state)
+
+
+GRAPHDEF, PARAMS = random_params(CFG)
+
+
+@functools.cache
+def _dense():
+  return jax.jit(lambda params, ids: jnp.argmax(nnx.merge(GRAPHDEF, params)(ids), axis=-1))
+
+
+def naive_greedy(prompt, max_tokens, stop_token_ids=()):
+  """Full recompute each token: the whole sequence through the model, argmax at its last position."""
+  return _naive_cached(tuple(prompt), max_tokens, tuple(stop_token_ids))
+
+
+@functools.cache
+def _naive_cached(prompt, max_tokens, stop_token_ids):
+  seq, out = list(prompt), []
+  while len(out) < max_tokens:
+    padded = np.zeros((1, NAIVE_LEN), np.int32)
+    padded[0, :len(seq)] = seq
+    token = int(np.asarray(_dense()(PARAMS, padded))[0, len(seq) - 1])
+    seq.append(token)
+    out.append(token)
+    if token in stop_token_ids:
+      break
+  return out
+
+
+def mixed_prompts(n=6, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = [3, 30, 9, 17, 1, 24][:n]
+  prompts = [rng.integers(0, CFG.vocab_size, k).tolist() for k in lengths]
+  max_tokens = [8, 12, 5, 10, 12, 7][:n]
+  return prompts, max_tokens
+
+
+def run_all(engine, prompts, max_tokens):
+  return engine.generate(prompts, [SamplingParams(max_tokens=m) for m in max_tokens])
+
+
+def assert_idle_and_clean(engine):
+  alloc = engine.scheduler.allocator
+  engine.scheduler.check()
+  assert not engine.has_work
+  assert alloc.num_used == 0 and alloc.num_free + alloc.num_cached == alloc.total
+
+
+@pytest.fixture(scope='module')
+def small_pool():
+  return Engine(CFG, PARAMS, SMALL_POOL)
+
+
+@pytest.fixture(scope='module')
+def big_pages():
+  return Engine(CFG, PARAMS, BIG_PAGES)
+
+
+@pytest.mark.xdist_group('small_pool')
+def test_greedy_matches_naive_with_chunking_and_preemption(small_pool):
+  prompts, max_tokens = mixed_prompts()
+  before = small_pool.stats['preemptions']
+  got = run_all(small_pool, prompts, max_tokens)
+  assert got == [naive_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+  assert small_pool.stats['preemptions'] > before, 'the pool should have forced a preemption'
+  assert_idle_and_clean(small_pool)
+
+
+@pytest.mark.xdist_group('big_pages')
+def test_greedy_matches_naive_with_page_size_16(big_pages):
+  prompts, max_tokens = mixed_prompts()
+  got = run_all(big_pages, prompts, max_tokens)
+  assert got == [naive_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+  assert_idle_and_clean(big_pages)
+
+
+@pytest.mark.xdist_group('big_pages')
+def test_prefix_sharing(big_pages):
+  """Requests sharing a 40-token prefix reuse its 2 full pages: fewer tokens computed, same output."""
+  rng = np.random.default_rng(5)
+  prefix = rng.integers(0, CFG.vocab_size, 40).tolist()
+  prompts = [prefix + rng.integers(0, CFG.vocab_size, k).tolist() for k in (3, 7, 1)]
+  params = SamplingParams(max_tokens=6)
+  tokens_before = big_pages.stats['tokens']
+  big_pages.add_request('first', prompts[0], params)
+  outputs = {}
+  while big_pages.scheduler.output_ids('first') == ():  # its prompt pages get committed
+    outputs.update((o.request_id, o) for o in big_pages.step())
+  for i, prompt in enumerate(prompts[1:]):
+    big_pages.add_request(f'shared{i}', prompt, params)
+  while big_pages.has_work:
+    outputs.update((o.request_id, o) for o in big_pages.step() if o.finished)
+  computed = big_pages.stats['tokens'] - tokens_before
+  # Each request computes its prompt and all but its last output token, less the shared pages.
+  unshared = sum(len(p) + params.max_tokens - 1 for p in prompts)
+  assert computed == unshared - 2 * 2 * BIG_PAGES.page_size, computed
+  for rid, prompt in zip(('first', 'shared0', 'shared1'), prompts):
+    assert list(outputs[rid].output_ids) == naive_greedy(prompt, 6), rid
+  assert_idle_and_clean(big_pages)
+
+
+@pytest.mark.parametrize('tp', [2, 4])
+def test_tensor_parallel_matches_naive(tp):
+  mesh = make_mesh(MeshConfig(ici=(1, 1, tp)), jax.devices()[:tp])
+  engine = Engine(CFG, PARAMS, ONE_BUCKET, mesh)
+  assert engine.pages.k_LPGKH.sharding.spec[3] == 'tensor'
+  assert engine.params['layers']['attn']['q_DNH'][...].sharding.spec[2] == 'tensor'
+  prompts, max_tokens = mixed_prompts()
+  got = run_all(engine, prompts, max_tokens)
+  assert got == [naive_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+  assert engine.stats['preemptions'] > 0
+  assert_idle_and_clean(engine)
+
+
+@pytest.mark.xdist_group('small_pool')
+def test_stale_pages_are_never_read(small_pool):
+  """Every page of the small pool has held other requests' keys/values; a new request's output
+  is still the naive one."""
+  run_all(small_pool, *mixed_prompts(seed=1))
+  k = np.asarray(small_pool.pages.k_LPGKH)
+  written = set(np.flatnonzero(np.any(k != 0, axis=(0, 2, 3, 4)))) - {0}
+  prompt = np.random.default_rng(9).integers(0, CFG.vocab_size, 21).tolist()
+  small_pool.add_request('late', prompt, SamplingParams(max_tokens=9))
+  small_pool.step()
+  pages = small_pool.scheduler.block_table('late')
+  assert pages and set(pages) <= written, (pages, written)
+  outputs = {}
+  while small_pool.has_work:
+    outputs.update((o.request_id, o) for o in small_pool.step() if o.finished)
+  assert list(outputs['late'].output_ids) == naive_greedy(prompt, 9)
+  assert_idle_and_clean(small_pool)
+
+
+@pytest.mark.xdist_group('small_pool')
+def test_abort_mid_flight_leaks_nothing(small_pool):
+  prompts, max_tokens = mixed_prompts()
+  for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+    small_pool.add_request(f'r{i}', p, SamplingParams(max_tokens=m))
+  finished = {}
+  for _ in range(3):
+    finished.update((o.request_id, o) for o in small_pool.step() if o.finished)
+    small_pool.scheduler.check()
+  running = set(small_pool.scheduler.running_ids())
+  victims = ['r1'] if 'r1' in running else [sorted(running)[0]]
+  victims += [f'r{i}' for i in range(6) if f'r{i}' not in running and f'r{i}' not in finished][:1]
+  for rid in victims:
+    out = small_pool.abort(rid)
+    assert out.finished and out.finish_reason == 'abort'
+    small_pool.scheduler.check()
+  assert small_pool.abort('no-such-request') is None
+  while small_pool.has_work:
+    for o in small_pool.step():
+      assert o.request_id not in victims
+      if o.finished:
+        finished[o.request_id] = o
+    small_pool.scheduler.check()
+  for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+    if f'r{i}' not in victims:
+      assert list(finished[f'r{i}'].output_ids) == naive_greedy(p, m)
+  assert_idle_and_clean(small_pool)
+
+
+@pytest.mark.xdist_group('big_pages')
+def test_stop_tokens_and_stop_strings(big_pages):
+  prompts, _ = mixed_prompts()
+  full = [naive_greedy(p, 10) for p in prompts[:2]]
+  stop_token = full[0][3]
+  cut = full[0][:full[0].index(stop_token) + 1]
+  got = big_pages.generate(prompts[:1], SamplingParams(max_tokens=10, stop_token_ids=(stop_token,)))
+  assert got == [cut]
+  engine = big_pages
+  engine.detokenize = lambda ids: ' '.join(f'<{t}>' for t in ids)
+  try:
+    stop = f'<{full[1][4]}>'
+    got = engine.generate(prompts[1:2], SamplingParams(max_tokens=10, stop=(stop,)))
+    assert got == [full[1][:full[1].index(full[1][4]) + 1]]
+  finally:
+    engine.detokenize = None
+  with pytest.raises(ValueError, match='detokenize'):
+    engine.add_request('x', [1, 2], SamplingParams(stop=('a',)))
+  assert_idle_and_clean(big_pages)
+
+
+@pytest.mark.xdist_group('big_pages')
+def test_seeded_sampling_does_not_depend_on_the_batch(big_pages):
+  prompts, _ = mixed_prompts()
+  params = SamplingParams(max_tokens=8, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+  alone = big_pages.generate([prompts[2]], params)[0]
+  crowd = big_pages.generate(prompts, [SamplingParams(max_tokens=8, temperature=1.0, seed=s)
+                                       for s in range(6)][:2] + [params] +
+                             [SamplingParams(max_tokens=5)] * 3)
+  assert crowd[2] == alone
+  assert alone != naive_greedy(prompts[2], 8)  # it did sample
+  assert_idle_and_clean(big_pages)
+
+
+def test_config_buckets_and_errors():
+  assert SMALL_POOL.buckets() == (8, 16)
+  assert EngineConfig(token_budget=48, min_bucket=8, max_seqs=4).buckets() == (8, 16, 32, 48)
+  with pytest.raises(ValueError, match='max_seqs'):
+    EngineConfig(max_seqs=64, token_budget=32)
+  with pytest.raises(ValueError, match='page_size'):
+    EngineConfig(page_size=0)
+
+
+@pytest.mark.xdist_group('big_pages')
+def test_request_errors(big_pages):
+  with pytest.raises(ValueError, match='max_pages_per_seq'):
+    big_pages.add_request('long', [1] * 60, SamplingParams(max_tokens=10))
+  with pytest.raises(ValueError, match='token ids'):
+    big_pages.add_request('bad', [CFG.vocab_size], SamplingParams())
+  with pytest.raises(ValueError, match='params do not match'):
+    Engine(presets.preset('tiny', num_layers=1, d_model=64, vocab_size=256, num_heads=8,
+                          num_kv_heads=4, head_dim=16, mlp_dim=128), PARAMS, BIG_PAGES)
+  assert_idle_and_clean(big_pages)
