@@ -12,6 +12,7 @@ import importlib
 from typing import Callable
 
 import jax
+from jax.sharding import Mesh
 
 _MODULES = {
     'reference': 'serve.kernels.reference',
@@ -43,21 +44,34 @@ def resolve(backend: AttentionBackend | str, platform: str | None = None) -> Att
           'gpu': AttentionBackend.PALLAS_GPU}.get(platform, AttentionBackend.REFERENCE)
 
 
-def kernel(backend: AttentionBackend | str) -> Callable[..., jax.Array]:
-  """The `ragged_paged_attention` function of `backend` (AUTO resolved for this platform)."""
-  backend = resolve(backend)
+def _module(backend: AttentionBackend):
   name = _MODULES[backend.value]
   try:
-    module = importlib.import_module(name)
+    return importlib.import_module(name)
   except ImportError as e:
     raise ImportError(f'Attention backend {backend.value!r} needs module {name}, which failed to '
                       f'import ({e}); use AttentionBackend.REFERENCE instead.') from e
-  return module.ragged_paged_attention
+
+
+def kernel(backend: AttentionBackend | str) -> Callable[..., jax.Array]:
+  """The `ragged_paged_attention` function of `backend` (AUTO resolved for this platform)."""
+  return _module(resolve(backend)).ragged_paged_attention
 
 
 def ragged_paged_attention(backend: AttentionBackend | str, q_TNH, k_pages_PGKH, v_pages_PGKH,
                            kv_lens_B, block_tables_BM, cu_q_lens_B1, num_seqs_1, *,
-                           sm_scale: float | None = None, **options) -> jax.Array:
-  """Runs `backend`'s kernel; `options` go to that kernel only (block sizes, interpret mode)."""
-  return kernel(backend)(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM,
-                         cu_q_lens_B1, num_seqs_1, sm_scale=sm_scale, **options)
+                           sm_scale: float | None = None, mesh: Mesh | None = None,
+                           **options) -> jax.Array:
+  """Runs `backend`'s kernel; `options` go to that kernel only (block sizes, interpret mode).
+
+  With a mesh whose 'tensor' axis is > 1, a Pallas kernel runs under its own shard_map (heads split
+  over 'tensor'); the reference is plain JAX and is left to XLA's partitioner.
+  """
+  backend = resolve(backend)
+  module = _module(backend)
+  args = (q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM, cu_q_lens_B1, num_seqs_1)
+  if (mesh is not None and mesh.shape.get('tensor', 1) > 1
+      and backend is not AttentionBackend.REFERENCE):
+    return module.ragged_paged_attention_sharded(mesh, *args, axis='tensor', sm_scale=sm_scale,
+                                                 **options)
+  return module.ragged_paged_attention(*args, sm_scale=sm_scale, **options)

@@ -103,8 +103,8 @@ class _InFlight(NamedTuple):
   tokens_B: jax.Array
 
 
-def _step(graphdef, backend, params, pages, batch, sampling_batch):
-  logits_BV, pages = forward_lib.forward(graphdef, params, pages, batch, backend=backend)
+def _step(graphdef, backend, mesh, params, pages, batch, sampling_batch):
+  logits_BV, pages = forward_lib.forward(graphdef, params, pages, batch, backend=backend, mesh=mesh)
   return sampling.sample(logits_BV, sampling_batch), pages
 
 
@@ -132,7 +132,7 @@ class Engine:
     spec = kv_cache.KVCacheSpec.for_model(model_cfg, engine_cfg.num_pages, engine_cfg.page_size,
                                           engine_cfg.kv_dtype)
     self.kv_spec = spec
-    step = functools.partial(_step, graphdef, self.backend)
+    step = functools.partial(_step, graphdef, self.backend, mesh)
     if mesh is None:
       self.params = params
       self.pages = kv_cache.init_pages(spec)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from serve import attention, kv_cache
 from serve.kv_cache import KVPages
@@ -37,9 +38,10 @@ class StepBatch(NamedTuple):
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: StepBatch, *,
             backend: attention.AttentionBackend | str = attention.AttentionBackend.REFERENCE,
-            ) -> tuple[jax.Array, KVPages]:
+            mesh: Mesh | None = None) -> tuple[jax.Array, KVPages]:
   """Runs one step. Returns float32 logits [B, V] (row b: the token at logits_indices_B[b]) and
-  the pools with this step's keys/values written. Jit it with `pages` donated."""
+  the pools with this step's keys/values written. Jit it with `pages` donated. `mesh`: the
+  tensor-parallel mesh, for kernels that shard themselves."""
   model = nnx.merge(graphdef, params)
   L, P, G, K, H = pages.k_LPGKH.shape
   inv_freq = model.inv_freq()
@@ -56,7 +58,7 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
     v_XGKH = kv_cache.write(v_XGKH, v_1TKH[0], slots_T + l * P * G)
     out_TNH = attention.ragged_paged_attention(
         backend, q_1TNH[0], k_XGKH, v_XGKH, batch.kv_lens_B, batch.block_tables_BM + l * P,
-        batch.cu_q_lens_B1, batch.num_seqs_1, sm_scale=H ** -0.5)
+        batch.cu_q_lens_B1, batch.num_seqs_1, sm_scale=H ** -0.5, mesh=mesh)
     x_1TD = x_1TD + block.attn.project_out(out_TNH[None])
     x_1TD = x_1TD + block.mlp(block.mlp_norm(x_1TD))
     return x_1TD, k_XGKH, v_XGKH

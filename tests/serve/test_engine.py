@@ -50,25 +50,29 @@ def random_params(cfg, seed=0):
 
 
 GRAPHDEF, PARAMS = random_params(CFG)
+# The Pallas kernels need a head dim of 64 (TPU lanes) and page sizes of 8 (float32 sublanes).
+CFG_H64 = dataclasses.replace(CFG, num_heads=4, num_kv_heads=2, head_dim=64)
+MODELS = {'h16': (GRAPHDEF, PARAMS), 'h64': random_params(CFG_H64)}
 
 
 @functools.cache
-def _dense():
-  return jax.jit(lambda params, ids: jnp.argmax(nnx.merge(GRAPHDEF, params)(ids), axis=-1))
+def _dense(model):
+  graphdef, _ = MODELS[model]
+  return jax.jit(lambda params, ids: jnp.argmax(nnx.merge(graphdef, params)(ids), axis=-1))
 
 
-def naive_greedy(prompt, max_tokens, stop_token_ids=()):
+def naive_greedy(prompt, max_tokens, stop_token_ids=(), model='h16'):
   """Full recompute each token: the whole sequence through the model, argmax at its last position."""
-  return _naive_cached(tuple(prompt), max_tokens, tuple(stop_token_ids))
+  return _naive_cached(tuple(prompt), max_tokens, tuple(stop_token_ids), model)
 
 
 @functools.cache
-def _naive_cached(prompt, max_tokens, stop_token_ids):
+def _naive_cached(prompt, max_tokens, stop_token_ids, model):
   seq, out = list(prompt), []
   while len(out) < max_tokens:
     padded = np.zeros((1, NAIVE_LEN), np.int32)
     padded[0, :len(seq)] = seq
-    token = int(np.asarray(_dense()(PARAMS, padded))[0, len(seq) - 1])
+    token = int(np.asarray(_dense(model)(MODELS[model][1], padded))[0, len(seq) - 1])
     seq.append(token)
     out.append(token)
     if token in stop_token_ids:
@@ -158,6 +162,20 @@ def test_tensor_parallel_matches_naive(tp):
   got = run_all(engine, prompts, max_tokens)
   assert got == [naive_greedy(p, m) for p, m in zip(prompts, max_tokens)]
   assert engine.stats['preemptions'] > 0
+  assert_idle_and_clean(engine)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('backend,tp', [('pallas_gpu', 1), ('pallas_tpu', 2)])
+def test_pallas_backends_match_naive(backend, tp):
+  """The Pallas kernels in interpret mode inside the engine; TP runs them under shard_map."""
+  cfg = EngineConfig(num_pages=12, page_size=8, max_seqs=4, max_pages_per_seq=8, token_budget=16,
+                     min_bucket=16, attention=backend)
+  mesh = None if tp == 1 else make_mesh(MeshConfig(ici=(1, 1, tp)), jax.devices()[:tp])
+  engine = Engine(CFG_H64, MODELS['h64'][1], cfg, mesh)
+  prompts, max_tokens = mixed_prompts(3)
+  got = run_all(engine, prompts, max_tokens)
+  assert got == [naive_greedy(p, m, model='h64') for p, m in zip(prompts, max_tokens)]
   assert_idle_and_clean(engine)
 
 
