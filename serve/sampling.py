@@ -98,13 +98,30 @@ def filter_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.A
 
 def sample(logits_BV: jax.Array, batch: SamplingBatch) -> jax.Array:
   """One token id per row (int32 [B]): argmax where temperature is 0, else a draw from the
-  filtered distribution with the row's own key, fold_in(key(seed), position)."""
-  filtered_BV = filter_logits(logits_BV, batch.temperature_B, batch.top_k_B, batch.top_p_B)
+  filtered distribution with the row's own key, fold_in(key(seed), position).
 
-  def draw(seed, position, row_V):
-    key = jax.random.fold_in(jax.random.key(seed), position)
-    return jax.random.categorical(key, row_V)
+  The sort behind top-k/top-p is slow on CPU (~20 ms for 16 x 4096), so it runs only when some
+  row filters, and nothing random runs for an all-greedy batch. A row's draw is the same on every
+  branch (unfiltered rows come out of filter_logits unchanged), so it never depends on its batch.
+  """
+  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  random_B = batch.temperature_B > 0
+  filtering = jnp.any(random_B & ((batch.top_k_B > 0) | (batch.top_p_B < 1.0)))
 
-  drawn_B = jax.vmap(draw)(batch.seeds_B, batch.positions_B, filtered_BV)
-  greedy_B = jnp.argmax(logits_BV, axis=-1)
-  return jnp.where(batch.temperature_B > 0, drawn_B, greedy_B).astype(jnp.int32)
+  def draw(filtered_BV):
+    def one(seed, position, row_V):
+      key = jax.random.fold_in(jax.random.key(seed), position)
+      return jax.random.categorical(key, row_V).astype(jnp.int32)
+    return jax.vmap(one)(batch.seeds_B, batch.positions_B, filtered_BV)
+
+  def filtered():
+    return draw(filter_logits(logits_BV, batch.temperature_B, batch.top_k_B, batch.top_p_B))
+
+  def unfiltered():
+    scale_B = jnp.where(random_B, batch.temperature_B, 1.0)
+    return draw(logits_BV.astype(jnp.float32) / scale_B[:, None])
+
+  drawn_B = jax.lax.cond(
+      filtering, filtered,
+      lambda: jax.lax.cond(jnp.any(random_B), unfiltered, lambda: greedy_B))
+  return jnp.where(random_B, drawn_B, greedy_B)

@@ -92,7 +92,16 @@ def test_a_requests_draws_do_not_depend_on_the_batch():
     seeds = rng.integers(0, 2 ** 32, 6).astype(np.uint32)
     positions = rng.integers(0, 100, 6).astype(np.int32)
     seeds[row], positions[row] = 5, p
-    got = _sample(logits, _batch(6, seeds=seeds, positions=positions))
+    batch = _batch(6, seeds=seeds, positions=positions)
+    # Neighbours that filter (p % 3 == 1) or are greedy (p % 3 == 2) send the batch down other
+    # code paths; the row must not care.
+    if p % 3 == 1:
+      batch = batch._replace(top_k_B=np.full(6, 3, np.int32))
+      batch.top_k_B[row] = 0
+    elif p % 3 == 2:
+      batch = batch._replace(temperature_B=np.zeros(6, np.float32))
+      batch.temperature_B[row] = 1.0
+    got = _sample(logits, batch)
     assert int(got[row]) == alone[p]
   other_seed = [int(_sample(mine[None], _batch(1, seeds=[6], positions=[p]))[0]) for p in range(6)]
   assert other_seed != alone
