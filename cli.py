@@ -20,17 +20,49 @@ def _use_host_devices(n: int) -> None:
 
 
 def _train(gin_files, gin_params, workdir) -> int:
+  import gin  # pylint: disable=g-import-not-at-top
   import configs  # pylint: disable=g-import-not-at-top  (JAX must start after XLA_FLAGS is set)
-  from train import loop  # pylint: disable=g-import-not-at-top
+  from train import faults, loop  # pylint: disable=g-import-not-at-top
   cfg = configs.load_train_config(gin_files, gin_params)
-  logged = loop.train(cfg, workdir)
+  _use_compilation_cache()
+  try:
+    logged = loop.train(cfg, workdir, config_text=gin.config_str())
+  except faults.TrainingInterrupted as e:
+    print(f'stoker train: {e} Exit code {e.exit_code}; run the same command again to resume.',
+          file=sys.stderr)
+    return e.exit_code
   losses = [r['loss'] for r in logged if 'loss' in r]
+  if not losses:
+    print(f'Nothing to train: {workdir} already holds the checkpoint of step {cfg.steps}.')
+    return 0
   validation = [r['val_perplexity'] for r in logged if 'val_perplexity' in r]
   summary = f', validation perplexity {validation[-1]:.2f}' if validation else ''
   print(f'Trained {cfg.steps} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}{summary}. '
         f'Metrics: {os.path.join(workdir, "metrics.jsonl")}; '
         f'TensorBoard: tensorboard --logdir {os.path.join(workdir, "tensorboard")}')
   return 0
+
+
+def _use_compilation_cache() -> None:
+  """JAX's persistent compilation cache (as MaxText does): a restarted run skips compilation.
+  JAX_COMPILATION_CACHE_DIR overrides the place."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(os.path.join('~', '.cache', 'stoker', 'xla')))
+
+
+def _without_supervision(argv: list[str]) -> list[str]:
+  """The command line without --supervise and --max_restarts: what the supervised child runs."""
+  child, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == '--max_restarts':
+      skip = True
+    elif a != '--supervise' and not a.startswith('--max_restarts='):
+      child.append(a)
+  return child
 
 
 def _prepare(args, argv) -> int:
@@ -58,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                      help='A gin file (path, or relative to configs/); repeatable.')
   train.add_argument('--gin_param', action='append', default=[],
                      help="A gin binding such as 'train.steps=30'; repeatable, applied last.")
-  train.add_argument('--workdir', required=True, help='Where metrics and TensorBoard files go.')
+  train.add_argument('--workdir', required=True,
+                     help='Where checkpoints, metrics and TensorBoard files go; a workdir with '
+                          'checkpoints is resumed.')
+  train.add_argument('--supervise', action='store_true',
+                     help='Restart training after a just-in-time checkpoint exit (preemption, a '
+                          'failed or hung step) or a kill, up to --max_restarts times.')
+  train.add_argument('--max_restarts', type=int, default=3)
 
   quick = sub.add_parser('quickstart', help=f'Train the tiny preset ({QUICKSTART_GIN}).')
   quick.add_argument('--workdir', default=None,
@@ -98,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == 'prepare':
       return _prepare(args, argv)
+    if args.command == 'train' and args.supervise:
+      from train.supervise import supervise  # pylint: disable=g-import-not-at-top
+      return supervise(_without_supervision(argv), args.max_restarts)
     if args.command == 'train':
       return _train(args.gin_file or [QUICKSTART_GIN], args.gin_param, args.workdir)
     workdir = args.workdir or os.path.join('runs', time.strftime('quickstart-%Y%m%d-%H%M%S'))

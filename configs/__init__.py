@@ -6,6 +6,8 @@ gin binds only these top-level constructors; library code takes the resulting fr
   mesh(...)       -> parallelism.mesh.MeshConfig
   optimizer(...)  -> train.config.OptimizerConfig
   data(...)       -> train.config.DataConfig
+  checkpoint(...) -> train.config.CheckpointConfig
+  fault(...)      -> train.config.FaultConfig (fault injection for tests and drills)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import gin
 
 from models.presets import preset
 from parallelism.mesh import MeshConfig
-from train.config import DataConfig, OptimizerConfig, TrainConfig
+from train.config import CheckpointConfig, DataConfig, FaultConfig, OptimizerConfig, TrainConfig
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -26,6 +28,8 @@ model = gin.external_configurable(preset, 'model')
 mesh = gin.external_configurable(MeshConfig, 'mesh')
 optimizer = gin.external_configurable(OptimizerConfig, 'optimizer')
 data = gin.external_configurable(DataConfig, 'data')
+checkpoint = gin.external_configurable(CheckpointConfig, 'checkpoint')
+fault = gin.external_configurable(FaultConfig, 'fault')
 
 gin.add_config_file_search_path(CONFIG_DIR)
 
@@ -48,6 +52,8 @@ def all_gin_files() -> list[str]:
 def load_train_config(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()) -> TrainConfig:
   """Parses gin files and bindings (later ones win) and builds the TrainConfig they describe."""
   gin.clear_config()
+  # Sections a gin file leaves out still read their own bindings (`checkpoint.every_steps = 10`).
+  gin.parse_config([f'train.{name} = @{name}()' for name in ('checkpoint', 'fault')])
   gin.parse_config_files_and_bindings([resolve(f) for f in gin_files], list(gin_params),
                                       finalize_config=False)
   return train()

@@ -2,6 +2,7 @@
 
   mngr = ocp.CheckpointManager(workdir)
   mngr.save(step, args=ocp.args.Composite(state=..., data=PipelineSave(iterator)))
+  # or PipelineSave(state=an earlier iterator.get_state()), e.g. the state before a failed step
   mngr.restore(step, args=ocp.args.Composite(state=..., data=PipelineRestore(iterator)))
 
 Every process writes its own `process-<p>-of-<n>.json` (its streams); a restore reads all the files
@@ -28,9 +29,9 @@ class PipelineCheckpointHandler(ocp.CheckpointHandler):
   """Saves and restores a data.pipeline.PipelineIterator's state (JSON, one file per process)."""
 
   def save(self, directory: epath.Path, args: PipelineSave) -> None:
-    it = args.iterator
-    path = epath.Path(directory) / f'process-{it.process_index}-of-{it.process_count}.json'
-    path.write_text(json.dumps(it.get_state()))
+    state = args.iterator.get_state() if args.state is None else args.state
+    name = f'process-{state["process_index"]}-of-{state["process_count"]}.json'
+    (epath.Path(directory) / name).write_text(json.dumps(state))
 
   def restore(self, directory: epath.Path, args: PipelineRestore | None = None) -> Any:
     files = {}
@@ -42,7 +43,8 @@ class PipelineCheckpointHandler(ocp.CheckpointHandler):
     if len(counts) != 1 or {p for p, _ in files} != set(range(counts.pop())):
       raise ValueError(f'{directory}: expected process-<p>-of-<n>.json for every p < n of one n, '
                        f'found {sorted(p.name for p in files.values())}.')
-    merged = merge_states([json.loads(files[k].read_text()) for k in sorted(files)])
+    states = [json.loads(files[k].read_text()) for k in sorted(files)]
+    merged = states[0] if len(states) == 1 else merge_states(states)
     if args is None:
       return merged
     args.iterator.set_state(merged)
@@ -65,7 +67,9 @@ class PipelineCheckpointHandler(ocp.CheckpointHandler):
 @ocp.args.register_with_handler(PipelineCheckpointHandler, for_save=True)
 @dataclasses.dataclass
 class PipelineSave(ocp.args.CheckpointArgs):
-  iterator: PipelineIterator
+  """Saves `state` if given (a get_state() dict), else the iterator's current state."""
+  iterator: PipelineIterator | None = None
+  state: dict | None = None
 
 
 @ocp.args.register_with_handler(PipelineCheckpointHandler, for_restore=True)

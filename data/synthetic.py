@@ -59,6 +59,41 @@ class SyntheticData:
       index += 1
 
 
+STATE_FORMAT = 'stoker-synthetic-v1'
+
+
+class SyntheticIterator:
+  """SyntheticData as a checkpointable iterator (the get_state/set_state of data.pipeline's)."""
+
+  process_index, process_count = 0, 1
+
+  def __init__(self, data: SyntheticData):
+    self.data, self.step = data, 0
+
+  def __iter__(self) -> SyntheticIterator:
+    return self
+
+  def __next__(self) -> Batch:
+    self.step += 1
+    return self.data.batch(self.step - 1)
+
+  def get_state(self) -> dict:
+    return {'format': STATE_FORMAT, 'config': dataclasses.asdict(self.data), 'step': self.step,
+            'process_index': 0, 'process_count': 1}
+
+  def set_state(self, state: dict) -> None:
+    if state.get('format') != STATE_FORMAT or state['config'] != dataclasses.asdict(self.data):
+      raise ValueError(f'not a state of this synthetic dataset: {state}; expected format '
+                       f'{STATE_FORMAT} and config {dataclasses.asdict(self.data)}.')
+    self.step = int(state['step'])
+
+  def start_prefetch(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def pack_rows(tokens, segments, positions) -> Batch:
   """Turns [B, T+1] packed rows into the next-token batch format (see the module docstring)."""
   same_doc = (segments[:, :-1] == segments[:, 1:]) & (segments[:, 1:] != 0)

@@ -51,6 +51,55 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Periodic Orbax checkpoints in <workdir>/checkpoints, and just-in-time saves on failure.
+
+  A run started on a workdir with checkpoints resumes from the newest complete one. See
+  train/checkpoint.py and train/faults.py (and the README) for the just-in-time design.
+  """
+
+  every_steps: int = 0  # periodic saves; 0: none (the end of training and failures still save)
+  keep: int = 3  # newest checkpoints kept
+  async_save: bool = True  # periodic saves write in the background while training goes on
+  just_in_time: bool = True  # keep the pre-step state reachable and save it on failure
+  hang_timeout_s: float = 600.0  # a step (or batch fetch) running longer is a hang; 0: no watchdog
+  max_nonfinite_steps: int = 5  # more consecutive skipped (non-finite) steps roll back
+  max_rollbacks: int = 3  # non-finite rollbacks per run before giving up (exit code 83)
+
+  def __post_init__(self):
+    if self.every_steps < 0 or self.keep < 1 or self.hang_timeout_s < 0 or self.max_rollbacks < 0:
+      raise ValueError(f'checkpoint: need every_steps >= 0, keep >= 1, hang_timeout_s >= 0 and '
+                       f'max_rollbacks >= 0; got {self}.')
+    if self.max_nonfinite_steps < 1:
+      raise ValueError(f'checkpoint.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.')
+
+
+FAULT_KINDS = ('none', 'exception', 'sigterm', 'hang', 'nonfinite', 'kill_in_save')
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultConfig:
+  """Fault injection, for tests and drills: fire `kind` once at `step`.
+
+  exception: a RuntimeError surfaces while step `step`'s gradients are awaited (as a device error
+  would); sigterm: the process sends itself SIGTERM during the step; hang: the step never
+  returns (the watchdog must act); nonfinite: `count` steps from `step` get NaN gradients;
+  kill_in_save: SIGKILL in the middle of writing the checkpoint of step `step`.
+  A fault fires only in a run that starts from scratch, so a resumed run does not repeat it.
+  """
+
+  kind: str = 'none'
+  step: int = 0
+  count: int = 1
+
+  def __post_init__(self):
+    if self.kind not in FAULT_KINDS:
+      raise ValueError(f'fault.kind must be one of {FAULT_KINDS}, got {self.kind!r}.')
+    if self.step < 0 or self.count < 1:
+      raise ValueError(f'fault: need step >= 0 and count >= 1; got {self}.')
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run. `batch_size` is global (sequences per optimizer step)."""
 
@@ -58,6 +107,8 @@ class TrainConfig:
   mesh: MeshConfig = MeshConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
   data: DataConfig = DataConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  fault: FaultConfig = FaultConfig()
   steps: int = 100
   batch_size: int = 16
   seq_len: int = 128

@@ -9,7 +9,7 @@ from typing import Iterator
 import jax
 
 from data import pipeline, prepare
-from data.synthetic import Batch, SyntheticData
+from data.synthetic import Batch, SyntheticData, SyntheticIterator
 from train.config import TrainConfig
 
 
@@ -34,7 +34,8 @@ def train_batches(cfg: TrainConfig, directory: str | None) -> Iterator[Batch]:
   if directory is None:
     if jax.process_count() > 1:
       raise ValueError("data.source='synthetic' is single-process; use a prepared dataset.")
-    return iter(SyntheticData(cfg.model.vocab_size, cfg.seq_len, cfg.batch_size, seed=cfg.seed))
+    return SyntheticIterator(SyntheticData(cfg.model.vocab_size, cfg.seq_len, cfg.batch_size,
+                                           seed=cfg.seed))
   return pipeline.make_iterator(directory, 'train', seq_len=cfg.seq_len,
                                 global_batch_size=cfg.batch_size, seed=cfg.seed,
                                 worker_count=cfg.data.worker_count)

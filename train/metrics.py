@@ -11,16 +11,24 @@ from tensorboardX import SummaryWriter
 class MetricsWriter:
   """Appends one JSON line per logged step and the same scalars to TensorBoard event files."""
 
-  def __init__(self, workdir: str, append: bool = False):
+  def __init__(self, workdir: str, resume_step: int = 0):
+    """A fresh run (resume_step 0) starts the file anew; a resumed one keeps the records up to
+    its checkpoint's step and drops later ones (the failed run's, which it recomputes)."""
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._jsonl = open(self.path, 'a' if append else 'w', buffering=1)
+    kept = []
+    if resume_step and os.path.exists(self.path):
+      kept = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
+    self._jsonl = open(self.path, 'w', buffering=1)
+    for record in kept:
+      self._jsonl.write(json.dumps(record) + '\n')
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
     for name, value in scalars.items():
-      self._tb.add_scalar(name, value, step)
+      if name != 'time':  # wall-clock time stamps the record; it is not a curve
+        self._tb.add_scalar(name, value, step)
 
   def close(self) -> None:
     self._jsonl.close()

@@ -49,8 +49,8 @@ def _microbatches(batch, k: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransformation,
-               cfg: TrainConfig):
+def grad_step(state: TrainState, batch, *, graphdef, cfg: TrainConfig):
+  """Gradients of the batch's mean loss at `state`, and the step's metrics. Reads `state` only."""
   grad_fn = jax.grad(loss_sums, has_aux=True)
   if cfg.microbatches == 1:
     grads, (nll, tokens) = grad_fn(state.params, graphdef, batch, cfg.z_loss)
@@ -66,8 +66,6 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads,
                        state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   # The schedule is evaluated at the number of updates applied before this one.
   applied = state.step - state.opt_state.total_notfinite
   metrics = {
@@ -75,9 +73,25 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
       'grad_norm': optax.tree.norm(grads),
       'learning_rate': schedule(cfg.optimizer, cfg.steps)(applied),
       'tokens': tokens,
-      'skipped_steps': opt_state.total_notfinite,
   }
+  return grads, metrics
+
+
+def apply_grads(state: TrainState, grads, *, tx: optax.GradientTransformation):
+  """The optimizer update: the only computation that changes params and optimizer state."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {'skipped_steps': opt_state.total_notfinite,
+             'nonfinite_streak': opt_state.notfinite_count}
   return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransformation,
+               cfg: TrainConfig):
+  """One optimizer step: grad_step then apply_grads, fused into one computation."""
+  grads, metrics = grad_step(state, batch, graphdef=graphdef, cfg=cfg)
+  state, update_metrics = apply_grads(state, grads, tx=tx)
+  return state, {**metrics, **update_metrics}
 
 
 def abstract_model(cfg: TrainConfig):
@@ -110,17 +124,45 @@ def batch_spec(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
                                   sharding=spec) for k in BATCH_KEYS}
 
 
+def abstract_state(cfg: TrainConfig, tx: optax.GradientTransformation, state_shardings):
+  """The TrainState's shapes and dtypes with the given shardings (restore and compile targets)."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      jax.eval_shape(functools.partial(fresh_state, cfg, tx)), state_shardings)
+
+
 def compile_train_step(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransformation,
                        state_shardings, rules: Rules = DEFAULT_RULES):
-  """Lowers and compiles the step once for the config's shapes; the state argument is donated."""
+  """Lowers and compiles the fused step once for the config's shapes; the state is donated."""
   graphdef, _ = abstract_model(cfg)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch = batch_spec(cfg, mesh, rules)
   step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
                  in_shardings=(state_shardings, jax.tree.map(lambda b: b.sharding, batch)),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
-  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                jax.eval_shape(functools.partial(fresh_state, cfg, tx)),
-                                state_shardings)
   with sharding.activation_rules(mesh, rules):
-    return step.lower(abstract_state, batch).compile()
+    return step.lower(abstract_state(cfg, tx, state_shardings), batch).compile()
+
+
+def compile_split_step(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransformation,
+                       state_shardings, rules: Rules = DEFAULT_RULES):
+  """The step as two computations, for just-in-time checkpointing: (grad_fn, update_fn).
+
+  grad_fn(state, batch) -> (grads, metrics) reads the state and donates nothing, so the
+  pre-step state stays intact (and savable) however the long forward/backward pass ends;
+  update_fn(state, grads) -> (state, metrics) is the short optimizer update, the only place the
+  state is donated and replaced.
+  """
+  graphdef, _ = abstract_model(cfg)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch = batch_spec(cfg, mesh, rules)
+  state = abstract_state(cfg, tx, state_shardings)
+  grads_shardings = state_shardings.params
+  grad_fn = jax.jit(functools.partial(grad_step, graphdef=graphdef, cfg=cfg),
+                    in_shardings=(state_shardings, jax.tree.map(lambda b: b.sharding, batch)),
+                    out_shardings=(grads_shardings, replicated))
+  update_fn = jax.jit(functools.partial(apply_grads, tx=tx),
+                      in_shardings=(state_shardings, grads_shardings),
+                      out_shardings=(state_shardings, replicated), donate_argnums=0)
+  with sharding.activation_rules(mesh, rules):
+    return (grad_fn.lower(state, batch).compile(),
+            update_fn.lower(state, state.params).compile())

@@ -1,0 +1,116 @@
+"""Orbax checkpoints of a training run: train state, data-iterator state and config, in one.
+
+<workdir>/checkpoints/<step>/ holds three items:
+  state   the TrainState (params, optimizer state, step), one array file set per leaf; restored
+          onto whatever mesh the resuming run has (Orbax reads each shard's slice: re-sharding
+          across mesh shapes and device counts needs no conversion step);
+  data    the data iterator's JSON state (data/checkpoint.py), so a resumed run sees the batches
+          an uninterrupted run would have seen;
+  config  the TrainConfig, the model config and the operative gin config, as JSON.
+Orbax writes each step into a temporary directory and renames it when every item is complete,
+so a save cut short (even by SIGKILL) leaves nothing a restore would pick up; leftover temporary
+directories are removed when the manager next opens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from data.checkpoint import PipelineRestore, PipelineSave
+from train.config import CheckpointConfig, TrainConfig
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+class Checkpoints:
+  """The run's one CheckpointManager. Saves are async unless asked to wait."""
+
+  def __init__(self, workdir: str, cfg: CheckpointConfig, train_cfg: TrainConfig,
+               config_text: str = ''):
+    self.cfg = cfg
+    self._config = {'train': dataclasses.asdict(train_cfg), 'gin': config_text}
+    self._model = json.loads(json.dumps(dataclasses.asdict(train_cfg.model), default=str))
+    self.manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
+            cleanup_tmp_directories=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict | None, *, wait: bool = False) -> None:
+    """Saves `state` as step `step`; `data_state` is the iterator's state before batch `step`."""
+    items = {'state': ocp.args.StandardSave(state),
+             'config': ocp.args.JsonSave(json.loads(json.dumps(self._config, default=str)))}
+    if data_state is not None:
+      items['data'] = PipelineSave(state=data_state)
+    if step in self.manager.all_steps():
+      logging.info('Checkpoint %d exists already; not saving it again.', step)
+    else:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if wait:
+      self.manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state, data_iterator=None) -> tuple[Any, dict | None]:
+    """(state with the abstract state's shardings, merged data state or None) of step `step`.
+
+    `data_iterator` (if it has get_state) is set to the saved position.
+    """
+    self._check_model(step)
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    has_data = os.path.isdir(os.path.join(self._step_dir(step), 'data'))
+    wants_data = data_iterator is not None and hasattr(data_iterator, 'set_state')
+    if has_data and wants_data:
+      items['data'] = PipelineRestore(data_iterator)
+    elif wants_data:
+      raise ValueError(f'checkpoint {step} in {self.manager.directory} has no data-iterator '
+                       'state, so resuming would change the data order; start a new workdir.')
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    data_state = data_iterator.get_state() if 'data' in items else None
+    return restored['state'], data_state
+
+  def _check_model(self, step: int) -> None:
+    """Restoring another model's arrays would fail deep inside Orbax; say what differs instead."""
+    path = os.path.join(self._step_dir(step), 'config', 'metadata')
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      saved = json.load(f)['train']['model']
+    saved = json.loads(json.dumps(saved, default=str))
+    diff = {k: (saved.get(k), v) for k, v in self._model.items() if saved.get(k) != v}
+    if diff:
+      raise ValueError(
+          f'{self.manager.directory} holds checkpoints of another model; (saved, now): ' +
+          ', '.join(f'{k} {a!r} vs {b!r}' for k, (a, b) in diff.items()) +
+          '. Use a new workdir, or the saved model config.')
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(str(self.manager.directory), str(step))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def restore_arrays(workdir: str, step: int | None = None) -> tuple[int, Any]:
+  """(step, the saved TrainState as a tree of numpy arrays), for tests and tools."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no complete checkpoint in {checkpoint_dir(workdir)}.')
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  return step, jax.tree.map(lambda x: x, restored['state'])

@@ -1,0 +1,54 @@
+"""`stoker train --supervise`: rerun the training process after a just-in-time exit.
+
+The child is the same `stoker train` command without --supervise. It is restarted after the exit
+codes of train/faults.py that promise a resumable checkpoint (preempted, step failed, hang) and
+after death by a signal (SIGKILL, an OOM kill: the newest periodic checkpoint is used), up to
+`max_restarts` times. Success, bad input (2) and persistent non-finite losses (83) end it: a
+restart would not change them. A SIGTERM/SIGINT to the supervisor is passed on to the child, and
+the child's exit ends the supervisor.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+# Duplicated from train/faults.py so that the supervisor never imports JAX.
+_RESTARTABLE = (80, 81, 82)
+
+
+def supervise(child_argv: Sequence[str], max_restarts: int) -> int:
+  """Runs this program (sys.argv[0]) with `child_argv` until it succeeds or a restart would not
+  help; returns the last exit code (negative: killed by that signal)."""
+  restarts = 0
+  stopping = False
+  while True:
+    started = time.monotonic()
+    child = subprocess.Popen([sys.executable, sys.argv[0], *child_argv])
+
+    def forward(signum, frame, child=child):
+      del frame
+      nonlocal stopping
+      stopping = True
+      child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      rc = child.wait()
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+    resumable = rc in _RESTARTABLE or rc < 0
+    if rc == 0 or stopping or not resumable:
+      return rc
+    if restarts >= max_restarts:
+      logging.error('Training exited with %d after %d restarts; giving up.', rc, restarts)
+      return rc
+    restarts += 1
+    how = f'signal {signal.Signals(-rc).name}' if rc < 0 else f'exit code {rc}'
+    logging.warning('Training ended by %s after %.0f s; restart %d of %d.', how,
+                    time.monotonic() - started, restarts, max_restarts)
