@@ -15,7 +15,11 @@ for each, the blocks of pages its rows can see (causally: never past the last ro
     one matmul serves all R heads that read a kv head.
 The pools are viewed as [P, G, K * H] (a free reshape): a page's slice for a block of kb kv heads is
 one [G, kb * H] DMA, and head h is the lane range h * H : (h + 1) * H of it, so no strided loads.
-Off TPU the kernel runs in TPU interpret mode (slow: tests use tiny shapes).
+Off TPU the kernel runs in TPU interpret mode (slow: tests use tiny shapes), which simulates VMEM,
+DMAs and semaphores; interpret='generic' picks Pallas' backend-independent interpreter instead (DMAs
+become plain copies), which the head-sharded wrapper uses off TPU: TPU interpret mode synchronises
+the devices of a shard_map with a barrier inside host callbacks, and on a CPU with fewer cores than
+devices those callbacks can deadlock.
 """
 
 from __future__ import annotations
@@ -90,7 +94,8 @@ def ragged_paged_attention(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_t
   """Ragged paged attention (see reference.py) with the Mosaic TPU kernel; [T, N, H] out.
 
   sm_scale: logit scale, default H ** -0.5. block_sizes: default BlockSizes.default(...).
-  interpret: None runs TPU interpret mode off TPU; True/False or a pltpu.InterpretParams force it.
+  interpret: None runs TPU interpret mode off TPU; True/False or a pltpu.InterpretParams force it;
+    'generic' runs Pallas' backend-independent interpreter.
   """
   reference.check_shapes(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM,
                          cu_q_lens_B1, num_seqs_1)
@@ -122,9 +127,47 @@ def ragged_paged_attention(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_t
     interpret = jax.default_backend() != 'tpu'
   if interpret is True:
     interpret = pltpu.InterpretParams()
+  elif interpret == 'generic':
+    interpret = True  # pallas_call's own meaning of True
+  elif not (interpret is False or isinstance(interpret, pltpu.InterpretParams)):
+    raise ValueError(f"pallas_tpu: interpret={interpret!r}; use None, True, False, 'generic' or a "
+                     'pltpu.InterpretParams.')
   scale = H ** -0.5 if sm_scale is None else float(sm_scale)
   return _call(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM, cu_q_lens_B1,
                num_seqs_1, sm_scale=scale, block_sizes=block_sizes, interpret=interpret)
+
+
+def ragged_paged_attention_sharded(mesh: jax.sharding.Mesh, q_TNH, k_pages_PGKH, v_pages_PGKH,
+                                   kv_lens_B, block_tables_BM, cu_q_lens_B1, num_seqs_1, *,
+                                   axis: str = 'tensor', **options) -> jax.Array:
+  """The kernel with heads split over mesh axis `axis` (tensor parallelism) under shard_map.
+
+  Each device gets K / n kv heads of the pools and the query heads that read them (query head i
+  reads kv head i // (N // K), so equal contiguous chunks of both line up), and all the metadata;
+  the output [T, N, H] is split over heads like q. Other mesh axes replicate. `options` go to
+  ragged_paged_attention (sm_scale, block_sizes, interpret); off TPU interpret defaults to
+  'generic' here (see the module docstring).
+  """
+  if options.get('interpret') is None and jax.default_backend() != 'tpu':
+    options = dict(options, interpret='generic')
+  if axis not in mesh.shape:
+    raise ValueError(f'pallas_tpu: mesh axes {tuple(mesh.shape)} have no {axis!r} axis to split heads '
+                     'over; pass axis= one of them.')
+  ways, K = mesh.shape[axis], k_pages_PGKH.shape[2]
+  if K % ways:
+    raise ValueError(f'pallas_tpu: {K} kv heads cannot be split {ways} ways over mesh axis '
+                     f'{axis!r}; use a tensor-parallel degree that divides K.')
+  P = jax.sharding.PartitionSpec
+  heads, pools, whole = P(None, axis, None), P(None, None, axis, None), P()
+  in_specs = (heads, pools, pools, whole, whole, whole, whole)
+  args = (q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM, cu_q_lens_B1, num_seqs_1)
+  if jax.sharding.AxisType.Explicit in mesh.axis_types:
+    # Explicit axes: shard_map takes inputs only as they are already laid out.
+    args = tuple(jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+                 for x, spec in zip(args, in_specs))
+  fn = functools.partial(ragged_paged_attention, **options)
+  # check_vma=False: pallas_call declares no varying-manual-axes types for its outputs.
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=heads, check_vma=False)(*args)
 
 
 def _call(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM, cu_q_lens_B1, num_seqs_1,

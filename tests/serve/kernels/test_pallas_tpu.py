@@ -122,6 +122,26 @@ def test_lowers_for_tpu(dtype):
   assert 'tpu_custom_call' in kernel.trace(*args).lower(lowering_platforms=('tpu',)).as_text()
 
 
+def test_heads_split_over_tensor_axis(ways=2):
+  """8 query and 4 kv heads over a (data, tensor) mesh of the 8 CPU devices: same as unsplit.
+
+  The generic Pallas interpreter runs here (the wrapper's default off TPU: see pallas_tpu)."""
+  mesh = jax.make_mesh((8 // ways, ways), ('data', 'tensor'))
+  args = make_inputs(batches(8)['mixed'], 8, 4, 64, 8)
+  out = jax.jit(functools.partial(pallas_tpu.ragged_paged_attention_sharded, mesh,
+                                  block_sizes=pallas_tpu.BlockSizes(8, 2)))(*args)
+  assert out.sharding.spec == jax.sharding.PartitionSpec(None, 'tensor', None)
+  assert_close(out, reference.ragged_paged_attention(*args), F32_TOL, f'tensor={ways}')
+
+
+def test_sharded_bad_mesh_raises():
+  args = make_inputs(batches(8)['mixed'], 8, 4, 64, 8)
+  with pytest.raises(ValueError, match="4 kv heads cannot be split 8 ways over mesh axis 'tensor'"):
+    pallas_tpu.ragged_paged_attention_sharded(jax.make_mesh((8,), ('tensor',)), *args)
+  with pytest.raises(ValueError, match="have no 'model' axis"):
+    pallas_tpu.ragged_paged_attention_sharded(jax.make_mesh((8,), ('tensor',)), *args, axis='model')
+
+
 def _bad(**changes):
   q, k, v, kv_lens, tables, cu, num_seqs = make_inputs(batches(8)['decode'], 4, 2, 128, 8)
   args = dict(q_TNH=q, k_pages_PGKH=k, v_pages_PGKH=v, kv_lens_B=kv_lens, block_tables_BM=tables,
@@ -144,6 +164,7 @@ def _bad(**changes):
     (dict(kv_lens_B=jnp.zeros((B,), jnp.float32)), 'kv_lens must be integers'),
     (dict(block_sizes=pallas_tpu.BlockSizes(pages_per_block=5)), 'exceeds the M=4 pages'),
     (dict(block_sizes=(8, 2)), 'must be a pallas_tpu.BlockSizes'),
+    (dict(interpret='yes'), "interpret='yes'; use None, True, False, 'generic'"),
 ])
 def test_bad_inputs_raise(changes, message):
   with pytest.raises(ValueError, match=re.escape(message)):
