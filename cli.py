@@ -23,6 +23,8 @@ def _train(gin_files, gin_params, workdir) -> int:
   import gin  # pylint: disable=g-import-not-at-top
   import configs  # pylint: disable=g-import-not-at-top  (JAX must start after XLA_FLAGS is set)
   from train import faults, loop  # pylint: disable=g-import-not-at-top
+  from parallelism import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(distributed.from_env())  # before anything touches a device
   cfg = configs.load_train_config(gin_files, gin_params)
   _use_compilation_cache()
   try:
@@ -50,6 +52,25 @@ def _use_compilation_cache() -> None:
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(os.path.join('~', '.cache', 'stoker', 'xla')))
+
+
+def _launch(args) -> int:
+  from parallelism.launch import run_local  # pylint: disable=g-import-not-at-top
+  command = args.command_args[1:] if args.command_args[:1] == ['--'] else args.command_args
+  if command[:1] == ['stoker']:
+    command = command[1:]
+  if not command:
+    raise ValueError('stoker launch needs the command to run after --, e.g. '
+                     '`stoker launch --local-processes 2 -- train --gin_file ... --workdir ...`.')
+
+  def run(on_signal):
+    return run_local(command, args.local_processes, args.devices_per_process, args.grace_s,
+                     on_signal)
+
+  if not args.supervise:
+    return run(lambda: None)
+  from train.supervise import supervise  # pylint: disable=g-import-not-at-top
+  return supervise(run, args.max_restarts)
 
 
 def _without_supervision(argv: list[str]) -> list[str]:
@@ -98,6 +119,18 @@ def main(argv: list[str] | None = None) -> int:
                           'failed or hung step) or a kill, up to --max_restarts times.')
   train.add_argument('--max_restarts', type=int, default=3)
 
+  launch = sub.add_parser('launch', help='Run a stoker command as a multi-process job on this machine.')
+  launch.add_argument('--local-processes', dest='local_processes', type=int, default=2)
+  launch.add_argument('--devices-per-process', dest='devices_per_process', type=int, default=4,
+                      help='Fake CPU devices of each process (default 4).')
+  launch.add_argument('--grace_s', type=float, default=60.0,
+                      help='After one process fails, how long the others may take to save and exit.')
+  launch.add_argument('--supervise', action='store_true',
+                      help='Restart the whole job after a just-in-time exit or a kill.')
+  launch.add_argument('--max_restarts', type=int, default=3)
+  launch.add_argument('command_args', nargs=argparse.REMAINDER,
+                      help='-- then the stoker command, e.g. -- train --gin_file ... --workdir ...')
+
   quick = sub.add_parser('quickstart', help=f'Train the tiny preset ({QUICKSTART_GIN}).')
   quick.add_argument('--workdir', default=None,
                      help='Default: runs/quickstart-<timestamp> in the current directory.')
@@ -137,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == 'prepare':
       return _prepare(args, argv)
     if args.command == 'train' and args.supervise:
-      from train.supervise import supervise  # pylint: disable=g-import-not-at-top
-      return supervise(_without_supervision(argv), args.max_restarts)
+      from train.supervise import run_child, supervise  # pylint: disable=g-import-not-at-top
+      child = _without_supervision(argv)
+      return supervise(lambda on_signal: run_child(child, on_signal), args.max_restarts)
+    if args.command == 'launch':
+      return _launch(args)
     if args.command == 'train':
       return _train(args.gin_file or [QUICKSTART_GIN], args.gin_param, args.workdir)
     workdir = args.workdir or os.path.join('runs', time.strftime('quickstart-%Y%m%d-%H%M%S'))

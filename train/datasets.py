@@ -21,6 +21,10 @@ def data_dir(cfg: TrainConfig) -> str | None:
   if source == 'stdlib':
     path = os.path.join(os.path.expanduser(cfg.data.cache_dir), f'stdlib-v{cfg.model.vocab_size}')
     if not os.path.exists(os.path.join(path, 'manifest.json')):
+      if jax.process_count() > 1:
+        raise ValueError(f"data.source='stdlib' is not prepared in {path}; prepare it once before a "
+                         f'multi-process run: stoker prepare --source stdlib --train-tokenizer '
+                         f'--vocab-size {cfg.model.vocab_size} --out {path}')
       logging.info('Preparing the stdlib corpus into %s (once; about a minute).', path)
       prepare.prepare(prepare.PrepareConfig(train_tokenizer=True, vocab_size=cfg.model.vocab_size),
                       path)

@@ -64,8 +64,9 @@ def train(cfg: TrainConfig, workdir: str, batches: Iterable[Batch] | None = None
   """
   os.makedirs(workdir, exist_ok=True)
   directory = datasets.data_dir(cfg) if batches is None else None
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
   mesh = make_mesh(cfg.mesh)
   tx = make_optimizer(cfg.optimizer, cfg.steps)
   state_shardings = sharding.logical_shardings(
@@ -131,7 +132,9 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
   last_done = time.perf_counter()
   rolled_back_at: list[int] = []  # the step each rollback was triggered at
 
-  with MetricsWriter(workdir, resume_step=start) as writer, \
+  primary = jax.process_index() == 0  # writes metrics and prints for the whole job
+  progress = progress and primary
+  with MetricsWriter(workdir, resume_step=start, enabled=primary) as writer, \
        tqdm(total=cfg.steps, initial=start, disable=None if progress else True, unit='step',
             dynamic_ncols=True) as bar, \
        faults.SignalGuard() as guard, \

@@ -15,33 +15,43 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 # Duplicated from train/faults.py so that the supervisor never imports JAX.
 _RESTARTABLE = (80, 81, 82)
 
 
-def supervise(child_argv: Sequence[str], max_restarts: int) -> int:
-  """Runs this program (sys.argv[0]) with `child_argv` until it succeeds or a restart would not
-  help; returns the last exit code (negative: killed by that signal)."""
+def run_child(argv: Sequence[str], on_signal: Callable[[], None] = lambda: None) -> int:
+  """Runs this program (sys.argv[0]) with `argv`, passing SIGTERM/SIGINT on to it."""
+  child = subprocess.Popen([sys.executable, sys.argv[0], *argv])
+
+  def forward(signum, frame):
+    del frame
+    on_signal()
+    child.send_signal(signum)
+
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    return child.wait()
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def supervise(run: Callable[[Callable[[], None]], int], max_restarts: int) -> int:
+  """Calls `run(on_signal)` (a child process, or a local multi-process job) until it succeeds or
+  a restart would not help; `run` calls on_signal when it passes a signal on, which ends the
+  supervision. Returns the last exit code (negative: killed by that signal)."""
   restarts = 0
   stopping = False
+
+  def on_signal():
+    nonlocal stopping
+    stopping = True
+
   while True:
     started = time.monotonic()
-    child = subprocess.Popen([sys.executable, sys.argv[0], *child_argv])
-
-    def forward(signum, frame, child=child):
-      del frame
-      nonlocal stopping
-      stopping = True
-      child.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-      rc = child.wait()
-    finally:
-      for s, handler in previous.items():
-        signal.signal(s, handler)
+    rc = run(on_signal)
     resumable = rc in _RESTARTABLE or rc < 0
     if rc == 0 or stopping or not resumable:
       return rc
