@@ -163,12 +163,18 @@ def main(argv: list[str] | None = None) -> int:
   prep.add_argument('--row-group-size', type=int, default=256, help='Parquet rows per row group (default 256).')
   prep.add_argument('--output-format', default='parquet', choices=['parquet', 'arrayrecord'])
 
+  from serve.bench import flags as bench_flags  # pylint: disable=g-import-not-at-top  (argparse only)
+  bench_flags.add_arguments(sub.add_parser(
+      'bench', help='Load an OpenAI-compatible server: TTFT, TBT, fluidity-index, plots, capacity search.'))
+
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   _use_host_devices(args.host_devices)
   try:
     if args.command == 'prepare':
       return _prepare(args, argv)
+    if args.command == 'bench':
+      return bench_flags.main(args)
     if args.command == 'train' and args.supervise:
       from train.supervise import run_child, supervise  # pylint: disable=g-import-not-at-top
       child = _without_supervision(argv)
