@@ -136,8 +136,8 @@ def ragged_paged_attention_sharded(mesh: jax.sharding.Mesh, q_TNH, k_pages_PGKH,
   ragged_paged_attention (sm_scale, block_sizes, interpret).
   """
   if axis not in mesh.shape:
-    raise ValueError(f'pallas_gpu: mesh axes {tuple(mesh.shape)} have no {axis!r} axis to split heads '
-                     'over; pass axis= one of them.')
+    raise ValueError(f'pallas_gpu: mesh axes {tuple(mesh.shape)} have no {axis!r} axis to split '
+                     'heads over; pass axis= one of them.')
   ways, K = mesh.shape[axis], k_pages_PGKH.shape[2]
   if K % ways:
     raise ValueError(f'pallas_gpu: {K} kv heads cannot be split {ways} ways over mesh axis '

@@ -151,8 +151,8 @@ def ragged_paged_attention_sharded(mesh: jax.sharding.Mesh, q_TNH, k_pages_PGKH,
   if options.get('interpret') is None and jax.default_backend() != 'tpu':
     options = dict(options, interpret='generic')
   if axis not in mesh.shape:
-    raise ValueError(f'pallas_tpu: mesh axes {tuple(mesh.shape)} have no {axis!r} axis to split heads '
-                     'over; pass axis= one of them.')
+    raise ValueError(f'pallas_tpu: mesh axes {tuple(mesh.shape)} have no {axis!r} axis to split '
+                     'heads over; pass axis= one of them.')
   ways, K = mesh.shape[axis], k_pages_PGKH.shape[2]
   if K % ways:
     raise ValueError(f'pallas_tpu: {K} kv heads cannot be split {ways} ways over mesh axis '

@@ -2,10 +2,11 @@
 
 On CPU the kernel runs in Pallas interpret mode; on a GPU every test runs the real kernel (the
 reference then computes in full float32: `jax.default_matmul_precision('highest')`), and the tests
-marked gpu add larger batches. Interpret mode compiles each distinct shape in seconds and runs it in a fraction of one, and the
-batch's make-up (decodes, prefill chunks, kv lengths, unused slots, padding) is data, not shape: each
-test compiles one shape and runs every batch below through it, and CPU compiles skip LLVM's
-optimisations (without fast-math, which XLA leaves off, results are unchanged).
+marked gpu add larger batches. Interpret mode compiles each distinct shape in seconds and runs it
+in a fraction of one, and the batch's make-up (decodes, prefill chunks, kv lengths, unused slots,
+padding) is data, not shape: each test compiles one shape and runs every batch below through it,
+and CPU compiles skip LLVM's optimisations (without fast-math, which XLA leaves off, results are
+unchanged).
 """
 
 import functools
@@ -181,7 +182,7 @@ def _bad(**changes):
     (dict(cu_q_lens_B1=jnp.zeros((B,), jnp.int32)), 'cu_q_lens [B + 1]'),
     (dict(num_seqs_1=jnp.zeros((), jnp.int32)), 'num_seqs must have shape [1]'),
     (dict(q_TNH=jnp.zeros((T, 4, 96)), k_pages_PGKH=jnp.zeros((25, 8, 2, 96)),
-          v_pages_PGKH=jnp.zeros((25, 8, 2, 96))), 'power of two >= 16 (Triton block shapes); got H=96'),
+          v_pages_PGKH=jnp.zeros((25, 8, 2, 96))), 'power of two >= 16 (Triton block shapes)'),
     (dict(q_TNH=jnp.zeros((T, 4, 128), jnp.bfloat16)), 'one dtype; got q bfloat16'),
     (dict(kv_lens_B=jnp.zeros((B,), jnp.float32)), 'kv_lens must be integers'),
     (dict(block_sizes=pallas_gpu.BlockSizes(queries_per_block=2)), 'gives 4 rows'),

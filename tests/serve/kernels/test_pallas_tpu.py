@@ -1,4 +1,4 @@
-"""The Mosaic TPU ragged paged attention kernel against serve/kernels/reference.py, in TPU interpret mode.
+"""The Mosaic TPU ragged paged attention kernel against serve/kernels/reference.py, interpreted.
 
 Interpret mode compiles each distinct shape in seconds and runs it in a fraction of one, and the
 batch's make-up (decodes, prefill chunks, kv lengths, unused slots, padding) is data, not shape: each
