@@ -6,78 +6,20 @@ accounting and error kinds can be checked against what was sent.
 """
 
 import asyncio
-import json
 import socket
-import threading
 
 import pytest
-from aiohttp import web
 
 from serve.bench import client
 from serve.bench.workload import RequestSpec
-
-KEY = 'sekrit'
-
-
-def _chunk(text='', token_ids=None, finish=None):
-  choice = {'index': 0, 'text': text, 'finish_reason': finish}
-  if token_ids is not None:
-    choice['token_ids'] = token_ids
-  return {'id': 'c', 'object': 'text_completion', 'choices': [choice]}
-
-
-# script name -> list of (sleep before, event dict | raw str)
-SCRIPTS = {
-    'stall': [(0.05, _chunk('a')), (0.3, _chunk('b')), (0.0, _chunk('cde', token_ids=[3, 4, 5])),
-              (0.0, _chunk('', finish='length')),
-              (0.0, {'choices': [], 'usage': {'prompt_tokens': 7, 'completion_tokens': 5}}), (0.0, '[DONE]')],
-    'no_done': [(0.0, _chunk('a'))],
-    'midstream_error': [(0.0, _chunk('a')), (0.0, {'error': {'message': 'engine died'}})],
-    'slow': [(3.0, _chunk('a')), (0.0, '[DONE]')],
-    'empty': [(0.0, _chunk('', finish='stop')), (0.0, '[DONE]')],
-}
-
-
-async def _models(request):
-  if request.headers.get('Authorization') != f'Bearer {KEY}':
-    return web.json_response({'error': {'message': 'bad key'}}, status=401)
-  return web.json_response({'object': 'list', 'data': [{'id': 'scripted', 'object': 'model'}]})
-
-
-async def _completions(request):
-  if request.headers.get('Authorization') != f'Bearer {KEY}':
-    return web.json_response({'error': {'message': 'bad key'}}, status=401)
-  body = await request.json()
-  assert body['stream'] is True and body['stream_options'] == {'include_usage': True}
-  prompt = body['prompt']
-  if prompt.startswith('http_'):
-    status = int(prompt[5:])
-    return web.json_response({'error': {'message': f'scripted {status}'}}, status=status)
-  response = web.StreamResponse(headers={'Content-Type': 'text/event-stream'})
-  await response.prepare(request)
-  for sleep, event in SCRIPTS[prompt]:
-    await asyncio.sleep(sleep)
-    data = event if isinstance(event, str) else json.dumps(event)
-    await response.write(f'data: {data}\n\n'.encode())
-  await response.write_eof()
-  return response
+from tests.serve.bench.fixtures import KEY, SSEServer
 
 
 @pytest.fixture(scope='module')
 def server():
-  loop = asyncio.new_event_loop()
-  app = web.Application()
-  app.add_routes([web.get('/v1/models', _models), web.post('/v1/completions', _completions)])
-  runner = web.AppRunner(app)
-  loop.run_until_complete(runner.setup())
-  site = web.TCPSite(runner, '127.0.0.1', 0)
-  loop.run_until_complete(site.start())
-  port = site._server.sockets[0].getsockname()[1]  # pylint: disable=protected-access
-  thread = threading.Thread(target=loop.run_forever, daemon=True)
-  thread.start()
-  yield f'http://127.0.0.1:{port}/v1'
-  loop.call_soon_threadsafe(loop.stop)
-  thread.join(5)
+  s = SSEServer()
+  yield s.start()
+  s.stop()
 
 
 def _run(url, prompts, arrivals=None, timeout_s=10.0):

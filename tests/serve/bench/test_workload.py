@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from data import tokenizer as tokenizer_lib
 from serve.bench import prompts, workload
 from serve.bench.workload import WorkloadConfig
+from tests.serve.bench.fixtures import tiny_tokenizer
 
 
 def test_same_seed_same_workload_and_independent_streams():
@@ -78,11 +78,7 @@ def test_parse_errors_name_the_key():
 
 @pytest.fixture(scope='module')
 def tokenizer():
-  words = ['alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'theta', 'kappa', 'lambda', 'sigma',
-           'omega', 'river', 'stone', 'cloud', 'forest', 'garden', 'window', 'yellow', 'planet', 'engine']
-  rng = np.random.default_rng(0)
-  texts = [' '.join(rng.choice(words, 40)) + ', (x = 1).' for _ in range(200)]
-  return tokenizer_lib.train_bpe(texts, 400)
+  return tiny_tokenizer()
 
 
 def test_prompts_have_exact_token_counts(tokenizer):
