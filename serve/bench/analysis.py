@@ -104,14 +104,16 @@ def request_rows(records: Sequence[RequestRecord], slo: SLO) -> list[dict]:
   return rows
 
 
-def miss_rate_curve(records: Sequence[RequestRecord], quantile: float,
+def miss_rate_curve(records: Sequence[RequestRecord], quantile: float, decode_deadline_us: int,
                     points: int = CURVE_POINTS) -> list[dict]:
-  """The `quantile` over requests of the miss rate (first token ignored) for D_d on a log grid."""
+  """The `quantile` over requests of the miss rate (first token ignored) for D_d on a log grid that
+  spans the gaps seen and the configured D_d."""
   gaps = [m.gaps_us(r.token_offsets_us) for r in records if r.ok and len(r.token_offsets_us) > 1]
   later = [g for gs in gaps for g in gs[1:] if g > 0]
   if not later:
     return []
-  lo, hi = max(1.0, float(np.quantile(later, 0.05)) / 2), max(later) * 1.25
+  lo = max(1.0, min(float(np.quantile(later, 0.05)) / 2, decode_deadline_us / 2))
+  hi = max(later + [decode_deadline_us]) * 1.25
   grid = sorted({max(1, int(round(d))) for d in np.geomspace(lo, max(hi, lo * 1.01), points)})
   return [{'decode_deadline_s': d / m.US_PER_S, 'miss_rate': m.quantile_miss_rate_at(gaps, d, quantile)}
           for d in grid]
@@ -173,5 +175,5 @@ def summarize(records: Sequence[RequestRecord], rows: Sequence[dict], slo: SLO, 
               'passed': bool(checks) and all(c['passed'] for c in checks.values())},
       'goodput': good / wall_s if wall_s else None,
       'good_requests': good,
-      'miss_rate_vs_decode_deadline': miss_rate_curve(records, slo.quantile),
+      'miss_rate_vs_decode_deadline': miss_rate_curve(records, slo.quantile, m.to_us(slo.decode_deadline_s)),
   }

@@ -7,6 +7,7 @@ import os
 from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -74,6 +75,7 @@ def plot_run(out_dir: str, rows: Sequence[dict], summary: dict, records) -> list
   if curve:
     ax.plot([p['decode_deadline_s'] * 1e3 for p in curve], [p['miss_rate'] for p in curve], marker='.')
     ax.set_xscale('log')
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
   ax.axhline(slo['max_miss_rate'], color='tab:red', linestyle='--', linewidth=1,
              label=f'target miss rate {slo["max_miss_rate"]:g}')
   ax.axvline(slo['decode_deadline_s'] * 1e3, color='tab:gray', linestyle=':', linewidth=1,
@@ -102,7 +104,7 @@ def plot_capacity(path: str, curve: Sequence[dict], capacity: float | None, max_
   left.axhline(probes[0]['slo_target'] if probes else max_miss_rate, color='tab:red', linestyle='--',
                linewidth=1, label='target')
   left.set_xlabel('arrival rate (requests/s)')
-  left.set_ylabel(probes[0]['slo_metric'] if probes else 'SLO metric')
+  left.set_ylabel(f"{probes[0]['slo_metric']} (the SLO's quantile over requests)" if probes else 'SLO metric')
   left.set_title('SLO metric per probe (green: passed)')
   right.plot(rates, [p['goodput'] for p in probes], marker='o', label='goodput')
   right.plot(rates, [p['request_throughput'] for p in probes], marker='x', label='completed req/s')
