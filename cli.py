@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
   bench_flags.add_arguments(sub.add_parser(
       'bench', help='Load an OpenAI-compatible server: TTFT, TBT, fluidity-index, plots, capacity search.'))
 
+  from deploy import command as k8s  # pylint: disable=g-import-not-at-top  (argparse only)
+  k8s.add_parser(sub)
+
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   _use_host_devices(args.host_devices)
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
       return _prepare(args, argv)
     if args.command == 'bench':
       return bench_flags.main(args)
+    if args.command == 'k8s':
+      return k8s.run(args)
     if args.command == 'train' and args.supervise:
       from train.supervise import run_child, supervise  # pylint: disable=g-import-not-at-top
       child = _without_supervision(argv)
