@@ -63,12 +63,14 @@ def test_tight_deadline_fails_the_slo(setup):
   url, directory = setup
   out = os.path.join(directory, 'tight')
   # D_p = 1 ms against a first token after 30 ms, then D_d = 2 ms against 10 ms between tokens: no
-  # token ever banks slack, every one misses (with a looser D_p its banked slack would absorb the gaps).
+  # token banks slack, every one misses (with a looser D_p its banked slack would absorb the gaps). A
+  # client that falls behind receives later tokens together (gaps of 0 meet their slots), but the first
+  # token alone misses 1 + (30 - 1) // 2 = 15 of at most 18 slots.
   summary = bench('--url', url, '--api-key', KEY, '--tokenizer', directory, '--out', out, '--no-progress',
                   '--no-plots', '--workload', 'requests=2,rate=inf,prompt=fixed:4,output=fixed:4',
                   '--prefill-deadline', '0.001', '--decode-deadline', '0.002')
   assert not summary['slo']['passed']
-  assert summary['miss_rate']['min'] == 1.0 and summary['fluidity_index']['max'] == 0.0
+  assert summary['miss_rate']['min'] >= 15 / 18 and summary['fluidity_index']['max'] <= 3 / 18
   assert not os.path.exists(os.path.join(out, 'cdfs.png'))
 
 
