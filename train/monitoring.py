@@ -16,8 +16,9 @@
   just_in_time_saved  stoker_train_just_in_time_saves_total (+1)       counter
   rollback_to         stoker_train_rollbacks_total (+1)                counter
 
-Other keys ('time', 'val_tokens', ...) are not exported. Every process of a multi-host job may run
-an exporter: Prometheus tells them apart by pod/instance, and the dashboard aggregates.
+Other keys ('time', 'val_tokens', ...) are not exported. In a multi-host job either process 0 alone
+runs an exporter and reports cost for all devices, or every process runs one and reports its own
+devices: the dashboard (configs/grafana/stoker.json) takes max() of the run's values and sum() of cost.
 
 Cost: `estimate_cost(device_kind, num_devices, seconds)` multiplies device-hours by PRICES.
 """
@@ -43,8 +44,8 @@ GAUGES: tuple[tuple[str, str], ...] = (
     ('val_loss', 'Validation loss of the last evaluation.'),
     ('val_perplexity', 'Validation perplexity of the last evaluation.'),
     ('restarts', 'Restarts of this run so far (resumes after a failure).'),
-    ('estimated_cost_usd', 'Estimated cost of this process\'s devices so far, US dollars (PRICES).'),
-    ('device_hours', 'Device-hours used by this process so far.'),
+    ('estimated_cost_usd', 'Estimated cost so far of the devices this exporter reports for, US dollars.'),
+    ('device_hours', 'Device-hours so far of the devices this exporter reports for.'),
 )
 # (record key, counter name without the _total suffix, help): +1 for each record holding the key.
 COUNTERS: tuple[tuple[str, str, str], ...] = (
