@@ -168,16 +168,25 @@ def _session(endpoint: Endpoint) -> aiohttp.ClientSession:
   return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
 
 
-async def check(endpoint: Endpoint) -> str:
-  """The model to use, after checking that the endpoint answers and accepts the key (BenchError if not)."""
+async def check(endpoint: Endpoint, wait_ready_s: float = 0.0, log=None) -> str:
+  """The model to use, after checking that the endpoint answers and accepts the key (BenchError if not).
+  A server answering 503 (still loading or compiling) is asked again for up to wait_ready_s seconds."""
+  deadline = time.monotonic() + wait_ready_s
   async with _session(endpoint) as session:
-    try:
-      async with session.get(f'{endpoint.url}/v1/models', headers=endpoint.headers()) as response:
-        body = await response.text()
-        status = response.status
-    except (aiohttp.ClientConnectorError, asyncio.TimeoutError) as e:
-      raise BenchError(f'cannot reach {endpoint.url} ({e}): is the server running there '
-                       '(for example `stoker serve --port 8000`)?') from None
+    while True:
+      try:
+        async with session.get(f'{endpoint.url}/v1/models', headers=endpoint.headers()) as response:
+          body = await response.text()
+          status = response.status
+      except (aiohttp.ClientConnectorError, asyncio.TimeoutError) as e:
+        raise BenchError(f'cannot reach {endpoint.url} ({e}): is the server running there '
+                         '(for example `stoker serve --port 8000`)?') from None
+      if status != 503 or time.monotonic() >= deadline:
+        break
+      if log is not None:
+        log(f'{endpoint.url} answers 503 (loading?); asking again for up to {wait_ready_s:.0f} s')
+        log = None
+      await asyncio.sleep(1.0)
   if status in (401, 403):
     hint = 'check --api-key' if endpoint.api_key else 'the server wants a key: pass --api-key'
     raise BenchError(f'{endpoint.url} refused the request with HTTP {status} ({body[:200]}): {hint}.')

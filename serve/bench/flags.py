@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--ignore-eos', action='store_true', help="Send vLLM's ignore_eos extension.")
   p.add_argument('--extra-body', default=None, help='A JSON object of more request fields.')
   p.add_argument('--warmup', type=int, default=0, help='Unrecorded requests sent first, one at a time.')
+  p.add_argument('--wait-ready', type=float, default=600.0,
+                 help='Seconds to wait for a server that answers 503 while it loads (default 600).')
   p.add_argument('--no-progress', action='store_true', help='No progress bar.')
   p.add_argument('--no-plots', action='store_true', help='No PNGs (no matplotlib import).')
   g = p.add_argument_group('deadlines and SLO')
@@ -91,8 +93,10 @@ def config_from_args(args: argparse.Namespace):
   search = capacity.SearchConfig(args.start_rate, args.min_rate, args.max_rate, args.rate_tolerance,
                                  args.max_probes) if args.capacity_search else None
   return run.BenchConfig(endpoint, workload.WorkloadConfig.parse(args.workload), slo, args.out,
-                         args.tokenizer, args.max_concurrency, args.warmup, not args.no_progress,
-                         not args.no_plots, search, lengths, args.profile_repeats)
+                         args.tokenizer, max_concurrency=args.max_concurrency, warmup=args.warmup,
+                         wait_ready_s=args.wait_ready, progress=not args.no_progress,
+                         plots=not args.no_plots, capacity=search, profile_lengths=lengths,
+                         profile_repeats=args.profile_repeats)
 
 
 def main(args: argparse.Namespace) -> int:

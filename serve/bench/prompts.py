@@ -1,9 +1,10 @@
 """Prompt texts of exact token counts, built with the server's tokenizer.
 
-The words are vocabulary entries that are one whole word after a space (' the', 'Ġthe' in a byte-level
-BPE, '▁the' in a SentencePiece vocabulary) and encode back to themselves alone. Tokenizers that split text
-into words before merging encode ' w1 w2 ... wn' as those n tokens, which build() checks by encoding the
-result, trimming or padding it until the count is exact. Each prompt draws its own random words, so
+The words are vocabulary entries that are a space and then one run of letters, of digits or of
+punctuation (' the', 'Ġthe' in a byte-level BPE, '▁the' in a SentencePiece vocabulary, ' 42', ' =') and
+encode back to themselves alone. Tokenizers that split text into such words before merging (GPT-2's
+pre-tokenizer, SentencePiece's spaces) encode ' w1 w2 ... wn' as those n tokens, which build() checks by
+encoding the result, trimming or padding it until the count is exact. Each prompt draws its own random words, so
 prompts share no prefix and a prefix cache cannot shortcut their prefill.
 """
 
@@ -14,8 +15,8 @@ import re
 import numpy as np
 import tokenizers
 
-_WORD = re.compile(r'^ [A-Za-z]{2,12}$')
-MIN_WORDS = 16
+_WORD = re.compile(r'^ ([A-Za-z]{1,12}|[0-9]{1,6}|[^\sA-Za-z0-9]{1,6})$')
+MIN_WORDS = 8
 
 
 def single_token_words(tokenizer: tokenizers.Tokenizer) -> list[str]:

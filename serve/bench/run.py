@@ -26,6 +26,7 @@ class BenchConfig:
   tokenizer: str  # the server's tokenizer.json or its directory
   max_concurrency: int | None = None
   warmup: int = 0  # requests sent one at a time before measuring, not recorded
+  wait_ready_s: float = 600.0  # how long a server answering 503 (loading) is waited for
   progress: bool = True
   plots: bool = True
   capacity: capacity.SearchConfig | None = None
@@ -82,7 +83,7 @@ def _measure(cfg: BenchConfig, wl, slo, builder, salt, description):
 
 def bench(cfg: BenchConfig, log=print) -> dict:
   """Runs `stoker bench`; returns the summary (with capacity search: the capacity result)."""
-  model = asyncio.run(client.check(cfg.endpoint))
+  model = asyncio.run(client.check(cfg.endpoint, cfg.wait_ready_s, log))
   cfg = dataclasses.replace(cfg, endpoint=dataclasses.replace(cfg.endpoint, model=model))
   builder = prompts.PromptBuilder(prompts.load_tokenizer(cfg.tokenizer), cfg.workload.seed)
   os.makedirs(cfg.out_dir, exist_ok=True)
