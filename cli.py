@@ -99,6 +99,58 @@ def _prepare(args, argv) -> int:
   return 0
 
 
+def _serve(args) -> int:
+  import configs  # pylint: disable=g-import-not-at-top  (JAX must start after XLA_FLAGS is set)
+  from serve import loader, server  # pylint: disable=g-import-not-at-top
+  engine_cfg, server_cfg = configs.load_serve_config(args.gin_file, args.gin_param)
+  given = {k: v for k, v in (('host', args.host), ('port', args.port), ('api_key', args.api_key),
+                             ('model_name', args.served_model_name)) if v is not None}
+  server_cfg = dataclasses.replace(server_cfg, **given)
+  if engine_cfg.compilation_cache_dir is None:
+    _use_compilation_cache()
+  mesh = loader.serving_mesh(args.tensor_parallel)
+  if args.checkpoint:
+    load = lambda: loader.load_checkpoint(args.checkpoint, engine_cfg, step=args.step, mesh=mesh,
+                                          tokenizer=args.tokenizer)
+    loader.model_checkpoint.step_dir(args.checkpoint, args.step)  # a bad path fails before binding
+  else:
+    load = lambda: loader.load_hf(args.hf_dir, engine_cfg, mesh=mesh, tokenizer=args.tokenizer)
+  return server.serve(server.Service(server_cfg, load))
+
+
+def _quickstart(args) -> int:
+  workdir = args.workdir or os.path.join('runs', time.strftime('quickstart-%Y%m%d-%H%M%S'))
+  code = _train([QUICKSTART_GIN], args.gin_param, workdir)
+  if code or args.no_serve:
+    return code
+  from serve import demo  # pylint: disable=g-import-not-at-top
+  demo.serve_and_sample(workdir)
+  return 0
+
+
+def _convert(args) -> int:
+  if bool(args.from_hf) == bool(args.to_hf):
+    raise ValueError('give exactly one of --from-hf DIR or --to-hf CHECKPOINT.')
+  if args.to_hf:
+    from models import checkpoint_io  # pylint: disable=g-import-not-at-top
+    written = checkpoint_io.to_hf(args.to_hf, args.out, step=args.step, dtype=args.dtype,
+                                  tokenizer_dir=args.tokenizer,
+                                  max_shard_bytes=int(args.max_shard_mb * 2**20))
+    print(f'Wrote {args.out}: {", ".join(written)}')
+    return 0
+  import configs  # pylint: disable=g-import-not-at-top  (JAX must start after XLA_FLAGS is set)
+  from train import from_hf  # pylint: disable=g-import-not-at-top
+  files = [configs.resolve(f) for f in args.gin_file or [QUICKSTART_GIN]]
+  params = ([] if args.gin_file else ["data.source = 'synthetic'", 'data.eval_every = 0'])
+  params += args.gin_param
+  cfg = from_hf.from_hf(args.from_hf, args.out, configs.load_train_config(files, params), files,
+                        params)
+  print(f'Converted {args.from_hf} ({cfg.model.num_params():,} parameters) into {args.out} '
+        f'(step 0). Fine-tune: stoker train --gin_file {os.path.join(args.out, "train.gin")} '
+        f'--workdir {args.out}; export: stoker convert --to-hf {args.out} --out DIR')
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(prog='stoker', description=__doc__)
@@ -131,10 +183,35 @@ def main(argv: list[str] | None = None) -> int:
   launch.add_argument('command_args', nargs=argparse.REMAINDER,
                       help='-- then the stoker command, e.g. -- train --gin_file ... --workdir ...')
 
-  quick = sub.add_parser('quickstart', help=f'Train the tiny preset ({QUICKSTART_GIN}).')
+  quick = sub.add_parser('quickstart', help=f'Train the tiny preset ({QUICKSTART_GIN}), then serve it '
+                         'and print completions fetched through the OpenAI API.')
   quick.add_argument('--workdir', default=None,
                      help='Default: runs/quickstart-<timestamp> in the current directory.')
   quick.add_argument('--gin_param', action='append', default=[])
+  quick.add_argument('--no_serve', action='store_true', help='Only train.')
+
+  serve = sub.add_parser('serve', help='Serve a checkpoint or a Hugging Face model over an '
+                         'OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).')
+  source = serve.add_mutually_exclusive_group(required=True)
+  source.add_argument('--checkpoint', help='A training workdir (its newest checkpoint), its '
+                      'checkpoints/ folder, or one step folder.')
+  source.add_argument('--hf-dir', '--hf_dir', dest='hf_dir',
+                      help='A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).')
+  serve.add_argument('--step', type=int, default=None, help='Checkpoint step (default: the newest).')
+  serve.add_argument('--tokenizer', default=None,
+                     help="A tokenizer.json or its directory (default: the training data's, or --hf-dir's).")
+  serve.add_argument('--gin_file', action='append', default=[],
+                     help='A gin file binding engine.* (EngineConfig) and server.* (ServerConfig).')
+  serve.add_argument('--gin_param', action='append', default=[],
+                     help="A binding such as 'engine.num_pages=512'; repeatable, applied last.")
+  serve.add_argument('--host', default=None, help='Address to bind (default 127.0.0.1: this machine only).')
+  serve.add_argument('--port', type=int, default=None, help='Default 8000; 0 picks a free port.')
+  serve.add_argument('--api-key', '--api_key', dest='api_key', default=os.environ.get('STOKER_API_KEY'),
+                     help='Require "Authorization: Bearer KEY" on /v1 routes (default: $STOKER_API_KEY).')
+  serve.add_argument('--served-model-name', '--served_model_name', dest='served_model_name',
+                     default=None, help='The model name clients send (default: the workdir name).')
+  serve.add_argument('--tensor_parallel', type=int, default=1,
+                     help='Shard the model over this many devices (heads, MLP, vocabulary).')
 
   prep = sub.add_parser('prepare', help='Clean and tokenize a corpus into Parquet token shards + manifest.json.')
   prep.add_argument('--source', default='stdlib',
@@ -163,6 +240,29 @@ def main(argv: list[str] | None = None) -> int:
   prep.add_argument('--row-group-size', type=int, default=256, help='Parquet rows per row group (default 256).')
   prep.add_argument('--output-format', default='parquet', choices=['parquet', 'arrayrecord'])
 
+  conv = sub.add_parser('convert', help='Hugging Face <-> Stoker: --from-hf DIR --out WORKDIR writes a '
+                        'step-0 training checkpoint (fine-tune or serve it); --to-hf CKPT --out DIR '
+                        'writes config.json + safetensors + tokenizer files.')
+  conv.add_argument('--from-hf', '--from_hf', dest='from_hf', default=None,
+                    help='A Hugging Face model directory (config.json, *.safetensors; Llama, Mistral, '
+                         'Qwen2, Qwen3).')
+  conv.add_argument('--to-hf', '--to_hf', dest='to_hf', default=None,
+                    help='A training workdir (its newest checkpoint), its checkpoints/ or a step folder.')
+  conv.add_argument('--out', required=True, help='The workdir (--from-hf) or directory (--to-hf) to write.')
+  conv.add_argument('--gin_file', action='append', default=[],
+                    help='--from-hf: the training recipe to fine-tune with (default: '
+                         f'{QUICKSTART_GIN} on synthetic data); its model fields other than the '
+                         'architecture (dtypes, remat, scan) apply.')
+  conv.add_argument('--gin_param', action='append', default=[], help='--from-hf: recipe bindings.')
+  conv.add_argument('--step', type=int, default=None, help='--to-hf: the step (default: the newest).')
+  conv.add_argument('--dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
+                    help="--to-hf: tensor dtype (default: the original config's, else float32).")
+  conv.add_argument('--tokenizer', default=None,
+                    help='--to-hf: a directory whose tokenizer/chat-template files to include '
+                         '(default: WORKDIR/hf, kept by --from-hf).')
+  conv.add_argument('--max_shard_mb', type=float, default=5120,
+                    help='--to-hf: largest safetensors file before sharding with an index (MiB).')
+
   from serve.bench import flags as bench_flags  # pylint: disable=g-import-not-at-top  (argparse only)
   bench_flags.add_arguments(sub.add_parser(
       'bench', help='Load an OpenAI-compatible server: TTFT, TBT, fluidity-index, plots, capacity search.'))
@@ -176,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == 'prepare':
       return _prepare(args, argv)
+    if args.command == 'convert':
+      return _convert(args)
     if args.command == 'bench':
       return bench_flags.main(args)
     if args.command == 'k8s':
@@ -188,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
       return _launch(args)
     if args.command == 'train':
       return _train(args.gin_file or [QUICKSTART_GIN], args.gin_param, args.workdir)
-    workdir = args.workdir or os.path.join('runs', time.strftime('quickstart-%Y%m%d-%H%M%S'))
-    return _train([QUICKSTART_GIN], args.gin_param, workdir)
+    if args.command == 'serve':
+      return _serve(args)
+    return _quickstart(args)
   except (ValueError, FileNotFoundError) as e:
     print(f'stoker {args.command}: error: {e}', file=sys.stderr)
     return 2

@@ -8,6 +8,8 @@ gin binds only these top-level constructors; library code takes the resulting fr
   data(...)       -> train.config.DataConfig
   checkpoint(...) -> train.config.CheckpointConfig
   fault(...)      -> train.config.FaultConfig (fault injection for tests and drills)
+  engine(...)     -> serve.engine.EngineConfig (`stoker serve`: pages, slots, token budget, buckets)
+  server(...)     -> serve.server.ServerConfig (`stoker serve`: host, port, queue bound, deadlines)
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import gin
 
 from models.presets import preset
 from parallelism.mesh import MeshConfig
+from serve.engine import EngineConfig
+from serve.server import ServerConfig
 from train.config import CheckpointConfig, DataConfig, FaultConfig, OptimizerConfig, TrainConfig
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -30,6 +34,8 @@ optimizer = gin.external_configurable(OptimizerConfig, 'optimizer')
 data = gin.external_configurable(DataConfig, 'data')
 checkpoint = gin.external_configurable(CheckpointConfig, 'checkpoint')
 fault = gin.external_configurable(FaultConfig, 'fault')
+engine = gin.external_configurable(EngineConfig, 'engine')
+server = gin.external_configurable(ServerConfig, 'server')
 
 gin.add_config_file_search_path(CONFIG_DIR)
 
@@ -57,3 +63,12 @@ def load_train_config(gin_files: Sequence[str] = (), gin_params: Sequence[str] =
   gin.parse_config_files_and_bindings([resolve(f) for f in gin_files], list(gin_params),
                                       finalize_config=False)
   return train()
+
+
+def load_serve_config(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()
+                      ) -> tuple[EngineConfig, ServerConfig]:
+  """Parses gin files and bindings of `engine.*` and `server.*` into the serving configs."""
+  gin.clear_config()
+  gin.parse_config_files_and_bindings([resolve(f) for f in gin_files], list(gin_params),
+                                      finalize_config=False)
+  return engine(), server()

@@ -1,0 +1,148 @@
+"""What `stoker serve` serves: a model (from a training checkpoint or a Hugging Face directory) in an
+Engine, with its tokenizer and chat template.
+
+A training checkpoint records its ModelConfig and the data it trained on; the tokenizer is the one
+that data was prepared with (<data dir>/tokenizer.json; for data.source='stdlib' the prepared
+cache <cache_dir>/stdlib-v<vocab>), unless `tokenizer` names another. Params are restored straight
+onto the serving mesh's shardings (models/checkpoint.py reads only the params).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from models import checkpoint as model_checkpoint
+from models import hf, transformer
+from models.config import ModelConfig
+from parallelism import sharding as sharding_lib
+from parallelism.mesh import MeshConfig, make_mesh
+from serve.chat import ChatTemplate, load_template
+from serve.engine import Engine, EngineConfig
+from serve.text import Codec
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A model ready to serve."""
+
+  name: str
+  engine: Engine
+  codec: Codec
+  chat: ChatTemplate
+  source: str  # where it came from, for logs
+
+
+def serving_mesh(tensor_parallel: int = 1) -> Mesh | None:
+  """None (one device) for 1; else a ('data', 'fsdp', 'tensor') mesh of the first N devices."""
+  if tensor_parallel < 1 or tensor_parallel > len(jax.devices()):
+    raise ValueError(f'--tensor_parallel {tensor_parallel}: use 1 to {len(jax.devices())} (the '
+                     f'devices here).')
+  if tensor_parallel == 1:
+    return None
+  return make_mesh(MeshConfig(ici=(1, 1, tensor_parallel)), jax.devices()[:tensor_parallel])
+
+
+def abstract_params(cfg: ModelConfig, mesh: Mesh | None):
+  """The model's params as ShapeDtypeStructs carrying the shardings they are served with."""
+  _, state = nnx.split(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0))))
+  if mesh is None:
+    device = SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+  shardings = sharding_lib.logical_shardings(state, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                      shardings)
+
+
+def _special_tokens(tokenizer_dir: str | None) -> tuple[str | None, str | None]:
+  """(bos, eos) token text from tokenizer_config.json, if it names them."""
+  path = os.path.join(tokenizer_dir or '', 'tokenizer_config.json')
+  if not tokenizer_dir or not os.path.isfile(path):
+    return None, None
+  with open(path) as f:
+    cfg = json.load(f)
+
+  def text(v):
+    return v.get('content') if isinstance(v, dict) else v
+  return text(cfg.get('bos_token')), text(cfg.get('eos_token'))
+
+
+def _codec_and_chat(tokenizer: str, model_cfg: ModelConfig) -> tuple[Codec, ChatTemplate]:
+  directory = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
+  bos, eos = _special_tokens(directory)
+  codec = Codec.from_file(tokenizer, eos_token=eos)
+  codec = dataclasses.replace(codec, bos_token=bos)
+  if codec.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f'tokenizer {tokenizer} has ids up to {codec.vocab_size - 1}, beyond the '
+                     f"model's vocab_size {model_cfg.vocab_size}; give the tokenizer it was trained with.")
+  return codec, ChatTemplate(load_template(directory), bos, codec.eos_token)
+
+
+def training_tokenizer(saved: dict, model_cfg: ModelConfig) -> str | None:
+  """The tokenizer.json of the data a checkpoint was trained on, if it can be found."""
+  data = (saved.get('train') or {}).get('data') or {}
+  source = data.get('source', 'synthetic')
+  if source == 'synthetic':
+    return None
+  if source == 'stdlib':
+    source = os.path.join(os.path.expanduser(data.get('cache_dir', '~/.cache/stoker/data')),
+                          f'stdlib-v{model_cfg.vocab_size}')
+  path = os.path.join(source, 'tokenizer.json')
+  return path if os.path.isfile(path) else None
+
+
+def load_checkpoint(path: str, engine_cfg: EngineConfig, *, step: int | None = None,
+                    mesh: Mesh | None = None, tokenizer: str | None = None,
+                    name: str | None = None) -> Loaded:
+  """Serves the newest (or `step`) checkpoint of a training workdir."""
+  directory = model_checkpoint.step_dir(path, step)
+  saved = model_checkpoint.saved_config(directory)
+  model_cfg = model_checkpoint.model_config(saved)
+  tokenizer = tokenizer or training_tokenizer(saved, model_cfg)
+  if tokenizer is None:
+    raise FileNotFoundError(f'{directory} was trained on data without a tokenizer (synthetic, or '
+                            f'its data directory is gone); pass --tokenizer PATH/tokenizer.json.')
+  codec, chat = _codec_and_chat(tokenizer, model_cfg)
+  params = model_checkpoint.restore_params(directory, abstract_params(model_cfg, mesh))
+  logging.info('Restored %s (%d params) from %s', model_cfg, model_cfg.num_params(), directory)
+  engine = Engine(model_cfg, params, engine_cfg, mesh, detokenize=codec.decode)
+  if name is None:
+    workdir = os.path.dirname(os.path.dirname(directory))
+    name = os.path.basename(workdir if os.path.basename(os.path.dirname(directory)) == 'checkpoints'
+                            else os.path.dirname(directory))
+  return Loaded(name, engine, codec, chat, directory)
+
+
+def load_hf(directory: str, engine_cfg: EngineConfig, *, mesh: Mesh | None = None,
+            tokenizer: str | None = None, name: str | None = None) -> Loaded:
+  """Serves a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top  (only for --hf-dir)
+  config_path = os.path.join(directory, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'--hf-dir {directory!r} has no config.json; give a Hugging Face model '
+                            'directory.')
+  with open(config_path) as f:
+    model_cfg = hf.config_from_hf(json.load(f))
+  files = sorted(glob.glob(os.path.join(directory, '*.safetensors')))
+  if not files:
+    raise FileNotFoundError(f'--hf-dir {directory!r} has no *.safetensors weights.')
+  weights = {}
+  for file in files:
+    weights.update(load_file(file))
+  pure = hf.params_from_hf(model_cfg, weights)
+  target = abstract_params(model_cfg, mesh)
+  state = jax.tree.map(lambda x: x, target)
+  nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, pure))
+  params = jax.tree.map(lambda a, t: jax.device_put(np.asarray(a, t.dtype), t.sharding), state,
+                        target)
+  codec, chat = _codec_and_chat(tokenizer or directory, model_cfg)
+  engine = Engine(model_cfg, params, engine_cfg, mesh, detokenize=codec.decode)
+  return Loaded(name or os.path.basename(os.path.abspath(directory)), engine, codec, chat, directory)
