@@ -1,0 +1,87 @@
+"""Reading a model out of a Stoker training checkpoint or a Hugging Face directory, and exporting one.
+
+Below train/ and serve/ (DESIGN.md): serving loads weights through `load`, `stoker convert --to-hf`
+through `to_hf`, and neither needs the training code. A training checkpoint is
+<workdir>/checkpoints/<step>/{state, config[, data]} (train/checkpoint.py); models/checkpoint.py
+reads only its parameters (an Orbax partial restore), placed on the shardings the caller asks for.
+A workdir made by `stoker convert --from-hf` also holds hf/: the original config.json and
+tokenizer files, carried back out by `to_hf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from models import checkpoint as model_checkpoint
+from models import hf, hf_files, transformer
+from models.config import ModelConfig
+
+HF_SUBDIR = 'hf'  # in a workdir: the Hugging Face config and tokenizer files it came from
+
+ShardingsFor = Callable[[nnx.State], Any]  # abstract params -> a matching tree of shardings
+
+
+def is_hf_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, 'config.json')) and not os.path.isdir(
+      os.path.join(path, 'checkpoints'))
+
+
+def read_model_config(path: str, step: int | None = None) -> ModelConfig:
+  """The ModelConfig a training checkpoint was saved with."""
+  directory = model_checkpoint.step_dir(path, step)
+  return model_checkpoint.model_config(model_checkpoint.saved_config(directory))
+
+
+def abstract_params(cfg: ModelConfig) -> nnx.State:
+  return nnx.state(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0))))
+
+
+def read_params(path: str, step: int | None = None, *, shardings_for: ShardingsFor | None = None,
+                **overrides) -> tuple[ModelConfig, nnx.State]:
+  """(ModelConfig, params) of a training checkpoint; `overrides` replace execution fields of the
+  saved config (e.g. dtype, attention); the architecture must stay the checkpoint's."""
+  directory = model_checkpoint.step_dir(path, step)
+  saved = model_checkpoint.model_config(model_checkpoint.saved_config(directory))
+  cfg = dataclasses.replace(saved, **overrides)
+  abstract = abstract_params(cfg)
+  shardings = shardings_for(abstract) if shardings_for else jax.tree.map(
+      lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  return cfg, model_checkpoint.restore_params(directory, target)
+
+
+def load(path: str, *, shardings_for: ShardingsFor | None = None,
+         **overrides) -> tuple[ModelConfig, nnx.State]:
+  """(ModelConfig, params) from a Hugging Face directory or a Stoker training checkpoint."""
+  if not is_hf_dir(path):
+    return read_params(path, shardings_for=shardings_for, **overrides)
+  cfg = hf.config_from_hf(hf_files.read_config(path), **overrides)
+  state = abstract_params(cfg)
+  shardings = nnx.to_pure_dict(shardings_for(state)) if shardings_for else None
+  _, params = hf_files.load_params(path, cfg, shardings=shardings)
+  nnx.replace_by_pure_dict(state, params)
+  return cfg, state
+
+
+def to_hf(path: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,
+          tokenizer_dir: str | None = None,
+          max_shard_bytes: int = hf_files.DEFAULT_SHARD_BYTES) -> list[str]:
+  """Exports a training checkpoint as a Hugging Face directory; returns the files written.
+
+  config.json keeps the fields of the config the model was converted from (if any); tokenizer and
+  chat-template files come from `tokenizer_dir`, else the workdir's hf/ directory.
+  """
+  directory = model_checkpoint.step_dir(path, step)
+  cfg, params = read_params(directory)
+  sidecar = os.path.join(os.path.dirname(os.path.dirname(directory)), HF_SUBDIR)
+  base = hf_files.read_config(sidecar) if os.path.isfile(
+      os.path.join(sidecar, 'config.json')) else None
+  sources = [d for d in (tokenizer_dir, sidecar) if d]
+  return hf_files.write(out_dir, cfg, nnx.to_pure_dict(params), base_config=base, dtype=dtype,
+                        max_shard_bytes=max_shard_bytes, files_from=sources)

@@ -1,0 +1,116 @@
+"""Fine-tuning from Hugging Face: a training workdir at step 0 holding a Hugging Face model's weights.
+
+`stoker convert --from-hf DIR --out WORKDIR [--gin_file ...]` writes exactly what `stoker train` would
+have saved before its first step with that recipe, except that the parameters are the Hugging Face
+ones: the TrainState (step 0, params, freshly initialised optimizer state) placed on the recipe's
+mesh, the data iterator's initial state, the config; plus
+  WORKDIR/train.gin  the recipe with the model's architecture bound (`stoker train --gin_file
+                     WORKDIR/train.gin --workdir WORKDIR` resumes from step 0, i.e. fine-tunes);
+  WORKDIR/hf/        the original config.json and tokenizer/chat-template files (for serving and
+                     for `stoker convert --to-hf`).
+Architecture fields come from config.json; execution fields (scan_layers, remat, attention, dtypes)
+from the recipe's model. Parameters are read tensor by tensor straight onto the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import checkpoint_io, hf, hf_files
+from models.config import ModelConfig, RopeScaling
+from parallelism import sharding
+from parallelism.mesh import make_mesh
+from train import datasets
+from train.checkpoint import Checkpoints, checkpoint_dir
+from train.config import TrainConfig
+from train.optimizer import make_optimizer
+from train.step import TrainState, fresh_state
+
+# The model's architecture: what config.json decides. The other ModelConfig fields are the recipe's.
+ARCHITECTURE = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+                'mlp_dim', 'rope_theta', 'rope_scaling', 'rms_eps', 'tie_embeddings', 'qkv_bias',
+                'qk_norm')
+
+# train.gin binds RopeScaling by this name; the file imports this module, which registers it.
+gin.external_configurable(RopeScaling, 'rope_scaling')
+
+
+def model_config(hf_dir: str, recipe: ModelConfig | None) -> ModelConfig:
+  """The architecture of `hf_dir` with the execution fields of `recipe` (if any)."""
+  converted = hf.config_from_hf(hf_files.read_config(hf_dir))
+  if recipe is None:
+    return converted
+  return dataclasses.replace(recipe, **{k: getattr(converted, k) for k in ARCHITECTURE})
+
+
+def from_hf(hf_dir: str, workdir: str, cfg: TrainConfig, recipe_files: Sequence[str] = (),
+            recipe_params: Sequence[str] = ()) -> TrainConfig:
+  """Writes the step-0 workdir (see the module docstring); returns the TrainConfig it holds.
+
+  `cfg` is the recipe's TrainConfig (its model is replaced by the converted one);
+  `recipe_files` (resolved paths) / `recipe_params` are the gin files and bindings it came from,
+  for train.gin.
+  """
+  if os.path.isdir(checkpoint_dir(workdir)) and os.listdir(checkpoint_dir(workdir)):
+    raise ValueError(f'{workdir} already holds checkpoints; convert into a new workdir.')
+  cfg = dataclasses.replace(cfg, model=model_config(hf_dir, cfg.model))
+  mesh = make_mesh(cfg.mesh)
+  tx = make_optimizer(cfg.optimizer, cfg.steps)
+  abstract = jax.eval_shape(functools.partial(fresh_state, cfg, tx))
+  shardings = sharding.logical_shardings(abstract, mesh)
+  _, params = hf_files.load_params(hf_dir, cfg.model,
+                                   shardings=nnx.to_pure_dict(shardings.params))
+  state_params = jax.tree.map(lambda x: x, abstract.params)
+  nnx.replace_by_pure_dict(state_params, params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(state_params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  state = TrainState(step, state_params, opt_state)
+
+  data = datasets.train_batches(cfg, datasets.data_dir(cfg))
+  try:
+    data_state = data.get_state()
+  finally:
+    if hasattr(data, 'close'):
+      data.close()
+  text = train_gin(cfg.model, recipe_files, recipe_params)
+  ckpts = Checkpoints(workdir, cfg.checkpoint, cfg, text)
+  try:
+    ckpts.save(0, state, data_state, wait=True)
+  finally:
+    ckpts.close()
+  with open(os.path.join(workdir, 'train.gin'), 'w') as f:
+    f.write(text)
+  sidecar = os.path.join(workdir, checkpoint_io.HF_SUBDIR)
+  os.makedirs(sidecar, exist_ok=True)
+  with open(os.path.join(hf_dir, 'config.json')) as src, \
+       open(os.path.join(sidecar, 'config.json'), 'w') as dst:
+    dst.write(src.read())
+  hf_files.copy_tokenizer_files(hf_dir, sidecar)
+  return cfg
+
+
+def train_gin(model: ModelConfig, recipe_files: Sequence[str], recipe_params: Sequence[str]) -> str:
+  """A gin file: the recipe, then every ModelConfig field of `model` bound explicitly."""
+  lines = ['# Written by `stoker convert --from-hf`: the recipe it was given, with the converted',
+           "# model's architecture. Fine-tune with", '#   stoker train --gin_file <this file> '
+           '--workdir <its directory>', f'import {__name__}', '']
+  lines += [f"include '{os.path.abspath(f)}'" for f in recipe_files]
+  lines += list(recipe_params)
+  lines += ['', 'train.model = @model()', "model.name = 'tiny'  # every field is bound below"]
+  for field in dataclasses.fields(model):
+    value = getattr(model, field.name)
+    if field.name == 'rope_scaling' and value is not None:
+      lines.append('model.rope_scaling = @rope_scaling()')
+      lines += [f'rope_scaling.{k} = {v!r}' for k, v in dataclasses.asdict(value).items()]
+    else:
+      value = value.value if hasattr(value, 'value') else value  # enums as their strings
+      lines.append(f'model.{field.name} = {value!r}')
+  return '\n'.join(lines) + '\n'
