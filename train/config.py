@@ -74,7 +74,7 @@ class CheckpointConfig:
       raise ValueError(f'checkpoint.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.')
 
 
-FAULT_KINDS = ('none', 'exception', 'sigterm', 'hang', 'nonfinite', 'kill_in_save')
+FAULT_KINDS = ('none', 'exception', 'sigterm', 'sigkill', 'hang', 'nonfinite', 'kill_in_save')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,7 @@ class FaultConfig:
   exception: a RuntimeError surfaces while step `step`'s gradients are awaited (as a device error
   would); sigterm: the process sends itself SIGTERM during the step; hang: the step never
   returns (the watchdog must act); nonfinite: `count` steps from `step` get NaN gradients;
+  sigkill: the process dies at once (in a multi-process job, set `process` to kill one of them);
   kill_in_save: SIGKILL in the middle of writing the checkpoint of step `step`.
   A fault fires only in a run that starts from scratch, so a resumed run does not repeat it.
   """
@@ -91,6 +92,7 @@ class FaultConfig:
   kind: str = 'none'
   step: int = 0
   count: int = 1
+  process: int = -1  # the process it happens in; -1: every process
 
   def __post_init__(self):
     if self.kind not in FAULT_KINDS:
@@ -116,8 +118,11 @@ class TrainConfig:
   z_loss: float = 0.0  # weight of log(Z)^2, keeps the softmax normaliser near 1
   seed: int = 0
   log_every: int = 10
+  monitoring_port: int = 0  # > 0: process 0 serves Prometheus metrics here (train/monitoring.py)
 
   def __post_init__(self):
+    if not 0 <= self.monitoring_port < 65536:
+      raise ValueError(f'train.monitoring_port must be in 0..65535 (0: off), got {self.monitoring_port}.')
     for name in ('steps', 'batch_size', 'seq_len', 'microbatches', 'log_every'):
       if getattr(self, name) <= 0:
         raise ValueError(f'train.{name} must be positive, got {getattr(self, name)}.')

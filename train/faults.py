@@ -123,7 +123,8 @@ class FaultInjector:
 
   def __init__(self, cfg: FaultConfig, start_step: int):
     self.cfg = cfg
-    self._armed = cfg.kind != 'none' and start_step == 0
+    here = cfg.process in (-1, jax.process_index())
+    self._armed = cfg.kind != 'none' and start_step == 0 and here
 
   def _due(self, kind: str, step: int) -> bool:
     return self._armed and self.cfg.kind == kind and self.cfg.step <= step < self.cfg.step + self.cfg.count
@@ -136,6 +137,9 @@ class FaultInjector:
     if self._due('sigterm', step):
       self._armed = False
       os.kill(os.getpid(), signal.SIGTERM)
+    if self._due('sigkill', step):
+      logging.warning('injected fault: SIGKILL in step %d', step)
+      os.kill(os.getpid(), signal.SIGKILL)
     if self._due('hang', step):
       logging.warning('injected fault: step %d hangs', step)
       threading.Event().wait()  # forever, like a collective whose peer died

@@ -24,6 +24,7 @@ update (benchmarks/checkpoint_overhead.py measures it against the fused step).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -41,7 +42,7 @@ from data.synthetic import Batch
 from parallelism import sharding
 from parallelism.mesh import make_mesh
 from parallelism.rules import DEFAULT_RULES, Rules
-from train import datasets, faults
+from train import datasets, faults, monitoring
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from train.evaluate import compile_eval_step, evaluate
@@ -124,9 +125,12 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
   def save_consistent() -> int:
     step, st, ds = consistent
     ckpts.save(step, st, ds, wait=True)
+    if writer is not None:
+      writer.event('just_in_time_saved')
     logging.warning('Just-in-time checkpoint of step %d saved.', step)
     return step
 
+  writer = None  # set below, once the metrics file is open
   logged: list[dict] = []
   window: list[dict] = []  # per-step metrics since the last log line
   last_done = time.perf_counter()
@@ -134,11 +138,33 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
 
   primary = jax.process_index() == 0  # writes metrics and prints for the whole job
   progress = progress and primary
-  with MetricsWriter(workdir, resume_step=start, enabled=primary) as writer, \
+  exporter = (monitoring.Exporter(cfg.monitoring_port) if primary and cfg.monitoring_port
+              else contextlib.nullcontext())
+  started = time.time()
+  with MetricsWriter(workdir, resume_step=start, enabled=primary) as metrics_file, exporter, \
        tqdm(total=cfg.steps, initial=start, disable=None if progress else True, unit='step',
             dynamic_ncols=True) as bar, \
        faults.SignalGuard() as guard, \
        faults.Watchdog(ckpt_cfg.hang_timeout_s, save_consistent) as watchdog:
+
+    class Writer:
+      """metrics.jsonl + TensorBoard, and the Prometheus exporter when there is one."""
+
+      def write(self, step: int, scalars: dict) -> None:
+        metrics_file.write(step, scalars)
+        if exporter is not None and hasattr(exporter, 'publish'):
+          seconds = time.time() - started
+          cost = _cost(mesh, seconds)
+          exporter.publish({'step': step, **scalars,
+                            'device_hours': mesh.devices.size * seconds / 3600,
+                            **({} if cost is None else {'estimated_cost_usd': cost})})
+
+      def event(self, name: str) -> None:
+        """Counts a checkpoint event on the exporter (the metrics file keeps only curves)."""
+        if exporter is not None and hasattr(exporter, 'publish'):
+          exporter.publish({name: 1})
+
+    writer = Writer()
 
     def finish(step: int, metrics) -> int:
       """Logs step `step`; returns the length of its non-finite streak."""
@@ -253,6 +279,7 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
       if ckpt_cfg.every_steps and step % ckpt_cfg.every_steps == 0 and not last:
         with watchdog.paused():
           ckpts.save(step, state, ds_next)
+        writer.event('checkpoint_saved')
         if injector.kill_in_save(step):
           os.kill(os.getpid(), signal.SIGKILL)  # mid-save, before Orbax commits the step
       if eval_step is not None and (step % cfg.data.eval_every == 0 or last):
@@ -272,4 +299,18 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
       finish(*pending)
     with watchdog.paused():
       ckpts.save(cfg.steps, state, ds, wait=True)
+    writer.event('checkpoint_saved')
+  seconds = time.time() - started
+  cost = _cost(mesh, seconds)
+  logging.info('%.3f device-hours on %d x %s%s.', mesh.devices.size * seconds / 3600,
+               mesh.devices.size, mesh.devices.flat[0].device_kind,
+               '' if cost is None else f': about ${cost:.2f} at list price (train/monitoring.py)')
   return logged
+
+
+def _cost(mesh, seconds: float) -> float | None:
+  """Estimated US dollars of `seconds` on the mesh's devices; None for a device without a price."""
+  try:
+    return monitoring.estimate_cost(mesh.devices.flat[0].device_kind, mesh.devices.size, seconds)
+  except ValueError:
+    return None
