@@ -7,6 +7,12 @@ attention masks every position at or past a sequence's length, so it is never re
 Inside the forward pass the layer axis is folded into the page axis ([L * P, G, K, H], a free
 reshape): layer l's page p is page l * P + p. One pool then serves every layer with the kernels'
 [P, G, K, H] contract, and is updated in place in the layer loop's carry (no per-layer copies).
+
+int8 pools (KVCacheSpec dtype 'int8'): keys and values are stored as int8 with a float32 scale per
+token and kv head ([L, P, G, K] scale pools beside the pages; serve/quant.py has the math). The
+attention kernels read full-precision pages, so each layer's [P, G, K, H] slice is dequantized
+before its attention (`layer_pages`): the whole cache is int8, and one layer's worth exists in the
+compute dtype at a time.
 """
 
 from __future__ import annotations
@@ -16,20 +22,24 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.config import ModelConfig
 from parallelism.rules import DEFAULT_RULES, Rules, logical_to_spec
+from serve import quant
 
 # Logical names of the pool axes: kv heads follow the model's 'kv_heads' rule (tensor parallel).
 POOL_AXES = ('layers', None, None, 'kv_heads', 'head_dim')
 
 
 class KVPages(NamedTuple):
-  """Key and value pools, [L, P, G, K, H] each (a pytree; donated to every step)."""
+  """Key and value pools, [L, P, G, K, H] each (a pytree; donated to every step); with int8
+  pools, their float32 scales [L, P, G, K] (None otherwise)."""
 
   k_LPGKH: jax.Array
   v_LPGKH: jax.Array
+  k_scale_LPGK: jax.Array | None = None
+  v_scale_LPGK: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +51,7 @@ class KVCacheSpec:
   page_size: int  # G
   num_kv_heads: int  # K
   head_dim: int  # H
-  dtype: str = 'float32'
+  dtype: str = 'float32'  # or 'int8': quantized pages with per-token, per-head scales
 
   def __post_init__(self):
     for name in ('num_layers', 'num_kv_heads', 'head_dim', 'page_size'):
@@ -63,9 +73,14 @@ class KVCacheSpec:
     return (self.num_layers, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
 
   @property
+  def quantized(self) -> bool:
+    return jnp.dtype(self.dtype) == jnp.int8
+
+  @property
   def bytes_per_token(self) -> int:
-    """Keys + values of one token over all layers."""
-    return 2 * self.num_layers * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+    """Keys + values of one token over all layers (and their scales, for int8)."""
+    per_head = self.head_dim * jnp.dtype(self.dtype).itemsize + (4 if self.quantized else 0)
+    return 2 * self.num_layers * self.num_kv_heads * per_head
 
   @property
   def bytes(self) -> int:
@@ -77,12 +92,23 @@ def pool_sharding(spec: KVCacheSpec, mesh: Mesh, rules: Rules = DEFAULT_RULES) -
   return NamedSharding(mesh, logical_to_spec(POOL_AXES, spec.shape, mesh, rules))
 
 
+def pages_sharding(spec: KVCacheSpec, sharding: NamedSharding) -> KVPages:
+  """The KVPages of shardings for pools in `sharding` (scale pools split the same way)."""
+  if not spec.quantized:
+    return KVPages(sharding, sharding)
+  scale = NamedSharding(sharding.mesh, PartitionSpec(*(tuple(sharding.spec) + (None,) * 5)[:4]))
+  return KVPages(sharding, sharding, scale, scale)
+
+
 def init_pages(spec: KVCacheSpec, sharding: NamedSharding | None = None) -> KVPages:
   """Zeroed pools, created directly in their sharding (never whole on one device)."""
   def create():
     zeros = jnp.zeros(spec.shape, spec.dtype)
-    return KVPages(zeros, zeros)
-  out_shardings = None if sharding is None else KVPages(sharding, sharding)
+    if not spec.quantized:
+      return KVPages(zeros, zeros)
+    scales = jnp.zeros(spec.shape[:-1], jnp.float32)
+    return KVPages(zeros, zeros, scales, scales)
+  out_shardings = None if sharding is None else pages_sharding(spec, sharding)
   return jax.jit(create, out_shardings=out_shardings)()
 
 
@@ -103,8 +129,44 @@ def slot_mapping(positions_T, block_tables_BM, cu_q_lens_B1, num_seqs_1, page_si
 
 
 def write(pages_XGKH: jax.Array, new_TKH: jax.Array, slots_T: jax.Array) -> jax.Array:
-  """Writes one key (or value) per token at its flat slot of a [X, G, K, H] pool."""
-  X, G, K, H = pages_XGKH.shape
-  flat_SKH = pages_XGKH.reshape(X * G, K, H)
+  """Writes one key (or value) per token at its flat slot of a [X, G, K, H] pool (or of a
+  [X, G, K] scale pool)."""
+  X, G = pages_XGKH.shape[:2]
+  flat_SKH = pages_XGKH.reshape(X * G, *pages_XGKH.shape[2:])
   flat_SKH = flat_SKH.at[slots_T].set(new_TKH.astype(flat_SKH.dtype), mode='promise_in_bounds')
-  return flat_SKH.reshape(X, G, K, H)
+  return flat_SKH.reshape(pages_XGKH.shape)
+
+
+def fold(pages: KVPages) -> KVPages:
+  """[L, P, ...] pools -> [L * P, ...]: layer l's page p is page l * P + p."""
+  return KVPages(*(None if x is None else x.reshape(-1, *x.shape[2:]) for x in pages))
+
+
+def unfold(pages: KVPages, num_layers: int) -> KVPages:
+  return KVPages(*(None if x is None else x.reshape(num_layers, -1, *x.shape[1:]) for x in pages))
+
+
+def write_step(pages: KVPages, k_TKH: jax.Array, v_TKH: jax.Array, slots_T: jax.Array) -> KVPages:
+  """Writes a step's keys and values at their flat slots of folded pools (quantizing them for
+  int8 pools)."""
+  if pages.k_scale_LPGK is None:
+    return KVPages(write(pages.k_LPGKH, k_TKH, slots_T), write(pages.v_LPGKH, v_TKH, slots_T))
+  (kq_TKH, ks_TK), (vq_TKH, vs_TK) = quant.quantize_kv(k_TKH), quant.quantize_kv(v_TKH)
+  return KVPages(write(pages.k_LPGKH, kq_TKH, slots_T), write(pages.v_LPGKH, vq_TKH, slots_T),
+                 write(pages.k_scale_LPGK, ks_TK, slots_T), write(pages.v_scale_LPGK, vs_TK, slots_T))
+
+
+def layer_pages(pages: KVPages, layer, num_pages: int, block_tables_BM: jax.Array, dtype):
+  """(keys [*, G, K, H], values, block tables) for layer `layer`'s attention over folded pools.
+
+  Full-precision pools are passed whole with the tables shifted to the layer's pages; int8 pools
+  give the layer's own P pages, dequantized to `dtype`, and the tables as they are.
+  """
+  if pages.k_scale_LPGK is None:
+    return pages.k_LPGKH, pages.v_LPGKH, block_tables_BM + layer * num_pages
+
+  def mine(x):
+    return jax.lax.dynamic_slice_in_dim(x, layer * num_pages, num_pages)
+  k = quant.dequantize_kv(mine(pages.k_LPGKH), mine(pages.k_scale_LPGK), dtype)
+  v = quant.dequantize_kv(mine(pages.v_LPGKH), mine(pages.v_scale_LPGK), dtype)
+  return k, v, block_tables_BM
