@@ -5,6 +5,10 @@ T tokens. Each layer projects them with the model's own code (Attention.project_
 norm, RoPE), writes their keys/values into their pages, runs ragged paged attention over the
 pools, and finishes with the model's output projection and MLP. Only the rows whose next token is
 needed go through the final norm and LM head.
+
+Quantized serving (serve/quant.py): params whose weights are Int8 are dequantized to the compute
+dtype one layer at a time inside the layer loop (the rest before it); int8 pools are written
+quantized and read through kv_cache.layer_pages.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from serve import attention, kv_cache
+from serve import attention, kv_cache, quant
 from serve.kv_cache import KVPages
 
 
@@ -44,24 +48,28 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
   tensor-parallel mesh, for kernels that shard themselves."""
   model = nnx.merge(graphdef, params)
   L, P, G, K, H = pages.k_LPGKH.shape
+  dt = jnp.dtype(model.cfg.compute_dtype(jax.default_backend()))
+  if quant.is_quantized(params):  # the layers' weights are dequantized in the loop, one by one
+    nnx.update(model, quant.dequantize(nnx.State({k: v for k, v in params.items()
+                                                  if k != 'layers'}), dt))
   inv_freq = model.inv_freq()
   positions_1T = batch.positions_T[None]
   slots_T = kv_cache.slot_mapping(batch.positions_T, batch.block_tables_BM, batch.cu_q_lens_B1,
                                   batch.num_seqs_1, G)
   # Layers share one [L * P, G, K, H] pool: layer l owns pages l * P .. l * P + P - 1.
-  k_XGKH = pages.k_LPGKH.reshape(L * P, G, K, H)
-  v_XGKH = pages.v_LPGKH.reshape(L * P, G, K, H)
+  cache = kv_cache.fold(pages)
 
-  def layer(block, l, x_1TD, k_XGKH, v_XGKH):
+  def layer(block_def, block_state, l, x_1TD, cache):
+    block = nnx.merge(block_def, quant.dequantize(block_state, dt))
     q_1TNH, k_1TKH, v_1TKH = block.attn.project_qkv(block.attn_norm(x_1TD), positions_1T, inv_freq)
-    k_XGKH = kv_cache.write(k_XGKH, k_1TKH[0], slots_T + l * P * G)
-    v_XGKH = kv_cache.write(v_XGKH, v_1TKH[0], slots_T + l * P * G)
+    cache = kv_cache.write_step(cache, k_1TKH[0], v_1TKH[0], slots_T + l * P * G)
+    k_PGKH, v_PGKH, tables_BM = kv_cache.layer_pages(cache, l, P, batch.block_tables_BM, dt)
     out_TNH = attention.ragged_paged_attention(
-        backend, q_1TNH[0], k_XGKH, v_XGKH, batch.kv_lens_B, batch.block_tables_BM + l * P,
+        backend, q_1TNH[0], k_PGKH, v_PGKH, batch.kv_lens_B, tables_BM,
         batch.cu_q_lens_B1, batch.num_seqs_1, sm_scale=H ** -0.5, mesh=mesh)
     x_1TD = x_1TD + block.attn.project_out(out_TNH[None])
     x_1TD = x_1TD + block.mlp(block.mlp_norm(x_1TD))
-    return x_1TD, k_XGKH, v_XGKH
+    return x_1TD, cache
 
   x_1TD = model.embed(batch.token_ids_T[None])
   if model.cfg.scan_layers:
@@ -69,14 +77,14 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
 
     def body(carry, xs):
       layer_state, l = xs
-      return layer(nnx.merge(layers_def, layer_state), l, *carry), None
+      return layer(layers_def, layer_state, l, *carry), None
 
-    (x_1TD, k_XGKH, v_XGKH), _ = jax.lax.scan(
-        body, (x_1TD, k_XGKH, v_XGKH), (layers_state, jnp.arange(L, dtype=jnp.int32)))
+    (x_1TD, cache), _ = jax.lax.scan(
+        body, (x_1TD, cache), (layers_state, jnp.arange(L, dtype=jnp.int32)))
   else:
     for l, block in enumerate(model.layers):
-      x_1TD, k_XGKH, v_XGKH = layer(block, l, x_1TD, k_XGKH, v_XGKH)
+      x_1TD, cache = layer(*nnx.split(block), l, x_1TD, cache)
 
   x_1BD = jnp.take(x_1TD, batch.logits_indices_B, axis=1)
   logits_BV = model.logits(x_1BD)[0]
-  return logits_BV, KVPages(k_XGKH.reshape(L, P, G, K, H), v_XGKH.reshape(L, P, G, K, H))
+  return logits_BV, kv_cache.unfold(cache, L)
