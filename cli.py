@@ -109,10 +109,10 @@ def _serve(args) -> int:
   if engine_cfg.compilation_cache_dir is None:
     _use_compilation_cache()
   mesh = loader.serving_mesh(args.tensor_parallel)
+  loader.check_source(args.checkpoint, args.hf_dir, args.step)  # fails before a port is bound
   if args.checkpoint:
     load = lambda: loader.load_checkpoint(args.checkpoint, engine_cfg, step=args.step, mesh=mesh,
                                           tokenizer=args.tokenizer)
-    loader.model_checkpoint.step_dir(args.checkpoint, args.step)  # a bad path fails before binding
   else:
     load = lambda: loader.load_hf(args.hf_dir, engine_cfg, mesh=mesh, tokenizer=args.tokenizer)
   return server.serve(server.Service(server_cfg, load))

@@ -2,7 +2,7 @@
 completions through the OpenAI API as any client would, print them, shut down.
 
 The engine is kept small so that start-up (restore + one compile per token bucket) stays short on
-a 2-core CPU: two buckets, a 64-page pool, a context of 128 tokens (the quickstart's seq_len).
+a 2-core CPU: one 64-token bucket, a 64-page pool, a context of 128 tokens (the quickstart's seq_len).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from serve.engine import EngineConfig
 from serve.server import BackgroundServer, ServerConfig, Service
 
 QUICKSTART_ENGINE = EngineConfig(num_pages=64, page_size=16, max_seqs=4, max_pages_per_seq=8,
-                                 token_budget=64, min_bucket=32)
-PROMPTS = ('import os\n', 'def main(', 'class Parser:\n    def ')
+                                 token_budget=64, min_bucket=64)
+PROMPTS = ('import ', 'def main(', 'class Parser:\n    def ')
 
 
 def post(url: str, body: dict, timeout: float = 120.0) -> dict:

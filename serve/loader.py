@@ -10,18 +10,16 @@ onto the serving mesh's shardings (models/checkpoint.py reads only the params).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from models import checkpoint as model_checkpoint
-from models import hf, transformer
+from models import checkpoint_io, transformer
 from models.config import ModelConfig
 from parallelism import sharding as sharding_lib
 from parallelism.mesh import MeshConfig, make_mesh
@@ -51,15 +49,19 @@ def serving_mesh(tensor_parallel: int = 1) -> Mesh | None:
   return make_mesh(MeshConfig(ici=(1, 1, tensor_parallel)), jax.devices()[:tensor_parallel])
 
 
+def shardings(abstract, mesh: Mesh | None):
+  """Where each param is served: the first device, or the mesh by the logical-axis rules."""
+  if mesh is None:
+    device = SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda _: device, abstract)
+  return sharding_lib.logical_shardings(abstract, mesh)
+
+
 def abstract_params(cfg: ModelConfig, mesh: Mesh | None):
   """The model's params as ShapeDtypeStructs carrying the shardings they are served with."""
   _, state = nnx.split(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0))))
-  if mesh is None:
-    device = SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
-  shardings = sharding_lib.logical_shardings(state, mesh)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                      shardings)
+                      shardings(state, mesh))
 
 
 def _special_tokens(tokenizer_dir: str | None) -> tuple[str | None, str | None]:
@@ -121,28 +123,22 @@ def load_checkpoint(path: str, engine_cfg: EngineConfig, *, step: int | None = N
   return Loaded(name, engine, codec, chat, directory)
 
 
+def check_source(checkpoint: str | None = None, hf_dir: str | None = None,
+                 step: int | None = None) -> None:
+  """Fails now, naming the problem, if the model to serve is not there (before a port is bound)."""
+  if checkpoint is not None:
+    model_checkpoint.step_dir(checkpoint, step)
+  elif not os.path.isfile(os.path.join(hf_dir, 'config.json')):
+    raise FileNotFoundError(f'--hf-dir {hf_dir!r} has no config.json; give a Hugging Face model '
+                            'directory (config.json, *.safetensors, tokenizer.json).')
+
+
 def load_hf(directory: str, engine_cfg: EngineConfig, *, mesh: Mesh | None = None,
             tokenizer: str | None = None, name: str | None = None) -> Loaded:
-  """Serves a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top  (only for --hf-dir)
-  config_path = os.path.join(directory, 'config.json')
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'--hf-dir {directory!r} has no config.json; give a Hugging Face model '
-                            'directory.')
-  with open(config_path) as f:
-    model_cfg = hf.config_from_hf(json.load(f))
-  files = sorted(glob.glob(os.path.join(directory, '*.safetensors')))
-  if not files:
-    raise FileNotFoundError(f'--hf-dir {directory!r} has no *.safetensors weights.')
-  weights = {}
-  for file in files:
-    weights.update(load_file(file))
-  pure = hf.params_from_hf(model_cfg, weights)
-  target = abstract_params(model_cfg, mesh)
-  state = jax.tree.map(lambda x: x, target)
-  nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, pure))
-  params = jax.tree.map(lambda a, t: jax.device_put(np.asarray(a, t.dtype), t.sharding), state,
-                        target)
+  """Serves a Hugging Face model directory (config.json, *.safetensors, tokenizer.json); each tensor
+  is read and placed on its serving devices in turn (models/checkpoint_io.py)."""
+  check_source(hf_dir=directory)
+  model_cfg, params = checkpoint_io.load(directory, shardings_for=lambda a: shardings(a, mesh))
   codec, chat = _codec_and_chat(tokenizer or directory, model_cfg)
   engine = Engine(model_cfg, params, engine_cfg, mesh, detokenize=codec.decode)
   return Loaded(name or os.path.basename(os.path.abspath(directory)), engine, codec, chat, directory)
