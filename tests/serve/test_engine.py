@@ -227,6 +227,40 @@ def test_abort_mid_flight_leaks_nothing(small_pool):
   assert_idle_and_clean(small_pool)
 
 
+@pytest.mark.xdist_group('small_pool')
+def test_random_arrivals_and_aborts_keep_invariants(small_pool):
+  """Arrivals at random steps and aborts at random moments (waiting, running, in flight) on a pool
+  that forces preemption: invariants hold after every step, survivors' outputs are the naive ones,
+  and nothing leaks."""
+  rng = np.random.default_rng(11)
+  requests = {f's{i}': (rng.integers(0, CFG.vocab_size, int(rng.integers(1, 31))).tolist(),
+                        int(rng.integers(1, 13))) for i in range(12)}
+  arrivals = sorted(rng.integers(0, 8, len(requests)).tolist())
+  preemptions = small_pool.stats['preemptions']
+  pending = list(requests)
+  aborted, finished, step = set(), {}, 0
+  while pending or small_pool.has_work:
+    while pending and arrivals[len(requests) - len(pending)] <= step:
+      rid = pending.pop(0)
+      small_pool.add_request(rid, requests[rid][0], SamplingParams(max_tokens=requests[rid][1]))
+    live = [r for r in requests if r not in pending and r not in finished and r not in aborted]
+    if live and rng.random() < 0.06:
+      rid = str(rng.choice(live))
+      assert small_pool.abort(rid).finish_reason == 'abort'
+      aborted.add(rid)
+    for o in small_pool.step():
+      assert o.request_id not in aborted
+      if o.finished:
+        finished[o.request_id] = o.output_ids
+    small_pool.scheduler.check()
+    step += 1
+  assert aborted and set(finished) | aborted == set(requests)
+  assert small_pool.stats['preemptions'] > preemptions, 'the pool should have forced a preemption'
+  for rid, out in finished.items():
+    assert list(out) == naive_greedy(*requests[rid]), rid
+  assert_idle_and_clean(small_pool)
+
+
 @pytest.mark.xdist_group('big_pages')
 def test_stop_tokens_and_stop_strings(big_pages):
   prompts, _ = mixed_prompts()
