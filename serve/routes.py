@@ -127,10 +127,13 @@ async def generate(request, service: Service, body, prompts: list[list[int]], li
   for p, ids in enumerate(prompts):
     for c in range(body.n):
       index = p * body.n + c
-      params = SamplingParams(
-          max_tokens=max_tokens[p], temperature=body.temperature, top_k=max(body.top_k, 0),
-          top_p=body.top_p, seed=None if body.seed is None else (body.seed + c) % MAX_SEED,
-          stop_token_ids=() if body.ignore_eos else codec.stop_token_ids, stop=body.stop_strings())
+      try:
+        params = SamplingParams(
+            max_tokens=max_tokens[p], temperature=body.temperature, top_k=max(body.top_k, 0),
+            top_p=body.top_p, seed=None if body.seed is None else (body.seed + c) % MAX_SEED,
+            stop_token_ids=() if body.ignore_eos else codec.stop_token_ids, stop=body.stop_strings())
+      except ValueError as e:  # the schema's ranges should already have caught it
+        raise APIError(400, str(e)) from e
 
       def deliver(item, index=index):
         loop.call_soon_threadsafe(queue.put_nowait, (index, item))

@@ -461,16 +461,18 @@ def test_shutdown_aborts_what_outlives_the_deadline(workdir):
   assert allocator.num_used == 0
 
 
-@pytest.mark.parametrize('args,message', [
-    (['--checkpoint', '/no/such/dir'], 'no such directory'),
-    (['--checkpoint', '.', '--step', '3'], 'no complete checkpoint'),
-    (['--hf-dir', '/no/such/dir'], 'no config.json'),
-])
-def test_serve_bad_arguments_exit_2(args, message):
-  result = subprocess.run([sys.executable, os.path.join(REPO, 'cli.py'), 'serve', *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
-  assert 'Traceback' not in result.stderr
+def test_serve_bad_sources_exit_2_before_binding(workdir):
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'cli.py'), 'serve', '--checkpoint',
+                           '/no/such/dir'], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and 'no such directory' in result.stderr, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr and 'Listening' not in result.stdout
+  with pytest.raises(FileNotFoundError, match='no checkpoint of step 3'):
+    loader.check_source(checkpoint=workdir, step=3)
+  with pytest.raises(FileNotFoundError, match='no complete checkpoint'):
+    loader.check_source(checkpoint=REPO)
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    loader.check_source(hf_dir=workdir)
+  loader.check_source(checkpoint=workdir, step=7)
 
 
 # ----------------------------------------------------------------------------- shutdown (last)
