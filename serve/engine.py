@@ -32,7 +32,7 @@ from models.config import ModelConfig
 from parallelism import sharding as sharding_lib
 from parallelism.rules import DEFAULT_RULES, Rules
 from serve import forward as forward_lib
-from serve import kv_cache, sampling
+from serve import kv_cache, quant, sampling
 from serve.attention import AttentionBackend, resolve
 from serve.sampling import SamplingParams
 from serve.scheduler import Policy, Scheduler, SchedulerConfig, StepPlan
@@ -53,13 +53,17 @@ class EngineConfig:
   prefix_caching: bool = True
   attention: AttentionBackend = AttentionBackend.AUTO
   min_bucket: int = 16  # smallest token bucket; buckets double up to token_budget
-  kv_dtype: str | None = None  # None: the model's compute dtype
+  kv_dtype: str | None = None  # None: the model's compute dtype; 'int8': quantized (serve/quant.py)
+  weight_dtype: str | None = None  # None: the params as given; 'int8': weight-only int8
   compilation_cache_dir: str | None = None  # JAX persistent compilation cache, for fast restarts
   seed: int = 0  # draws the seeds of requests that bring none
 
   def __post_init__(self):
     object.__setattr__(self, 'policy', Policy(self.policy))
     object.__setattr__(self, 'attention', AttentionBackend(self.attention))
+    if self.weight_dtype not in (None, *quant.WEIGHT_DTYPES):
+      raise ValueError(f'EngineConfig.weight_dtype={self.weight_dtype!r}; use None (as given) or '
+                       f'one of {quant.WEIGHT_DTYPES}.')
     if self.min_bucket < 1:
       raise ValueError(f'EngineConfig.min_bucket={self.min_bucket}; use a positive token count.')
     if self.max_seqs > self.token_budget:
@@ -159,17 +163,23 @@ class Engine:
     B, M = engine_cfg.max_seqs, engine_cfg.max_pages_per_seq
     steps = {T: functools.partial(_step, graphdef, self.backend, mesh, (T, B, M))
              for T in engine_cfg.buckets()}
+    if engine_cfg.weight_dtype == 'int8':
+      params = jax.jit(quant.quantize_params)(params)
+      abstract_params = quant.abstract(abstract_params)
+    self.weight_bytes = quant.nbytes(params)
     if mesh is None:
       self.params = params
       self.pages = kv_cache.init_pages(spec)
       jitted = {T: jax.jit(f, donate_argnums=(1,)) for T, f in steps.items()}
     else:
-      param_shardings = sharding_lib.logical_shardings(abstract_params, mesh, rules)
+      param_shardings = (quant.logical_shardings(abstract_params, mesh, rules)
+                         if engine_cfg.weight_dtype else
+                         sharding_lib.logical_shardings(abstract_params, mesh, rules))
       self.params = jax.device_put(params, param_shardings)
       pool = kv_cache.pool_sharding(spec, mesh, rules)
       self.pages = kv_cache.init_pages(spec, pool)
       replicated = NamedSharding(mesh, PartitionSpec())
-      pools = kv_cache.KVPages(pool, pool)
+      pools = kv_cache.pages_sharding(spec, pool)
       jitted = {T: jax.jit(f, donate_argnums=(1,),
                            in_shardings=(param_shardings, pools, replicated, replicated),
                            out_shardings=(replicated, pools)) for T, f in steps.items()}

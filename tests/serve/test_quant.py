@@ -1,0 +1,204 @@
+"""Int8 serving: the quantization math against numpy, the paged forward with int8 weights / int8
+KV pools against the dense model given the same quantized numbers, and the engine switched by config.
+
+References: int8 weights -> the dense model run on the dequantized weights (what int8 weights
+mean); int8 KV -> the dense model whose attention sees keys/values rounded per token and kv head
+by a numpy quantizer written here. Both paths compute in float32, so the tolerance is the paged
+forward's own (1e-4, see tests/serve/test_forward.py).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import attention as model_attention
+from models import presets, transformer
+from parallelism.mesh import MeshConfig, make_mesh
+from serve import forward, kv_cache, quant
+from serve.engine import Engine, EngineConfig
+from serve.sampling import SamplingParams
+
+ATOL = 1e-4
+G, P, M, B = 4, 16, 6, 2  # page size, pages (null page included), pages per sequence, rows
+
+
+def tiny_config(**overrides):
+  fields = dict(num_layers=2, d_model=64, vocab_size=256, num_heads=4, num_kv_heads=2,
+                head_dim=16, mlp_dim=128, dtype='float32', qkv_bias=True)
+  fields.update(overrides)
+  return presets.preset('tiny', **fields)
+
+
+@functools.cache
+def model(scan_layers=True):
+  cfg = tiny_config(scan_layers=scan_layers)
+  m = transformer.Transformer(cfg, nnx.Rngs(1))
+  return cfg, *nnx.split(m)
+
+
+def np_quantize(x, axes):
+  """The reference quantizer: symmetric int8, absmax / 127 per slice over `axes`."""
+  x = np.asarray(x, np.float64)
+  scale = np.max(np.abs(x), axis=axes, keepdims=True) / 127
+  scale = np.where(scale > 0, scale, 1)
+  return np.clip(np.round(x / scale), -127, 127).astype(np.int8), scale
+
+
+def test_weight_quantization_matches_numpy_per_output_channel():
+  cfg, _, params = model()
+  qparams = jax.jit(quant.quantize_params)(params)
+  for path, axes in ((('layers', 'attn', 'q_DNH'), (1,)), (('layers', 'attn', 'o_NHD'), (1, 2)),
+                     (('layers', 'mlp', 'down_FD'), (1,)), (('embed_VD',), (1,)),
+                     (('lm_head_DV',), (0,))):
+    w = functools.reduce(lambda t, k: t[k], path, params).get_value()
+    got = functools.reduce(lambda t, k: t[k], path, qparams).get_value()
+    q, scale = np_quantize(w, axes)
+    assert got.q.dtype == jnp.int8 and got.scale.shape == scale.shape, path
+    np.testing.assert_allclose(np.asarray(got.scale), scale, rtol=1e-6)
+    # Ties may round either way after float32 division: at most one step, and rarely.
+    assert np.mean(np.asarray(got.q) != q) < 1e-3 and np.abs(np.asarray(got.q) - q).max() <= 1
+    err = np.abs(np.asarray(quant.dequantize_array(got, jnp.float32)) - np.asarray(w))
+    assert np.all(err <= np.asarray(got.scale) * 0.5 + 1e-7), path
+  # Norm scales and biases are left alone.
+  assert qparams['final_norm']['scale'].get_value().dtype == jnp.float32
+  assert qparams['layers']['attn']['bias']['q_NH'].get_value().dtype == jnp.float32
+  ratio = quant.nbytes(qparams) / quant.nbytes(params)
+  assert 0.25 < ratio < 0.3, ratio  # int8 weights + float32 scales and norms: about a quarter
+
+
+def make_batch(seqs, T=32):
+  """Whole sequences as one prefill step each, pages 1.. in order."""
+  tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
+  tables, kv_lens = np.zeros((B, M), np.int32), np.zeros(B, np.int32)
+  cu, last = np.zeros(B + 1, np.int32), np.zeros(B, np.int32)
+  t, page = 0, 1
+  for b, ids in enumerate(seqs):
+    n = len(ids)
+    tokens[t:t + n], positions[t:t + n] = ids, np.arange(n)
+    pages = -(-n // G)
+    tables[b, :pages] = np.arange(page, page + pages)
+    page += pages
+    kv_lens[b], last[b] = n, t + n - 1
+    t += n
+    cu[b + 1] = t
+  cu[len(seqs) + 1:] = t
+  return forward.StepBatch(tokens, positions, tables, kv_lens, cu,
+                           np.array([len(seqs)], np.int32), last)
+
+
+SEQS = [np.random.default_rng(0).integers(0, 256, n).astype(np.int32) for n in (13, 9)]
+
+
+def dense_last_logits(graphdef, params):
+  run = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
+  return [np.asarray(run(params, s[None]))[0, -1] for s in SEQS]
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_int8_weights_equal_the_dense_model_on_dequantized_weights(scan_layers):
+  cfg, graphdef, params = model(scan_layers)
+  qparams = jax.jit(quant.quantize_params)(params)
+  expected = dense_last_logits(graphdef, quant.dequantize(qparams, jnp.float32))
+  pages = kv_cache.init_pages(kv_cache.KVCacheSpec.for_model(cfg, P, G))
+  step = jax.jit(functools.partial(forward.forward, graphdef))
+  logits_BV, _ = step(qparams, pages, make_batch(SEQS))
+  for b, e in enumerate(expected):
+    np.testing.assert_allclose(np.asarray(logits_BV[b]), e, atol=ATOL, rtol=0)
+  # ... and differ from full precision by a little, not by nothing.
+  full = dense_last_logits(graphdef, params)
+  assert 1e-4 < np.abs(np.asarray(logits_BV[0]) - full[0]).max() < 0.1
+
+
+def test_int8_kv_writes_rounded_keys_and_values_and_attends_over_them(monkeypatch):
+  """Two halves, each exact: (1) the pages hold numpy's int8 rounding of the keys/values the dense
+  model computes (a level may differ by one only where float32 noise meets a rounding tie);
+  (2) the logits equal the dense model whose attention reads those stored keys/values."""
+  cfg, graphdef, params = model(scan_layers=False)  # unrolled: attend is traced once per layer
+  spec = kv_cache.KVCacheSpec.for_model(cfg, P, G, 'int8')
+  pages = kv_cache.init_pages(spec)
+  assert pages.k_LPGKH.dtype == jnp.int8 and pages.k_scale_LPGK.shape == spec.shape[:-1]
+  logits_BV, pages = jax.jit(functools.partial(forward.forward, graphdef))(
+      params, pages, make_batch(SEQS))
+  tables = make_batch(SEQS).block_tables_BM
+  pages = jax.tree.map(np.asarray, pages)
+
+  def stored(pool_LPGKH, scale_LPGK, l, b):
+    n = len(SEQS[b])
+    q8 = pool_LPGKH[l][tables[b]].reshape(-1, *pool_LPGKH.shape[3:])[:n]
+    scale = scale_LPGK[l][tables[b]].reshape(-1, scale_LPGK.shape[3])[:n]
+    return q8, scale
+
+  attend = model_attention.attend
+  for b, seq in enumerate(SEQS):
+    seen, layer = [], iter(range(cfg.num_layers))
+
+    def from_pages(impl, q, k, v, segment_ids, b=b, seen=seen, layer=layer):
+      l = next(layer)
+      kv = [stored(pages.k_LPGKH, pages.k_scale_LPGK, l, b),
+            stored(pages.v_LPGKH, pages.v_scale_LPGK, l, b)]
+      jax.debug.callback(lambda k, v, kv=kv: seen.append((np.asarray(k)[0], np.asarray(v)[0], kv)),
+                         k, v)
+      k, v = (jnp.asarray(q8 * scale[..., None], jnp.float32)[None] for q8, scale in kv)
+      return attend(impl, q, k, v, segment_ids)
+
+    monkeypatch.setattr(model_attention, 'attend', from_pages)
+    logits = np.asarray(jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))(params, seq[None]))
+    np.testing.assert_allclose(np.asarray(logits_BV[b]), logits[0, -1], atol=ATOL, rtol=0)
+    for k, v, kv in seen:
+      for x, (q8, scale) in zip((k, v), kv):
+        want, want_scale = np_quantize(x, (2,))
+        np.testing.assert_allclose(scale, want_scale[..., 0], rtol=1e-6)
+        off = np.abs(q8.astype(int) - want) > 0
+        ratio = np.abs(np.asarray(x, np.float64) / want_scale)
+        assert np.all(np.abs(q8.astype(int) - want) <= 1)
+        assert np.all(np.abs(ratio[off] % 1 - 0.5) < 1e-4), 'a level differs away from a tie'
+        assert off.mean() < 0.01
+
+
+def test_kv_spec_bytes_and_sequences_per_budget():
+  cfg = presets.preset('tiny')
+  full = kv_cache.KVCacheSpec.for_model(cfg, 64, 16, 'float32')
+  int8 = kv_cache.KVCacheSpec.for_model(cfg, 64, 16, 'int8')
+  L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  assert full.bytes_per_token == 2 * L * K * H * 4
+  assert int8.bytes_per_token == 2 * L * K * (H + 4)  # int8 values + a float32 scale per head
+  assert int8.bytes == np.sum([x.nbytes for x in kv_cache.init_pages(int8)])
+
+
+@pytest.fixture(scope='module')
+def engines():
+  """Greedy outputs of the unquantized engine and of int8 weights + int8 KV (one device and a
+  2-way tensor-parallel mesh)."""
+  cfg, graphdef, params = model()
+  ecfg = dict(num_pages=32, page_size=4, max_seqs=2, max_pages_per_seq=8, token_budget=16,
+              min_bucket=16)
+  prompts = [list(s[:7]) for s in SEQS]
+  out = {}
+  mesh = make_mesh(MeshConfig(ici=(1, 1, 2)), jax.devices()[:2])
+  for name, extra, m in (('full', {}, None),
+                         ('int8', dict(weight_dtype='int8', kv_dtype='int8'), None),
+                         ('int8_tp', dict(weight_dtype='int8', kv_dtype='int8'), mesh)):
+    engine = Engine(cfg, params, EngineConfig(**ecfg, **extra), m)
+    out[name] = (engine, engine.generate(prompts, SamplingParams(max_tokens=8)))
+  return out
+
+
+def test_engine_int8_serves_sharded_like_unsharded_and_reports_weight_bytes(engines):
+  full, int8, tp = engines['full'], engines['int8'], engines['int8_tp']
+  assert int8[1] == tp[1]
+  assert all(len(o) == 8 for o in int8[1])
+  # Random tiny weights: greedy paths may part after a few tokens, but start the same.
+  assert [o[:2] for o in int8[1]] == [o[:2] for o in full[1]]
+  assert 0.25 < int8[0].weight_bytes / full[0].weight_bytes < 0.3
+  assert int8[0].kv_spec.quantized and int8[0].pages.k_LPGKH.dtype == jnp.int8
+  spec = tp[0].pages.k_scale_LPGK.sharding.spec
+  assert tuple(spec)[:4] == tuple(tp[0].pages.k_LPGKH.sharding.spec)[:4]
+
+
+def test_bad_weight_dtype():
+  with pytest.raises(ValueError, match=r"weight_dtype='int4'; use None \(as given\) or one of"):
+    EngineConfig(weight_dtype='int4')
