@@ -3,11 +3,12 @@
   python benchmarks/serve_bench.py --checkpoint runs/tiny        # a `stoker train` workdir
   python benchmarks/serve_bench.py --checkpoint runs/tiny --skip_capacity --requests 60
 
-For each policy the script starts `stoker serve --checkpoint ... --gin_param engine.policy=...` on a free
-loopback port (same engine limits otherwise), waits for /health, then runs `stoker bench` twice with the
-same seeded workload and deadlines: once at --rate (the fixed-load comparison: fluidity-index, TBT, TTFT)
-and once with --capacity-search (the highest Poisson rate whose P99 miss rate stays <= 0.1). The
-commands are printed and recorded. Writes benchmarks/out/serve_bench/<policy>/{run,capacity}/ (the
+Both servers are started at once (`stoker serve --checkpoint ... --gin_param engine.policy=...` on free
+loopback ports, the same engine limits otherwise); an idle server costs next to nothing. The fixed-rate
+runs of `stoker bench` (the same seeded workload and deadlines) then alternate between them in ABBA order,
+--repeats per policy, so both see the same background load; medians over those runs are quoted. Then one
+--capacity-search each (the highest Poisson rate whose P99 over requests of the miss rate stays <= 0.1).
+The commands are printed and recorded. Writes benchmarks/out/serve_bench/<policy>/{run<i>,capacity}/ (the
 bench's own files), benchmarks/out/serve_bench.json and benchmarks/out/serve_bench.png.
 """
 
@@ -33,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--checkpoint', required=True, help='a `stoker train` workdir to serve')
   p.add_argument('--tokenizer', default=os.path.expanduser('~/.cache/stoker/data/stdlib-v4096'),
                  help="the served model's tokenizer (default: the stdlib corpus's)")
-  p.add_argument('--policies', default=','.join(POLICIES))
+  p.add_argument('--policies', default=','.join(POLICIES),
+                 help='comma-separated policy[:token_budget] (default budget: --token_budget)')
   p.add_argument('--token_budget', type=int, default=128)
   p.add_argument('--max_seqs', type=int, default=16)
   p.add_argument('--num_pages', type=int, default=1024)
@@ -45,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--prefill_deadline', type=float, default=2.0, help='D_p (s)')
   p.add_argument('--decode_deadline', type=float, default=0.25, help='D_d (s)')
+  p.add_argument('--repeats', type=int, default=2, help='fixed-rate runs per policy, interleaved')
   p.add_argument('--skip_capacity', action='store_true')
   p.add_argument('--capacity_requests', type=int, default=48)
   p.add_argument('--start_rate', type=float, default=0.5)
@@ -84,67 +87,97 @@ def stoker(*args: str) -> list[str]:
   return [sys.executable, os.path.join(REPO, 'cli.py'), *args]
 
 
-def run_policy(args, policy: str) -> dict:
+def start_server(args, spec: str):
+  """spec: a policy, or policy:budget for another token budget than --token_budget."""
+  policy, _, budget = spec.partition(':')
   port = free_port()
-  url = f'http://127.0.0.1:{port}'
-  serve_cmd = stoker('serve', '--checkpoint', args.checkpoint, '--tokenizer', args.tokenizer,
-                     '--port', str(port),
-                     '--gin_param', f"engine.policy='{policy}'",
-                     '--gin_param', f'engine.token_budget={args.token_budget}',
-                     '--gin_param', f'engine.max_seqs={args.max_seqs}',
-                     '--gin_param', f'engine.num_pages={args.num_pages}',
-                     '--gin_param', f'engine.max_pages_per_seq={args.max_pages_per_seq}')
-  log('$ ' + shlex.join(serve_cmd))
-  out = os.path.join(args.out_dir, 'serve_bench', policy)
-  with open(os.path.join(args.out_dir, f'serve_bench_{policy}_server.log'), 'w') as server_log:
-    server = subprocess.Popen(serve_cmd, stdout=server_log, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-      wait_healthy(url, server)
-      workload = (f'requests={args.requests},arrival=poisson,rate={args.rate},prompt={args.prompt},'
-                  f'output={args.output},seed={args.seed}')
-      common = ['--url', url, '--tokenizer', args.tokenizer, '--no-progress', '--warmup', '2',
-                '--prefill-deadline', str(args.prefill_deadline),
-                '--decode-deadline', str(args.decode_deadline)]
-      commands = {'run': stoker('bench', *common, '--workload', workload, '--out', os.path.join(out, 'run'))}
-      if not args.skip_capacity:
-        cap_workload = workload.replace(f'requests={args.requests}', f'requests={args.capacity_requests}')
-        commands['capacity'] = stoker('bench', *common, '--workload', cap_workload,
-                                      '--out', os.path.join(out, 'capacity'), '--capacity-search',
-                                      '--start-rate', str(args.start_rate), '--min-rate', str(args.min_rate),
-                                      '--max-probes',
-                                      str(args.max_probes), '--rate-tolerance', str(args.rate_tolerance))
-      result = {'serve_command': shlex.join(serve_cmd)}
-      for name, cmd in commands.items():
-        log('$ ' + shlex.join(cmd))
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        log(done.stdout + done.stderr[-2000:])
-        if done.returncode not in (0, 1):
-          raise RuntimeError(f'stoker bench failed ({done.returncode}): {done.stderr[-2000:]}')
-        result[f'{name}_command'] = shlex.join(cmd)
-        result[f'{name}_wall_s'] = time.perf_counter() - t0
-      with open(os.path.join(out, 'run', 'summary.json')) as f:
-        result['run'] = json.load(f)
-      if 'capacity' in commands:
-        with open(os.path.join(out, 'capacity', 'capacity.json')) as f:
-          result['capacity'] = json.load(f)
-      return result
-    finally:
-      server.send_signal(signal.SIGTERM)
+  cmd = stoker('serve', '--checkpoint', args.checkpoint, '--tokenizer', args.tokenizer, '--port', str(port),
+               '--gin_param', f"engine.policy='{policy}'",
+               '--gin_param', f'engine.token_budget={budget or args.token_budget}',
+               '--gin_param', f'engine.max_seqs={args.max_seqs}',
+               '--gin_param', f'engine.num_pages={args.num_pages}',
+               '--gin_param', f'engine.max_pages_per_seq={args.max_pages_per_seq}')
+  log('$ ' + shlex.join(cmd))
+  server_log = open(os.path.join(args.out_dir, f'serve_bench_{label(spec)}_server.log'), 'w')
+  proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, cwd=REPO)
+  return f'http://127.0.0.1:{port}', proc, shlex.join(cmd)
+
+
+def label(spec: str) -> str:
+  policy, _, budget = spec.partition(':')
+  return f'{policy}_budget{budget}' if budget else policy
+
+
+def bench(cmd: list[str]) -> float:
+  log('$ ' + shlex.join(cmd))
+  t0 = time.perf_counter()
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  log(done.stdout + done.stderr[-2000:])
+  if done.returncode not in (0, 1):
+    raise RuntimeError(f'stoker bench failed ({done.returncode}): {done.stderr[-2000:]}')
+  return time.perf_counter() - t0
+
+
+def run_all(args, policies) -> dict:
+  """Both servers up at once (an idle one costs nothing), the fixed-rate runs interleaved ABBA... so
+  that both policies see the same background load, then one capacity search each."""
+  servers = {p: start_server(args, p) for p in policies}
+  results = {p: {'serve_command': servers[p][2], 'runs': []} for p in policies}
+  try:
+    for url, proc, _ in servers.values():
+      wait_healthy(url, proc)
+    workload = (f'requests={args.requests},arrival=poisson,rate={args.rate},prompt={args.prompt},'
+                f'output={args.output},seed={args.seed}')
+    order = [p for r in range(args.repeats) for p in (policies if r % 2 == 0 else policies[::-1])]
+    log(f'fixed-rate runs in this order: {order}')
+    for i, policy in enumerate(order):
+      out = os.path.join(args.out_dir, 'serve_bench', label(policy), f'run{len(results[policy]["runs"])}')
+      cmd = stoker('bench', *common_flags(args, servers[policy][0]), '--workload', workload, '--out', out)
+      results[policy]['run_command'] = shlex.join(cmd)
+      bench(cmd)
+      with open(os.path.join(out, 'summary.json')) as f:
+        results[policy]['runs'].append({'out': out, 'summary': json.load(f), 'order': i})
+    if not args.skip_capacity:
+      cap_workload = workload.replace(f'requests={args.requests}', f'requests={args.capacity_requests}')
+      for policy in policies:
+        out = os.path.join(args.out_dir, 'serve_bench', label(policy), 'capacity')
+        cmd = stoker('bench', *common_flags(args, servers[policy][0]), '--workload', cap_workload,
+                     '--out', out, '--capacity-search', '--start-rate', str(args.start_rate),
+                     '--min-rate', str(args.min_rate), '--max-probes', str(args.max_probes),
+                     '--rate-tolerance', str(args.rate_tolerance), '--no-plots')
+        results[policy]['capacity_command'] = shlex.join(cmd)
+        results[policy]['capacity_wall_s'] = bench(cmd)
+        with open(os.path.join(out, 'capacity.json')) as f:
+          results[policy]['capacity'] = json.load(f)
+    return results
+  finally:
+    for _, proc, _ in servers.values():
+      proc.send_signal(signal.SIGTERM)
+    for _, proc, _ in servers.values():
       try:
-        server.wait(120)
+        proc.wait(120)
       except subprocess.TimeoutExpired:
-        server.kill()
+        proc.kill()
+
+
+def common_flags(args, url: str) -> list[str]:
+  return ['--url', url, '--tokenizer', args.tokenizer, '--no-progress', '--warmup', '2', '--ignore-eos',
+          '--prefill-deadline', str(args.prefill_deadline), '--decode-deadline', str(args.decode_deadline)]
 
 
 def headline(result: dict) -> dict:
-  s = result['run']
-  out = {'fluidity_mean': s['fluidity_index']['mean'], 'fluidity_p50': s['fluidity_index']['p50'],
-         'fluidity_min': s['fluidity_index']['min'], 'miss_rate_p99': s['miss_rate']['p99'],
-         'ttft_p50_s': s['ttft_s']['p50'], 'ttft_p99_s': s['ttft_s']['p99'],
-         'tbt_p50_s': s['tbt_s']['p50'], 'tbt_p99_s': s['tbt_s']['p99'], 'tbt_max_s': s['tbt_s']['max'],
-         'fluid_token_rate': s['fluid_token_generation_rate'], 'tokens_per_s': s['output_token_throughput'],
-         'goodput': s['goodput'], 'completed': s['completed'], 'errors': s['errors']}
+  """Per metric: the median over the interleaved runs (each run's value in 'per_run')."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  picks = {'fluidity_mean': ('fluidity_index', 'mean'), 'fluidity_p50': ('fluidity_index', 'p50'),
+           'miss_rate_p99': ('miss_rate', 'p99'), 'ttft_p50_s': ('ttft_s', 'p50'),
+           'ttft_p99_s': ('ttft_s', 'p99'), 'tbt_p50_s': ('tbt_s', 'p50'), 'tbt_p99_s': ('tbt_s', 'p99'),
+           'tbt_max_s': ('tbt_s', 'max'), 'fluid_token_rate': ('fluid_token_generation_rate', None),
+           'tokens_per_s': ('output_token_throughput', None), 'goodput': ('goodput', None)}
+  per_run = {k: [r['summary'][a] if b is None else r['summary'][a][b] for r in result['runs']]
+             for k, (a, b) in picks.items()}
+  out = {k: statistics.median(v) for k, v in per_run.items() if None not in v}
+  out['per_run'] = per_run
+  out['errors'] = [r['summary']['errors'] for r in result['runs']]
   if 'capacity' in result:
     out['capacity_rate'] = result['capacity']['capacity_rate']
   return out
@@ -159,7 +192,7 @@ def plot(results: dict, path: str) -> None:
   from serve.bench import metrics, report  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
   for policy, result in results.items():
-    rows = report.read_csv(os.path.join(result['out'], 'run', 'requests.csv'))
+    rows = [row for run in result['runs'] for row in report.read_csv(os.path.join(run['out'], 'requests.csv'))]
     ok = [r for r in rows if not r['error']]
     fluid = np.sort([float(r['fluidity_index']) for r in ok])
     axes[0].step(fluid, np.arange(1, fluid.size + 1) / fluid.size, where='post', label=policy)
@@ -185,17 +218,16 @@ def plot(results: dict, path: str) -> None:
 def main(argv=None) -> int:
   args = parse_args(argv)
   os.makedirs(args.out_dir, exist_ok=True)
-  results = {}
-  for policy in args.policies.split(','):
-    results[policy] = run_policy(args, policy)
-    results[policy]['out'] = os.path.join(args.out_dir, 'serve_bench', policy)
-    results[policy]['headline'] = headline(results[policy])
+  results = run_all(args, args.policies.split(','))
+  for result in results.values():
+    result['headline'] = headline(result)
   table = {p: r['headline'] for p, r in results.items()}
   log(json.dumps(table, indent=2))
   with open(os.path.join(args.out_dir, 'serve_bench.json'), 'w') as f:
-    json.dump({'args': vars(args), 'results': {p: {k: v for k, v in r.items() if k != 'run'}
-                                                 for p, r in results.items()},
-               'headline': table}, f, indent=2)
+    json.dump({'args': vars(args), 'headline': table,
+               'results': {p: {k: v for k, v in r.items() if k != 'runs'} | {
+                   'runs': [{'out': x['out'], 'order': x['order']} for x in r['runs']]}
+                           for p, r in results.items()}}, f, indent=2)
   plot(results, os.path.join(args.out_dir, 'serve_bench.png'))
   log(f'wrote {os.path.join(args.out_dir, "serve_bench.json")} and serve_bench.png')
   return 0
