@@ -237,11 +237,10 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
 
     step = start
     ds = data_state()
-    host = next(data)
+    batch = to_device(next(data))
     pending = None
     while step < cfg.steps:
       consistent = (step, state, ds)
-      batch = to_device(host)
       last = step + 1 == cfg.steps
       if ckpt_cfg.just_in_time:
         try:
@@ -249,7 +248,8 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
           streak = finish(*pending) if pending else 0
           pending = None
           ds_next = data_state()
-          host_next = None if last else next(data)  # overlaps the device's work
+          # The next batch goes to the devices while they compute this step's gradients.
+          batch_next = None if last else to_device(next(data))
           injector.during_step(step)
           grads = injector.poison(step, grads)
           jax.block_until_ready(grads)  # a device error in step `step` surfaces here
@@ -265,13 +265,13 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
         state, metrics = step_fn(state, batch)
         streak = finish(*pending) if pending else 0
         ds_next = data_state()
-        host_next = None if last else next(data)
+        batch_next = None if last else to_device(next(data))
         injector.during_step(step)
       watchdog.beat()
       if streak > ckpt_cfg.max_nonfinite_steps:
         step, state = rollback(step - 1, streak)
         pending, ds = None, data_state()
-        host = next(data)
+        batch = to_device(next(data))
         continue
       pending = (step, metrics)
       step += 1
@@ -294,7 +294,7 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
         raise faults.TrainingInterrupted(
             f'{signal.Signals(guard.received).name} received; saved the state after step {step}.',
             faults.EXIT_PREEMPTED, saved)
-      ds, host = ds_next, host_next
+      ds, batch = ds_next, batch_next
     if pending is not None:
       finish(*pending)
     with watchdog.paused():
