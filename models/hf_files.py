@@ -115,6 +115,8 @@ def write(out_dir: str, cfg: ModelConfig, params: Mapping, *, base_config: Mappi
   that has each. Returns the files written. The directory appears whole or not at all."""
   dtype = dtype or (base_config or {}).get('dtype') or (base_config or {}).get('torch_dtype') or \
       'float32'
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise ValueError(f'{out_dir} exists and is not empty; export into a new directory.')
   np_dtype = jax.numpy.dtype(dtype)
   tmp = out_dir.rstrip('/') + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)
@@ -130,8 +132,8 @@ def write(out_dir: str, cfg: ModelConfig, params: Mapping, *, base_config: Mappi
     if source:
       shutil.copyfile(source, os.path.join(tmp, name))
       written.append(name)
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
+  if os.path.isdir(out_dir):
+    os.rmdir(out_dir)  # empty (checked above)
   os.rename(tmp, out_dir)
   return written
 

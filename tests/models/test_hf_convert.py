@@ -140,6 +140,8 @@ def test_round_trip_to_hf_gives_the_original_tensors_and_files(converted, tmp_pa
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   ids = tokens(1, 12)
   np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(model, ids))
+  with pytest.raises(ValueError, match='exists and is not empty'):
+    checkpoint_io.to_hf(workdir, out)  # never deletes what is there
 
 
 @pytest.mark.slow
