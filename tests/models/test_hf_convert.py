@@ -67,7 +67,9 @@ def save_tokenizer(directory):
     json.dump({'chat_template': CHAT_TEMPLATE, 'eos_token': 'w2'}, f)
 
 
-@pytest.fixture(scope='module', params=sorted(FAMILIES))
+# One xdist group per family: its tests share one conversion, families spread over workers.
+@pytest.fixture(scope='module', params=[pytest.param(n, marks=pytest.mark.xdist_group(f'hf-{n}'))
+                                        for n in sorted(FAMILIES)])
 def converted(request, tmp_path_factory):
   """(name, torch model, its HF dir, the converted workdir)."""
   name = request.param
@@ -145,11 +147,11 @@ def test_round_trip_to_hf_gives_the_original_tensors_and_files(converted, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('hf-llama31')
+@pytest.mark.parametrize('converted', ['llama31'], indirect=True)  # RoPE scaling: train.gin binds it
 def test_fine_tuning_resumes_the_converted_workdir(converted, tmp_path):
   """`stoker train --gin_file WORKDIR/train.gin` picks up step 0 and trains from the HF weights."""
-  name, _, _, converted_dir = converted
-  if name != 'llama31':  # one family suffices (RoPE scaling exercises train.gin's rope_scaling)
-    pytest.skip('checked on llama31')
+  _, _, hf_dir, converted_dir = converted
   workdir = str(tmp_path / 'work')
   shutil.copytree(converted_dir, workdir)
   with open(os.path.join(workdir, 'train.gin')) as f:  # the copy's own recipe is the same file
@@ -167,6 +169,8 @@ def test_fine_tuning_resumes_the_converted_workdir(converted, tmp_path):
   q0 = np.asarray(before['layers']['attn']['q_DNH'][...])
   q2 = np.asarray(after['params']['layers']['attn']['q_DNH']['value'])
   assert q0.shape == q2.shape and 0 < np.abs(q2 - q0).max() < 0.1  # trained from, not replaced
+  with pytest.raises(ValueError, match='already holds checkpoints'):
+    convert(hf_dir, workdir)
 
 
 @pytest.fixture(scope='module')
@@ -247,15 +251,13 @@ def test_convert_command_both_ways(llama_dir, tmp_path):
   exported = load_file(os.path.join(out, 'model.safetensors'))
   assert original.keys() == exported.keys()
   assert all(np.array_equal(original[k], exported[k]) for k in original)
-  result = stoker('--from-hf', str(llama_dir / 'ok'), '--out', work)
-  assert result.returncode == 2 and 'already holds checkpoints' in result.stderr
 
 
+@pytest.mark.xdist_group('hf-qwen3')
+@pytest.mark.parametrize('converted', ['qwen3'], indirect=True)  # the engine path: every family
 def test_stoker_serve_answers_like_transformers_generate(converted):
   """The converted workdir behind the OpenAI-compatible server, its tokenizer from WORKDIR/hf."""
-  name, model, _, workdir = converted
-  if name != 'qwen3':  # one family suffices: the engine path is checked for all of them above
-    pytest.skip('checked on qwen3')
+  _, model, _, workdir = converted
   import urllib.request
   from serve import loader
   from serve.server import BackgroundServer, Service, ServerConfig
