@@ -284,3 +284,20 @@ def test_stoker_serve_answers_like_transformers_generate(converted):
   codec = Codec.from_file(os.path.join(tokenizer, 'tokenizer.json'))
   assert got['choices'][0]['text'] == codec.decode(ref)
   assert got['usage']['completion_tokens'] == 8
+
+
+def test_bfloat16_checkpoints_round_trip_bit_exactly(tmp_path):
+  """Most published checkpoints are bfloat16: read (as float32 params), written back as bfloat16."""
+  model = tiny_hf_model('qwen2').to(torch.bfloat16)
+  model.save_pretrained(str(tmp_path / 'hf'))
+  cfg, params = hf_files.load_params(str(tmp_path / 'hf'))
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+  base = hf_files.read_config(str(tmp_path / 'hf'))
+  hf_files.write(str(tmp_path / 'out'), cfg, params, base_config=base)
+  reader = hf_files.Reader(str(tmp_path / 'out'))
+  for name, tensor in model.state_dict().items():
+    if name == 'lm_head.weight' and cfg.tie_embeddings:
+      continue
+    assert reader[name].dtype == jnp.bfloat16, name
+    np.testing.assert_array_equal(reader[name].view(np.uint16),
+                                  tensor.view(torch.int16).numpy().view(np.uint16), err_msg=name)
