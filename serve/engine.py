@@ -19,6 +19,8 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
+import os
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -348,6 +350,12 @@ class Engine:
 
 def enable_compilation_cache(directory: str) -> None:
   """Turns on JAX's persistent compilation cache in `directory` (process-wide), for every compile."""
+  current = jax.config.jax_compilation_cache_dir
+  if current and os.path.abspath(current) != os.path.abspath(directory):
+    # JAX opens its cache once, at the first compile: an earlier directory may stay in use.
+    logging.warning('EngineConfig.compilation_cache_dir=%s, but this process already set JAX\'s '
+                    'cache to %s, which stays in use if anything was compiled since.', directory,
+                    current)
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
