@@ -327,7 +327,8 @@ class Engine:
   def generate(self, prompts: Sequence[Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
                ) -> list[list[int]]:
-    """Runs `prompts` to completion and returns their generated tokens, in order."""
+    """Runs `prompts` to completion and returns their generated tokens, in order. For offline
+    use: other requests in the engine are stepped along, but their outputs are not returned."""
     if isinstance(params, SamplingParams):
       params = [params] * len(prompts)
     if len(params) != len(prompts):
