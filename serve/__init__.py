@@ -1,1 +1,1 @@
-"""Serving: paged KV cache, continuous batching, the HTTP API. (Not built yet: see the issues.)"""
+"""Serving: paged KV cache and allocator, chunked-prefill scheduler, the engine, Pallas kernels, the OpenAI-compatible server, and the benchmark client (serve/bench)."""
