@@ -52,7 +52,9 @@ def test_run_writes_csv_json_plots(setup):
     times = [int(t) for t in row['token_times_us'].split()]
     gaps = metrics.gaps_us(times)
     assert len(gaps) == 5 and gaps[0] >= metrics.to_us(FIRST_S)
-    assert all(g >= metrics.to_us(TOKEN_S) * 0.9 for g in gaps[1:])  # asyncio.sleep never wakes early
+    # asyncio.sleep never wakes early, so token i arrives no sooner than the server's sleeps up to it
+    # (single gaps may be shorter: a busy client can read one token late and the next on time).
+    assert all(t >= metrics.to_us(FIRST_S) + i * metrics.to_us(TOKEN_S) for i, t in enumerate(times))
     assert float(row['ttft_s']) == gaps[0] / 1e6
   # The curve: at a D_d below every gap each request misses nearly every slot; above them, none.
   curve = summary['miss_rate_vs_decode_deadline']
