@@ -135,24 +135,9 @@ def ragged_paged_attention_sharded(mesh: jax.sharding.Mesh, q_TNH, k_pages_PGKH,
   the output [T, N, H] is split over heads like q. Other mesh axes replicate. `options` go to
   ragged_paged_attention (sm_scale, block_sizes, interpret).
   """
-  if axis not in mesh.shape:
-    raise ValueError(f'pallas_gpu: mesh axes {tuple(mesh.shape)} have no {axis!r} axis to split '
-                     'heads over; pass axis= one of them.')
-  ways, K = mesh.shape[axis], k_pages_PGKH.shape[2]
-  if K % ways:
-    raise ValueError(f'pallas_gpu: {K} kv heads cannot be split {ways} ways over mesh axis '
-                     f'{axis!r}; use a tensor-parallel degree that divides K.')
-  P = jax.sharding.PartitionSpec
-  heads, pools, whole = P(None, axis, None), P(None, None, axis, None), P()
-  in_specs = (heads, pools, pools, whole, whole, whole, whole)
-  args = (q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM, cu_q_lens_B1, num_seqs_1)
-  if jax.sharding.AxisType.Explicit in mesh.axis_types:
-    # Explicit axes: shard_map takes inputs only as they are already laid out.
-    args = tuple(jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
-                 for x, spec in zip(args, in_specs))
-  fn = functools.partial(ragged_paged_attention, **options)
-  # check_vma=False: pallas_call declares no varying-manual-axes types for its outputs.
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=heads, check_vma=False)(*args)
+  return reference.shard_over_heads(
+      functools.partial(ragged_paged_attention, **options), mesh, axis, 'pallas_gpu',
+      q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM, cu_q_lens_B1, num_seqs_1)
 
 
 def _work_items(cu_B1, num_seqs_1, bq: int, W: int):

@@ -80,3 +80,30 @@ def ragged_paged_attention(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_t
   out_TKRH = jnp.einsum('TKRS,TSKH->TKRH', probs_TKRS, v_TSKH.astype(jnp.float32))
   out_TNH = jnp.where(valid_T[:, None, None], out_TKRH.reshape(T, N, H), 0)
   return out_TNH.astype(q_TNH.dtype)
+
+
+def shard_over_heads(kernel, mesh: jax.sharding.Mesh, axis: str, name: str, q_TNH, k_pages_PGKH,
+                     v_pages_PGKH, kv_lens_B, block_tables_BM, cu_q_lens_B1,
+                     num_seqs_1) -> jax.Array:
+  """Runs `kernel` (this module's signature) under shard_map with heads split over mesh axis `axis`:
+  each device gets K / n kv heads of the pools and the query heads that read them (query head i
+  reads kv head i // (N // K), so equal contiguous chunks line up) and all the metadata; the output
+  is split over heads like q. Other mesh axes replicate. `name` names the kernel in errors."""
+  if axis not in mesh.shape:
+    raise ValueError(f'{name}: mesh axes {tuple(mesh.shape)} have no {axis!r} axis to split '
+                     'heads over; pass axis= one of them.')
+  ways, K = mesh.shape[axis], k_pages_PGKH.shape[2]
+  if K % ways:
+    raise ValueError(f'{name}: {K} kv heads cannot be split {ways} ways over mesh axis '
+                     f'{axis!r}; use a tensor-parallel degree that divides K.')
+  P = jax.sharding.PartitionSpec
+  heads, pools, whole = P(None, axis, None), P(None, None, axis, None), P()
+  in_specs = (heads, pools, pools, whole, whole, whole, whole)
+  args = (q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM, cu_q_lens_B1, num_seqs_1)
+  if jax.sharding.AxisType.Explicit in mesh.axis_types:
+    # Explicit axes: shard_map takes inputs only as they are already laid out.
+    args = tuple(jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+                 for x, spec in zip(args, in_specs))
+  # check_vma=False: pallas_call declares no varying-manual-axes types for its outputs.
+  return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=heads,
+                       check_vma=False)(*args)
