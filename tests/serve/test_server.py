@@ -498,7 +498,10 @@ def test_sigterm_drains_then_exits_0(server):
   time.sleep(0.3)
   r = post(server, '/v1/completions', {'model': 'run', 'prompt': 'x'})
   assert r.status_code == 503 and 'shutting down' in r.json()['error']['message']
-  assert httpx.get(server.url + '/health').status_code == 503
+  try:  # draining answers 503; a server that has drained already has closed its socket
+    assert httpx.get(server.url + '/health').status_code == 503
+  except httpx.ConnectError:
+    pass
   t.join(30)
   assert time.time() - signalled < 3.0 + 5  # shutdown_timeout_s, then aborted
   assert server.proc.wait(30) == 0
