@@ -1,0 +1,1 @@
+"""Serving simulator and deployment planner: profile the engine, estimate step times, simulate, plan."""
