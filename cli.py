@@ -151,6 +151,41 @@ def _convert(args) -> int:
   return 0
 
 
+def _plan(args) -> int:
+  from serve.bench.workload import WorkloadConfig  # pylint: disable=g-import-not-at-top
+  from serve.sim import plan, plan_report, plan_space, slo  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  objective = slo.parse(args.slo)  # before anything slow: a typo fails at once
+  if args.model.endswith('.gin') or os.path.isfile(args.model):
+    import configs  # pylint: disable=g-import-not-at-top
+    model = configs.load_train_config([args.model]).model
+  else:
+    from models.presets import preset  # pylint: disable=g-import-not-at-top
+    model = preset(args.model)
+
+  def ints(text, flag):
+    try:
+      return tuple(int(x) for x in text.split(',') if x.strip())
+    except ValueError:
+      raise ValueError(f'{flag} {text!r}: give comma-separated integers.') from None
+
+  cfg = plan.PlanConfig(WorkloadConfig.parse(args.workload), objective, args.target_qps,
+                        ints(args.max_seqs, '--max-seqs'), ints(args.token_budgets, '--token-budgets'),
+                        tolerance=args.tolerance, router=args.router)
+  names = [d.strip() for d in args.devices.split(',') if d.strip() not in ('', 'none')]
+  hardware = plan_space.roofline_hardware(model, names)
+  if args.profile:
+    hardware.append(plan_space.profiled_hardware(args.profile, args.profile_price))
+  if not hardware:
+    raise ValueError('stoker plan: nothing to plan on; name --devices and/or a --profile DIR.')
+  result = plan.plan(hardware, cfg)
+  paths = plan_report.write(args.out, result, plots=not args.no_plots)
+  print(plan_report.table(result))
+  print(plan_report.verdict(result))
+  print(f'{result["simulations"]} simulations in {time.perf_counter() - start:.1f} s; wrote {", ".join(paths)}')
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(prog='stoker', description=__doc__)
@@ -270,6 +305,26 @@ def main(argv: list[str] | None = None) -> int:
   from deploy import command as k8s  # pylint: disable=g-import-not-at-top  (argparse only)
   k8s.add_parser(sub)
 
+  plan = sub.add_parser('plan', help='Find the cheapest serving configuration meeting a latency SLO by '
+                        'simulation (device, tensor parallelism, batch cap, chunk, replicas).')
+  plan.add_argument('--model', required=True, help='A model gin file (configs/model/*.gin) or a preset name.')
+  plan.add_argument('--workload', default='requests=64,prompt=uniform:128:1024,output=uniform:32:256',
+                    help='key=value,... as `stoker bench --workload` (the rate is what the search varies).')
+  plan.add_argument('--slo', required=True, help="e.g. 'ttft_p90<2s,tbt_p99<200ms' (ttft, tbt, tpot, e2e).")
+  plan.add_argument('--target-qps', type=float, default=None, help='Requests/s to serve: replicas and cost.')
+  plan.add_argument('--devices', default='all',
+                    help="Roofline devices to consider, comma-separated (serve/sim/devices.py); 'all' (default) "
+                         "or 'none' (with --profile).")
+  plan.add_argument('--profile', default=None,
+                    help='Also consider the backend a `stoker profile --out DIR` directory measured.')
+  plan.add_argument('--profile-price', type=float, default=1.0, help='$/h of the profiled backend (1.0).')
+  plan.add_argument('--max-seqs', default='32,128', help='Batch caps to try (comma-separated).')
+  plan.add_argument('--token-budgets', default='512,2048', help='Prefill chunks (token budgets) to try.')
+  plan.add_argument('--tolerance', type=float, default=0.1, help='Capacity resolution, relative (0.1).')
+  plan.add_argument('--router', default='least_outstanding', choices=['round_robin', 'least_outstanding'])
+  plan.add_argument('--out', default='plan', help='Output directory: plan.json, plan.md, pareto.png.')
+  plan.add_argument('--no-plots', action='store_true')
+
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   _use_host_devices(args.host_devices)
@@ -282,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
       return bench_flags.main(args)
     if args.command == 'k8s':
       return k8s.run(args)
+    if args.command == 'plan':
+      return _plan(args)
     if args.command == 'train' and args.supervise:
       from train.supervise import run_child, supervise  # pylint: disable=g-import-not-at-top
       child = _without_supervision(argv)

@@ -1,0 +1,126 @@
+"""What `stoker plan` writes: the ranked table (markdown), plan.json and the Pareto plot (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+TABLE_ROWS = 20
+
+
+def _fmt(x, spec='.3g'):
+  return '-' if x is None else format(x, spec)
+
+
+def _config(r: dict) -> str:
+  return f'{r["device"]} x{r["tp"]}, max_seqs {r["max_seqs"]}, token_budget {r["token_budget"]}'
+
+
+def table(result: dict, rows: int = TABLE_ROWS) -> str:
+  """The searched configurations ranked by requests served per dollar at capacity, as a markdown table."""
+  metrics = list(result['ranked'][0]['values_at_lowest']) if result['ranked'] else []
+  target = result['target_qps']
+  head = ['#', 'device', 'chips (tp)', 'max_seqs', 'token_budget', 'KV pages', '$/h', 'capacity req/s',
+          'requests/$'] + [f'{m} @cap (s)' for m in metrics]
+  if target:
+    head += [f'replicas for {target:g} req/s', '$/h for it']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for i, r in enumerate(result['ranked'][:rows], 1):
+    values = r['values_at_capacity'] or {}
+    cells = [str(i), r['device'], str(r['tp']), str(r['max_seqs']), str(r['token_budget']), str(r['num_pages']),
+             f'{r["price_usd_per_hour"]:.2f}',
+             _fmt(r['capacity_rps']) + (' (ceiling)' if r['at_ceiling'] else ''),
+             f'{r["requests_per_usd"]:,.0f}'] + [_fmt(values.get(m)) for m in metrics]
+    if target:
+      cells += [_fmt(r['replicas'], 'd'), _fmt(r['cost_usd_per_hour'], '.2f')]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  more = len(result['ranked']) - rows
+  notes = [f'{more} more searched (plan.json)'] if more > 0 else []
+  if result['pruned']:
+    notes.append(f'{len(result["pruned"])} not searched: their throughput bound per dollar could not beat the best')
+  if result['skipped']:
+    notes.append(f'{len(result["skipped"])} device x tp left out: the model and the longest request do not fit')
+  return '\n'.join(lines + ([''] + [f'- {n}' for n in notes] if notes else []))
+
+
+def verdict(result: dict) -> str:
+  """The chosen configuration in one or two sentences."""
+  c = result['chosen']
+  text = (f'Best capacity per dollar: {_config(c)}: {c["capacity_rps"]:.3g} req/s per replica at '
+          f'${c["price_usd_per_hour"]:.2f}/h ({c["requests_per_usd"]:,.0f} requests/$).')
+  if result['target_qps']:
+    checked = c['replicas_checked']
+    text = (f'Cheapest for {result["target_qps"]:g} req/s under {result["slo"]}: {c["replicas"]} x ({_config(c)}) '
+            f'= ${c["cost_usd_per_hour"]:.2f}/h; ' +
+            (f'a simulation of {checked} replicas behind the router at {result["target_qps"]:g} req/s meets the SLO'
+             + ('.' if checked == c['replicas'] else f' (it needed {checked - c["replicas"]} more: '
+                f'${checked * c["price_usd_per_hour"]:.2f}/h).')
+             if checked else f'but a simulation of up to {c["check"][-1]["replicas"]} replicas at that rate still '
+             'misses the SLO: treat this configuration with care.'))
+  return text
+
+
+def _jsonable(result: dict) -> dict:
+  def clean(r):
+    return {k: v for k, v in r.items() if k != 'candidate'}
+  return {**result, 'ranked': [clean(r) for r in result['ranked']], 'chosen': clean(result['chosen'])}
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+  """Indices of the points no other point beats on both axes (lower x = cost, higher y = capacity)."""
+  return [i for i, (x, y) in enumerate(points)
+          if not any((x2 <= x and y2 >= y) and (x2, y2) != (x, y) for x2, y2 in points)]
+
+
+def plot(path: str, result: dict) -> str:
+  """Left: capacity against price per replica, the Pareto front drawn; right: requests/$ against the first
+  SLO metric at capacity. The chosen configuration is circled."""
+  import matplotlib  # pylint: disable=g-import-not-at-top  (only when plotting)
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = [r for r in result['ranked'] if r['capacity_rps']]
+  metric = next(iter(rows[0]['values_at_capacity'])) if rows else None
+  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+  devices = sorted({r['device'] for r in rows})
+  for d in devices:
+    mine = [r for r in rows if r['device'] == d]
+    left.scatter([r['price_usd_per_hour'] for r in mine], [r['capacity_rps'] for r in mine], label=d, alpha=0.8)
+    right.scatter([r['values_at_capacity'][metric] for r in mine], [r['requests_per_usd'] for r in mine],
+                  label=d, alpha=0.8)
+  points = [(r['price_usd_per_hour'], r['capacity_rps']) for r in rows]
+  front = sorted((points[i] for i in pareto(points)))
+  if front:
+    left.step([p[0] for p in front], [p[1] for p in front], where='post', color='tab:gray', linewidth=1,
+              label='Pareto front')
+  c = result['chosen']
+  left.scatter([c['price_usd_per_hour']], [c['capacity_rps']], s=200, facecolors='none', edgecolors='black',
+               label='chosen')
+  right.scatter([c['values_at_capacity'][metric]], [c['requests_per_usd']], s=200, facecolors='none',
+                edgecolors='black', label='chosen')
+  left.set_xlabel('price per replica ($/h)')
+  left.set_ylabel('capacity per replica (req/s meeting the SLO)')
+  left.set_title(f'capacity vs cost ({result["slo"]})')
+  right.set_xlabel(f'{metric} at capacity (s, the SLO quantile)')
+  right.set_ylabel('requests per dollar at capacity')
+  right.set_title('capacity per dollar vs latency')
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def write(out_dir: str, result: dict, plots: bool = True) -> list[str]:
+  """plan.json, plan.md (table + verdict) and pareto.png under out_dir; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = [os.path.join(out_dir, 'plan.json'), os.path.join(out_dir, 'plan.md')]
+  with open(paths[0], 'w') as f:
+    json.dump(_jsonable(result), f, indent=1, default=str)
+  with open(paths[1], 'w') as f:
+    f.write(f'# stoker plan: {result["slo"]}\n\n{table(result, len(result["ranked"]))}\n\n{verdict(result)}\n')
+  if plots:
+    paths.append(plot(os.path.join(out_dir, 'pareto.png'), result))
+  return paths
