@@ -3,6 +3,7 @@ synchronous saves, and work lost per failure with periodic vs just-in-time check
 
   python benchmarks/checkpoint_overhead.py                   # tiny + small, ~15 min on 2 CPU cores
   python benchmarks/checkpoint_overhead.py --presets tiny --runs 3
+  python benchmarks/checkpoint_overhead.py --presets small --batch_scale 16   # GPU: ~50 ms steps
 
 For each preset, in one process, on the same synthetic data:
   1. step time: the training loop (train/loop.py, synthetic data, no periodic saves) with
@@ -44,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--runs', type=int, default=3, help='step-time runs per mode (alternating)')
   p.add_argument('--saves', type=int, default=5, help='timed saves per mode')
   p.add_argument('--failures', type=int, default=3, help='failures per mode (tiny; small: 1 fewer)')
+  p.add_argument('--batch_scale', type=int, default=1,
+                 help="multiply each preset's batch (on an accelerator: steps long enough that "
+                      'dispatch does not dominate)')
   p.add_argument('--host_devices', type=int, default=8)
   p.add_argument('--out_dir', default=os.path.join(os.path.dirname(__file__), 'out'))
   return p.parse_args(argv)
@@ -66,6 +70,9 @@ def main(argv=None) -> int:
   from train.step import init_train_state  # pylint: disable=g-import-not-at-top
 
   runs = iter(range(10**6))
+
+  for w in WORKLOADS.values():
+    w['batch_size'] *= args.batch_scale
 
   def config(preset, steps, *extra):
     w = WORKLOADS[preset]
@@ -145,13 +152,14 @@ def main(argv=None) -> int:
                        'failures': failures}
 
   print(f'\nDevice: {results["devices"]} x {results["device"]}.')
-  print('| preset | step, JIT on | step, JIT off | on/off | async save blocks | sync save | '
+  print('| preset | batch | step, JIT on | step, JIT off | on/off | async save blocks | sync save | '
         'first save | lost/failure: periodic c | lost: JIT | recovery: periodic | recovery: JIT |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
   for preset in args.presets.split(','):
     r = results[preset]
     s, b, fl = r['step_time'], r['save_blocking_s'], r['failures']
-    print(f"| {preset} | {s['jit_on_s'] * 1e3:.1f} ms | {s['jit_off_s'] * 1e3:.1f} ms | "
+    print(f"| {preset} | {r['workload']['batch_size']}x{r['workload']['seq_len']} | "
+          f"{s['jit_on_s'] * 1e3:.1f} ms | {s['jit_off_s'] * 1e3:.1f} ms | "
           f"{s['ratio_on_off']:.3f} | {b['async'] * 1e3:.0f} ms | {b['sync'] * 1e3:.0f} ms | "
           f"{b['first'] * 1e3:.0f} ms | {fl['periodic']['mean_lost_steps']:.1f} steps "
           f"(c={r['workload']['every']}) | {fl['jit']['max_lost_steps']} step max | "

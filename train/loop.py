@@ -19,7 +19,9 @@ A failure saves that state at once and exits with a code of its own (train/fault
     checkpoint from before the streak (or the initial state), replaying its data once; if the same
     step fails again the data is taken as the cause, and its batches are skipped.
 The price is one extra dispatch per step and waiting for the gradients before dispatching the
-update (benchmarks/checkpoint_overhead.py measures it against the fused step).
+update; the next step's gradient pass is dispatched right behind the update, before any other
+host work, so the devices idle only for that wake-up and the two dispatches
+(benchmarks/checkpoint_overhead.py measures it against the fused step).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
 
   clock = time.perf_counter()
   if ckpt_cfg.just_in_time:
-    grad_fn, update_fn = compile_split_step(cfg, mesh, tx, state_shardings, rules)
+    split = compile_split_step(cfg, mesh, tx, state_shardings, rules)
   else:
     step_fn = compile_train_step(cfg, mesh, tx, state_shardings, rules)
   logging.info('Compiled the train step in %.1f s on mesh %s.', time.perf_counter() - clock,
@@ -239,12 +241,17 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
     ds = data_state()
     batch = to_device(next(data))
     pending = None
+    inflight = None  # the gradients of `step`, dispatched right behind the previous update
+    leaves = None  # just in time: `state` as the flat list the split step takes
     while step < cfg.steps:
       consistent = (step, state, ds)
       last = step + 1 == cfg.steps
       if ckpt_cfg.just_in_time:
         try:
-          grads, metrics = grad_fn(state, batch)
+          if inflight is None:
+            leaves = split.flatten(state)
+          grads, metrics = inflight or split.grad(leaves, batch)
+          inflight = None
           streak = finish(*pending) if pending else 0
           pending = None
           ds_next = data_state()
@@ -259,7 +266,10 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
           raise faults.TrainingInterrupted(f'step {step} failed ({type(e).__name__}: {e}); '
                                            f'saved the state before it.',
                                            faults.EXIT_STEP_FAILED, saved, failed_at) from e
-        state, update_metrics = update_fn(state, grads)
+        leaves, update_metrics = split.update(leaves, grads)
+        if batch_next is not None:  # queued before any other host work, so the devices never wait
+          inflight = split.grad(leaves, batch_next)
+        state = split.unflatten(leaves)
         metrics = {**metrics, **update_metrics}
       else:  # the fused step donates the state at dispatch: a failure here loses it
         state, metrics = step_fn(state, batch)
@@ -270,7 +280,7 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
       watchdog.beat()
       if streak > ckpt_cfg.max_nonfinite_steps:
         step, state = rollback(step - 1, streak)
-        pending, ds = None, data_state()
+        pending, inflight, ds = None, None, data_state()
         batch = to_device(next(data))
         continue
       pending = (step, metrics)
