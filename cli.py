@@ -171,11 +171,11 @@ def _plan(args) -> int:
 
   cfg = plan.PlanConfig(WorkloadConfig.parse(args.workload), objective, args.target_qps,
                         ints(args.max_seqs, '--max-seqs'), ints(args.token_budgets, '--token-budgets'),
-                        tolerance=args.tolerance, router=args.router)
+                        tolerance=args.tolerance, router=args.router, prune=not args.exhaustive)
   names = [d.strip() for d in args.devices.split(',') if d.strip() not in ('', 'none')]
   hardware = plan_space.roofline_hardware(model, names)
   if args.profile:
-    hardware.append(plan_space.profiled_hardware(args.profile, args.profile_price))
+    hardware.append(plan_space.profiled_hardware(model, args.profile, args.profile_price))
   if not hardware:
     raise ValueError('stoker plan: nothing to plan on; name --devices and/or a --profile DIR.')
   result = plan.plan(hardware, cfg)
@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
   plan.add_argument('--tolerance', type=float, default=0.1, help='Capacity resolution, relative (0.1).')
   plan.add_argument('--router', default='least_outstanding', choices=['round_robin', 'least_outstanding'])
   plan.add_argument('--out', default='plan', help='Output directory: plan.json, plan.md, pareto.png.')
+  plan.add_argument('--exhaustive', action='store_true',
+                    help='Search every configuration (default: skip those whose throughput bound per dollar '
+                         'cannot beat the best found; the answer is the same, the table shorter).')
   plan.add_argument('--no-plots', action='store_true')
 
   args = parser.parse_args(argv)

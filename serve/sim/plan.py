@@ -186,8 +186,9 @@ def plan(hardware: Sequence[Hardware], cfg: PlanConfig, cache: dict | None = Non
   cands, skipped = plan_space.candidates(hardware, cfg.max_seqs, cfg.token_budgets, cfg.page_size,
                                          plan_space.longest_request(cfg.workload))
   if not cands:
-    raise ValueError('plan: no configuration fits: ' + '; '.join(f'{s["device"]} x{s["tp"]}: {s["reason"]}'
-                                                                  for s in skipped))
+    raise ValueError('plan: no configuration fits in memory, e.g. ' + '; '.join(
+        f'{s["device"]} x{s["tp"]} max_seqs {s["max_seqs"]}: {s["reason"]}' for s in skipped[:3]) +
+        '. Shorten the workload\'s requests or give devices with more memory.')
   ceilings = {c: throughput_bound(c.hardware.step_model(c.tp, c.engine), c.engine, specs)
               for c in cands}
   order = sorted(cands, key=lambda c: -ceilings[c] / c.price_usd_per_hour)

@@ -36,10 +36,14 @@ def table(result: dict, rows: int = TABLE_ROWS) -> str:
     lines.append('| ' + ' | '.join(cells) + ' |')
   more = len(result['ranked']) - rows
   notes = [f'{more} more searched (plan.json)'] if more > 0 else []
+  if any(r['at_ceiling'] for r in result['ranked']):
+    notes.append('(ceiling): the SLO still held at the throughput the replica sustains (the lower of the step-time '
+                 'bound and a saturated simulation): throughput, not latency, limits it')
   if result['pruned']:
     notes.append(f'{len(result["pruned"])} not searched: their throughput bound per dollar could not beat the best')
   if result['skipped']:
-    notes.append(f'{len(result["skipped"])} device x tp left out: the model and the longest request do not fit')
+    notes.append(f'{len(result["skipped"])} left out: the model and KV pages for the longest request do not fit '
+                 "(plan.json 'skipped')")
   return '\n'.join(lines + ([''] + [f'- {n}' for n in notes] if notes else []))
 
 

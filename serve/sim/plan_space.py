@@ -21,11 +21,14 @@ class Hardware:
   name: str
   price_usd_per_hour: float  # per chip
   tps: tuple[int, ...]
-  kv_pages: Callable[[int, int], int]  # (tp, page_size) -> pages left for the KV cache, per replica
+  kv_pages: Callable[[int, int, int, int], int]  # (tp, page_size, max_seqs, token_budget) -> KV pool pages
   step_model: Callable[[int, EngineConfig], StepTimeModel]  # (tp, engine) -> model
   max_seqs_cap: int | None = None  # a profiled engine's limits: the model is not trusted beyond them
   token_budgets: tuple[int, ...] | None = None  # None: the plan's
   page_size: int | None = None  # None: the plan's
+
+
+ARCHITECTURE = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim')
 
 
 def divisors(n: int, most: int) -> tuple[int, ...]:
@@ -33,9 +36,9 @@ def divisors(n: int, most: int) -> tuple[int, ...]:
 
 
 def roofline_hardware(model: ModelConfig, names: Sequence) -> list[Hardware]:
-  """Hardware for devices (names in devices.DEVICES, ['all'] for every one, or Device objects): tensor parallelism over divisors of
-  the KV heads (each chip holds whole KV heads) up to the device's largest replica, the roofline step model,
-  price per chip-hour."""
+  """Hardware for devices (names in devices.DEVICES, ['all'] for every one, or Device objects): tensor
+  parallelism over divisors of the KV heads (each chip holds whole KV heads) up to the device's largest
+  replica, the roofline step model and KV pool (serve/sim/roofline.py), price per chip-hour."""
   from serve.sim import devices, roofline  # pylint: disable=g-import-not-at-top
   if list(names) == ['all']:
     names = list(devices.DEVICES)
@@ -47,20 +50,30 @@ def roofline_hardware(model: ModelConfig, names: Sequence) -> list[Hardware]:
     d = devices.DEVICES[d] if isinstance(d, str) else d
     out.append(Hardware(
         d.name, d.price_usd_per_hour, divisors(model.num_kv_heads, d.max_chips),
-        kv_pages=lambda tp, page_size, d=d: roofline.kv_pages_available(model, d, tp, page_size),
+        kv_pages=lambda tp, page_size, max_seqs, budget, d=d: roofline.kv_pages_available(
+            model, d, tp, page_size, max_seqs=max_seqs, token_budget=budget),
         step_model=lambda tp, engine, d=d: roofline.RooflineModel(model, d, tp, engine)))
   return out
 
 
-def profiled_hardware(profile_dir: str, price_usd_per_hour: float) -> Hardware:
-  """The backend a `stoker profile` directory was measured on: one chip, the profiled engine's pages, batch cap
-  and token budget at most, the fitted estimator. FileNotFoundError naming the path when there is none."""
+def profiled_hardware(model: ModelConfig, profile_dir: str, price_usd_per_hour: float) -> Hardware:
+  """The backend a `stoker profile` directory was measured on, for the model it measured: one chip, the
+  profiled engine's pages, page size and token budget, its batch cap at most, the fitted estimator.
+  FileNotFoundError naming the path and the command when there is no profile."""
   from serve.sim import estimator  # pylint: disable=g-import-not-at-top
-  fitted = estimator.fit(estimator.load_profile(profile_dir))
+  profile = estimator.load_profile(profile_dir)
+  measured = profile.meta.get('model', {})
+  differ = [f'{k} {measured[k]} vs {getattr(model, k)}' for k in ARCHITECTURE
+            if k in measured and measured[k] != getattr(model, k)]
+  if differ:
+    raise ValueError(f'--profile {profile_dir} measured another model than the one planned ({", ".join(differ)}); '
+                     f'profile this one: `stoker profile --gin_file MODEL.gin --out DIR`.')
+  fitted = estimator.fit(profile)
   e = fitted.engine
   return Hardware(f'profile:{os.path.basename(os.path.normpath(profile_dir))}', price_usd_per_hour, (1,),
-                  kv_pages=lambda tp, page_size: e.num_pages, step_model=lambda tp, engine: fitted,
-                  max_seqs_cap=e.max_seqs, token_budgets=(e.token_budget,), page_size=e.page_size)
+                  kv_pages=lambda tp, page_size, max_seqs, budget: e.num_pages,
+                  step_model=lambda tp, engine: fitted, max_seqs_cap=e.max_seqs, token_budgets=(e.token_budget,),
+                  page_size=e.page_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,26 +104,25 @@ def longest_request(wl: WorkloadConfig) -> int:
 def candidates(hardware: Sequence[Hardware], max_seqs_choices: Sequence[int], token_budgets: Sequence[int],
                page_size: int, max_len: int) -> tuple[list[Candidate], list[dict]]:
   """Every (hardware, tp, max_seqs, token_budget) whose replica holds the model and KV pages for the longest
-  request (max_len tokens) beside the null page; and why each (hardware, tp) left out was. A replica gets
-  the pages max_seqs of the longest requests need, or all it holds if fewer."""
+  request (max_len tokens) beside the null page; and why each one left out was. A replica gets the pages
+  max_seqs of the longest requests need, or all it holds if fewer."""
   out, skipped = [], []
   for hw in hardware:
     G = hw.page_size or page_size
     pages_per_seq = -(-max_len // G)
+    cap = hw.max_seqs_cap or max(max_seqs_choices)
     for tp in hw.tps:
-      pages = hw.kv_pages(tp, G)
-      if pages - 1 < pages_per_seq:
-        skipped.append({'device': hw.name, 'tp': tp, 'reason': f'memory: {max(pages, 0)} KV pages, the longest '
-                        f'request ({max_len} tokens) needs {pages_per_seq} + the null page'})
-        continue
-      cap = hw.max_seqs_cap or max(max_seqs_choices)
       for max_seqs in sorted({min(m, cap) for m in max_seqs_choices}):
         for budget in hw.token_budgets or token_budgets:
           if max_seqs > budget:
             continue  # the engine refuses it: a step could not decode every slot
+          pages = hw.kv_pages(tp, G, max_seqs, budget)
+          if pages - 1 < pages_per_seq:
+            skipped.append({'device': hw.name, 'tp': tp, 'max_seqs': max_seqs, 'token_budget': budget,
+                            'reason': f'memory: {pages} KV pages, the longest request ({max_len} tokens) needs '
+                                      f'{pages_per_seq} + the null page'})
+            continue
           engine = EngineConfig(num_pages=min(pages, max_seqs * pages_per_seq + 1), page_size=G,
                                 max_seqs=max_seqs, max_pages_per_seq=pages_per_seq, token_budget=budget)
           out.append(Candidate(hw, tp, engine))
   return out, skipped
-
-
