@@ -48,20 +48,20 @@ def table(result: dict, rows: int = TABLE_ROWS) -> str:
 
 
 def verdict(result: dict) -> str:
-  """The chosen configuration in one or two sentences."""
-  c = result['chosen']
-  text = (f'Best capacity per dollar: {_config(c)}: {c["capacity_rps"]:.3g} req/s per replica at '
-          f'${c["price_usd_per_hour"]:.2f}/h ({c["requests_per_usd"]:,.0f} requests/$).')
-  if result['target_qps']:
-    checked = c['replicas_checked']
-    text = (f'Cheapest for {result["target_qps"]:g} req/s under {result["slo"]}: {c["replicas"]} x ({_config(c)}) '
-            f'= ${c["cost_usd_per_hour"]:.2f}/h; ' +
-            (f'a simulation of {checked} replicas behind the router at {result["target_qps"]:g} req/s meets the SLO'
-             + ('.' if checked == c['replicas'] else f' (it needed {checked - c["replicas"]} more: '
-                f'${checked * c["price_usd_per_hour"]:.2f}/h).')
-             if checked else f'but a simulation of up to {c["check"][-1]["replicas"]} replicas at that rate still '
-             'misses the SLO: treat this configuration with care.'))
-  return text
+  """The chosen configuration in a sentence: the best per dollar, or the cheapest for the target rate."""
+  c, q = result['chosen'], result['target_qps']
+  if not q:
+    return (f'Best capacity per dollar: {_config(c)}: {c["capacity_rps"]:.3g} req/s per replica at '
+            f'${c["price_usd_per_hour"]:.2f}/h ({c["requests_per_usd"]:,.0f} requests/$).')
+  n, checked = c['replicas'], c['replicas_checked']
+  head = (f'Cheapest for {q:g} req/s under {result["slo"]}: {n} x ({_config(c)}) = '
+          f'${c["cost_usd_per_hour"]:.2f}/h; ')
+  if checked is None:
+    return head + (f'but a simulation of up to {c["check"][-1]["replicas"]} replicas at that rate still misses the '
+                   'SLO: treat this configuration with care.')
+  more = '.' if checked == n else f' (it needed {checked - n} more: ${checked * c["price_usd_per_hour"]:.2f}/h).'
+  return (head + f'a simulation of {checked} replica{"s" * (checked != 1)} behind the router at {q:g} req/s '
+          f'meets the SLO{more}')
 
 
 def _jsonable(result: dict) -> dict:

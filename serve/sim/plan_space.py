@@ -67,7 +67,7 @@ def profiled_hardware(model: ModelConfig, profile_dir: str, price_usd_per_hour: 
             if k in measured and measured[k] != getattr(model, k)]
   if differ:
     raise ValueError(f'--profile {profile_dir} measured another model than the one planned ({", ".join(differ)}); '
-                     f'profile this one: `stoker profile --gin_file MODEL.gin --out DIR`.')
+                     f'profile this one: `stoker profile --model PRESET (or --gin_file MODEL.gin) --out DIR`.')
   fitted = estimator.fit(profile)
   e = fitted.engine
   return Hardware(f'profile:{os.path.basename(os.path.normpath(profile_dir))}', price_usd_per_hour, (1,),
