@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
     times = {True: [], False: []}
     for r in range(args.runs):
       for jit in ((True, False) if r % 2 == 0 else (False, True)):
-        _, logged = run(config(preset, w['steps'] + 2, f'checkpoint.just_in_time={jit}'))
+        workdir, logged = run(config(preset, w['steps'] + 2, f'checkpoint.just_in_time={jit}'))
+        shutil.rmtree(workdir)  # checkpoints of bigger batches fill a disk quickly
         times[jit] += [x['step_time'] for x in logged[2:]]
         log(f'  just_in_time={jit}: median step {np.median(times[jit]) * 1e3:.1f} ms')
     on, off = float(np.median(times[True])), float(np.median(times[False]))
@@ -107,8 +109,8 @@ def main(argv=None) -> int:
     jax.block_until_ready(state)
     blocking = {}
     for mode in ('first', 'async', 'sync'):
-      ckpts = Checkpoints(os.path.join(work, f'save-{preset}-{mode}'),
-                          CheckpointConfig(keep=2, async_save=mode != 'sync'), cfg)
+      directory = os.path.join(work, f'save-{preset}-{mode}')
+      ckpts = Checkpoints(directory, CheckpointConfig(keep=2, async_save=mode != 'sync'), cfg)
       samples = []
       for i in range(1 if mode == 'first' else args.saves):
         start = time.perf_counter()
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
         samples.append(time.perf_counter() - start)
         ckpts.wait()
       ckpts.close()
+      shutil.rmtree(directory)
       blocking[mode] = float(np.median(samples))
       log(f'  save ({mode}): blocks {blocking[mode] * 1e3:.1f} ms')
     blocking['async_over_sync'] = blocking['async'] / blocking['sync']
@@ -139,6 +142,7 @@ def main(argv=None) -> int:
         except faults.FaultInjected:
           failed_at = time.time()  # without the just-in-time machinery nothing is saved
         logged = train(cfg, workdir, progress=False)
+        shutil.rmtree(workdir)
         resumed = logged[0]['step'] - 1
         lost.append(f + 1 - resumed)
         recovery.append(logged[0]['time'] - failed_at)
@@ -168,6 +172,7 @@ def main(argv=None) -> int:
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, 'checkpoint_overhead.json'), 'w') as f:
     json.dump(results, f, indent=2)
+  shutil.rmtree(work, ignore_errors=True)
   return 0
 
 
