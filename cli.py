@@ -128,6 +128,30 @@ def _quickstart(args) -> int:
   return 0
 
 
+def _profile(args) -> int:
+  import gin  # pylint: disable=g-import-not-at-top
+  import configs  # pylint: disable=g-import-not-at-top  (JAX must start after XLA_FLAGS is set)
+  from serve import loader  # pylint: disable=g-import-not-at-top
+  from serve.sim import estimator, profile  # pylint: disable=g-import-not-at-top
+  engine_cfg, _ = configs.load_serve_config(args.gin_file, args.gin_param)
+  try:
+    gin.query_parameter('model.name')
+    model_cfg = configs.model(args.model) if args.model else configs.model()
+  except ValueError:  # no model.name bound: --model, else the tiny preset
+    model_cfg = configs.model(args.model or 'tiny')
+  if engine_cfg.compilation_cache_dir is None:
+    _use_compilation_cache()
+  meta = profile.profile(model_cfg, engine_cfg, args.out, quick=args.quick,
+                         mesh=loader.serving_mesh(args.tensor_parallel))
+  fitted = estimator.fit(estimator.load_profile(args.out))
+  print(f'Profiled {meta["num_params"]:,} parameters on {meta["device_kind"]} ({meta["backend"]}, '
+        f'tensor parallel {meta["tensor_parallel"]}): {meta["steps_rows"]} step shapes in '
+        f'{meta["duration_s"]:.0f} s, load average {meta["loadavg_before"][0]} -> '
+        f'{meta["loadavg_after"][0]}. Wrote {args.out}/steps.csv, host.csv, meta.json.\n'
+        f'Fitted: {fitted.describe()}.')
+  return 0
+
+
 def _convert(args) -> int:
   if bool(args.from_hf) == bool(args.to_hf):
     raise ValueError('give exactly one of --from-hf DIR or --to-hf CHECKPOINT.')
@@ -298,6 +322,20 @@ def main(argv: list[str] | None = None) -> int:
   conv.add_argument('--max_shard_mb', type=float, default=5120,
                     help='--to-hf: largest safetensors file before sharding with an index (MiB).')
 
+  prof = sub.add_parser('profile', help='Time the engine step on this backend over a grid of batch '
+                        'shapes (decodes, prefill chunks, mixed) for the simulator: steps.csv, host.csv, '
+                        'meta.json; prints the fitted step-time model and its cross-validated error.')
+  prof.add_argument('--out', required=True, help='Directory to write (created; files replaced).')
+  prof.add_argument('--model', default=None,
+                    help="A model preset (models/presets.py; default: a gin file's model.name, else tiny).")
+  prof.add_argument('--gin_file', action='append', default=[],
+                    help='A gin file binding engine.* (EngineConfig, as for stoker serve) and model.*.')
+  prof.add_argument('--gin_param', action='append', default=[],
+                    help="A binding such as 'engine.token_budget=512'; repeatable, applied last.")
+  prof.add_argument('--tensor_parallel', type=int, default=1,
+                    help='Shard the model over this many devices, as stoker serve does.')
+  prof.add_argument('--quick', action='store_true', help='A handful of shapes (seconds on CPU; for tests).')
+
   from serve.bench import flags as bench_flags  # pylint: disable=g-import-not-at-top  (argparse only)
   bench_flags.add_arguments(sub.add_parser(
       'bench', help='Load an OpenAI-compatible server: TTFT, TBT, fluidity-index, plots, capacity search.'))
@@ -352,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
       return _train(args.gin_file or [QUICKSTART_GIN], args.gin_param, args.workdir)
     if args.command == 'serve':
       return _serve(args)
+    if args.command == 'profile':
+      return _profile(args)
     return _quickstart(args)
   except (ValueError, FileNotFoundError) as e:
     print(f'stoker {args.command}: error: {e}', file=sys.stderr)

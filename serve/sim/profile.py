@@ -1,0 +1,113 @@
+"""`stoker profile`: times the engine's real step on this backend, the data the step-time
+estimator (serve/sim/estimator.py) is fitted on.
+
+Re-measure the shipped tiny CPU profile (on a quiet machine, load average < 1; a few minutes):
+  stoker profile --out serve/sim/profiles/tiny_cpu
+(the tiny preset with random weights, and the EngineConfig `stoker serve` runs with no gin file).
+
+Each grid point is one step composition, timed as one period of the serving loop (Engine.step in
+steady state, see serve/sim/probe.py), medians over `repeats`; `device_s` is the compiled step alone
+(block_until_ready). The grid (`grid_for`, from the EngineConfig):
+  decode   b sequences decoding at context c
+  prefill  one chunk of q tokens after c cached tokens (a shared prefix the prefix cache holds;
+           without prefix caching c is a multiple of the token budget, built by whole-budget chunks)
+  mixed    b decodes plus a new prompt's chunk of q tokens (Sarathi-style stall-free steps)
+Files in --out: steps.csv (one row per grid point), host.csv (Scheduler.schedule and update and the
+engine's host buffers per step, against batch size) and meta.json (device, backend, model and
+engine configs, jax version, date, load average before and after, grid).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import enum
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+
+from models.config import ModelConfig
+from serve.engine import Engine, EngineConfig
+from serve.scheduler import StepPlan
+from serve.sim import probe
+
+STEP_FIELDS = ('kind', 'q_lens', 'kv_lens', 'num_seqs', 'num_decodes', 'tokens', 'bucket', 'wall_s',
+               'wall_min_s', 'device_s', 'repeats')
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  decode_batches: tuple[int, ...]
+  decode_contexts: tuple[int, ...]  # kept where the pool and block table hold b of them
+  prefill_chunks: tuple[int, ...]
+  prefill_cached: tuple[int, ...]  # page-aligned; only token_budget multiples without prefix caching
+  mixed_decodes: tuple[int, ...]
+  mixed_chunks: tuple[int, ...]  # cut to the budget the decodes leave
+  repeats: int = 5
+
+
+def grid_for(cfg: EngineConfig, quick: bool = False) -> Grid:
+  """The grid for an engine config: batch sizes up to max_seqs, contexts up to the block table,
+  chunks at and between the buckets. quick: a handful of points (seconds on CPU, for tests)."""
+  max_len, budget, G = cfg.max_pages_per_seq * cfg.page_size, cfg.token_budget, cfg.page_size
+  if quick:
+    return Grid((1, cfg.max_seqs), (2 * G,), (cfg.min_bucket, budget),
+                tuple(c for c in (0, budget) if c + budget < max_len), (1,), (cfg.min_bucket,), 3)
+  batches = sorted({1, 2, 4, 8, 12, 16, cfg.max_seqs} & set(range(1, cfg.max_seqs + 1)))
+  contexts = sorted({c for c in (G, 4 * G, 16 * G, 32 * G) if c < max_len} | {max_len - 2 * G})
+  chunks = sorted(set(cfg.buckets()) | {3 * b // 4 for b in cfg.buckets() if b >= 4 * cfg.min_bucket})
+  step = G if cfg.prefix_caching else budget
+  cached = sorted({f * max_len // 8 // step * step for f in (0, 1, 2, 4, 6)})
+  mixed = sorted({1, max(1, cfg.max_seqs // 4), cfg.max_seqs - 1} - {0})
+  return Grid(tuple(batches), tuple(contexts), tuple(chunks), tuple(cached), tuple(mixed),
+              (cfg.min_bucket, budget // 4, budget // 2, budget))
+
+
+def _jsonable(cfg) -> dict:
+  return {k: v.value if isinstance(v, enum.Enum) else dataclasses.asdict(v)
+          if dataclasses.is_dataclass(v) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _write_csv(path: str, fields, rows) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fields, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def profile(model_cfg: ModelConfig, engine_cfg: EngineConfig, out_dir: str, *, quick: bool = False,
+            grid: Grid | None = None, mesh=None, params=None, seed: int = 0) -> dict:
+  """Measures the grid on this backend and writes steps.csv, host.csv and meta.json to out_dir.
+  Returns the meta dict. params: random weights of model_cfg unless given."""
+  grid = grid or grid_for(engine_cfg, quick)
+  load_before = os.getloadavg()
+  start = time.time()
+  engine = Engine(model_cfg, probe.random_params(model_cfg, seed) if params is None else params,
+                  engine_cfg, mesh)
+  for T in engine_cfg.buckets():  # the first run of each compiled step allocates; keep it out
+    probe.device_time(engine, StepPlan((), ()), 0, T)
+  rows = probe.measure(engine, grid, seed)
+  host = probe.host_overhead(engine, grid.decode_batches)
+  device = jax.devices()[0]
+  meta = dict(
+      device_kind=device.device_kind, backend=jax.default_backend(), num_devices=jax.device_count(),
+      tensor_parallel=1 if mesh is None else int(mesh.shape.get('tensor', 1)),
+      model=_jsonable(model_cfg), engine=_jsonable(engine_cfg), num_params=model_cfg.num_params(),
+      jax_version=jax.__version__, python=platform.python_version(), machine=platform.machine(),
+      cpu_count=os.cpu_count(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      duration_s=round(time.time() - start, 1), compile_s=round(engine.stats['compile_s'], 2),
+      loadavg_before=[round(x, 2) for x in load_before],
+      loadavg_after=[round(x, 2) for x in os.getloadavg()],
+      command=' '.join(['stoker'] + sys.argv[1:]) if os.path.basename(sys.argv[0]) in ('stoker', 'cli.py') else None,
+      quick=quick, grid=dataclasses.asdict(grid), steps_rows=len(rows), host_rows=len(host))
+  os.makedirs(out_dir, exist_ok=True)
+  _write_csv(os.path.join(out_dir, 'steps.csv'), STEP_FIELDS, rows)
+  _write_csv(os.path.join(out_dir, 'host.csv'), probe.HOST_FIELDS, host)
+  with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
+    json.dump(meta, f, indent=1)
+  return meta
