@@ -9,6 +9,7 @@ the rate). The search never goes above what the replica sustains: the lower of a
 step-time model (each request holds one of max_seqs slots for at least output_tokens steps, and its prompt +
 output - 1 tokens cannot go faster than a full step's tokens/s) and the throughput of a saturated simulation
 (a short run at a rate above that would pass a loose SLO only because it ends before the queue grows).
+A candidate whose run at FLOOR x its throughput bound fails has no capacity.
 
 Pruning never changes the answer: candidates are searched in order of bound per dollar, and one whose bound
 cannot beat the best capacity per dollar found (nor, with a target, the best cost) is not searched.
@@ -33,8 +34,8 @@ from serve.sim.plan_space import Candidate, Hardware
 from serve.sim.shape import StepShape, StepTimeModel
 from serve.sim.slo import LatencySLO
 
-FLOOR = 1 / 16  # the search's lowest rate, in ceilings: below it a replica counts as unable to meet the SLO
-START = 0.7  # its first, in ceilings
+FLOOR = 1 / 16  # the lowest rate, in throughput bounds: a replica failing there cannot meet the SLO
+START = 0.7  # the search's first rate, in ceilings (what the replica sustains)
 SATURATION = 3  # the saturated run: this many x max_seqs requests, all at once
 MAX_EXTRA_REPLICAS = 3
 
@@ -135,19 +136,27 @@ def saturated_rps(cand: Candidate, model: StepTimeModel, cfg: PlanConfig, cache:
 
 
 def evaluate(cand: Candidate, cfg: PlanConfig, specs, cache: dict) -> dict:
-  """The candidate's capacity (None: not even the floor passes), its probes, and its SLO values there."""
+  """The candidate's capacity (None when the run at FLOOR x its throughput bound fails: that is probed first, and
+  when it fails nothing more is simulated), its probes in the order run, and the SLO values at capacity and
+  at that lowest rate."""
   model = cand.hardware.step_model(cand.tp, cand.engine)
   bound = throughput_bound(model, cand.engine, specs)
-  saturated = saturated_rps(cand, model, cfg, cache)
-  hi = snap(min(bound, saturated), cfg.tolerance)
-  lo = snap(FLOOR * hi, cfg.tolerance)
-  search = capacity.SearchConfig(start_rate=snap(START * hi, cfg.tolerance), min_rate=lo, max_rate=hi,
-                                 tolerance=cfg.tolerance, max_probes=16)
-  found, curve = capacity.search(_Probe(cand, model, cfg, cache), search)
-  best = None if found is None else next(p for p in curve if p['passed'] and p['rate'] == found)
-  lowest = min(curve, key=lambda p: p['grid_rate'])
-  return {**cand.describe(), 'bound_rps': bound, 'saturated_rps': saturated, 'ceiling_rps': hi,
-          'capacity_rps': best['grid_rate'] if best else None, 'at_ceiling': bool(best and best['grid_rate'] >= hi),
+  probe = _Probe(cand, model, cfg, cache)
+  lo = snap(FLOOR * bound, cfg.tolerance)
+  curve = [{**probe(lo), 'rate': lo}]
+  saturated, hi, found = None, None, None
+  if curve[0]['passed']:
+    saturated = saturated_rps(cand, model, cfg, cache)
+    hi = max(lo, snap(min(bound, saturated), cfg.tolerance))
+    search = capacity.SearchConfig(start_rate=max(lo, snap(START * hi, cfg.tolerance)), min_rate=lo, max_rate=hi,
+                                   tolerance=cfg.tolerance, max_probes=16)
+    found, more = capacity.search(probe, search)
+    curve += more
+  best = None if found is None else next(p for p in curve[1:] if p['passed'] and p['rate'] == found)
+  lowest = curve[0]
+  return {**cand.describe(), 'bound_rps': bound, 'saturated_rps': saturated if saturated != math.inf else None,
+          'ceiling_rps': hi, 'capacity_rps': best['grid_rate'] if best else None,
+          'at_ceiling': bool(best and best['grid_rate'] >= hi),
           'values_at_capacity': best['values'] if best else None,
           'lowest_rate': lowest['grid_rate'], 'values_at_lowest': lowest['values'],
           'probes': [{k: p[k] for k in ('grid_rate', 'passed', 'values')} for p in curve]}
@@ -216,7 +225,7 @@ def plan(hardware: Sequence[Hardware], cfg: PlanConfig, cache: dict | None = Non
                            if r['values_at_lowest'][t.metric] is not None), default=None) for t in cfg.slo.targets}
     raise ImpossibleSLO(
         f'the SLO {cfg.slo} cannot be met by any of {len(results)} configurations, even at the lowest load '
-        f'searched ({FLOOR:g} of the throughput each one sustains). Best achievable: ' +
+        f'searched ({FLOOR:g} of each one\'s throughput bound). Best achievable: ' +
         ', '.join(f'{t.metric}_p{t.quantile * 100:g} = {best[t.metric]:.4g}s' if best[t.metric] is not None else
                   f'{t.metric}: undefined' for t in cfg.slo.targets) + '. Loosen the SLO or shorten the workload.',
         best, results)
