@@ -28,17 +28,15 @@ HOST_FIELDS = ('num_seqs', 'schedule_s', 'update_s', 'host_arrays_s')
 
 
 def random_params(cfg: ModelConfig, seed: int = 0):
-  """Random weights of the model's shapes (0.02 normal; norm scales 1): timing needs no training."""
+  """Random weights of the model's shapes (0.02 normal; norm scales 1): timing needs no training.
+  Every leaf is a slice of one host-drawn buffer: no per-leaf device compiles, no program over all
+  leaves (which takes minutes to compile for an unrolled 8B model)."""
   _, abstract = nnx.split(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0))))
   paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-
-  @jax.jit
-  def draw(key):
-    keys = jax.random.split(key, len(paths))
-    return treedef.unflatten([
-        jax.numpy.ones(x.shape, x.dtype) if 'scale' in jax.tree_util.keystr(p) else
-        0.02 * jax.random.normal(k, x.shape, x.dtype) for k, (p, x) in zip(keys, paths)])
-  return draw(jax.random.key(seed))
+  base = 0.02 * np.random.default_rng(seed).standard_normal(max(x.size for _, x in paths), np.float32)
+  return treedef.unflatten([
+      jax.numpy.ones(x.shape, x.dtype) if 'scale' in jax.tree_util.keystr(p) else
+      jax.numpy.asarray(base[:x.size].reshape(x.shape), x.dtype) for p, x in paths])
 
 
 class Driver:
@@ -154,34 +152,42 @@ class Driver:
     return plans, walls
 
 
-def _row(kind: str, plans: list[StepPlan], walls: list[float], buckets) -> dict:
+def _row(kind: str, plans: list[StepPlan], walls: list[float], devices: list[float], buckets) -> dict:
   plan = plans[len(plans) // 2]
   q = [len(s.token_ids) for s in plan.seqs]
   kv = [s.start_pos + len(s.token_ids) for s in plan.seqs]
   return dict(kind=kind, q_lens=';'.join(map(str, q)), kv_lens=';'.join(map(str, kv)),
               num_seqs=len(q), num_decodes=sum(n == 1 for n in q), tokens=sum(q),
               bucket=next(b for b in buckets if b >= sum(q)), wall_s=round(statistics.median(walls), 7),
-              wall_min_s=round(min(walls), 7), repeats=len(walls), plan=plan)
+              wall_min_s=round(min(walls), 7), device_s=round(statistics.median(devices), 7),
+              repeats=len(walls))
 
 
 def measure(engine: Engine, grid, seed: int) -> list[dict]:
-  """Every grid point, in a seeded random order (so drifting machine load does not line up with
-  any feature), with its device-only time taken right after it."""
+  """`grid.repeats` passes over every grid point, each pass in a new random order, one sample of
+  each point per pass (with its device-only time right after it): samples of a point are minutes
+  apart, so a machine whose load drifts is sampled across its states, and the drift does not line
+  up with any feature."""
   d, budget = Driver(engine, seed), engine.config.token_budget
   points = ([('decode', b, c) for b, c in itertools.product(grid.decode_batches, grid.decode_contexts)]
             + [('prefill', q, c) for c, q in itertools.product(grid.prefill_cached, grid.prefill_chunks)]
             + sorted({('mixed', b, min(q, budget - b)) for b in grid.mixed_decodes
                       for q in grid.mixed_chunks if b < min(budget, engine.config.max_seqs)}))
-  np.random.default_rng(seed).shuffle(points)
-  rows = []
-  for i, (kind, x, y) in enumerate(points):
-    measured = getattr(d, f'measure_{kind}')(x, y, grid.repeats)
-    d.drain()
-    if measured is not None:
-      rows.append(_row(kind, *measured, engine.config.buckets()))
-      rows[-1]['device_s'] = round(device_time(engine, rows[-1].pop('plan'), grid.repeats), 7)
-    if i % 10 == 9:
-      logging.info('profile: %d of %d grid points', i + 1, len(points))
+  samples = {p: ([], [], []) for p in points}  # plans, walls, device times
+  rng = np.random.default_rng(seed)
+  for i in range(grid.repeats):
+    for point in rng.permutation(len(points)):
+      kind, x, y = points[point]
+      measured = getattr(d, f'measure_{kind}')(x, y, 1)
+      d.drain()
+      if measured is None:
+        continue
+      plans, walls, devices = samples[points[point]]
+      plans += measured[0]
+      walls += measured[1]
+      devices.append(device_time(engine, measured[0][0], 1))
+    logging.info('profile: pass %d of %d over %d grid points', i + 1, grid.repeats, len(points))
+  rows = [_row(p[0], *samples[p], engine.config.buckets()) for p in points if samples[p][0]]
   order = {'decode': 0, 'prefill': 1, 'mixed': 2}
   return sorted(rows, key=lambda r: (order[r['kind']], r['num_seqs'], r['tokens'], r['kv_lens']))
 

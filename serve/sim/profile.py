@@ -6,8 +6,10 @@ Re-measure the shipped tiny CPU profile (on a quiet machine, load average < 1; a
 (the tiny preset with random weights, and the EngineConfig `stoker serve` runs with no gin file).
 
 Each grid point is one step composition, timed as one period of the serving loop (Engine.step in
-steady state, see serve/sim/probe.py), medians over `repeats`; `device_s` is the compiled step alone
-(block_until_ready). The grid (`grid_for`, from the EngineConfig):
+steady state, see serve/sim/probe.py): wall_s is the median (wall_min_s the least) of `repeats`
+samples taken in separate passes over the whole grid, each pass in a new random order, so slow
+drifts of the machine's load spread over every point alike; device_s is the median time of the
+compiled step alone (block_until_ready). The grid (`grid_for`, from the EngineConfig):
   decode   b sequences decoding at context c
   prefill  one chunk of q tokens after c cached tokens (a shared prefix the prefix cache holds;
            without prefix caching c is a multiple of the token budget, built by whole-budget chunks)
@@ -48,7 +50,7 @@ class Grid:
   prefill_cached: tuple[int, ...]  # page-aligned; only token_budget multiples without prefix caching
   mixed_decodes: tuple[int, ...]
   mixed_chunks: tuple[int, ...]  # cut to the budget the decodes leave
-  repeats: int = 5
+  repeats: int = 5  # passes over the grid
 
 
 def grid_for(cfg: EngineConfig, quick: bool = False) -> Grid:

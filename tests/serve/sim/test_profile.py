@@ -15,6 +15,7 @@ from serve.sim.shape import StepShape
 # A small engine (buckets 16 and 32) and a 2-layer tiny model keep the compile to seconds.
 ENGINE_PARAMS = ['engine.num_pages=64', 'engine.page_size=8', 'engine.max_seqs=4',
                  'engine.max_pages_per_seq=16', 'engine.token_budget=32', 'engine.min_bucket=16']
+pytestmark = pytest.mark.xdist_group('sim_profile')  # one quick profile, shared by the module
 ENGINE = EngineConfig(num_pages=64, page_size=8, max_seqs=4, max_pages_per_seq=16, token_budget=32,
                       min_bucket=16)
 

@@ -1,12 +1,14 @@
 """The roofline step-time model against hand-computed figures, and the directions it must move in."""
 
 import dataclasses
+import os
 
 import pytest
 
 from models import presets
+from models.config import ModelConfig
 from serve.engine import EngineConfig
-from serve.sim import devices, roofline
+from serve.sim import devices, estimator, roofline
 from serve.sim.devices import Device
 from serve.sim.roofline import RooflineModel, kv_pages_available
 from serve.sim.shape import StepShape
@@ -107,3 +109,17 @@ def test_devices_cover_the_agreed_kinds_and_reject_bad_figures():
   with pytest.raises(ValueError, match='memory_efficiency'):
     RooflineModel(LLAMA8B, H100, 1, ENGINE, memory_efficiency=1.5)
   assert isinstance(H100, Device)
+
+
+def test_no_measured_h100_step_beats_the_ideal_roofline():
+  """The shipped H100 profile of Llama-3-8B: the roofline with perfect efficiency and no host
+  overhead is a lower bound on every measured step (device-only and wall)."""
+  profile = estimator.load_profile(os.path.join(os.path.dirname(estimator.__file__), 'profiles',
+                                                'llama3_8b_h100'))
+  model = ModelConfig(**{k: v for k, v in profile.meta['model'].items() if k != 'rope_scaling'})
+  assert model == dataclasses.replace(LLAMA8B, param_dtype='bfloat16')
+  ideal = RooflineModel(model, H100, 1, profile.engine, compute_efficiency=1, memory_efficiency=1,
+                        host_overhead_s=0)
+  ratios = [min(w, d) / ideal.step_time_s(s)
+            for s, w, d in zip(profile.shapes, profile.wall_s, profile.device_s)]
+  assert 1 < min(ratios) and max(ratios) < 10, (min(ratios), max(ratios))
