@@ -22,7 +22,7 @@ from models import transformer
 from models.config import ModelConfig
 from serve.engine import Engine
 from serve.sampling import SamplingParams
-from serve.scheduler import Scheduler, StepPlan
+from serve.scheduler import Policy, Scheduler, StepPlan
 
 HOST_FIELDS = ('num_seqs', 'schedule_s', 'update_s', 'host_arrays_s')
 
@@ -172,7 +172,8 @@ def measure(engine: Engine, grid, seed: int) -> list[dict]:
   points = ([('decode', b, c) for b, c in itertools.product(grid.decode_batches, grid.decode_contexts)]
             + [('prefill', q, c) for c, q in itertools.product(grid.prefill_cached, grid.prefill_chunks)]
             + sorted({('mixed', b, min(q, budget - b)) for b in grid.mixed_decodes
-                      for q in grid.mixed_chunks if b < min(budget, engine.config.max_seqs)}))
+                      for q in grid.mixed_chunks if b < min(budget, engine.config.max_seqs)
+                      and engine.config.policy == Policy.CHUNKED}))  # only it mixes
   samples = {p: ([], [], []) for p in points}  # plans, walls, device times
   rng = np.random.default_rng(seed)
   for i in range(grid.repeats):

@@ -13,7 +13,8 @@ compiled step alone (block_until_ready). The grid (`grid_for`, from the EngineCo
   decode   b sequences decoding at context c
   prefill  one chunk of q tokens after c cached tokens (a shared prefix the prefix cache holds;
            without prefix caching c is a multiple of the token budget, built by whole-budget chunks)
-  mixed    b decodes plus a new prompt's chunk of q tokens (Sarathi-style stall-free steps)
+  mixed    b decodes plus a new prompt's chunk of q tokens (Sarathi-style stall-free steps; the
+           chunked policy only: the others never mix)
 Files in --out: steps.csv (one row per grid point), host.csv (Scheduler.schedule and update and the
 engine's host buffers per step, against batch size) and meta.json (device, backend, model and
 engine configs, jax version, date, load average before and after, grid).
