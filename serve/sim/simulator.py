@@ -4,7 +4,8 @@ Each replica holds a serve.scheduler.Scheduler (the same policies, page allocato
 engine) and replays the timeline of serve/engine.py as serve/driver.py drives it:
 
   - A step planned and dispatched at time t runs until t + T, T = model.step_time_s(StepShape.from_plan(plan))
-    (+ step_overhead_s, + token_overhead_s per token the server streamed from the step before, see below).
+    + step_overhead_s (the server's host work per step beyond Engine.step: the driver's loop, and on a CPU
+    backend the HTTP threads competing with the step for the cores).
   - At t + T the step's tokens are applied (scheduler.update), the next step is planned and dispatched at once,
     and only then are the step's tokens handed to the clients: a token of the step that ran in [t, t + T) is
     read by its client at t + T + token_latency_s.
@@ -60,8 +61,7 @@ class ReplicaConfig:
   max_waiting: int = 64  # ServerConfig.max_waiting: unfinished requests beyond max_seqs get 429
   request_overhead_s: float = 0.0  # client sends -> the driver has the request
   token_latency_s: float = 0.0  # the engine hands a token out -> the client reads it
-  step_overhead_s: float = 0.0  # host work per step outside Engine.step (the driver's loop)
-  token_overhead_s: float = 0.0  # server work per streamed token, slowing the step it overlaps
+  step_overhead_s: float = 0.0  # the server's work per step beyond Engine.step
 
   def __post_init__(self):
     if not callable(getattr(self.model, 'step_time_s', None)):
@@ -72,7 +72,7 @@ class ReplicaConfig:
     if self.max_seqs > self.token_budget:
       raise ValueError(f'ReplicaConfig.max_seqs={self.max_seqs} > token_budget={self.token_budget}: a step '
                        'could not decode every running sequence (the engine refuses this); raise token_budget.')
-    for name in ('max_waiting', 'request_overhead_s', 'token_latency_s', 'step_overhead_s', 'token_overhead_s'):
+    for name in ('max_waiting', 'request_overhead_s', 'token_latency_s', 'step_overhead_s'):
       if not getattr(self, name) >= 0:
         raise ValueError(f'ReplicaConfig.{name}={getattr(self, name)!r}; use a value >= 0.')
 
@@ -177,7 +177,7 @@ class _Replica:
     sampled = {s.request_id: 0 for s in plan.seqs if s.sample}
     finished = self.scheduler.update(plan, sampled)
     if self.scheduler.has_work:
-      self._dispatch(t, streamed=len(sampled))
+      self._dispatch(t)
     visible_us = _us(t + self.cfg.token_latency_s)
     live = self.live
     for request_id in sampled:
@@ -193,17 +193,16 @@ class _Replica:
       self._add(record)
     self.pending.clear()
     if self.inflight is None and self.scheduler.has_work:
-      self._dispatch(t, streamed=len(sampled))
+      self._dispatch(t)
 
-  def _dispatch(self, t: float, streamed: int = 0) -> None:
+  def _dispatch(self, t: float) -> None:
     plan = self.scheduler.schedule()
     if not plan.seqs:
       raise RuntimeError(f'the scheduler planned an empty step with {self.scheduler.num_waiting} waiting and '
                          f'{self.scheduler.num_running} running requests (the engine fails here too); the pool '
                          f'({self.cfg.num_pages} pages) or slots may be too small.')
     cfg, stats = self.cfg, self.stats
-    step_s = (cfg.model.step_time_s(StepShape.from_plan(plan)) + cfg.step_overhead_s +
-              cfg.token_overhead_s * streamed)
+    step_s = cfg.model.step_time_s(StepShape.from_plan(plan)) + cfg.step_overhead_s
     self.inflight = plan
     stats.steps += 1
     stats.busy_s += step_s

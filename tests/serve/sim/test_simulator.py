@@ -116,10 +116,10 @@ def test_server_errors_too_long_and_full():
 
 
 def test_server_costs_shift_the_timeline():
-  # request 2 ms to reach the driver, 1 ms to reach the client; 3 ms per streamed token on the step after it.
-  cfg = replica(request_overhead_s=0.002, token_latency_s=0.001, token_overhead_s=0.003)
+  # The request takes 2 ms to reach the driver, each token 1 ms to reach the client; every step 3 ms longer.
+  cfg = replica(request_overhead_s=0.002, token_latency_s=0.001, step_overhead_s=0.003)
   result = simulate([RequestSpec(0, 0.0, 8, 3)], [cfg])
-  want = [0.002 + D + 0.001, 0.002 + 2 * D + 0.003 + 0.001, 0.002 + 3 * D + 0.006 + 0.001]
+  want = [0.002 + k * (D + 0.003) + 0.001 for k in (1, 2, 3)]
   assert result.records[0].token_offsets_us == pytest.approx([w * 1e6 for w in want], abs=1)
 
 

@@ -1,0 +1,312 @@
+"""Simulator fidelity (issue 8): `stoker serve` under `stoker bench` vs serve/sim on the same workloads.
+
+  python benchmarks/sim_fidelity.py                      # the check: 3 loads x 48 requests, ~12 min on 2 idle cores
+  python benchmarks/sim_fidelity.py --requests 16 --calibration_requests 4   # a short run, ~5 min
+  python benchmarks/sim_fidelity.py --take_profile       # profile the engine first instead of the shipped profile
+
+1. The model: the tiny preset with random weights (benchmarks/out/sim_fidelity/tiny/, or --checkpoint). Its
+   output head is zero except on the tokenizer's single-token words, so greedy decoding emits only tokens that
+   are each a ' word' of text: every token reaches the client in a chunk of its own and the client's per-token
+   times are exact (a random head emits byte fragments the server holds back, which merges two gaps into one).
+   The step costs the same either way.
+2. The step-time model: serve.sim.estimator.fit(load_profile(DIR)) on the shipped serve/sim/profiles/tiny_cpu
+   (--profile DIR for another), or with --take_profile a fresh `stoker profile --out` first. The server runs
+   the profile's EngineConfig.
+3. `stoker serve` of the model on 127.0.0.1, a free port, `--gin_param engine.*` = the profile's engine.
+4. Calibration at load ~0: the server's costs beyond Engine.step, as documented constants. The same requests,
+   each alone, through the server (serve.bench.client, as `stoker bench --max-concurrency 1` sends them) and
+   through the same Engine in this process (no HTTP, no driver thread, no streaming), in alternating order:
+   ReplicaConfig.request_overhead_s = median(served - engine TTFT) (HTTP, tokenizing, the first token's trip to
+   the client) and step_overhead_s = median(served - engine time between tokens) (the driver's loop, and the
+   HTTP threads and the client competing with the engine step for the two cores). Per step, not per token:
+   eight streams at once gave the same difference as one (about 1.5-2 ms at load average 4). Measured against
+   the engine itself, they hold no error of the step-time model, and they come from requests run alone,
+   never from the runs they are compared on.
+5. At each --rates: `stoker bench` (Poisson arrivals, --ignore-eos, seed --seed + i for the i-th load, so no
+   load finds its prompts in the prefix cache from the one before) and simulate() of workload.build() of the
+   same WorkloadConfig; P50 and P90 of TTFT and TBT real vs simulated, relative errors (goal 5%, acceptance
+   10%), the simulator's speed over real time (>= 100x), preemptions. Writes benchmarks/out/sim_fidelity.json
+   (each run's bench files under benchmarks/out/sim_fidelity/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from _common import log, set_host_devices  # noqa: E402  pylint: disable=wrong-import-position
+from serve.bench import report, workload  # noqa: E402  pylint: disable=wrong-import-position
+
+SHIPPED_PROFILE = os.path.join(REPO, 'serve', 'sim', 'profiles', 'tiny_cpu')
+ENGINE_FIELDS = ('num_pages', 'page_size', 'max_seqs', 'max_pages_per_seq', 'token_budget', 'policy', 'watermark',
+                 'prefix_caching', 'min_bucket')
+GOAL, ACCEPT = 0.05, 0.10
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--checkpoint', default=None, help='a workdir of the tiny preset (default: random weights)')
+  p.add_argument('--tokenizer', default=os.path.expanduser('~/.cache/stoker/data/stdlib-v4096'),
+                 help='the tokenizer of the model (default: the stdlib corpus\'s, vocabulary 4096)')
+  p.add_argument('--profile', default=SHIPPED_PROFILE, help='a `stoker profile` directory')
+  p.add_argument('--take_profile', action='store_true', help='run `stoker profile` first (into out_dir)')
+  p.add_argument('--rates', default='0.15,0.4,0.65',
+                 help='three loads, requests/s (Poisson; on the shipped profile the engine is ~40%%, 70%%, 90%% busy)')
+  p.add_argument('--requests', type=int, default=48, help='requests per load')
+  p.add_argument('--prompt', default='uniform:32:384')
+  p.add_argument('--output', default='uniform:16:96')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--calibration_requests', type=int, default=8)
+  p.add_argument('--out_dir', default=os.path.join(REPO, 'benchmarks', 'out'))
+  return p.parse_args(argv)
+
+
+def stoker(*args: str) -> list[str]:
+  return [sys.executable, os.path.join(REPO, 'cli.py'), *args]
+
+
+def run(cmd: list[str]) -> None:
+  log('$ ' + shlex.join(cmd))
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  if done.returncode not in (0, 1):  # `stoker bench` exits 1 when the SLO fails: not an error here
+    raise RuntimeError(f'{cmd[2]} failed ({done.returncode}): {done.stderr[-3000:]}')
+
+
+def make_model(root: str, tokenizer_dir: str) -> str:
+  """The tiny preset, random weights, head zero off the single-token words (see the docstring); a workdir."""
+  if os.path.isdir(os.path.join(root, 'checkpoints')):
+    return root
+  import jax  # pylint: disable=g-import-not-at-top  (only when a model is made)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import presets, transformer  # pylint: disable=g-import-not-at-top
+  from serve.bench import prompts  # pylint: disable=g-import-not-at-top
+  from train import checkpoint, optimizer  # pylint: disable=g-import-not-at-top
+  from train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from train.config import CheckpointConfig, DataConfig, TrainConfig  # pylint: disable=g-import-not-at-top
+  model = presets.preset('tiny')
+  tok = prompts.load_tokenizer(tokenizer_dir)
+  keep = np.zeros(model.vocab_size, np.float32)
+  keep[[tok.encode(w, add_special_tokens=False).ids[0] for w in prompts.single_token_words(tok)]] = 1.0
+  rng = np.random.default_rng(0)
+
+  def draw(path, x):  # std 1/sqrt(d_model), norm scales 1
+    name = jax.tree_util.keystr(path)
+    if 'scale' in name:
+      return jnp.ones(x.shape, x.dtype)
+    w = rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(model.d_model)
+    return jnp.asarray(w * keep if 'lm_head' in name else w, x.dtype)
+
+  _, abstract = nnx.split(nnx.eval_shape(lambda: transformer.Transformer(model, nnx.Rngs(0))))
+  params = jax.tree_util.tree_map_with_path(draw, abstract)
+  cfg = TrainConfig(model=model, data=DataConfig(source=tokenizer_dir), steps=1)
+  state = step_lib.TrainState(jnp.asarray(1, jnp.int32), params,
+                              jax.jit(optimizer.make_optimizer(cfg.optimizer, 1).init)(params))
+  ckpt = checkpoint.Checkpoints(root, CheckpointConfig(async_save=False), cfg, 'benchmarks/sim_fidelity.py')
+  ckpt.save(1, state, None, wait=True)
+  ckpt.close()
+  return root
+
+
+def engine_fields(engine) -> dict:
+  """The profile's EngineConfig (a dataclass or a dict) as plain `engine.*` gin values."""
+  get = engine.get if isinstance(engine, dict) else lambda k: getattr(engine, k, None)
+  values = {k: get(k) for k in ENGINE_FIELDS}
+  return {k: getattr(v, 'value', v) for k, v in values.items() if v is not None}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def start_server(args, checkpoint: str, engine: dict, log_path: str):
+  port = free_port()
+  params = [x for k, v in engine.items() for x in ('--gin_param', f'engine.{k}={v!r}')]
+  cmd = stoker('serve', '--checkpoint', checkpoint, '--tokenizer', args.tokenizer, '--port', str(port), *params)
+  log('$ ' + shlex.join(cmd))
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log_path, 'w'), stderr=subprocess.STDOUT)
+  url = f'http://127.0.0.1:{port}'
+  end = time.monotonic() + 900
+  while time.monotonic() < end:
+    if proc.poll() is not None:
+      raise RuntimeError(f'stoker serve exited with {proc.returncode}; see {log_path}')
+    try:
+      with urllib.request.urlopen(f'{url}/health', timeout=5) as r:
+        if r.status == 200:
+          return url, proc, shlex.join(cmd)
+    except OSError:
+      pass
+    time.sleep(1)
+  proc.kill()
+  raise TimeoutError(f'{url}/health not ready after 900 s; see {log_path}')
+
+
+def bench(args, url: str, wl: workload.WorkloadConfig, out: str):
+  """`stoker bench` of the workload; the records (token times) from its requests.csv."""
+  text = ','.join(f'{k}={v}' for k, v in dataclasses.asdict(wl).items() if v is not None)
+  cmd = stoker('bench', '--url', url, '--tokenizer', args.tokenizer, '--workload', text, '--out', out,
+               '--ignore-eos', '--no-progress', '--no-plots', '--warmup', '2')
+  run(cmd)
+  rows = report.read_csv(os.path.join(out, report.CSV_NAME))
+  with open(os.path.join(out, report.SUMMARY_NAME)) as f:
+    summary = json.load(f)
+  bad = [r for r in rows if r['error'] or int(r['output_tokens']) != int(r['max_tokens']) or
+         int(r['prompt_tokens_reported'] or 0) != int(r['prompt_tokens'])]
+  if bad:
+    raise RuntimeError(f'{len(bad)} requests of {out} failed or miscounted tokens, e.g. {bad[0]}')
+  return [[int(t) for t in r['token_times_us'].split()] for r in rows], summary, shlex.join(cmd)
+
+
+def gaps(times_us: list[int]) -> list[float]:
+  return [(b - a) / 1e6 for a, b in zip(times_us, times_us[1:])]
+
+
+def calibrate(args, url: str, checkpoint: str, engine: dict) -> dict:
+  """The server's costs beyond Engine.step: each request alone through the server and through the engine in
+  this process, in alternating order (a drifting background load hits both alike)."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from serve import loader  # pylint: disable=g-import-not-at-top
+  from serve.bench import client, prompts  # pylint: disable=g-import-not-at-top
+  from serve.engine import EngineConfig  # pylint: disable=g-import-not-at-top
+  from serve.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  eng = loader.load_checkpoint(checkpoint, EngineConfig(**engine), tokenizer=args.tokenizer).engine
+  builder = prompts.PromptBuilder(prompts.load_tokenizer(args.tokenizer), args.seed)
+  endpoint = client.Endpoint(url, ignore_eos=True)
+  endpoint = dataclasses.replace(endpoint, model=asyncio.run(client.check(endpoint)))
+  rng = np.random.default_rng(args.seed)
+
+  def served(spec):  # the benchmark client's own code, as `stoker bench --max-concurrency 1`
+    records, _ = asyncio.run(client.run_requests(
+        endpoint, [spec._replace(arrival_s=0.0)], [builder.build(spec.prompt_tokens, spec.index, 99)], None,
+        progress=False))
+    if not records[0].ok or len(records[0].token_offsets_us) != spec.output_tokens:
+      raise RuntimeError(f'calibration request failed or miscounted tokens: {records[0]}')
+    return records[0].token_offsets_us
+
+  def alone(spec):  # the same request on the engine alone: its token times from add_request
+    eng.add_request(f'alone-{spec.index}', rng.integers(1, 4000, spec.prompt_tokens).tolist(),
+                    SamplingParams(max_tokens=spec.output_tokens, temperature=0.0))
+    start, times = time.perf_counter_ns(), []
+    while eng.has_work:
+      times += [(time.perf_counter_ns() - start) // 1000 for _ in eng.step()]
+    return times
+
+  wl = workload.WorkloadConfig(requests=args.calibration_requests, arrival='fixed', rate=float('inf'),
+                               prompt=args.prompt, output=args.output, seed=args.seed + 1000)
+  warm = workload.RequestSpec(10**6, 0.0, 16, 8)
+  served(warm), alone(warm)
+  pairs = []
+  for spec in workload.build(wl):
+    if spec.index % 2:
+      s = served(spec)
+      a = alone(spec)
+    else:
+      a = alone(spec)
+      s = served(spec)
+    pairs.append((s, a))
+  ttft = [(s[0] - a[0]) / 1e6 for s, a in pairs]
+  step = [statistics.median(gaps(s)) - statistics.median(gaps(a)) for s, a in pairs if len(s) > 1]
+  return {'request_overhead_s': max(0.0, statistics.median(ttft)), 'step_overhead_s': max(0.0, statistics.median(step)),
+          'ttft_served_minus_engine_s': ttft, 'median_gap_served_minus_engine_s': step,
+          'served_ttft_s': [s[0] / 1e6 for s, _ in pairs], 'engine_ttft_s': [a[0] / 1e6 for _, a in pairs],
+          'workload': dataclasses.asdict(wl)}
+
+
+def quantiles(times: list[list[int]]) -> dict:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ttft = [t[0] / 1e6 for t in times if t]
+  tbt = [g for t in times for g in gaps(t)]
+  return {f'{name}_p{q}_s': float(np.quantile(values, q / 100)) for name, values in (('ttft', ttft), ('tbt', tbt))
+          for q in (50, 90)}
+
+
+def compare(args, url: str, model, engine: dict, overheads: dict, rate: float, seed: int) -> dict:
+  """One load. Each load has its own seed: `stoker bench` builds a request's prompt from the seed and its index,
+  and the same prompts again would find the server's prefix cache warm from the load before."""
+  from serve.sim.simulator import ReplicaConfig, simulate  # pylint: disable=g-import-not-at-top
+  wl = workload.WorkloadConfig(requests=args.requests, arrival='poisson', rate=rate, prompt=args.prompt,
+                               output=args.output, seed=seed)
+  real, summary, cmd = bench(args, url, wl, os.path.join(args.out_dir, 'sim_fidelity', f'rate_{rate:g}'))
+  replica = ReplicaConfig.from_engine(argparse.Namespace(**engine), model,
+                                      request_overhead_s=overheads['request_overhead_s'],
+                                      step_overhead_s=overheads['step_overhead_s'])
+  sim = simulate(workload.build(wl), [replica])
+  r, s = quantiles(real), quantiles([rec.token_offsets_us for rec in sim.records])
+  errors = {k: (s[k] - r[k]) / r[k] for k in r}
+  return {'rate': rate, 'workload': dataclasses.asdict(wl), 'command': cmd, 'real': r, 'simulated': s,
+          'relative_error': errors, 'max_abs_error': max(abs(e) for e in errors.values()),
+          'real_wall_s': summary['duration_s'], 'sim_s': sim.sim_s, 'sim_wall_s': sim.wall_s,
+          'speedup_over_real_time': summary['duration_s'] / sim.wall_s,
+          'sim_preemptions': sim.replicas[0].preemptions, 'sim_peak_pages': sim.replicas[0].peak_pages,
+          'sim_steps': sim.replicas[0].steps, 'real_request_throughput': summary['request_throughput']}
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  from serve.sim import estimator  # pylint: disable=g-import-not-at-top
+  rates = [float(x) for x in args.rates.split(',')]
+  os.makedirs(os.path.join(args.out_dir, 'sim_fidelity'), exist_ok=True)
+  load_before = os.getloadavg()
+  start = time.time()
+  if args.take_profile:
+    args.profile = os.path.join(args.out_dir, 'sim_fidelity', 'profile')
+    run(stoker('profile', '--out', args.profile))
+  model = estimator.fit(estimator.load_profile(args.profile))
+  engine = engine_fields(model.engine)
+  checkpoint = args.checkpoint or make_model(os.path.join(args.out_dir, 'sim_fidelity', 'tiny'), args.tokenizer)
+  url, proc, serve_cmd = start_server(args, checkpoint, engine,
+                                      os.path.join(args.out_dir, 'sim_fidelity', 'server.log'))
+  try:
+    overheads = calibrate(args, url, checkpoint, engine)
+    log(f'calibration: request_overhead_s {overheads["request_overhead_s"]:.4f}, step_overhead_s '
+        f'{overheads["step_overhead_s"]:.4f}')
+    loads = []
+    for i, rate in enumerate(rates):
+      loads.append(compare(args, url, model, engine, overheads, rate, args.seed + i))
+      log(json.dumps({k: loads[-1][k] for k in ('rate', 'real', 'simulated', 'relative_error')}, indent=1))
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    try:
+      proc.wait(120)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+  worst = max(x['max_abs_error'] for x in loads)
+  result = {
+      'verdict': {'max_abs_relative_error': worst, 'goal_5pct': worst <= GOAL, 'acceptance_10pct': worst <= ACCEPT,
+                  'min_speedup': min(x['speedup_over_real_time'] for x in loads)},
+      'loads': loads, 'calibration': overheads, 'engine': engine, 'profile': args.profile,
+      'profile_cv_error': getattr(model, 'cv_error', None),
+      'step_time_model': model.describe() if hasattr(model, 'describe') else repr(model), 'serve_command': serve_cmd,
+      'script_command': shlex.join([sys.executable] + sys.argv), 'args': vars(args),
+      'loadavg_before': load_before, 'loadavg_after': os.getloadavg(), 'duration_s': time.time() - start}
+  path = os.path.join(args.out_dir, 'sim_fidelity.json')
+  report.write_json(result, path)
+  for x in loads:
+    log(f'rate {x["rate"]:g} req/s: ' + ', '.join(
+        f'{k[:-2]} {x["real"][k] * 1e3:.1f} vs {x["simulated"][k] * 1e3:.1f} ms ({x["relative_error"][k]:+.1%})'
+        for k in x['real']) + f'; simulator {x["speedup_over_real_time"]:.0f}x real time')
+  log(f'worst |error| {worst:.1%} (goal 5%, acceptance 10%); load average {load_before} -> {os.getloadavg()}; '
+      f'wrote {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  set_host_devices(8)  # as `stoker serve` and `stoker profile` run (cli.py --host_devices 8)
+  sys.exit(main())
