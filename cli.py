@@ -24,8 +24,11 @@ def _train(gin_files, gin_params, workdir) -> int:
   import configs  # pylint: disable=g-import-not-at-top  (JAX must start after XLA_FLAGS is set)
   from train import faults, loop  # pylint: disable=g-import-not-at-top
   from parallelism import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(distributed.from_env())  # before anything touches a device
   cfg = configs.load_train_config(gin_files, gin_params)
+  # Before anything touches a device. The coordination service ends every process some time after
+  # one dies; give the survivors' watchdog time to notice the stall and save first.
+  distributed.initialize(distributed.from_env(), heartbeat_timeout_s=max(
+      100, int(2 * cfg.checkpoint.hang_timeout_s) + 30))
   _use_compilation_cache()
   try:
     logged = loop.train(cfg, workdir, config_text=gin.config_str())
@@ -49,6 +52,11 @@ def _use_compilation_cache() -> None:
   """JAX's persistent compilation cache (as MaxText does): a restarted run skips compilation.
   JAX_COMPILATION_CACHE_DIR overrides the place."""
   import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1 and jax.default_backend() == 'cpu':
+    # A CPU executable's gloo collectives belong to the process that compiled it: a process that
+    # loads another's from the cache waits in collectives its peers never join.
+    jax.config.update('jax_enable_compilation_cache', False)
+    return
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(os.path.join('~', '.cache', 'stoker', 'xla')))

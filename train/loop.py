@@ -44,7 +44,7 @@ from data.synthetic import Batch
 from parallelism import sharding
 from parallelism.mesh import make_mesh
 from parallelism.rules import DEFAULT_RULES, Rules
-from train import datasets, faults, monitoring
+from train import datasets, emergency, faults, monitoring
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from train.evaluate import compile_eval_step, evaluate
@@ -91,8 +91,12 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
          rules, progress) -> list[dict]:
   ckpt_cfg = cfg.checkpoint
   initial_data = data_state()
+  multi = jax.process_count() > 1
   start = ckpts.latest_step()
-  if start is None:
+  resumed = _restore_emergency(workdir, start, target, data) if multi else None
+  if resumed is not None:
+    start, state = resumed
+  elif start is None:
     start = 0
     state, _ = init_train_state(cfg, mesh, tx, rules)
   else:
@@ -132,6 +136,13 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
     logging.warning('Just-in-time checkpoint of step %d saved.', step)
     return step
 
+  def save_emergency() -> None:  # a peer process died: no collective can complete
+    step, st, _ = consistent
+    emergency.save(workdir, step, st)
+
+  # Every process's data state before the next steps, for the survivors of a process's death.
+  data_states = emergency.DataStates(workdir) if multi and ckpt_cfg.just_in_time else None
+
   writer = None  # set below, once the metrics file is open
   logged: list[dict] = []
   window: list[dict] = []  # per-step metrics since the last log line
@@ -147,7 +158,8 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
        tqdm(total=cfg.steps, initial=start, disable=None if progress else True, unit='step',
             dynamic_ncols=True) as bar, \
        faults.SignalGuard() as guard, \
-       faults.Watchdog(ckpt_cfg.hang_timeout_s, save_consistent) as watchdog:
+       faults.Watchdog(ckpt_cfg.hang_timeout_s,
+                       save_emergency if data_states else save_consistent) as watchdog:
 
     class Writer:
       """metrics.jsonl + TensorBoard, and the Prometheus exporter when there is one."""
@@ -239,6 +251,8 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
 
     step = start
     ds = data_state()
+    if data_states:
+      data_states.record({step: ds})
     batch = to_device(next(data))
     pending = None
     inflight = None  # the gradients of `step`, dispatched right behind the previous update
@@ -257,6 +271,8 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
           ds_next = data_state()
           # The next batch goes to the devices while they compute this step's gradients.
           batch_next = None if last else to_device(next(data))
+          if data_states:  # before this step's gradients complete and the next step's dispatch
+            data_states.record({step + 1: ds_next, step + 2: data_state()})
           injector.during_step(step)
           grads = injector.poison(step, grads)
           jax.block_until_ready(grads)  # a device error in step `step` surfaces here
@@ -316,6 +332,24 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
                mesh.devices.size, mesh.devices.flat[0].device_kind,
                '' if cost is None else f': about ${cost:.2f} at list price (train/monitoring.py)')
   return logged
+
+
+def _restore_emergency(workdir, orbax_step, target, data):
+  """(step, state) from the emergency checkpoint of a job that lost a process, if there is one
+  newer than the newest Orbax checkpoint and it is complete; else None."""
+  step = emergency.latest(workdir)
+  if step is None or (orbax_step is not None and step <= orbax_step):
+    return None
+  try:
+    state, data_state = emergency.restore(workdir, step, target)
+  except ValueError as e:
+    logging.warning('%s Resuming from the newest periodic checkpoint instead.', e)
+    return None
+  if data_state is not None:
+    data.set_state(data_state)
+  logging.info('Resumed from the emergency checkpoint of step %d (saved by the processes that '
+               'survived a failure).', step)
+  return step, state
 
 
 def _cost(mesh, seconds: float) -> float | None:

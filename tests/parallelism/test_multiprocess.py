@@ -1,10 +1,11 @@
 """Multi-process training on this machine (`stoker launch`, gloo collectives between processes).
 
-Four short runs of one config on a prepared corpus: 1 process x 8 devices (the reference), 2
+Short runs of one config on a prepared corpus: 1 process x 8 devices (the reference), 2
 processes x 4 devices that fail in step 3 (an injected exception: both processes save the state
-before it, together), that checkpoint resumed by 1 process, and the reference's step-3 checkpoint
-resumed by 2 processes. Every logged loss must match the reference's within float32 tolerance:
-the same global batches reach the same model, however the processes split them.
+before it, together), that checkpoint resumed by 1 process, the reference's step-3 checkpoint
+resumed by 2 processes, and a supervised 2-process run whose process 1 is SIGKILLed mid-run.
+Every logged loss must match the reference's within float32 tolerance: the same global batches
+reach the same model, however the processes split them.
 """
 
 import os
@@ -56,12 +57,18 @@ def losses(workdir):
   return {r['step']: r['loss'] for r in read_metrics(str(workdir)) if 'loss' in r}
 
 
-def test_two_processes_match_one_and_checkpoints_cross_process_counts(prepared, tmp_path):
-  one = tmp_path / 'one'
-  result = stoker(*train_args(one, prepared))
+@pytest.fixture(scope='module')
+def one(prepared, tmp_path_factory):
+  """The reference: 1 process x 8 devices, 6 steps, checkpoints every 3."""
+  workdir = tmp_path_factory.mktemp('one')
+  result = stoker(*train_args(workdir, prepared))
   assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(losses(workdir)) == [1, 2, 3, 4, 5, 6]
+  return workdir
+
+
+def test_two_processes_match_one_and_checkpoints_cross_process_counts(prepared, one, tmp_path):
   reference = losses(one)
-  assert sorted(reference) == [1, 2, 3, 4, 5, 6]
 
   two = tmp_path / 'two'
   failed = stoker('launch', '--local-processes', '2', '--devices-per-process', '4', '--',
@@ -83,3 +90,24 @@ def test_two_processes_match_one_and_checkpoints_cross_process_counts(prepared, 
     assert sorted(got) == list(steps)
     np.testing.assert_allclose([got[s] for s in steps], [reference[s] for s in steps],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_sigkill_of_one_process_resumes_from_the_survivors_save(prepared, one, tmp_path):
+  """Process 1 dies in step 4 (after the periodic checkpoint of step 3). Process 0's gradient
+  all-reduce stalls; its watchdog saves the pre-step state of step 4 without collectives and
+  exits; the supervisor restarts both, which resume at step 4: only the killed step is recomputed."""
+  workdir = tmp_path / 'killed'
+  result = stoker('launch', '--local-processes', '2', '--devices-per-process', '4', '--grace_s',
+                  '60', '--supervise', '--max_restarts', '1', '--',
+                  *train_args(workdir, prepared, "fault.kind='sigkill'", 'fault.process=1',
+                              'fault.step=4', 'checkpoint.hang_timeout_s=10'))
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert 'injected fault: SIGKILL in step 4' in result.stderr
+  assert 'Emergency checkpoint of step 4: process 0' in result.stderr
+  assert 'restart 1 of 1' in result.stderr
+  # Killed in step 4 (0-based), resumed before it: step 4 alone is computed twice.
+  assert 'Resumed from the emergency checkpoint of step 4 ' in result.stderr
+  got, reference = losses(workdir), losses(one)
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([got[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)],
+                             rtol=1e-5, atol=1e-5)
