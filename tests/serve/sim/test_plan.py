@@ -16,11 +16,12 @@ import cli
 from models.presets import preset
 from serve.bench import workload
 from serve.bench.workload import WorkloadConfig
-from serve.sim import devices, plan, plan_report, plan_space, roofline, simulator, slo
+from serve.sim import devices, estimator, plan, plan_report, plan_space, roofline, simulator, slo
 
 WORKLOAD = WorkloadConfig.parse('requests=24,prompt=uniform:32:256,output=uniform:4:32,seed=0')
 LOOSE = 'ttft_p90<2s,tbt_p99<200ms'
 MODEL = preset('llama3_8b')
+SHIPPED_PROFILE = os.path.join(os.path.dirname(estimator.__file__), 'profiles', 'tiny_cpu')
 SPEED_FIELDS = ('peak_flops', 'hbm_bytes_per_s', 'link_bytes_per_s')  # Device's rates
 
 
@@ -158,6 +159,22 @@ def test_missing_profile_names_the_path_and_the_command(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     plan_space.profiled_hardware(MODEL, missing, 1.0)
   assert missing in str(e.value) and 'stoker profile --out' in str(e.value)
+
+
+def test_plan_on_the_shipped_cpu_profile():
+  with pytest.raises(ValueError, match='measured another model than the one planned'):
+    plan_space.profiled_hardware(MODEL, SHIPPED_PROFILE, 1.0)
+  hw = plan_space.profiled_hardware(preset('tiny'), SHIPPED_PROFILE, 0.5)
+  fitted = estimator.fit(estimator.load_profile(SHIPPED_PROFILE))
+  assert hw.tps == (1,) and hw.page_size == fitted.engine.page_size
+  wl = WorkloadConfig.parse('requests=12,prompt=uniform:16:64,output=uniform:2:8')
+  result = plan.plan([hw], plan.PlanConfig(wl, slo.parse('ttft_p90<30s'), 0.1, max_seqs=(4, 64)),
+                     log=lambda _: None)
+  engines = {(r['max_seqs'], r['token_budget'], r['num_pages']) for r in result['ranked']}
+  e = fitted.engine  # the profiled limits: batch cap at most, its token budget and pool
+  assert engines == {(4, e.token_budget, min(e.num_pages, 4 * 5 + 1)),
+                     (e.max_seqs, e.token_budget, min(e.num_pages, e.max_seqs * 5 + 1))}
+  assert result['chosen']['device'] == 'profile:tiny_cpu' and result['chosen']['capacity_rps'] > 0
 
 
 def test_pareto_against_brute_force():
