@@ -217,15 +217,16 @@ def plan(hardware: Sequence[Hardware], cfg: PlanConfig, cache: dict | None = Non
       best_per_usd = max(best_per_usd, result['capacity_rps'] / cand.price_usd_per_hour)
       best_cost = min(best_cost, _cost(result, cfg.target_qps) or math.inf)
     log(f'  {cand.hardware.name} x{cand.tp} max_seqs={cand.engine.max_seqs} token_budget='
-        f'{cand.engine.token_budget}: capacity {result["capacity_rps"] or 0:.3g} req/s '
-        f'({len(result["probes"])} probes)')
+        f'{cand.engine.token_budget}: capacity '
+        f'{"none" if result["capacity_rps"] is None else format(result["capacity_rps"], ".3g") + " req/s"} '
+        f'({len(result["probes"])} simulated loads)')
   feasible = [r for r in results if r['capacity_rps']]
   if not feasible:
     best = {t.metric: min((r['values_at_lowest'][t.metric] for r in results
                            if r['values_at_lowest'][t.metric] is not None), default=None) for t in cfg.slo.targets}
     raise ImpossibleSLO(
-        f'the SLO {cfg.slo} cannot be met by any of {len(results)} configurations, even at the lowest load '
-        f'searched ({FLOOR:g} of each one\'s throughput bound). Best achievable: ' +
+        f'the SLO {cfg.slo} cannot be met by any of the {len(results)} configurations searched, even at the '
+        f'lowest load tried ({FLOOR:g} of each one\'s throughput bound). Best achievable: ' +
         ', '.join(f'{t.metric}_p{t.quantile * 100:g} = {best[t.metric]:.4g}s' if best[t.metric] is not None else
                   f'{t.metric}: undefined' for t in cfg.slo.targets) + '. Loosen the SLO or shorten the workload.',
         best, results)
