@@ -107,10 +107,15 @@ class Checkpoints:
 def restore_arrays(workdir: str, step: int | None = None) -> tuple[int, Any]:
   """(step, the saved TrainState as a tree of numpy arrays), for tests and tools."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir),
+                                  item_handlers={'state': ocp.StandardCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no complete checkpoint in {checkpoint_dir(workdir)}.')
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  # On one local device, whatever devices (and processes) saved it.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = manager.item_metadata(step)['state']
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   manager.close()
   return step, jax.tree.map(lambda x: x, restored['state'])

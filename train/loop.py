@@ -140,8 +140,14 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
     step, st, _ = consistent
     emergency.save(workdir, step, st)
 
+  def nothing_to_save() -> None:
+    logging.error('No just-in-time save: checkpoint.just_in_time is off, and the fused step '
+                  'donated the state. The restart resumes from the newest periodic checkpoint.')
+
   # Every process's data state before the next steps, for the survivors of a process's death.
   data_states = emergency.DataStates(workdir) if multi and ckpt_cfg.just_in_time else None
+  on_hang = (save_emergency if data_states else
+             save_consistent if ckpt_cfg.just_in_time else nothing_to_save)
 
   writer = None  # set below, once the metrics file is open
   logged: list[dict] = []
@@ -158,8 +164,7 @@ def _run(cfg, workdir, mesh, tx, state_shardings, target, data, data_state, ckpt
        tqdm(total=cfg.steps, initial=start, disable=None if progress else True, unit='step',
             dynamic_ncols=True) as bar, \
        faults.SignalGuard() as guard, \
-       faults.Watchdog(ckpt_cfg.hang_timeout_s,
-                       save_emergency if data_states else save_consistent) as watchdog:
+       faults.Watchdog(ckpt_cfg.hang_timeout_s, on_hang) as watchdog:
 
     class Writer:
       """metrics.jsonl + TensorBoard, and the Prometheus exporter when there is one."""
