@@ -5,7 +5,9 @@ engine) and replays the timeline of serve/engine.py as serve/driver.py drives it
 
   - A step planned and dispatched at time t runs until t + T, T = model.step_time_s(StepShape.from_plan(plan))
     + step_overhead_s (the server's host work per step beyond Engine.step: the driver's loop, and on a CPU
-    backend the HTTP threads competing with the step for the cores).
+    backend the HTTP threads competing with the step for the cores) + a deviation drawn from step_jitter_s
+    (the machine's step-to-step noise: a step-time model predicts a typical step, and a deterministic timeline
+    would make every gap between tokens exactly that; draws are seeded, so a run is reproducible).
   - At t + T the step's tokens are applied (scheduler.update), the next step is planned and dispatched at once,
     and only then are the step's tokens handed to the clients: a token of the step that ran in [t, t + T) is
     read by its client at t + T + token_latency_s.
@@ -32,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import math
+import random
 import time
 from collections.abc import Sequence
 
@@ -62,6 +66,7 @@ class ReplicaConfig:
   request_overhead_s: float = 0.0  # client sends -> the driver has the request
   token_latency_s: float = 0.0  # the engine hands a token out -> the client reads it
   step_overhead_s: float = 0.0  # the server's work per step beyond Engine.step
+  step_jitter_s: tuple[float, ...] = ()  # deviations (s) added to step times, one drawn per step; () for none
 
   def __post_init__(self):
     if not callable(getattr(self.model, 'step_time_s', None)):
@@ -75,6 +80,10 @@ class ReplicaConfig:
     for name in ('max_waiting', 'request_overhead_s', 'token_latency_s', 'step_overhead_s'):
       if not getattr(self, name) >= 0:
         raise ValueError(f'ReplicaConfig.{name}={getattr(self, name)!r}; use a value >= 0.')
+    jitter = tuple(float(x) for x in self.step_jitter_s)
+    if not all(math.isfinite(x) for x in jitter):
+      raise ValueError(f'ReplicaConfig.step_jitter_s has a value that is not finite: {self.step_jitter_s!r}.')
+    object.__setattr__(self, 'step_jitter_s', jitter)
 
   @classmethod
   def from_engine(cls, engine, model: StepTimeModel, **overrides) -> ReplicaConfig:
@@ -123,8 +132,9 @@ def _us(seconds: float) -> int:
 class _Replica:
   """One engine behind its driver; see the module docstring for the timeline."""
 
-  def __init__(self, cfg: ReplicaConfig, events: list, order):
+  def __init__(self, cfg: ReplicaConfig, events: list, order, index: int):
     self.cfg, self.events, self.order = cfg, events, order
+    self.rng = random.Random(index)  # step jitter draws
     self.scheduler = Scheduler(cfg.scheduler_config())
     self.stats = ReplicaStats()
     self.capacity = cfg.max_seqs + cfg.max_waiting
@@ -203,6 +213,8 @@ class _Replica:
                          f'({self.cfg.num_pages} pages) or slots may be too small.')
     cfg, stats = self.cfg, self.stats
     step_s = cfg.model.step_time_s(StepShape.from_plan(plan)) + cfg.step_overhead_s
+    if cfg.step_jitter_s:
+      step_s = max(0.0, step_s + self.rng.choice(cfg.step_jitter_s))
     self.inflight = plan
     stats.steps += 1
     stats.busy_s += step_s
@@ -222,7 +234,7 @@ def simulate(specs: Sequence[RequestSpec], replicas: Sequence[ReplicaConfig],
   start = time.perf_counter()
   events: list = []
   order = itertools.count()
-  reps = [_Replica(cfg, events, order) for cfg in replicas]
+  reps = [_Replica(cfg, events, order, i) for i, cfg in enumerate(replicas)]
   records = [RequestRecord(s.index, s.arrival_s, s.prompt_tokens, s.output_tokens, sent_us=_us(s.arrival_s))
              for s in specs]
   if len({r.index for r in records}) != len(records):

@@ -123,6 +123,16 @@ def test_server_costs_shift_the_timeline():
   assert result.records[0].token_offsets_us == pytest.approx([w * 1e6 for w in want], abs=1)
 
 
+def test_step_jitter_draws_a_deviation_per_step():
+  # One deviation: every step d + 1 ms. Two: every gap is d - 2 ms or d + 2 ms, both occur, and reruns agree.
+  [record] = simulate([RequestSpec(0, 0.0, 8, 4)], [replica(step_jitter_s=[0.001])]).records
+  assert record.token_offsets_us == pytest.approx([k * (D + 0.001) * 1e6 for k in (1, 2, 3, 4)], abs=1)
+  cfg = replica(step_jitter_s=(-0.002, 0.002), max_pages_per_seq=60)
+  runs = [simulate([RequestSpec(0, 0.0, 8, 200)], [cfg]).records[0].token_offsets_us for _ in range(2)]
+  gaps = {round((b - a) / 1e6 - D, 4) for a, b in zip(runs[0], runs[0][1:])}
+  assert gaps == {-0.002, 0.002} and runs[0] == runs[1]
+
+
 def test_records_feed_the_benchmark_analysis():
   result = simulate(TWO, [replica(policy='chunked')])
   slo = analysis.SLO()
@@ -152,6 +162,8 @@ def test_bad_configs_are_named():
     ReplicaConfig(model=object())
   with pytest.raises(ValueError, match='token_budget'):
     ReplicaConfig(model=Const(), max_seqs=32, token_budget=16)
+  with pytest.raises(ValueError, match='not finite'):
+    ReplicaConfig(model=Const(), step_jitter_s=(0.0, float('nan')))
   with pytest.raises(ValueError, match='policy'):
     ReplicaConfig(model=Const(), policy='fastest')
   with pytest.raises(ValueError, match='router'):
