@@ -26,9 +26,9 @@ def _train(gin_files, gin_params, workdir) -> int:
   from parallelism import distributed  # pylint: disable=g-import-not-at-top
   cfg = configs.load_train_config(gin_files, gin_params)
   # Before anything touches a device. The coordination service ends every process some time after
-  # one dies; give the survivors' watchdog time to notice the stall and save first.
+  # one dies; give the survivors' watchdog time to notice the stall (even in a save) and save first.
   distributed.initialize(distributed.from_env(), heartbeat_timeout_s=max(
-      100, int(2 * cfg.checkpoint.hang_timeout_s) + 30))
+      100, int((faults.PAUSED_SLACK + 1) * cfg.checkpoint.hang_timeout_s) + 30))
   _use_compilation_cache()
   try:
     logged = loop.train(cfg, workdir, config_text=gin.config_str())
@@ -36,6 +36,15 @@ def _train(gin_files, gin_params, workdir) -> int:
     print(f'stoker train: {e} Exit code {e.exit_code}; run the same command again to resume.',
           file=sys.stderr)
     return e.exit_code
+  except Exception:  # pylint: disable=broad-except
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1:
+      raise
+    # A collective that failed usually means a peer died; JAX's shutdown barrier would wait for it
+    # until the heartbeat timeout. The supervisor restarts from the newest checkpoint.
+    logging.exception('Step failed in a multi-process job; exiting at once.')
+    logging.shutdown()
+    os._exit(faults.EXIT_STEP_FAILED)  # pylint: disable=protected-access
   losses = [r['loss'] for r in logged if 'loss' in r]
   if not losses:
     print(f'Nothing to train: {workdir} already holds the checkpoint of step {cfg.steps}.')

@@ -6,13 +6,14 @@
 Each run is `stoker launch --local-processes 2 --devices-per-process 4 --supervise -- train ...`
 on a small prepared corpus, with process 1 SIGKILLed in a step drawn uniformly from [c, 2c)
 (fault.kind='sigkill', fault.process=1). Process 0's next collective stalls; its watchdog
-(checkpoint.hang_timeout_s) notices, and:
+(checkpoint.hang_timeout_s) notices (or the all-reduce fails outright), and:
   just in time  it writes the pre-step state it holds (train/emergency.py: no collectives) and exits;
-  periodic      (checkpoint.just_in_time=False, the fused step) it has nothing consistent to save.
+  periodic      (checkpoint.just_in_time=False, the fused step) it has nothing consistent to save
+                and exits.
 The supervisor restarts both processes, which resume from the emergency checkpoint or the newest
 periodic one (every c steps). Per failure it reports, from the processes' logs and metrics:
   steps replayed  the killed step + 1 - the step resumed from (at least 1: the killed step itself);
-  detection       SIGKILL -> the survivor's watchdog fires;
+  detection       SIGKILL -> the survivor notices (its watchdog fires, or its step raises);
   recovery        SIGKILL -> the first step finished after the restart (detection, save, exit,
                   restart, distributed start-up, compile, restore, that step);
   caught up       SIGKILL -> the killed step finished again (recovery + the replayed steps).
@@ -98,7 +99,9 @@ def drill(data: str, workdir: str, jit: bool, kill_step: int, args) -> dict:
     raise RuntimeError(f'the job failed ({result.returncode}):\n{result.stderr[-3000:]}')
   text = result.stderr
   killed = seconds(first(STAMP + r' WARNING injected fault: SIGKILL in step', text).group(1))
-  noticed = seconds(first(STAMP + r' ERROR No training progress', text).group(1))
+  # The survivor's watchdog, or (fused step) the failed gradient all-reduce raising.
+  noticed = seconds(first(STAMP + r' ERROR (No training progress|Step failed in a multi-process)',
+                          text).group(1))
   resumed = int(first(r'Resumed from the (?:emergency )?checkpoint of step (\d+)', text).group(1))
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]

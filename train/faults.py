@@ -25,6 +25,7 @@ EXIT_STEP_FAILED = 81  # an exception in a step: the state before that step was 
 EXIT_HANG = 82  # the watchdog saw no progress: the state before the stuck step was saved
 EXIT_NONFINITE = 83  # non-finite losses outlasted every rollback: restarting will not help
 RESTARTABLE = (EXIT_PREEMPTED, EXIT_STEP_FAILED, EXIT_HANG)
+PAUSED_SLACK = 4  # in work that may take long, the watchdog waits this many timeouts (>= 60 s)
 
 
 class TrainingInterrupted(Exception):
@@ -72,8 +73,9 @@ class Watchdog:
   """A thread that calls `on_hang` when no heartbeat came for `timeout_s`, then ends the process
   with EXIT_HANG (even if `on_hang` itself hangs: it gets max(60 s, 4 x timeout_s)).
 
-  The loop beats after every step; `paused()` covers work that may legitimately take long
-  (validation, a blocking save).
+  The loop beats after every step; `paused()` covers work that may legitimately take longer
+  (validation, a save), for which the limit is max(60 s, PAUSED_SLACK x timeout_s): in a
+  multi-process job a save or a validation batch can itself wait forever on a dead peer.
   """
 
   def __init__(self, timeout_s: float, on_hang: Callable[[], None]):
@@ -105,9 +107,10 @@ class Watchdog:
 
   def _run(self) -> None:
     while not self._stop.wait(min(1.0, self.timeout_s / 4)):
-      if self._paused or self._last is None or time.monotonic() - self._last < self.timeout_s:
+      limit = max(60.0, PAUSED_SLACK * self.timeout_s) if self._paused else self.timeout_s
+      if self._last is None or time.monotonic() - self._last < limit:
         continue
-      logging.error('No training progress for %.0f s: treating it as a hang.', self.timeout_s)
+      logging.error('No training progress for %.0f s: treating it as a hang.', limit)
       saver = threading.Thread(target=self._on_hang, name='stoker-hang-save', daemon=True)
       saver.start()
       limit = max(60.0, 4 * self.timeout_s)
