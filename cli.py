@@ -251,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
   launch.add_argument('--local-processes', dest='local_processes', type=int, default=2)
   launch.add_argument('--devices-per-process', dest='devices_per_process', type=int, default=4,
                       help='Fake CPU devices of each process (default 4).')
-  launch.add_argument('--grace_s', type=float, default=60.0,
-                      help='After one process fails, how long the others may take to save and exit.')
+  launch.add_argument('--grace_s', type=float, default=180.0,
+                      help='After one process fails, how long the others may take to save and exit '
+                           '(more than their watchdog needs to notice: checkpoint.hang_timeout_s, '
+                           'max(60 s, 4x that) inside a save).')
   launch.add_argument('--supervise', action='store_true',
                       help='Restart the whole job after a just-in-time exit or a kill.')
   launch.add_argument('--max_restarts', type=int, default=3)

@@ -79,7 +79,7 @@ def seconds(stamp: str) -> float:
 def first(pattern: str, text: str) -> re.Match:
   match = re.search(pattern, text)
   if match is None:
-    raise RuntimeError(f'no line matching {pattern!r} in the job log:\n{text[-3000:]}')
+    raise RuntimeError(f'no line matching {pattern!r} in the job log (job.log in its workdir).')
   return match
 
 
@@ -95,9 +95,11 @@ def drill(data: str, workdir: str, jit: bool, kill_step: int, args) -> dict:
   for p in params:
     command += ['--gin_param', p]
   result = stoker(*command)
-  if result.returncode:
-    raise RuntimeError(f'the job failed ({result.returncode}):\n{result.stderr[-3000:]}')
   text = result.stderr
+  with open(os.path.join(workdir, 'job.log'), 'w') as f:
+    f.write(text)
+  if result.returncode:
+    raise RuntimeError(f'the job failed ({result.returncode}); its log: {workdir}/job.log')
   killed = seconds(first(STAMP + r' WARNING injected fault: SIGKILL in step', text).group(1))
   # The survivor's watchdog, or (fused step) the failed gradient all-reduce raising.
   noticed = seconds(first(STAMP + r' ERROR (No training progress|Step failed in a multi-process)',

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def run_local(argv: Sequence[str], processes: int, devices_per_process: int,
-              grace_s: float = 60.0, on_signal: Callable[[], None] = lambda: None) -> int:
+              grace_s: float = 180.0, on_signal: Callable[[], None] = lambda: None) -> int:
   """Runs `stoker <argv>` as `processes` processes; returns 0 if all succeed, else the exit code
   of the first to fail (negative: killed by that signal)."""
   if processes < 1 or devices_per_process < 1:

@@ -116,7 +116,7 @@ def test_sigkill_of_one_process_resumes_from_the_survivors_save(prepared, tmp_pa
   assert result.returncode == 0, result.stderr[-3000:]
   workdir = tmp_path / 'killed'
   result = stoker('launch', '--local-processes', '2', '--devices-per-process', '4', '--grace_s',
-                  '60', '--supervise', '--max_restarts', '1', '--',
+                  '120', '--supervise', '--max_restarts', '1', '--',
                   *train_args(workdir, prepared, "fault.kind='sigkill'", 'fault.process=1',
                               'fault.step=4', 'checkpoint.hang_timeout_s=10'))
   assert result.returncode == 0, result.stderr[-4000:]
