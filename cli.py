@@ -27,8 +27,9 @@ def _train(gin_files, gin_params, workdir) -> int:
   cfg = configs.load_train_config(gin_files, gin_params)
   # Before anything touches a device. The coordination service ends every process some time after
   # one dies; give the survivors' watchdog time to notice the stall (even in a save) and save first.
-  distributed.initialize(distributed.from_env(), heartbeat_timeout_s=max(
-      100, int((faults.PAUSED_SLACK + 1) * cfg.checkpoint.hang_timeout_s) + 30))
+  # (It ended them 55-90 s after a death with the default 100 s.)
+  watchdog_limit = max(60, faults.PAUSED_SLACK * cfg.checkpoint.hang_timeout_s)
+  distributed.initialize(distributed.from_env(), heartbeat_timeout_s=int(2 * watchdog_limit + 60))
   _use_compilation_cache()
   try:
     logged = loop.train(cfg, workdir, config_text=gin.config_str())
