@@ -1,235 +1,25 @@
-"""Scheduler driven by a fake device, checked against a naive per-request decode and a per-request replay.
+"""Scheduler driven by a fake device (tests/serve/scheduler_harness.py), checked against a naive per-request decode.
 
-The fake device stores token ids (standing in for keys/values) in a [P, G] page pool through each ScheduledSeq's
-block table, and samples next_token() of the sequence it reads back through the block table. So wrong positions,
-short block tables, a page shared while written, or a stale page read all change the outputs, which must equal
-`reference_decode`, a plain loop that knows nothing of pages or steps.
+Every plan is replayed per request, and the outputs must equal `reference_decode`, a plain loop that knows nothing of
+pages or steps: wrong positions, short block tables, a page shared while written, or a stale page read all show.
 """
 
 from __future__ import annotations
 
-import collections
 import random
 
-import numpy as np
 import pytest
 
 from serve.scheduler import Policy, Scheduler, SchedulerConfig, StepPlan
-
-V = 61  # vocabulary of the fake model
-
-
-def next_token(tokens) -> int:
-  """The fake model: a deterministic function of the whole sequence so far."""
-  return hash(tuple(int(t) for t in tokens)) % V
-
-
-def reference_decode(prompt, max_tokens, stop_ids=()) -> tuple[int, ...]:
-  tokens, out = list(prompt), []
-  while len(out) < max_tokens:
-    t = next_token(tokens)
-    out.append(t)
-    tokens.append(t)
-    if t in stop_ids:
-      break
-  return tuple(out)
-
-
-def _pages(n_tokens: int, G: int) -> int:
-  return -(-n_tokens // G)
-
-
-class Harness:
-  """Plays the engine: schedule, fake device step, update; checks every plan against a replay of each request."""
-
-  def __init__(self, config: SchedulerConfig):
-    self.config = config
-    self.sched = Scheduler(config)
-    self.pool_PG = np.full((config.num_pages, config.page_size), -1, np.int64)
-    self.spec = {}          # id -> (prompt, max_tokens, stop_ids)
-    self.tokens = {}        # id -> prompt + outputs seen so far
-    self.next_pos = {}      # id -> expected start_pos of its next seq, while running
-    self.slot = {}          # id -> slot, while running
-    self.tables = {}        # id -> block table last seen, while running
-    self.decoding = set()   # running ids past their (re)prefill
-    self.finished = {}      # id -> Finished
-    self.admitted = []      # ids in order of first admission
-    self.arrival = []       # ids in order of add()
-    self.plans: list[StepPlan] = []
-    self.kinds: list[tuple[str, ...]] = []  # per plan, 'decode' or 'prefill' for each seq
-    self.num_preempted = 0
-    self.max_shared = 0     # max over steps of (sum of running block-table lengths - used pages)
-
-  def add(self, rid, prompt, max_tokens, stop_ids=()):
-    self.sched.add(rid, prompt, max_tokens, stop_ids)
-    self.spec[rid] = (tuple(prompt), max_tokens, tuple(stop_ids))
-    self.tokens[rid] = list(prompt)
-    self.arrival.append(rid)
-    self.check_state()
-
-  def end(self, rid, reason):
-    fin = self.sched.abort(rid) if reason == 'abort' else self.sched.finish(rid, reason)
-    if rid in self.tokens:
-      assert fin.output_ids == tuple(self.tokens[rid][len(self.spec[rid][0]):]) and fin.reason == reason
-      self._forget(rid)
-      self.finished[rid] = fin
-      del self.tokens[rid]
-    else:
-      assert fin is None
-    self.check_state()
-
-  def _forget(self, rid):
-    for d in (self.next_pos, self.slot, self.tables):
-      d.pop(rid, None)
-    self.decoding.discard(rid)
-
-  def step(self, end_in_flight: str | None = None) -> StepPlan:
-    """One engine step; end_in_flight ('abort' or an engine-side reason) ends a random request of the plan
-    between the device step and update(), as the engine does for stop strings."""
-    c, G = self.config, self.config.page_size
-    running_before = set(self.sched.running_ids())
-    waiting_before = sorted((r for r in self.tokens if r not in running_before), key=self.arrival.index)
-    plan = self.sched.schedule()
-    assert plan.seqs, 'an empty plan while requests wait or run'
-    # FCFS, preempted requests included (they are older than any request never admitted): admission takes the
-    # oldest waiting requests, skipping none.
-    admitted = set(self.sched.running_ids()) - running_before
-    assert admitted == set(waiting_before[:len(admitted)]), (admitted, waiting_before)
-    self.plans.append(plan)
-    assert plan.num_tokens == sum(len(s.token_ids) for s in plan.seqs) <= c.token_budget
-    assert len(plan.seqs) <= c.max_seqs
-    assert len({s.request_id for s in plan.seqs}) == len(plan.seqs)
-    for rid in plan.preempted:
-      assert rid in running_before, f'{rid} preempted but was not running'
-      assert rid not in {s.request_id for s in plan.seqs}
-      self._forget(rid)
-      self.num_preempted += 1
-      # Newest first: every request newer than a preempted one that still runs was scheduled before it.
-      newer = {r for r in self.sched.running_ids() if self.arrival.index(r) > self.arrival.index(rid)}
-      assert newer <= {s.request_id for s in plan.seqs}, (rid, newer)
-    slots_in_use = {self.slot[r]: r for r in self.slot}
-    seen_prefill = False
-    self.kinds.append(tuple('decode' if s.request_id in self.decoding else 'prefill' for s in plan.seqs))
-    for s in plan.seqs:
-      rid, n, start = s.request_id, len(s.token_ids), s.start_pos
-      toks = self.tokens[rid]
-      assert n >= 1 and s.token_ids == tuple(toks[start:start + n]), (rid, start, s.token_ids)
-      assert s.sample == (start + n == len(toks))
-      assert 0 <= s.slot < c.max_seqs
-      if rid in self.next_pos:  # a continuing request: positions follow on, slot and pages are stable
-        assert start == self.next_pos[rid] and s.slot == self.slot[rid]
-        assert s.block_table[:len(self.tables[rid])] == self.tables[rid]
-      else:  # (re)admitted: starts after a run of whole cached pages, computes at least the last token
-        assert start % G == 0 and start <= len(toks) - 1
-        assert rid not in running_before or c.policy == Policy.STATIC
-        assert slots_in_use.get(s.slot, rid) == rid, f'slot {s.slot} given to {rid} while in use'
-        self.slot[rid] = s.slot
-        slots_in_use[s.slot] = rid
-      if rid not in self.admitted:
-        self.admitted.append(rid)
-      assert _pages(start + n, G) <= len(s.block_table) <= c.max_pages_per_seq
-      assert 0 not in s.block_table and len(set(s.block_table)) == len(s.block_table)
-      if rid in self.decoding:
-        assert n == 1 and not seen_prefill, 'a decode after a prefill chunk'
-      else:
-        seen_prefill = True
-      self.tables[rid] = s.block_table
-    # Device: write, with no page written by two sequences or held by another running sequence.
-    written = set()
-    for s in plan.seqs:
-      others = {p for r, t in self.tables.items() if r != s.request_id for p in t}
-      for i, tok in enumerate(s.token_ids):
-        pos = s.start_pos + i
-        page, off = s.block_table[pos // G], pos % G
-        assert (page, off) not in written and page not in others, f'{s.request_id} writes page {page} of another'
-        written.add((page, off))
-        self.pool_PG[page, off] = tok
-    sampled = {}
-    for s in plan.seqs:
-      if s.sample:
-        length = s.start_pos + len(s.token_ids)
-        seen = [int(self.pool_PG[s.block_table[p // G], p % G]) for p in range(length)]
-        assert seen == self.tokens[s.request_id][:length], f'{s.request_id} reads stale or foreign tokens'
-        sampled[s.request_id] = next_token(seen)
-    if end_in_flight:
-      rid = random.Random(len(self.plans)).choice(plan.seqs).request_id
-      fin = self.sched.finish(rid, end_in_flight)  # its pages are free now; update() must skip it
-      assert fin.output_ids == tuple(self.tokens[rid][len(self.spec[rid][0]):])
-      self._forget(rid)
-      self.finished[rid] = fin
-      del self.tokens[rid]
-      plan_alive = StepPlan(tuple(s for s in plan.seqs if s.request_id != rid), plan.preempted)
-    finished = self.sched.update(plan, sampled)
-    if end_in_flight:
-      assert rid not in {f.request_id for f in finished}
-      plan = plan_alive
-    for s in plan.seqs:
-      self.next_pos[s.request_id] = s.start_pos + len(s.token_ids)
-      if s.sample:
-        self.tokens[s.request_id].append(sampled[s.request_id])
-        self.decoding.add(s.request_id)
-    for fin in finished:
-      rid = fin.request_id
-      prompt, max_tokens, stop_ids = self.spec[rid]
-      out = tuple(self.tokens[rid][len(prompt):])
-      assert fin.output_ids == out
-      assert fin.reason == ('stop' if out[-1] in stop_ids else 'length')
-      assert fin.reason == 'stop' or len(out) == max_tokens
-      self._forget(rid)
-      self.finished[rid] = fin
-      del self.tokens[rid]
-    self.check_state()
-    return plan
-
-  def check_state(self):
-    sched, alloc = self.sched, self.sched.allocator
-    sched.check()
-    assert alloc.num_free + alloc.num_used + alloc.num_cached == alloc.total
-    refs = collections.Counter(p for rid in sched.running_ids() for p in sched.block_table(rid))
-    assert {p for p in range(alloc.num_pages) if alloc.ref_counts[p]} == set(refs)
-    assert all(alloc.ref_counts[p] == k for p, k in refs.items())
-    assert alloc.num_used == len(refs)
-    assert sched.num_running <= self.config.max_seqs
-    assert set(self.tables) <= set(sched.running_ids())
-    for rid, table in self.tables.items():
-      assert sched.block_table(rid)[:len(table)] == table
-    self.max_shared = max(self.max_shared, sum(refs.values()) - len(refs))
-
-  def run(self, max_steps=10_000):
-    for _ in range(max_steps):
-      if not self.sched.has_work:
-        return self
-      self.step()
-    raise AssertionError(f'no progress after {max_steps} steps')
-
-  def check_outputs(self):
-    for rid, fin in self.finished.items():
-      if fin.reason in ('stop', 'length'):
-        assert fin.output_ids == reference_decode(*self.spec[rid]), rid
-      else:
-        assert fin.output_ids == reference_decode(*self.spec[rid])[:len(fin.output_ids)], rid
-    alloc = self.sched.allocator
-    assert not self.sched.has_work and alloc.num_used == 0
-    assert alloc.num_free + alloc.num_cached == alloc.total
-    alloc.check()
-
-
-def _config(**kw):
-  base = dict(num_pages=64, page_size=4, max_seqs=4, max_pages_per_seq=16, token_budget=16)
-  return SchedulerConfig(**{**base, **kw})
-
-
-def _prompts(seed, n, lo=1, hi=20):
-  rng = random.Random(seed)
-  return [[rng.randrange(V) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+from tests.serve.scheduler_harness import Harness, V, make_config, make_prompts, next_token
 
 
 @pytest.mark.parametrize('policy', list(Policy))
 @pytest.mark.parametrize('G, budget', [(1, 3), (4, 16), (8, 5)])
 def test_outputs_equal_naive_decode(policy, G, budget):
-  h = Harness(_config(page_size=G, token_budget=budget, num_pages=256 // G, max_pages_per_seq=64 // G,
-                      policy=policy))
-  for i, p in enumerate(_prompts(G, 7)):
+  h = Harness(make_config(page_size=G, token_budget=budget, num_pages=256 // G, max_pages_per_seq=64 // G,
+                          policy=policy))
+  for i, p in enumerate(make_prompts(G, 7)):
     h.add(f'r{i}', p, max_tokens=1 + i % 9, stop_ids=(i % V,))
   h.run().check_outputs()
   assert h.num_preempted == 0
@@ -237,7 +27,7 @@ def test_outputs_equal_naive_decode(policy, G, budget):
 
 
 def test_chunked_decodes_first_and_never_stalled():
-  h = Harness(_config(token_budget=8, max_seqs=3))
+  h = Harness(make_config(token_budget=8, max_seqs=3))
   h.add('a', list(range(5)), 30)
   h.add('b', list(range(20, 40)), 30)  # 20 tokens: three chunks of <= 8 behind a's decodes
   h.add('c', list(range(40, 45)), 30)
@@ -256,7 +46,7 @@ def test_chunked_decodes_first_and_never_stalled():
 
 
 def test_pages_granted_on_demand_not_for_max_tokens():
-  h = Harness(_config(page_size=4, token_budget=32))
+  h = Harness(make_config(page_size=4, token_budget=32))
   h.add('a', list(range(9)), max_tokens=40)
   h.step()
   assert len(h.sched.block_table('a')) == 3  # 9 prompt tokens: 3 pages, nothing for the 40 outputs
@@ -269,7 +59,7 @@ def test_pages_granted_on_demand_not_for_max_tokens():
 
 
 def test_more_decodes_than_budget():
-  h = Harness(_config(max_seqs=4, token_budget=2, policy=Policy.PREFILL_FIRST))
+  h = Harness(make_config(max_seqs=4, token_budget=2, policy=Policy.PREFILL_FIRST))
   for i in range(4):
     h.add(f'r{i}', [i + 1], 6)
   h.step()
@@ -282,10 +72,10 @@ def test_more_decodes_than_budget():
 
 @pytest.mark.parametrize('policy', list(Policy))
 def test_forced_preemption_matches_big_pool(policy):
-  prompts = _prompts(7, 6, 3, 12)
+  prompts = make_prompts(7, 6, 3, 12)
   outs = {}
   for pages in (64, 7):  # 6 usable pages of 4 tokens: far fewer than 6 requests of up to 12 + 12 tokens need
-    h = Harness(_config(num_pages=pages, max_pages_per_seq=6, policy=policy))
+    h = Harness(make_config(num_pages=pages, max_pages_per_seq=6, policy=policy))
     for i, p in enumerate(prompts):
       h.add(f'r{i}', p, 12)
     h.run().check_outputs()
@@ -296,8 +86,8 @@ def test_forced_preemption_matches_big_pool(policy):
 
 def test_preemption_takes_the_newest_request():
   # 4 usable pages of 2 tokens; a and b each hold 2 pages after their prompts, then both need a third.
-  h = Harness(_config(num_pages=5, page_size=2, max_pages_per_seq=4, token_budget=8, prefix_caching=False,
-                      watermark=0))
+  h = Harness(make_config(num_pages=5, page_size=2, max_pages_per_seq=4, token_budget=8, prefix_caching=False,
+                          watermark=0))
   h.add('a', [1, 2, 3], 5)
   h.add('b', [4, 5, 6], 5)
   preempted = []
@@ -309,7 +99,7 @@ def test_preemption_takes_the_newest_request():
 
 def test_prefix_sharing_shares_pages_and_skips_compute():
   G = 4
-  h = Harness(_config(page_size=G, token_budget=64, max_seqs=4))
+  h = Harness(make_config(page_size=G, token_budget=64, max_seqs=4))
   system = list(range(1, 13))  # three full pages
   h.add('first', system + [50, 51], 20)
   h.step()
@@ -330,7 +120,7 @@ def test_prefix_sharing_shares_pages_and_skips_compute():
 
 def test_prefix_cache_serves_a_finished_request_and_whole_prompt_keeps_last_token():
   G = 4
-  h = Harness(_config(page_size=G, token_budget=64))
+  h = Harness(make_config(page_size=G, token_budget=64))
   prompt = list(range(1, 17))  # exactly four pages
   h.add('a', prompt, 3)
   h.run()
@@ -346,7 +136,7 @@ def test_prefix_cache_serves_a_finished_request_and_whole_prompt_keeps_last_toke
 
 
 def test_prefix_caching_off_computes_everything():
-  h = Harness(_config(prefix_caching=False, token_budget=64))
+  h = Harness(make_config(prefix_caching=False, token_budget=64))
   h.add('a', list(range(1, 17)), 3)
   h.run()
   h.add('b', list(range(1, 17)), 3)
@@ -356,7 +146,7 @@ def test_prefix_caching_off_computes_everything():
 
 
 def test_prefill_first_steps_are_pure():
-  h = Harness(_config(policy=Policy.PREFILL_FIRST, token_budget=8, max_seqs=4))
+  h = Harness(make_config(policy=Policy.PREFILL_FIRST, token_budget=8, max_seqs=4))
   h.add('a', [1, 2, 3], 20)
   h.add('b', [4, 5, 6, 7, 8], 20)  # 3 + 5 fill the budget: one prefill step for both
   plan = h.step()
@@ -373,7 +163,7 @@ def test_prefill_first_steps_are_pure():
 
 
 def test_prefill_first_admits_whole_prompts_only():
-  h = Harness(_config(policy=Policy.PREFILL_FIRST, token_budget=8))
+  h = Harness(make_config(policy=Policy.PREFILL_FIRST, token_budget=8))
   h.add('a', [1, 2, 3, 4, 5], 4)
   h.add('b', [6, 7, 8, 9], 4)  # 5 + 4 > 8: b waits for the next step rather than being split
   assert [(s.request_id, len(s.token_ids)) for s in h.step().seqs] == [('a', 5)]
@@ -382,7 +172,7 @@ def test_prefill_first_admits_whole_prompts_only():
 
 
 def test_static_runs_a_batch_to_completion():
-  h = Harness(_config(policy=Policy.STATIC, max_seqs=2, token_budget=16))
+  h = Harness(make_config(policy=Policy.STATIC, max_seqs=2, token_budget=16))
   for i, (p, n) in enumerate([([1, 2], 3), ([3, 4, 5], 8), ([6], 2), ([7, 8], 2)]):
     h.add(f'r{i}', p, n)
   batches, current = [], set()
@@ -401,7 +191,7 @@ def test_static_runs_a_batch_to_completion():
 def test_watermark_holds_back_admission():
   def run(watermark):
     # 10 usable pages of 4 tokens; a and b take 4 each; c needs 2 more.
-    h = Harness(_config(num_pages=11, page_size=4, token_budget=64, watermark=watermark, prefix_caching=False))
+    h = Harness(make_config(num_pages=11, page_size=4, token_budget=64, watermark=watermark, prefix_caching=False))
     h.add('a', list(range(16)), 4)
     h.add('b', list(range(16, 32)), 4)
     h.add('c', list(range(32, 40)), 4)
@@ -415,7 +205,7 @@ def test_watermark_holds_back_admission():
 
 
 def test_abort_and_finish_in_flight_and_waiting():
-  h = Harness(_config(max_seqs=2, token_budget=16))
+  h = Harness(make_config(max_seqs=2, token_budget=16))
   h.add('a', [1, 2, 3], 10)
   h.add('b', [4, 5], 10)
   h.add('c', [6, 7, 8], 10)  # waits for a slot
@@ -483,15 +273,15 @@ def test_randomized_stress(seed):
 ])
 def test_bad_config(field, value, match):
   with pytest.raises(ValueError, match=match):
-    _config(**{field: value})
+    make_config(**{field: value})
 
 
 def test_policy_by_name():
-  assert _config(policy='prefill_first').policy is Policy.PREFILL_FIRST
+  assert make_config(policy='prefill_first').policy is Policy.PREFILL_FIRST
 
 
 def test_bad_requests():
-  sched = Scheduler(_config(num_pages=9, page_size=4, max_pages_per_seq=4))  # 16-token table, 32-token pool
+  sched = Scheduler(make_config(num_pages=9, page_size=4, max_pages_per_seq=4))  # 16-token table, 32-token pool
   with pytest.raises(ValueError, match='empty prompt'):
     sched.add('a', [], 4)
   with pytest.raises(ValueError, match='max_tokens must be an int >= 1'):
@@ -501,7 +291,7 @@ def test_bad_requests():
   sched.add('a', [1] * 10, 6)  # exactly 16 fits
   with pytest.raises(ValueError, match="'a' is already queued or running"):
     sched.add('a', [1], 1)
-  small_pool = Scheduler(_config(num_pages=3, page_size=4, max_pages_per_seq=4))  # 2 usable pages: 8 tokens
+  small_pool = Scheduler(make_config(num_pages=3, page_size=4, max_pages_per_seq=4))  # 2 usable pages: 8 tokens
   with pytest.raises(ValueError, match=r'= 9 tokens exceeds the whole pool.*raise num_pages'):
     small_pool.add('b', [1] * 5, 4)
   assert sched.num_waiting == 1 and small_pool.num_waiting == 0
@@ -510,7 +300,7 @@ def test_bad_requests():
 
 
 def test_misuse_of_the_step_protocol():
-  sched = Scheduler(_config())
+  sched = Scheduler(make_config())
   sched.add('a', [1, 2, 3], 4)
   plan = sched.schedule()
   with pytest.raises(RuntimeError, match='without update'):
