@@ -1,8 +1,8 @@
 """Simulator fidelity (issue 8): `stoker serve` under `stoker bench` vs serve/sim on the same workloads.
 
-  python benchmarks/sim_fidelity.py                      # the check: 3 loads x 48 requests, ~12 min on 2 idle cores
-  python benchmarks/sim_fidelity.py --requests 16 --calibration_requests 4   # a short run, ~5 min
-  python benchmarks/sim_fidelity.py --take_profile       # profile the engine first instead of the shipped profile
+  python benchmarks/sim_fidelity.py                 # the check: 3 loads x 32 requests x 2 runs, ~15 min on 2 cores
+  python benchmarks/sim_fidelity.py --take_profile  # profile the engine first (~2 min idle), not the shipped profile
+  python benchmarks/sim_fidelity.py --requests 16 --repeats 1 --calibration_requests 4   # a short run, ~5 min
 
 1. The model: the tiny preset with random weights (benchmarks/out/sim_fidelity/tiny/, or --checkpoint). Its
    output head is zero except on the tokenizer's single-token words, so greedy decoding emits only tokens that
@@ -10,23 +10,29 @@
    times are exact (a random head emits byte fragments the server holds back, which merges two gaps into one).
    The step costs the same either way.
 2. The step-time model: serve.sim.estimator.fit(load_profile(DIR)) on the shipped serve/sim/profiles/tiny_cpu
-   (--profile DIR for another), or with --take_profile a fresh `stoker profile --out` first. The server runs
-   the profile's EngineConfig.
-3. `stoker serve` of the model on 127.0.0.1, a free port, `--gin_param engine.*` = the profile's engine.
-4. Calibration at load ~0: the server's costs beyond Engine.step, as documented constants. The same requests,
-   each alone, through the server (serve.bench.client, as `stoker bench --max-concurrency 1` sends them) and
-   through the same Engine in this process (no HTTP, no driver thread, no streaming), in alternating order:
-   ReplicaConfig.request_overhead_s = median(served - engine TTFT) (HTTP, tokenizing, the first token's trip to
-   the client) and step_overhead_s = median(served - engine time between tokens) (the driver's loop, and the
-   HTTP threads and the client competing with the engine step for the two cores). Per step, not per token:
-   eight streams at once gave the same difference as one (about 1.5-2 ms at load average 4). Measured against
-   the engine itself, they hold no error of the step-time model, and they come from requests run alone,
-   never from the runs they are compared on.
-5. At each --rates: `stoker bench` (Poisson arrivals, --ignore-eos, seed --seed + i for the i-th load, so no
-   load finds its prompts in the prefix cache from the one before) and simulate() of workload.build() of the
-   same WorkloadConfig; P50 and P90 of TTFT and TBT real vs simulated, relative errors (goal 5%, acceptance
-   10%), the simulator's speed over real time (>= 100x), preemptions. Writes benchmarks/out/sim_fidelity.json
-   (each run's bench files under benchmarks/out/sim_fidelity/).
+   (--profile DIR for another), or with --take_profile a fresh `stoker profile --out` first, under the same
+   background load as the runs. The server runs the profile's EngineConfig.
+3. `stoker serve` of the model on 127.0.0.1 (a free port, `--gin_param engine.*` = the profile's engine),
+   started afresh for every run below, so every run meets a cold prefix cache (`stoker bench` builds the same
+   prompts from the same seed).
+4. Calibration at load ~0: the server's costs beyond Engine.step, as documented constants. The same short
+   requests (prompts of 16-64 tokens, 32 outputs), each alone, through the server (serve.bench.client, as
+   `stoker bench --max-concurrency 1` sends them) and through the same Engine in this process (no HTTP, no
+   driver thread, no streaming), in alternating order: ReplicaConfig.request_overhead_s = median(served -
+   engine TTFT) (HTTP, tokenizing, the first token's trip to the client) and step_overhead_s = median(served -
+   engine time between tokens) (the driver's loop, and the HTTP threads and the client competing with the
+   engine step for the two cores). Per step, not per token: six streams at once cost the server 0.67 ms per
+   step beyond the engine, one stream 0.69 ms. And step_jitter_s = the served requests' gaps between tokens
+   minus each request's median gap (made zero-mean): the machine's step-to-step noise, which the step-time
+   model (a typical step) leaves out and which widens the distribution of TBT (its P90 above all; --no_jitter
+   leaves it out). Measured against the engine itself and on requests run alone, these hold no error of the
+   step-time model and nothing of the runs they are compared on.
+5. At each --rates: `stoker bench` (Poisson arrivals, --ignore-eos, the same seed), --repeats times (all loads,
+   then all again), and simulate() of workload.build() of the same WorkloadConfig. P50 and P90 of TTFT and TBT:
+   simulated vs the mean of the real runs, the relative errors (goal 5%, acceptance 10%), and the real runs'
+   own spread around their mean (the noise floor of this machine); the simulator's speed over real time
+   (>= 100x). Writes benchmarks/out/sim_fidelity.json (each run's bench files under
+   benchmarks/out/sim_fidelity/rate_R/runK/).
 """
 
 from __future__ import annotations
@@ -65,11 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--take_profile', action='store_true', help='run `stoker profile` first (into out_dir)')
   p.add_argument('--rates', default='0.15,0.4,0.65',
                  help='three loads, requests/s (Poisson; on the shipped profile the engine is ~40%%, 70%%, 90%% busy)')
-  p.add_argument('--requests', type=int, default=48, help='requests per load')
+  p.add_argument('--requests', type=int, default=32, help='requests per load')
+  p.add_argument('--repeats', type=int, default=2, help='real runs per load (their spread is the noise floor)')
   p.add_argument('--prompt', default='uniform:32:384')
   p.add_argument('--output', default='uniform:16:96')
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--calibration_requests', type=int, default=8)
+  p.add_argument('--calibration_requests', type=int, default=12)
+  p.add_argument('--no_jitter', dest='jitter', action='store_false',
+                 help='simulate without the step jitter measured in the calibration')
   p.add_argument('--out_dir', default=os.path.join(REPO, 'benchmarks', 'out'))
   return p.parse_args(argv)
 
@@ -123,10 +132,8 @@ def make_model(root: str, tokenizer_dir: str) -> str:
 
 
 def engine_fields(engine) -> dict:
-  """The profile's EngineConfig (a dataclass or a dict) as plain `engine.*` gin values."""
-  get = engine.get if isinstance(engine, dict) else lambda k: getattr(engine, k, None)
-  values = {k: get(k) for k in ENGINE_FIELDS}
-  return {k: getattr(v, 'value', v) for k, v in values.items() if v is not None}
+  """The profile's EngineConfig as plain `engine.*` gin values (the policy by name)."""
+  return {k: getattr(getattr(engine, k), 'value', getattr(engine, k)) for k in ENGINE_FIELDS}
 
 
 def free_port() -> int:
@@ -208,8 +215,10 @@ def calibrate(args, url: str, checkpoint: str, engine: dict) -> dict:
       times += [(time.perf_counter_ns() - start) // 1000 for _ in eng.step()]
     return times
 
+  # Short requests: the constants do not depend on the lengths, and a short step leaves background load less
+  # time to disturb a pair (a 256-token prefill takes ~0.5 s here).
   wl = workload.WorkloadConfig(requests=args.calibration_requests, arrival='fixed', rate=float('inf'),
-                               prompt=args.prompt, output=args.output, seed=args.seed + 1000)
+                               prompt='uniform:16:64', output='fixed:32', seed=args.seed + 1000)
   warm = workload.RequestSpec(10**6, 0.0, 16, 8)
   served(warm), alone(warm)
   pairs = []
@@ -223,7 +232,10 @@ def calibrate(args, url: str, checkpoint: str, engine: dict) -> dict:
     pairs.append((s, a))
   ttft = [(s[0] - a[0]) / 1e6 for s, a in pairs]
   step = [statistics.median(gaps(s)) - statistics.median(gaps(a)) for s, a in pairs if len(s) > 1]
+  spread = [g - statistics.median(gaps(s)) for s, _ in pairs if len(s) > 1 for g in gaps(s)]
+  jitter = [round(x - statistics.mean(spread), 6) for x in spread]  # zero mean: the noise, not a cost
   return {'request_overhead_s': max(0.0, statistics.median(ttft)), 'step_overhead_s': max(0.0, statistics.median(step)),
+          'step_jitter_s': jitter, 'served_times_us': [s for s, _ in pairs], 'engine_times_us': [a for _, a in pairs],
           'ttft_served_minus_engine_s': ttft, 'median_gap_served_minus_engine_s': step,
           'served_ttft_s': [s[0] / 1e6 for s, _ in pairs], 'engine_ttft_s': [a[0] / 1e6 for _, a in pairs],
           'workload': dataclasses.asdict(wl)}
@@ -237,76 +249,107 @@ def quantiles(times: list[list[int]]) -> dict:
           for q in (50, 90)}
 
 
-def compare(args, url: str, model, engine: dict, overheads: dict, rate: float, seed: int) -> dict:
-  """One load. Each load has its own seed: `stoker bench` builds a request's prompt from the seed and its index,
-  and the same prompts again would find the server's prefix cache warm from the load before."""
+class Server:
+  """`stoker serve` of the model, started fresh (a cold prefix cache) for each use: `with Server(...) as url:`."""
+
+  def __init__(self, args, checkpoint: str, engine: dict, name: str):
+    self.args, self.checkpoint, self.engine = args, checkpoint, engine
+    self.log_path = os.path.join(args.out_dir, 'sim_fidelity', f'server_{name}.log')
+
+  def __enter__(self) -> str:
+    url, self.proc, self.command = start_server(self.args, self.checkpoint, self.engine, self.log_path)
+    return url
+
+  def __exit__(self, *exc):
+    self.proc.send_signal(signal.SIGTERM)
+    try:
+      self.proc.wait(120)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+
+
+def simulated(model, engine: dict, overheads: dict, wl: workload.WorkloadConfig, jitter: bool) -> dict:
   from serve.sim.simulator import ReplicaConfig, simulate  # pylint: disable=g-import-not-at-top
-  wl = workload.WorkloadConfig(requests=args.requests, arrival='poisson', rate=rate, prompt=args.prompt,
-                               output=args.output, seed=seed)
-  real, summary, cmd = bench(args, url, wl, os.path.join(args.out_dir, 'sim_fidelity', f'rate_{rate:g}'))
   replica = ReplicaConfig.from_engine(argparse.Namespace(**engine), model,
                                       request_overhead_s=overheads['request_overhead_s'],
-                                      step_overhead_s=overheads['step_overhead_s'])
+                                      step_overhead_s=overheads['step_overhead_s'],
+                                      step_jitter_s=overheads['step_jitter_s'] if jitter else ())
   sim = simulate(workload.build(wl), [replica])
-  r, s = quantiles(real), quantiles([rec.token_offsets_us for rec in sim.records])
-  errors = {k: (s[k] - r[k]) / r[k] for k in r}
-  return {'rate': rate, 'workload': dataclasses.asdict(wl), 'command': cmd, 'real': r, 'simulated': s,
+  stats = sim.replicas[0]
+  return {'quantiles': quantiles([r.token_offsets_us for r in sim.records]), 'sim_s': sim.sim_s,
+          'wall_s': sim.wall_s, 'steps': stats.steps, 'busy_fraction': stats.busy_s / sim.sim_s,
+          'preemptions': stats.preemptions, 'peak_pages': stats.peak_pages}
+
+
+def summarize_load(rate: float, wl, runs: list[dict], sim: dict, plain: dict) -> dict:
+  """Simulated vs the mean of the real runs; the runs' own spread around that mean is the noise floor."""
+  keys = list(sim['quantiles'])
+  real = {k: statistics.mean(r['quantiles'][k] for r in runs) for k in keys}
+  errors = {k: (sim['quantiles'][k] - real[k]) / real[k] for k in keys}
+  spread = {k: max(abs(r['quantiles'][k] - real[k]) / real[k] for r in runs) for k in keys}
+  wall = statistics.mean(r['wall_s'] for r in runs)
+  return {'rate': rate, 'workload': dataclasses.asdict(wl), 'real': real, 'simulated': sim['quantiles'],
           'relative_error': errors, 'max_abs_error': max(abs(e) for e in errors.values()),
-          'real_wall_s': summary['duration_s'], 'sim_s': sim.sim_s, 'sim_wall_s': sim.wall_s,
-          'speedup_over_real_time': summary['duration_s'] / sim.wall_s,
-          'sim_preemptions': sim.replicas[0].preemptions, 'sim_peak_pages': sim.replicas[0].peak_pages,
-          'sim_steps': sim.replicas[0].steps, 'real_request_throughput': summary['request_throughput']}
+          'real_spread': spread, 'runs': runs, 'sim': sim, 'real_wall_s': wall,
+          'simulated_without_jitter': plain['quantiles'],
+          'relative_error_without_jitter': {k: (plain['quantiles'][k] - real[k]) / real[k] for k in keys},
+          'speedup_over_real_time': wall / sim['wall_s']}
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   from serve.sim import estimator  # pylint: disable=g-import-not-at-top
   rates = [float(x) for x in args.rates.split(',')]
-  os.makedirs(os.path.join(args.out_dir, 'sim_fidelity'), exist_ok=True)
+  out = os.path.join(args.out_dir, 'sim_fidelity')
+  os.makedirs(out, exist_ok=True)
   load_before = os.getloadavg()
   start = time.time()
   if args.take_profile:
-    args.profile = os.path.join(args.out_dir, 'sim_fidelity', 'profile')
+    args.profile = os.path.join(out, 'profile')
     run(stoker('profile', '--out', args.profile))
   model = estimator.fit(estimator.load_profile(args.profile))
   engine = engine_fields(model.engine)
-  checkpoint = args.checkpoint or make_model(os.path.join(args.out_dir, 'sim_fidelity', 'tiny'), args.tokenizer)
-  url, proc, serve_cmd = start_server(args, checkpoint, engine,
-                                      os.path.join(args.out_dir, 'sim_fidelity', 'server.log'))
-  try:
+  checkpoint = args.checkpoint or make_model(os.path.join(out, 'tiny'), args.tokenizer)
+  server = Server(args, checkpoint, engine, 'calibration')
+  with server as url:
     overheads = calibrate(args, url, checkpoint, engine)
-    log(f'calibration: request_overhead_s {overheads["request_overhead_s"]:.4f}, step_overhead_s '
-        f'{overheads["step_overhead_s"]:.4f}')
-    loads = []
-    for i, rate in enumerate(rates):
-      loads.append(compare(args, url, model, engine, overheads, rate, args.seed + i))
-      log(json.dumps({k: loads[-1][k] for k in ('rate', 'real', 'simulated', 'relative_error')}, indent=1))
-  finally:
-    proc.send_signal(signal.SIGTERM)
-    try:
-      proc.wait(120)
-    except subprocess.TimeoutExpired:
-      proc.kill()
+  log(f'calibration: request_overhead_s {overheads["request_overhead_s"]:.4f}, step_overhead_s '
+      f'{overheads["step_overhead_s"]:.4f}')
+  workloads = [workload.WorkloadConfig(requests=args.requests, arrival='poisson', rate=rate, prompt=args.prompt,
+                                       output=args.output, seed=args.seed) for rate in rates]
+  runs = [[] for _ in rates]
+  for repeat in range(args.repeats):  # every load once, then again: drift shows as the runs' spread
+    for i, wl in enumerate(workloads):
+      with Server(args, checkpoint, engine, f'rate_{wl.rate:g}_run{repeat}') as url:
+        times, summary, cmd = bench(args, url, wl, os.path.join(out, f'rate_{wl.rate:g}', f'run{repeat}'))
+      runs[i].append({'quantiles': quantiles(times), 'wall_s': summary['duration_s'], 'command': cmd,
+                      'loadavg': os.getloadavg()})
+      log(f'rate {wl.rate:g} run {repeat}: {runs[i][-1]["quantiles"]}')
+  loads = [summarize_load(wl.rate, wl, r, simulated(model, engine, overheads, wl, args.jitter),
+                          simulated(model, engine, overheads, wl, False)) for wl, r in zip(workloads, runs)]
   worst = max(x['max_abs_error'] for x in loads)
   result = {
       'verdict': {'max_abs_relative_error': worst, 'goal_5pct': worst <= GOAL, 'acceptance_10pct': worst <= ACCEPT,
+                  'max_real_spread': max(max(x['real_spread'].values()) for x in loads),
                   'min_speedup': min(x['speedup_over_real_time'] for x in loads)},
       'loads': loads, 'calibration': overheads, 'engine': engine, 'profile': args.profile,
       'profile_cv_error': getattr(model, 'cv_error', None),
-      'step_time_model': model.describe() if hasattr(model, 'describe') else repr(model), 'serve_command': serve_cmd,
-      'script_command': shlex.join([sys.executable] + sys.argv), 'args': vars(args),
-      'loadavg_before': load_before, 'loadavg_after': os.getloadavg(), 'duration_s': time.time() - start}
+      'step_time_model': model.describe() if hasattr(model, 'describe') else repr(model),
+      'serve_command': server.command, 'script_command': shlex.join([sys.executable] + sys.argv),
+      'args': vars(args), 'loadavg_before': load_before, 'loadavg_after': os.getloadavg(),
+      'duration_s': time.time() - start}
   path = os.path.join(args.out_dir, 'sim_fidelity.json')
   report.write_json(result, path)
   for x in loads:
     log(f'rate {x["rate"]:g} req/s: ' + ', '.join(
-        f'{k[:-2]} {x["real"][k] * 1e3:.1f} vs {x["simulated"][k] * 1e3:.1f} ms ({x["relative_error"][k]:+.1%})'
-        for k in x['real']) + f'; simulator {x["speedup_over_real_time"]:.0f}x real time')
+        f'{k[:-2]} {x["real"][k] * 1e3:.1f} vs {x["simulated"][k] * 1e3:.1f} ms ({x["relative_error"][k]:+.1%}, '
+        f'runs +-{x["real_spread"][k]:.1%})' for k in x['real']) +
+        f'; simulator {x["speedup_over_real_time"]:.0f}x real time')
   log(f'worst |error| {worst:.1%} (goal 5%, acceptance 10%); load average {load_before} -> {os.getloadavg()}; '
       f'wrote {path}')
   return 0
 
 
 if __name__ == '__main__':
-  set_host_devices(8)  # as `stoker serve` and `stoker profile` run (cli.py --host_devices 8)
+  set_host_devices(1)  # as `stoker serve` and `stoker profile` run (cli.py: --tensor_parallel, here 1)
   sys.exit(main())
