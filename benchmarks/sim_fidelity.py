@@ -281,14 +281,14 @@ def simulated(model, engine: dict, overheads: dict, wl: workload.WorkloadConfig,
           'preemptions': stats.preemptions, 'peak_pages': stats.peak_pages}
 
 
-def summarize_load(rate: float, wl, runs: list[dict], sim: dict, plain: dict) -> dict:
+def summarize_load(wl: workload.WorkloadConfig, runs: list[dict], sim: dict, plain: dict) -> dict:
   """Simulated vs the mean of the real runs; the runs' own spread around that mean is the noise floor."""
   keys = list(sim['quantiles'])
   real = {k: statistics.mean(r['quantiles'][k] for r in runs) for k in keys}
   errors = {k: (sim['quantiles'][k] - real[k]) / real[k] for k in keys}
   spread = {k: max(abs(r['quantiles'][k] - real[k]) / real[k] for r in runs) for k in keys}
   wall = statistics.mean(r['wall_s'] for r in runs)
-  return {'rate': rate, 'workload': dataclasses.asdict(wl), 'real': real, 'simulated': sim['quantiles'],
+  return {'rate': wl.rate, 'workload': dataclasses.asdict(wl), 'real': real, 'simulated': sim['quantiles'],
           'relative_error': errors, 'max_abs_error': max(abs(e) for e in errors.values()),
           'real_spread': spread, 'runs': runs, 'sim': sim, 'real_wall_s': wall,
           'simulated_without_jitter': plain['quantiles'],
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
       runs[i].append({'quantiles': quantiles(times), 'wall_s': summary['duration_s'], 'command': cmd,
                       'loadavg': os.getloadavg()})
       log(f'rate {wl.rate:g} run {repeat}: {runs[i][-1]["quantiles"]}')
-  loads = [summarize_load(wl.rate, wl, r, simulated(model, engine, overheads, wl, args.jitter),
+  loads = [summarize_load(wl, r, simulated(model, engine, overheads, wl, args.jitter),
                           simulated(model, engine, overheads, wl, False)) for wl, r in zip(workloads, runs)]
   worst = max(x['max_abs_error'] for x in loads)
   result = {
