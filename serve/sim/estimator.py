@@ -2,18 +2,21 @@
 
 The engine runs one compiled program per token bucket (EngineConfig.buckets()), padding each step's
 tokens to the smallest bucket that holds them. The model mirrors that:
-  step_time_s = bucket_s[T] + sum(coef[f] * f for f in LINEAR)
+  step_time_s = bucket_s[T] + [P > T] * after_s[P] + sum(coef[f] * f for f in LINEAR)
 with T the step's bucket and per-bucket costs bucket_s (every matmul, and on the pure-JAX reference
-attention the gathered T x M*G key/value block, scale with T, not with the real tokens) plus linear
-terms in physical quantities of the step (StepShape):
+attention the gathered T x M*G key/value block, scale with T, not with the real tokens); P the bucket
+of the step before (StepShape.prev_tokens) and after_s[P] what a step pays for following a larger one
+(on a CPU the first decode after a 256-token step ran ~8 ms slower, of ~24; measured on decodes, the
+profile's 'after' rows, and charged to any smaller step); plus linear terms in physical quantities of
+the step (StepShape):
   tokens       real tokens: host-side buffers, KV writes
   num_seqs     scheduled sequences: per-sequence host work (scheduler, block tables)
   num_decodes  decodes among them (sampled every step)
   attn_qk      sum of q_len * kv_len: attention work of kernels that skip masked blocks
   kv_tokens    sum of kv_len: KV bytes a paged kernel reads
 Fit: least squares with non-negative coefficients (scikit-learn LinearRegression(positive=True)),
-weighted by 1/wall^2 so it fits relative error; then bucket costs are made non-decreasing in T
-(a running maximum). Why this and not boosted trees: every term is a cost that only adds time, so
+weighted by 1/wall^2 so it fits relative error; then bucket and after costs are made non-decreasing
+in their bucket (a running maximum). Why this and not boosted trees: every term is a cost that only adds time, so
 the prediction is monotone (more tokens, sequences or context is never faster) and extrapolates
 linearly in context and batch, as the hardware does, where trees go flat outside the grid (on the
 tiny CPU profile trees also cross-validate no better: p90 8% against 6%). Past the largest bucket
@@ -86,7 +89,8 @@ def load_profile(path: str) -> Profile:
                                     f'{_REQUIRED}'))
   try:
     shapes = tuple(StepShape(tuple(int(x) for x in r['q_lens'].split(';')),
-                             tuple(int(x) for x in r['kv_lens'].split(';'))) for r in rows)
+                             tuple(int(x) for x in r['kv_lens'].split(';')),
+                             int(r.get('prev_tokens') or 0)) for r in rows)  # older profiles lack it
     wall, device = (np.array([float(r[k]) for r in rows]) for k in ('wall_s', 'device_s'))
   except (TypeError, ValueError) as e:
     raise ValueError(_missing(path, f'steps.csv does not parse: {e}')) from None
@@ -101,23 +105,34 @@ def features(shape: StepShape) -> np.ndarray:
   return np.array([q.sum(), len(q), shape.num_decodes, (q * kv).sum(), kv.sum()])
 
 
+def _after(shape: StepShape, buckets: Sequence[int]) -> int | None:
+  """The bucket of the step before, where it is larger than this step's; else None."""
+  if not shape.prev_tokens:
+    return None
+  prev = min(padded_tokens(shape.prev_tokens, buckets), buckets[-1])
+  return prev if prev > padded_tokens(shape.num_tokens, buckets) else None
+
+
 def _design(shapes: Sequence[StepShape], buckets: Sequence[int]) -> np.ndarray:
-  """One column per bucket (1 where the step runs in it), then the LINEAR features."""
-  onehot = [[float(padded_tokens(s.num_tokens, buckets) == b) for b in buckets] for s in shapes]
-  return np.hstack([np.array(onehot).reshape(len(shapes), len(buckets)),
+  """One column per bucket (1 where the step runs in it), one per bucket of a larger step before (1 where
+  one was), then the LINEAR features."""
+  onehot = [[float(padded_tokens(s.num_tokens, buckets) == b) for b in buckets] +
+            [float(_after(s, buckets) == b) for b in buckets] for s in shapes]
+  return np.hstack([np.array(onehot).reshape(len(shapes), 2 * len(buckets)),
                     np.stack([features(s) for s in shapes])])
 
 
 def _fit(X: np.ndarray, y: np.ndarray, num_buckets: int) -> np.ndarray:
   """Non-negative coefficients minimising relative squared error (features scaled to ~1 first;
-  a positive scale keeps each coefficient's sign); bucket costs then made non-decreasing (a bucket
-  absent from the training rows takes the one below it)."""
+  a positive scale keeps each coefficient's sign); bucket and after costs then made non-decreasing (a
+  bucket absent from the training rows takes the one below it)."""
   scale = np.abs(X).max(axis=0)
   scale[scale == 0] = 1.0
   reg = LinearRegression(positive=True, fit_intercept=False)
   reg.fit(X / scale, y, sample_weight=1.0 / y ** 2)
   coef = reg.coef_ / scale
-  coef[:num_buckets] = np.maximum.accumulate(coef[:num_buckets])
+  for block in (slice(0, num_buckets), slice(num_buckets, 2 * num_buckets)):
+    coef[block] = np.maximum.accumulate(coef[block])
   return coef
 
 
@@ -127,6 +142,7 @@ class ProfiledModel:
   config profiled: its buckets, max_seqs and block table shape the costs) on `device_kind`."""
 
   bucket_s: tuple[float, ...]  # fixed cost of each of engine.buckets()
+  after_s: tuple[float, ...]  # cost of following a step of each of engine.buckets() (when it is larger)
   coef: tuple[float, ...]  # seconds per unit of each LINEAR feature
   engine: EngineConfig
   cv_error: dict  # median and p90 relative error of K-fold predictions; folds; rows
@@ -138,12 +154,16 @@ class ProfiledModel:
     T = padded_tokens(shape.num_tokens, buckets)
     base = (self.bucket_s[buckets.index(T)] if T in buckets else
             self.bucket_s[-1] * T / buckets[-1])
-    return float(base + features(shape) @ np.array(self.coef))
+    prev = _after(shape, buckets)
+    after = 0.0 if prev is None else self.after_s[buckets.index(prev)]
+    return float(base + after + features(shape) @ np.array(self.coef))
 
   def describe(self) -> str:
     buckets = ', '.join(f'{b}: {1e3 * c:.3g} ms' for b, c in zip(self.engine.buckets(), self.bucket_s))
+    after = ', '.join(f'{b}: {1e3 * c:.3g} ms' for b, c in zip(self.engine.buckets(), self.after_s) if c)
     terms = ', '.join(f'{n} {c:.3g}' for n, c in zip(LINEAR, self.coef) if c)
     return (f'{self.path} ({self.device_kind}): step time = per bucket ({buckets})'
+            f'{" + after a larger step (" + after + ")" if after else ""}'
             f'{" + " + terms + " (s per unit)" if terms else ""}; {self.cv_error["folds"]}-fold CV '
             f'relative error median {100 * self.cv_error["median"]:.1f}%, p90 '
             f'{100 * self.cv_error["p90"]:.1f}% over {self.cv_error["rows"]} rows')
@@ -161,5 +181,5 @@ def fit(profile: Profile, folds: int = 5, seed: int = 0) -> ProfiledModel:
   cv = dict(median=float(np.median(rel)), p90=float(np.quantile(rel, 0.9)), folds=folds,
             rows=len(y))
   coef = [float(c) for c in _fit(X, y, nb)]
-  return ProfiledModel(tuple(coef[:nb]), tuple(coef[nb:]), profile.engine, cv,
+  return ProfiledModel(tuple(coef[:nb]), tuple(coef[nb:2 * nb]), tuple(coef[2 * nb:]), profile.engine, cv,
                        profile.meta.get('device_kind', '?'), profile.path)

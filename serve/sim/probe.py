@@ -110,7 +110,7 @@ class Driver:
 
   def measure_decode(self, b: int, context: int, repeats: int, settle: int = 2):
     """Timed after `settle` untimed decode steps of the same batch: a server decodes back to back, and on a
-    CPU the first decode after a prefill ran ~10% slower than the ones after it (24-28 ms against 23-24)."""
+    CPU the first decode after a larger step runs slower than the ones after it (measure_after times that)."""
     plans, walls = [self.decodes(b, context, settle + repeats + 1)], []
     if plans[0] is None:
       return None
@@ -141,6 +141,27 @@ class Driver:
       self.drain()
     return plans, walls
 
+  def measure_after(self, b: int, prev: int, repeats: int):
+    """b decodes right after a step of `prev` tokens (the b decodes and a new prompt's chunk; with prefill-first
+    the chunk alone): StepShape.prev_tokens. None under the static policy (no new prompt joins a batch)."""
+    cfg = self.engine.config
+    q = prev - b if cfg.policy == Policy.CHUNKED else prev
+    if cfg.policy == Policy.STATIC or not 1 <= q <= cfg.token_budget:
+      return None
+    if self.decodes(b, 4 * cfg.page_size, 4 * repeats + 1) is None:
+      return None
+    plans, walls = [], []
+    for _ in range(repeats):
+      self.step()  # a settled decode first
+      rid = self.add(self.tokens(q), 1)
+      before = self.step_until(lambda p, rid=rid: any(s.request_id == rid for s in p.seqs), f'a {q}-token chunk')
+      _, plan = self.step()  # waits for that step, dispatches the decodes
+      if before.num_tokens != prev or plan is None or plan.num_tokens != b or len(plan.seqs) != b:
+        raise RuntimeError(f'profile: wanted {b} decodes after a {prev}-token step, got {plan} after {before}.')
+      plans.append(plan)
+      walls.append(self.step()[0])
+    return plans, walls
+
   def measure_mixed(self, b: int, q: int, repeats: int):
     """b decodes and a new prompt's q-token chunk in one step."""
     if self.decodes(b, 4 * self.engine.config.page_size, 2 * repeats + 1) is None:
@@ -156,11 +177,12 @@ class Driver:
     return plans, walls
 
 
-def _row(kind: str, plans: list[StepPlan], walls: list[float], devices: list[float], buckets) -> dict:
+def _row(kind: str, plans: list[StepPlan], walls: list[float], devices: list[float], buckets,
+         prev_tokens: int = 0) -> dict:
   plan = plans[len(plans) // 2]
   q = [len(s.token_ids) for s in plan.seqs]
   kv = [s.start_pos + len(s.token_ids) for s in plan.seqs]
-  return dict(kind=kind, q_lens=';'.join(map(str, q)), kv_lens=';'.join(map(str, kv)),
+  return dict(kind=kind, q_lens=';'.join(map(str, q)), kv_lens=';'.join(map(str, kv)), prev_tokens=prev_tokens,
               num_seqs=len(q), num_decodes=sum(n == 1 for n in q), tokens=sum(q),
               bucket=next(b for b in buckets if b >= sum(q)), wall_s=round(statistics.median(walls), 7),
               wall_min_s=round(min(walls), 7), device_s=round(statistics.median(devices), 7),
@@ -177,7 +199,8 @@ def measure(engine: Engine, grid, seed: int) -> list[dict]:
             + [('prefill', q, c) for c, q in itertools.product(grid.prefill_cached, grid.prefill_chunks)]
             + sorted({('mixed', b, min(q, budget - b)) for b in grid.mixed_decodes
                       for q in grid.mixed_chunks if b < min(budget, engine.config.max_seqs)
-                      and engine.config.policy == Policy.CHUNKED}))  # only it mixes
+                      and engine.config.policy == Policy.CHUNKED})  # only it mixes
+            + [('after', b, prev) for b in grid.after_decodes for prev in grid.after_buckets if b < prev])
   samples = {p: ([], [], []) for p in points}  # plans, walls, device times
   rng = np.random.default_rng(seed)
   for i in range(grid.repeats):
@@ -192,9 +215,10 @@ def measure(engine: Engine, grid, seed: int) -> list[dict]:
       walls += measured[1]
       devices.append(device_time(engine, measured[0][0], 1))
     logging.info('profile: pass %d of %d over %d grid points', i + 1, grid.repeats, len(points))
-  rows = [_row(p[0], *samples[p], engine.config.buckets()) for p in points if samples[p][0]]
-  order = {'decode': 0, 'prefill': 1, 'mixed': 2}
-  return sorted(rows, key=lambda r: (order[r['kind']], r['num_seqs'], r['tokens'], r['kv_lens']))
+  rows = [_row(p[0], *samples[p], engine.config.buckets(), p[2] if p[0] == 'after' else 0)
+          for p in points if samples[p][0]]
+  order = {'decode': 0, 'prefill': 1, 'mixed': 2, 'after': 3}
+  return sorted(rows, key=lambda r: (order[r['kind']], r['num_seqs'], r['tokens'], r['prev_tokens'], r['kv_lens']))
 
 
 def device_time(engine: Engine, plan: StepPlan, repeats: int, T: int | None = None) -> float:

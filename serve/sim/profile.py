@@ -15,6 +15,8 @@ compiled step alone (block_until_ready). The grid (`grid_for`, from the EngineCo
            without prefix caching c is a multiple of the token budget, built by whole-budget chunks)
   mixed    b decodes plus a new prompt's chunk of q tokens (Sarathi-style stall-free steps; the
            chunked policy only: the others never mix)
+  after    b decodes right after a step of P tokens, P each bucket above the smallest (prev_tokens P;
+           that step is the b decodes and a new prompt's chunk, or with prefill-first the chunk alone)
 Files in --out: steps.csv (one row per grid point), host.csv (Scheduler.schedule and update and the
 engine's host buffers per step, against batch size) and meta.json (device, backend, model and
 engine configs, jax version, date, load average before and after, grid).
@@ -39,7 +41,7 @@ from serve.engine import Engine, EngineConfig
 from serve.scheduler import StepPlan
 from serve.sim import probe
 
-STEP_FIELDS = ('kind', 'q_lens', 'kv_lens', 'num_seqs', 'num_decodes', 'tokens', 'bucket', 'wall_s',
+STEP_FIELDS = ('kind', 'q_lens', 'kv_lens', 'prev_tokens', 'num_seqs', 'num_decodes', 'tokens', 'bucket', 'wall_s',
                'wall_min_s', 'device_s', 'repeats')
 
 
@@ -52,15 +54,19 @@ class Grid:
   mixed_decodes: tuple[int, ...]
   mixed_chunks: tuple[int, ...]  # cut to the budget the decodes leave
   repeats: int = 5  # passes over the grid
+  after_decodes: tuple[int, ...] = ()
+  after_buckets: tuple[int, ...] = ()  # token counts of the step before
 
 
 def grid_for(cfg: EngineConfig, quick: bool = False) -> Grid:
   """The grid for an engine config: batch sizes up to max_seqs, contexts up to the block table,
   chunks at and between the buckets. quick: a handful of points (seconds on CPU, for tests)."""
   max_len, budget, G = cfg.max_pages_per_seq * cfg.page_size, cfg.token_budget, cfg.page_size
+  after = cfg.buckets()[1:]
   if quick:
     return Grid((1, cfg.max_seqs), (2 * G,), (cfg.min_bucket, budget),
-                tuple(c for c in (0, budget) if c + budget < max_len), (1,), (cfg.min_bucket,), 3)
+                tuple(c for c in (0, budget) if c + budget < max_len), (1,), (cfg.min_bucket,), 3,
+                (1,), after[-1:])
   batches = sorted({1, 2, 4, 8, 12, 16, cfg.max_seqs} & set(range(1, cfg.max_seqs + 1)))
   contexts = sorted({c for c in (G, 4 * G, 16 * G, 32 * G) if c < max_len} | {max_len - 2 * G})
   chunks = sorted(set(cfg.buckets()) | {3 * b // 4 for b in cfg.buckets() if b >= 4 * cfg.min_bucket})
@@ -68,7 +74,8 @@ def grid_for(cfg: EngineConfig, quick: bool = False) -> Grid:
   cached = sorted({f * max_len // 8 // step * step for f in (0, 1, 2, 4, 6)})
   mixed = sorted({1, max(1, cfg.max_seqs // 4), cfg.max_seqs - 1} - {0})
   return Grid(tuple(batches), tuple(contexts), tuple(chunks), tuple(cached), tuple(mixed),
-              (cfg.min_bucket, budget // 4, budget // 2, budget))
+              (cfg.min_bucket, budget // 4, budget // 2, budget), after_decodes=(1, max(1, cfg.max_seqs // 2)),
+              after_buckets=after)
 
 
 def _jsonable(cfg) -> dict:

@@ -7,7 +7,8 @@ engine) and replays the timeline of serve/engine.py as serve/driver.py drives it
     + step_overhead_s (the server's host work per step beyond Engine.step: the driver's loop, and on a CPU
     backend the HTTP threads competing with the step for the cores) + a deviation drawn from step_jitter_s
     (the machine's step-to-step noise: a step-time model predicts a typical step, and a deterministic timeline
-    would make every gap between tokens exactly that; draws are seeded, so a run is reproducible).
+    would make every gap between tokens exactly that; draws are seeded, so a run is reproducible). The shape's
+    prev_tokens is the replica's step before (a step after a larger one runs slower on a CPU).
   - At t + T the step's tokens are applied (scheduler.update), the next step is planned and dispatched at once,
     and only then are the step's tokens handed to the clients: a token of the step that ran in [t, t + T) is
     read by its client at t + T + token_latency_s.
@@ -135,6 +136,7 @@ class _Replica:
   def __init__(self, cfg: ReplicaConfig, events: list, order, index: int):
     self.cfg, self.events, self.order = cfg, events, order
     self.rng = random.Random(index)  # step jitter draws
+    self.last_tokens = 0  # tokens of the last step (StepShape.prev_tokens)
     self.scheduler = Scheduler(cfg.scheduler_config())
     self.stats = ReplicaStats()
     self.capacity = cfg.max_seqs + cfg.max_waiting
@@ -212,7 +214,8 @@ class _Replica:
                          f'{self.scheduler.num_running} running requests (the engine fails here too); the pool '
                          f'({self.cfg.num_pages} pages) or slots may be too small.')
     cfg, stats = self.cfg, self.stats
-    step_s = cfg.model.step_time_s(StepShape.from_plan(plan)) + cfg.step_overhead_s
+    step_s = cfg.model.step_time_s(StepShape.from_plan(plan, self.last_tokens)) + cfg.step_overhead_s
+    self.last_tokens = plan.num_tokens
     if cfg.step_jitter_s:
       step_s = max(0.0, step_s + self.rng.choice(cfg.step_jitter_s))
     self.inflight = plan

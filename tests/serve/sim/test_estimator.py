@@ -43,9 +43,9 @@ def write_profile(path, shapes, walls, engine=ENGINE):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, 'steps.csv'), 'w', newline='') as f:
     w = csv.writer(f)
-    w.writerow(['kind', 'q_lens', 'kv_lens', 'wall_s', 'device_s'])
+    w.writerow(['kind', 'q_lens', 'kv_lens', 'wall_s', 'device_s', 'prev_tokens'])
     for s, y in zip(shapes, walls):
-      w.writerow(['mixed', ';'.join(map(str, s.q_lens)), ';'.join(map(str, s.kv_lens)), y, y])
+      w.writerow(['mixed', ';'.join(map(str, s.q_lens)), ';'.join(map(str, s.kv_lens)), y, y, s.prev_tokens])
   with open(os.path.join(path, 'host.csv'), 'w') as f:
     f.write('num_seqs,schedule_s,update_s,host_arrays_s\n1,1e-05,1e-05,1e-05\n')
   meta = dict(engine={k: getattr(v, 'value', v) for k, v in dataclasses.asdict(engine).items()},
@@ -60,7 +60,7 @@ def test_recovers_a_known_cost_function(tmp_path):
   noise = 1 + 0.01 * rng.standard_normal(len(shapes))  # 1% timing noise
   write_profile(tmp_path, shapes, [true_cost(s) * e for s, e in zip(shapes, noise)])
   fitted = estimator.fit(estimator.load_profile(str(tmp_path)))
-  assert fitted.engine == ENGINE
+  assert fitted.engine == ENGINE and not any(fitted.after_s)  # no step in it follows a larger one
   held_out = random_shapes(np.random.default_rng(1), 50)
   rel = [abs(fitted.step_time_s(s) / true_cost(s) - 1) for s in held_out]
   assert max(rel) < 0.03, max(rel)
@@ -69,6 +69,32 @@ def test_recovers_a_known_cost_function(tmp_path):
   assert 'CV relative error median' in fitted.describe()
   # Past the profiled token budget: the largest bucket's cost scaled up, never below it.
   assert fitted.step_time_s(StepShape((512,), (512,))) > fitted.step_time_s(StepShape((256,), (256,)))
+
+
+def test_recovers_the_cost_of_following_a_larger_step(tmp_path):
+  """A step after one of a larger bucket P costs 2e-5 s * P more (StepShape.prev_tokens, column prev_tokens)."""
+  buckets = ENGINE.buckets()
+
+  def cost(shape):
+    prev = next((b for b in buckets if b >= shape.prev_tokens), buckets[-1]) if shape.prev_tokens else 0
+    T = next(b for b in buckets if b >= shape.num_tokens)
+    return true_cost(shape) + (2e-5 * prev if prev > T else 0.0)
+
+  rng = np.random.default_rng(0)
+  shapes = [dataclasses.replace(s, prev_tokens=int(rng.integers(0, 257)) if i % 2 else 0)
+            for i, s in enumerate(random_shapes(rng, 160))]
+  write_profile(tmp_path, shapes, [cost(s) * (1 + 0.01 * rng.standard_normal()) for s in shapes])
+  fitted = estimator.fit(estimator.load_profile(str(tmp_path)))
+  # Following the smallest bucket is never larger; the others cost what they should, to within the noise.
+  assert fitted.after_s[0] == 0 and fitted.after_s[1:] == pytest.approx([2e-5 * b for b in buckets[1:]], rel=0.15)
+  decode = StepShape((1, 1), (40, 300))
+  assert fitted.step_time_s(dataclasses.replace(decode, prev_tokens=16)) == fitted.step_time_s(decode)
+  after_full = fitted.step_time_s(dataclasses.replace(decode, prev_tokens=256)) - fitted.step_time_s(decode)
+  assert after_full == pytest.approx(2e-5 * 256, rel=0.15)
+  assert 'after a larger step (32:' in fitted.describe()
+  chunk = StepShape((100,), (100,))  # bucket 128: only a step of 256 before it costs more
+  assert fitted.step_time_s(dataclasses.replace(chunk, prev_tokens=128)) == fitted.step_time_s(chunk)
+  assert fitted.step_time_s(dataclasses.replace(chunk, prev_tokens=200)) > fitted.step_time_s(chunk)
 
 
 def test_cv_error_reports_a_cost_the_features_cannot_express(tmp_path):
@@ -112,3 +138,12 @@ def test_missing_or_broken_profile(tmp_path):
   (broken / 'steps.csv').write_text('kind,q_lens,kv_lens,wall_s,device_s\n' + 'decode,1,x,1,1\n' * 3)
   with pytest.raises(ValueError, match='steps.csv does not parse'):
     estimator.load_profile(str(broken))
+
+
+def test_step_shape_names_what_is_wrong():
+  with pytest.raises(ValueError, match='2 q_lens but 1 kv_lens'):
+    StepShape((1, 1), (4,))
+  with pytest.raises(ValueError, match='1 <= q_len <= kv_len'):
+    StepShape((5,), (4,))
+  with pytest.raises(ValueError, match='prev_tokens -1 < 0'):
+    StepShape((1,), (4,), -1)

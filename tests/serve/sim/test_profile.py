@@ -40,17 +40,21 @@ def test_quick_profile_writes_the_grid(quick_profile):
   assert [r['kind'] for r in rows].count('decode') == len(grid.decode_batches)
   assert [r['kind'] for r in rows].count('prefill') == len(grid.prefill_chunks) * len(grid.prefill_cached)
   assert [r['kind'] for r in rows].count('mixed') == 1
+  assert [r['kind'] for r in rows].count('after') == len(grid.after_decodes) * len(grid.after_buckets) == 1
   for r in rows:
     q = [int(x) for x in r['q_lens'].split(';')]
     kv = [int(x) for x in r['kv_lens'].split(';')]
     assert sum(q) == int(r['tokens']) <= int(r['bucket']) <= ENGINE.token_budget
     assert len(q) == int(r['num_seqs']) <= ENGINE.max_seqs and max(kv) <= 16 * 8
+    assert (int(r['prev_tokens']) > 0) == (r['kind'] == 'after')
     assert float(r['wall_s']) >= float(r['wall_min_s']) > 0 and float(r['device_s']) > 0
     assert int(r['repeats']) == grid.repeats
     if r['kind'] == 'decode':
       assert set(q) == {1} and len(q) in grid.decode_batches
     elif r['kind'] == 'prefill':
       assert len(q) == 1 and q[0] in grid.prefill_chunks and kv[0] - q[0] in grid.prefill_cached
+    elif r['kind'] == 'after':  # one decode, right after a step of the largest bucket
+      assert q == [1] and int(r['prev_tokens']) == ENGINE.token_budget
     else:
       assert q == [1, ENGINE.min_bucket]  # one decode and a new prompt's chunk, in one step
   with open(quick_profile / 'host.csv') as f:
@@ -68,7 +72,7 @@ def test_quick_profile_writes_the_grid(quick_profile):
 
 def test_quick_profile_fits(quick_profile):
   fitted = estimator.fit(estimator.load_profile(str(quick_profile[0])))
-  assert fitted.engine == ENGINE and fitted.cv_error['rows'] == 7
+  assert fitted.engine == ENGINE and fitted.cv_error['rows'] == 8
   assert 0 < fitted.step_time_s(StepShape((1,), (20,))) < fitted.step_time_s(StepShape((1, 16), (20, 16)))
 
 

@@ -123,6 +123,27 @@ def test_server_costs_shift_the_timeline():
   assert result.records[0].token_offsets_us == pytest.approx([w * 1e6 for w in want], abs=1)
 
 
+class AfterLarger:
+  """d, or 2d for a step of fewer tokens than the step before it; records (tokens, prev_tokens) per step."""
+
+  def __init__(self):
+    self.seen = []
+
+  def step_time_s(self, shape):
+    self.seen.append((shape.num_tokens, shape.prev_tokens))
+    return 2 * D if shape.prev_tokens > shape.num_tokens else D
+
+
+def test_each_step_knows_the_step_before_it():
+  # A 20-token prompt in chunks of 8, 8, 4 (budget 8), then 3 decodes. The 4-token chunk follows an 8-token
+  # step (2d); the first decode follows the 4-token step (2d); the other decodes follow decodes (d). Tokens:
+  # ends of steps 3..6 = 4d, 6d, 7d, 8d.
+  model = AfterLarger()
+  [record] = simulate([RequestSpec(0, 0.0, 20, 4)], [replica(model=model)]).records
+  assert model.seen == [(8, 0), (8, 8), (4, 8), (1, 4), (1, 1), (1, 1)]
+  assert record.token_offsets_us == [4 * D_US, 6 * D_US, 7 * D_US, 8 * D_US]
+
+
 def test_step_jitter_draws_a_deviation_per_step():
   # One deviation: every step d + 1 ms. Two: every gap is d - 2 ms or d + 2 ms, both occur, and reruns agree.
   [record] = simulate([RequestSpec(0, 0.0, 8, 4)], [replica(step_jitter_s=[0.001])]).records
