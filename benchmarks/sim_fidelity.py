@@ -23,9 +23,9 @@
    engine time between tokens) (the driver's loop, and the HTTP threads and the client competing with the
    engine step for the two cores). Per step, not per token: six streams at once cost the server 0.67 ms per
    step beyond the engine, one stream 0.69 ms. And step_jitter_s = the served requests' gaps between tokens
-   minus each request's median gap (made zero-mean): the machine's step-to-step noise, which the step-time
-   model (a typical step) leaves out and which widens the distribution of TBT (its P90 above all; --no_jitter
-   leaves it out). Measured against the engine itself and on requests run alone, these hold no error of the
+   minus each request's median gap (zero median, as the profile's step times are medians): the machine's
+   step-to-step noise, which the step-time model (a median step) leaves out and which widens the
+   distribution of TBT (its P90 above all; --no_jitter leaves it out). Measured against the engine itself and on requests run alone, these hold no error of the
    step-time model and nothing of the runs they are compared on.
 5. At each --rates: `stoker bench` (Poisson arrivals, --ignore-eos, the same seed), --repeats times (all loads,
    then all again), and simulate() of workload.build() of the same WorkloadConfig. P50 and P90 of TTFT and TBT:
@@ -232,8 +232,10 @@ def calibrate(args, url: str, checkpoint: str, engine: dict) -> dict:
     pairs.append((s, a))
   ttft = [(s[0] - a[0]) / 1e6 for s, a in pairs]
   step = [statistics.median(gaps(s)) - statistics.median(gaps(a)) for s, a in pairs if len(s) > 1]
-  spread = [g - statistics.median(gaps(s)) for s, _ in pairs if len(s) > 1 for g in gaps(s)]
-  jitter = [round(x - statistics.mean(spread), 6) for x in spread]  # zero mean: the noise, not a cost
+  # Deviations from each request's median gap: the step-time model predicts a median step (the profile's
+  # wall_s are medians), so the draws keep a zero median; their mean (~0.3-0.7 ms, a long right tail) is real
+  # time every step costs on average.
+  jitter = [round(g - statistics.median(gaps(s)), 6) for s, _ in pairs if len(s) > 1 for g in gaps(s)]
   return {'request_overhead_s': max(0.0, statistics.median(ttft)), 'step_overhead_s': max(0.0, statistics.median(step)),
           'step_jitter_s': jitter, 'served_times_us': [s for s, _ in pairs], 'engine_times_us': [a for _, a in pairs],
           'ttft_served_minus_engine_s': ttft, 'median_gap_served_minus_engine_s': step,
