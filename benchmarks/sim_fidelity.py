@@ -25,14 +25,21 @@
    step beyond the engine, one stream 0.69 ms. And step_jitter_s = the served requests' gaps between tokens
    minus each request's median gap (zero median, as the profile's step times are medians): the machine's
    step-to-step noise, which the step-time model (a median step) leaves out and which widens the
-   distribution of TBT (its P90 above all; --no_jitter leaves it out). Measured against the engine itself and on requests run alone, these hold no error of the
-   step-time model and nothing of the runs they are compared on.
+   distribution of TBT (its P90 above all; --no_jitter leaves it out). Measured against the engine itself
+   and on requests run alone, these hold no error of the step-time model and nothing of the runs they are
+   compared on.
 5. At each --rates: `stoker bench` (Poisson arrivals, --ignore-eos, the same seed), --repeats times (all loads,
    then all again), and simulate() of workload.build() of the same WorkloadConfig. P50 and P90 of TTFT and TBT:
    simulated vs the mean of the real runs, the relative errors (goal 5%, acceptance 10%), and the real runs'
    own spread around their mean (the noise floor of this machine); the simulator's speed over real time
    (>= 100x). Writes benchmarks/out/sim_fidelity.json (each run's bench files under
    benchmarks/out/sim_fidelity/rate_R/runK/).
+6. Is the machine the one that was profiled? Before and after each real run, SpeedProbe times 40 decode steps
+   of one sequence in this process against the model's prediction (1.0: as fast as when profiled), and the
+   hypervisor's steal time is read over the run. A cloud VM has slow spells (neighbours on the memory bus
+   show in neither the load average nor steal): there the real runs of one load disagree, and an invocation
+   whose real runs stray more than 5% from their mean is reported NOT QUIET (verdict 'quiet'), not a verdict
+   on the simulator. Nothing of these reaches the simulator.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ SHIPPED_PROFILE = os.path.join(REPO, 'serve', 'sim', 'profiles', 'tiny_cpu')
 ENGINE_FIELDS = ('num_pages', 'page_size', 'max_seqs', 'max_pages_per_seq', 'token_budget', 'policy', 'watermark',
                  'prefix_caching', 'min_bucket')
 GOAL, ACCEPT = 0.05, 0.10
+# Real runs further than this from their mean: the machine moved under them, and a 10% comparison means nothing.
+QUIET = 0.05
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--output', default='uniform:16:96')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--calibration_requests', type=int, default=12)
+  p.add_argument('--calibration_prompt', default='uniform:16:64', help='prompt lengths of the calibration requests')
   p.add_argument('--no_jitter', dest='jitter', action='store_false',
                  help='simulate without the step jitter measured in the calibration')
   p.add_argument('--out_dir', default=os.path.join(REPO, 'benchmarks', 'out'))
@@ -129,6 +139,16 @@ def make_model(root: str, tokenizer_dir: str) -> str:
   ckpt.save(1, state, None, wait=True)
   ckpt.close()
   return root
+
+
+def steal_s() -> float:
+  """CPU seconds the hypervisor gave other guests while this VM wanted them (Linux /proc/stat 'steal'; 0 elsewhere):
+  noise no load average shows."""
+  try:
+    with open('/proc/stat') as f:
+      return int(f.readline().split()[8]) / os.sysconf('SC_CLK_TCK')
+  except (OSError, IndexError, ValueError):
+    return 0.0
 
 
 def engine_fields(engine) -> dict:
@@ -184,16 +204,42 @@ def gaps(times_us: list[int]) -> list[float]:
   return [(b - a) / 1e6 for a, b in zip(times_us, times_us[1:])]
 
 
-def calibrate(args, url: str, checkpoint: str, engine: dict) -> dict:
-  """The server's costs beyond Engine.step: each request alone through the server and through the engine in
-  this process, in alternating order (a drifting background load hits both alike)."""
+class SpeedProbe:
+  """The machine's speed now against when it was profiled: the median decode step of one sequence on an Engine in
+  this process, over the step-time model's prediction for it (1.0: as when profiled; 1.3: 30% slower). A
+  diagnostic, before and after every real run: nothing of it reaches the simulator."""
+
+  def __init__(self, args, checkpoint: str, engine: dict, model):
+    from serve import loader  # pylint: disable=g-import-not-at-top
+    from serve.engine import EngineConfig  # pylint: disable=g-import-not-at-top
+    self.engine = loader.load_checkpoint(checkpoint, EngineConfig(**engine), tokenizer=args.tokenizer).engine
+    self.model, self.calls = model, 0
+
+  def __call__(self, steps: int = 40) -> float:
+    from serve.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+    from serve.sim.shape import StepShape  # pylint: disable=g-import-not-at-top
+    self.calls += 1
+    self.engine.add_request(f'probe-{self.calls}', list(range(1, 33)),
+                            SamplingParams(max_tokens=steps + 3, temperature=0.0))
+    walls, last = [], time.perf_counter()
+    while self.engine.has_work:
+      self.engine.step()
+      now = time.perf_counter()
+      walls.append(now - last)
+      last = now
+    # Calls 0-2 dispatch, wait for the prefill, wait for the first decode (after a larger step); the last has
+    # nothing to dispatch. The rest are settled decodes at contexts 35...
+    predicted = [self.model.step_time_s(StepShape((1,), (32 + i,), 1)) for i in range(3, steps + 2)]
+    return statistics.median(walls[3:-1]) / statistics.median(predicted)
+
+
+def calibrate(args, url: str, eng) -> dict:
+  """The server's costs beyond Engine.step: each request alone through the server and through the engine `eng`
+  in this process, in alternating order (a drifting background load hits both alike)."""
   import asyncio  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from serve import loader  # pylint: disable=g-import-not-at-top
   from serve.bench import client, prompts  # pylint: disable=g-import-not-at-top
-  from serve.engine import EngineConfig  # pylint: disable=g-import-not-at-top
   from serve.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
-  eng = loader.load_checkpoint(checkpoint, EngineConfig(**engine), tokenizer=args.tokenizer).engine
   builder = prompts.PromptBuilder(prompts.load_tokenizer(args.tokenizer), args.seed)
   endpoint = client.Endpoint(url, ignore_eos=True)
   endpoint = dataclasses.replace(endpoint, model=asyncio.run(client.check(endpoint)))
@@ -218,7 +264,7 @@ def calibrate(args, url: str, checkpoint: str, engine: dict) -> dict:
   # Short requests: the constants do not depend on the lengths, and a short step leaves background load less
   # time to disturb a pair (a 256-token prefill takes ~0.5 s here).
   wl = workload.WorkloadConfig(requests=args.calibration_requests, arrival='fixed', rate=float('inf'),
-                               prompt='uniform:16:64', output='fixed:32', seed=args.seed + 1000)
+                               prompt=args.calibration_prompt, output='fixed:32', seed=args.seed + 1000)
   warm = workload.RequestSpec(10**6, 0.0, 16, 8)
   served(warm), alone(warm)
   pairs = []
@@ -312,9 +358,10 @@ def main(argv=None) -> int:
   model = estimator.fit(estimator.load_profile(args.profile))
   engine = engine_fields(model.engine)
   checkpoint = args.checkpoint or make_model(os.path.join(out, 'tiny'), args.tokenizer)
+  speed = SpeedProbe(args, checkpoint, engine, model)
   server = Server(args, checkpoint, engine, 'calibration')
   with server as url:
-    overheads = calibrate(args, url, checkpoint, engine)
+    overheads = calibrate(args, url, speed.engine)
   log(f'calibration: request_overhead_s {overheads["request_overhead_s"]:.4f}, step_overhead_s '
       f'{overheads["step_overhead_s"]:.4f}')
   workloads = [workload.WorkloadConfig(requests=args.requests, arrival='poisson', rate=rate, prompt=args.prompt,
@@ -322,17 +369,26 @@ def main(argv=None) -> int:
   runs = [[] for _ in rates]
   for repeat in range(args.repeats):  # every load once, then again: drift shows as the runs' spread
     for i, wl in enumerate(workloads):
+      before = speed()
       with Server(args, checkpoint, engine, f'rate_{wl.rate:g}_run{repeat}') as url:
+        steal = steal_s()
         times, summary, cmd = bench(args, url, wl, os.path.join(out, f'rate_{wl.rate:g}', f'run{repeat}'))
+        steal = steal_s() - steal
       runs[i].append({'quantiles': quantiles(times), 'wall_s': summary['duration_s'], 'command': cmd,
-                      'loadavg': os.getloadavg()})
-      log(f'rate {wl.rate:g} run {repeat}: {runs[i][-1]["quantiles"]}')
+                      'loadavg': os.getloadavg(), 'steal_share': steal / summary['duration_s'] / (os.cpu_count() or 1),
+                      'speed_before_after': (before, speed())})
+      last = runs[i][-1]
+      log(f'rate {wl.rate:g} run {repeat}: {last["quantiles"]}, steal {last["steal_share"]:.1%}, step time / '
+          f'profiled before and after: {last["speed_before_after"][0]:.3f}, {last["speed_before_after"][1]:.3f}')
   loads = [summarize_load(wl, r, simulated(model, engine, overheads, wl, args.jitter),
                           simulated(model, engine, overheads, wl, False)) for wl, r in zip(workloads, runs)]
   worst = max(x['max_abs_error'] for x in loads)
+  spread = max(max(x['real_spread'].values()) for x in loads)
+  speeds = [v for load in runs for r in load for v in r['speed_before_after']]
   result = {
       'verdict': {'max_abs_relative_error': worst, 'goal_5pct': worst <= GOAL, 'acceptance_10pct': worst <= ACCEPT,
-                  'max_real_spread': max(max(x['real_spread'].values()) for x in loads),
+                  'max_real_spread': spread, 'quiet': spread <= QUIET,
+                  'speed_range': [min(speeds), max(speeds)],
                   'min_speedup': min(x['speedup_over_real_time'] for x in loads)},
       'loads': loads, 'calibration': overheads, 'engine': engine, 'profile': args.profile,
       'profile_cv_error': getattr(model, 'cv_error', None),
@@ -349,6 +405,9 @@ def main(argv=None) -> int:
         f'; simulator {x["speedup_over_real_time"]:.0f}x real time')
   log(f'worst |error| {worst:.1%} (goal 5%, acceptance 10%); load average {load_before} -> {os.getloadavg()}; '
       f'wrote {path}')
+  if spread > QUIET:
+    log(f'NOT QUIET: the real runs of one load differ from their mean by up to {spread:.1%} (> {QUIET:.0%}): the '
+        'machine moved under them, and this comparison cannot resolve 10%. Rerun with the machine otherwise idle.')
   return 0
 
 
