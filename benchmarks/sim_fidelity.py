@@ -34,12 +34,13 @@
    own spread around their mean (the noise floor of this machine); the simulator's speed over real time
    (>= 100x). Writes benchmarks/out/sim_fidelity.json (each run's bench files under
    benchmarks/out/sim_fidelity/rate_R/runK/).
-6. Is the machine the one that was profiled? Before and after each real run, SpeedProbe times 40 decode steps
-   of one sequence in this process against the model's prediction (1.0: as fast as when profiled), and the
-   hypervisor's steal time is read over the run. A cloud VM has slow spells (neighbours on the memory bus
-   show in neither the load average nor steal): there the real runs of one load disagree, and an invocation
-   whose real runs stray more than 5% from their mean is reported NOT QUIET (verdict 'quiet'), not a verdict
-   on the simulator. Nothing of these reaches the simulator.
+6. Is the machine the one that was profiled? Before and after each real run, SpeedProbe times one request (a
+   240-token prefill, 40 decodes) on the engine in this process against the model's prediction (1.0: as fast
+   as when profiled; it ranged 0.9-1.4 here within an hour), and the hypervisor's steal time is read over the
+   run. A cloud VM has slow spells (neighbours on the memory bus show in neither the load average nor steal):
+   there the real runs of one load disagree, and an invocation whose real runs stray more than 5% from their
+   mean is reported NOT QUIET (verdict 'quiet'), not a verdict on the simulator. Nothing of these reaches the
+   simulator. --take_profile profiles the machine as it is now, minutes before the runs.
 """
 
 from __future__ import annotations
@@ -205,32 +206,32 @@ def gaps(times_us: list[int]) -> list[float]:
 
 
 class SpeedProbe:
-  """The machine's speed now against when it was profiled: the median decode step of one sequence on an Engine in
-  this process, over the step-time model's prediction for it (1.0: as when profiled; 1.3: 30% slower). A
-  diagnostic, before and after every real run: nothing of it reaches the simulator."""
+  """The machine's speed now against when it was profiled: one request alone on an Engine in this process (a
+  fresh 240-token prompt, one chunk of the largest bucket, then 40 decodes), its wall time over the step-time
+  model's sum for the same steps (1.0: as when profiled; 1.3: 30% slower). A diagnostic, before and after every
+  real run: nothing of it reaches the simulator."""
+
+  PROMPT, DECODES = 240, 40
 
   def __init__(self, args, checkpoint: str, engine: dict, model):
+    import numpy as np  # pylint: disable=g-import-not-at-top
     from serve import loader  # pylint: disable=g-import-not-at-top
     from serve.engine import EngineConfig  # pylint: disable=g-import-not-at-top
     self.engine = loader.load_checkpoint(checkpoint, EngineConfig(**engine), tokenizer=args.tokenizer).engine
-    self.model, self.calls = model, 0
+    self.model, self.calls, self.rng = model, 0, np.random.default_rng(args.seed + 2000)
 
-  def __call__(self, steps: int = 40) -> float:
+  def __call__(self) -> float:
     from serve.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
     from serve.sim.shape import StepShape  # pylint: disable=g-import-not-at-top
     self.calls += 1
-    self.engine.add_request(f'probe-{self.calls}', list(range(1, 33)),
-                            SamplingParams(max_tokens=steps + 3, temperature=0.0))
-    walls, last = [], time.perf_counter()
+    p, n = self.PROMPT, self.DECODES
+    self.engine.add_request(f'probe-{self.calls}', self.rng.integers(1, 4000, p).tolist(),  # a cold prefix cache
+                            SamplingParams(max_tokens=n + 1, temperature=0.0))
+    start = time.perf_counter()
     while self.engine.has_work:
       self.engine.step()
-      now = time.perf_counter()
-      walls.append(now - last)
-      last = now
-    # Calls 0-2 dispatch, wait for the prefill, wait for the first decode (after a larger step); the last has
-    # nothing to dispatch. The rest are settled decodes at contexts 35...
-    predicted = [self.model.step_time_s(StepShape((1,), (32 + i,), 1)) for i in range(3, steps + 2)]
-    return statistics.median(walls[3:-1]) / statistics.median(predicted)
+    steps = [StepShape((p,), (p,))] + [StepShape((1,), (p + i,), p if i == 1 else 1) for i in range(1, n + 1)]
+    return (time.perf_counter() - start) / sum(self.model.step_time_s(s) for s in steps)
 
 
 def calibrate(args, url: str, eng) -> dict:
