@@ -6,9 +6,9 @@ tokens to the smallest bucket that holds them. The model mirrors that:
 with T the step's bucket and per-bucket costs bucket_s (every matmul, and on the pure-JAX reference
 attention the gathered T x M*G key/value block, scale with T, not with the real tokens); P the bucket
 of the step before (StepShape.prev_tokens) and after_s[P] what a step pays for following a larger one
-(on a CPU the first decode after a 256-token step ran ~8 ms slower, of ~24; measured on decodes, the
-profile's 'after' rows, and charged to any smaller step); plus linear terms in physical quantities of
-the step (StepShape):
+(on a CPU the first decode after a 256-token step ran ~7 ms slower, of ~25; on an H100 ~0.3 of 20;
+measured on decodes, the profile's 'after' rows, and charged to any smaller step); plus linear terms in
+physical quantities of the step (StepShape):
   tokens       real tokens: host-side buffers, KV writes
   num_seqs     scheduled sequences: per-sequence host work (scheduler, block tables)
   num_decodes  decodes among them (sampled every step)
@@ -16,10 +16,10 @@ the step (StepShape):
   kv_tokens    sum of kv_len: KV bytes a paged kernel reads
 Fit: least squares with non-negative coefficients (scikit-learn LinearRegression(positive=True)),
 weighted by 1/wall^2 so it fits relative error; then bucket and after costs are made non-decreasing
-in their bucket (a running maximum). Why this and not boosted trees: every term is a cost that only adds time, so
-the prediction is monotone (more tokens, sequences or context is never faster) and extrapolates
-linearly in context and batch, as the hardware does, where trees go flat outside the grid (on the
-tiny CPU profile trees also cross-validate no better: p90 8% against 6%). Past the largest bucket
+in their bucket (a running maximum). Why this and not boosted trees: every term is a cost that only
+adds time, so the prediction is monotone (more tokens, sequences or context is never faster) and
+extrapolates linearly in context and batch, as the hardware does, where trees go flat outside the grid
+(on the tiny CPU profile trees also cross-validate no better: p90 8% against 6%). Past the largest bucket
 (a token budget beyond the profiled one), the largest bucket's cost is scaled by T / T_last.
 K-fold cross-validated relative error is in `ProfiledModel.cv_error`.
 """
