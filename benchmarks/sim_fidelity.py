@@ -36,12 +36,13 @@
    benchmarks/out/sim_fidelity/rate_R/runK/).
 6. Is the machine the one that was profiled? Before and after each real run, SpeedProbe times one request (a
    240-token prefill, 40 decodes) on the engine in this process against the model's prediction (1.0: as fast
-   as when profiled; it ranged 0.9-1.4 here within an hour), and the hypervisor's steal time is read over the
-   run. A cloud VM has slow spells (neighbours on the memory bus show in neither the load average nor steal):
-   there the real runs of one load disagree. The median of 3 runs outvotes one run in a spell; an invocation
-   where, at some load, no majority of the runs lies within 5% of their median is reported NOT QUIET
-   (verdict 'quiet'), not a verdict on the simulator. Nothing of these reaches the simulator. --take_profile
-   profiles the machine as it is now, minutes before the runs.
+   as when profiled; it ranged 0.9-1.7 here within two hours), and the hypervisor's steal time is read over
+   the run. A cloud VM has slow spells (neighbours on the memory bus show in neither the load average nor
+   steal): there the real runs of one load disagree. The median of 3 runs outvotes one run in a spell; an
+   invocation where, at some load, no majority of the runs lies within 5% of their median is reported NOT
+   QUIET (verdict 'quiet'), and one where a probe is more than 10% off 1.0 NOT AT THE PROFILED SPEED
+   (verdict 'at_profiled_speed'): neither is a verdict on the simulator. Nothing of these reaches the
+   simulator. --take_profile profiles the machine as it is now, minutes before the runs.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ ENGINE_FIELDS = ('num_pages', 'page_size', 'max_seqs', 'max_pages_per_seq', 'tok
 GOAL, ACCEPT = 0.05, 0.10
 # Real runs further than this from their mean: the machine moved under them, and a 10% comparison means nothing.
 QUIET = 0.05
+# SpeedProbe further than this from 1.0 around a run: the machine was not in the state it was profiled in.
+SPEED = 0.10
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -396,6 +399,7 @@ def main(argv=None) -> int:
       'verdict': {'max_abs_relative_error': worst, 'goal_5pct': worst <= GOAL, 'acceptance_10pct': worst <= ACCEPT,
                   'max_real_spread': spread, 'quiet': all(x['quiet'] for x in loads),
                   'speed_range': [min(speeds), max(speeds)],
+                  'at_profiled_speed': all(abs(v - 1) <= SPEED for v in speeds),
                   'min_speedup': min(x['speedup_over_real_time'] for x in loads)},
       'loads': loads, 'calibration': overheads, 'engine': engine, 'profile': args.profile,
       'profile_cv_error': getattr(model, 'cv_error', None),
@@ -414,8 +418,12 @@ def main(argv=None) -> int:
       f'wrote {path}')
   if not result['verdict']['quiet']:
     log(f'NOT QUIET: at some load, no majority of the real runs lies within {QUIET:.0%} of their median (the runs '
-        f'stray up to {spread:.1%}): the '
-        'machine moved under them, and this comparison cannot resolve 10%. Rerun with the machine otherwise idle.')
+        f'stray up to {spread:.1%}): the machine moved under them, and this comparison cannot resolve 10%. Rerun '
+        'with the machine otherwise idle.')
+  if not result['verdict']['at_profiled_speed']:
+    log(f'NOT AT THE PROFILED SPEED: around the runs the engine stepped at {min(speeds):.2f}-{max(speeds):.2f}x the '
+        f'profile\'s time (> {SPEED:.0%} off): the simulator predicts the machine as profiled. Rerun when it is '
+        'back (or --take_profile, if the machine holds still for the whole run).')
   return 0
 
 
