@@ -70,7 +70,7 @@ SHIPPED_PROFILE = os.path.join(REPO, 'serve', 'sim', 'profiles', 'tiny_cpu')
 ENGINE_FIELDS = ('num_pages', 'page_size', 'max_seqs', 'max_pages_per_seq', 'token_budget', 'policy', 'watermark',
                  'prefix_caching', 'min_bucket')
 GOAL, ACCEPT = 0.05, 0.10
-# Real runs further than this from their mean: the machine moved under them, and a 10% comparison means nothing.
+# Real runs further than this from their median: the machine moved under them, and a 10% comparison means nothing.
 QUIET = 0.05
 # SpeedProbe further than this from 1.0 around a run: the machine was not in the state it was profiled in.
 SPEED = 0.10
