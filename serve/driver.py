@@ -196,6 +196,7 @@ class EngineDriver:
         outstanding=self.outstanding, pages_used=alloc.num_used, pages_free=alloc.num_free,
         pages_cached=alloc.num_cached, pages_total=alloc.total,
         preemptions=self.engine.stats['preemptions'], steps=self.engine.stats['steps'],
+        step_seconds=self.engine.stats['host_s'],
         tokens_per_second=sum(n for _, n in self._rate) / RATE_WINDOW_S,
         rate_window_s=RATE_WINDOW_S, prefix_hit_tokens=self._prefix[0],
         prefix_query_tokens=self._prefix[1])

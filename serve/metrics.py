@@ -3,8 +3,9 @@
 Request-level series are observed as things happen: HTTP requests by route and status, time to
 first token (from the request's arrival), time between tokens, tokens in and out. Engine state
 (queue length, running sequences, KV pages used/free/cached, preemptions, prefix-cache hits,
-tokens per second, the rolling fluidity-index) is read at scrape time from the snapshot the
-engine driver publishes after every step, so a scrape never touches the engine's own state.
+tokens per second, steps and the seconds spent in them, the rolling fluidity-index) is read at
+scrape time from the snapshot the engine driver publishes after every step, so a scrape never
+touches the engine's own state.
 
 Fluidity-index (Etalon, arXiv 2407.07000): every token has a deadline, the first D_p after the
 request's arrival and each later one D_d after the token before it; time a token beats its
@@ -120,6 +121,8 @@ class _EngineCollector:
     yield _counter('stoker_preemptions', 'Sequences preempted (recomputed later) by the scheduler.',
                    s.get('preemptions', 0))
     yield _counter('stoker_engine_steps', 'Device steps dispatched.', s.get('steps', 0))
+    yield _counter('stoker_engine_step_seconds', 'Seconds spent in Engine.step, waiting for the device '
+                   'included (its rate: the engine\'s busy fraction).', s.get('step_seconds', 0.0))
     fluidity = self._metrics.rolling_fluidity()
     yield _gauge('stoker_fluidity_index', 'Mean fluidity-index of the last finished sequences '
                  f'(deadlines: first token {self._metrics.prefill_deadline_s:g} s, then '

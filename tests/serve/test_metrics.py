@@ -20,7 +20,7 @@ def test_fluidity_index_hand_computed_cases():
 
 def test_exposition_parses_and_reads_the_snapshot():
   snapshot = dict(ready=1, waiting=3, running=2, pages_used=5, pages_free=50, pages_cached=8,
-                  pages_total=63, preemptions=4, steps=100, tokens_per_second=12.5,
+                  pages_total=63, preemptions=4, steps=100, step_seconds=2.5, tokens_per_second=12.5,
                   rate_window_s=10.0, prefix_hit_tokens=16, prefix_query_tokens=64)
   m = Metrics(lambda: snapshot, prefill_deadline_s=0.2, decode_deadline_s=0.1)
   m.requests.labels('/v1/completions', '200').inc(3)
@@ -38,6 +38,8 @@ def test_exposition_parses_and_reads_the_snapshot():
   assert [samples[('stoker_kv_pages', (('state', k),))] for k in ('used', 'free', 'cached')] == [5, 50, 8]
   assert samples[('stoker_prefix_cache_hit_rate', ())] == 0.25
   assert samples[('stoker_preemptions_total', ())] == 4
+  assert samples[('stoker_engine_steps_total', ())] == 100
+  assert samples[('stoker_engine_step_seconds_total', ())] == 2.5
   assert samples[('stoker_fluidity_index', ())] == pytest.approx((1 - 2 / 11 + 1) / 2)
   assert samples[('stoker_tokens_per_second', ())] == 12.5
 

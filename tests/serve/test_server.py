@@ -402,14 +402,21 @@ def test_load_with_disconnects_and_a_full_queue_returns_every_page(server, clien
 
 
 def test_metrics_parse_with_the_prometheus_parser(server):
+  before, start = server.metrics(), time.perf_counter()
   post(server, '/v1/completions', {'model': 'run', 'prompt': PROMPTS[0] * 3, 'max_tokens': 2})
   post(server, '/v1/completions', {'model': 'run', 'prompt': PROMPTS[0] * 3, 'max_tokens': 2})
+  wall, after = time.perf_counter() - start, server.metrics()
+  # Alone on the server: at least one step per token, and time in Engine.step within the client's wall time.
+  assert value(after, 'stoker_engine_steps_total') - value(before, 'stoker_engine_steps_total') >= 4
+  stepping = value(after, 'stoker_engine_step_seconds_total') - value(before, 'stoker_engine_step_seconds_total')
+  assert 0 < stepping < wall
   families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + '/metrics').text)}
   for name, kind in [('stoker_http_requests', 'counter'), ('stoker_time_to_first_token_seconds', 'histogram'),
                      ('stoker_time_between_tokens_seconds', 'histogram'), ('stoker_queue_length', 'gauge'),
                      ('stoker_running_sequences', 'gauge'), ('stoker_kv_pages', 'gauge'),
                      ('stoker_prefix_cache_hit_rate', 'gauge'), ('stoker_tokens_per_second', 'gauge'),
-                     ('stoker_preemptions', 'counter'), ('stoker_fluidity_index', 'gauge')]:
+                     ('stoker_preemptions', 'counter'), ('stoker_engine_step_seconds', 'counter'),
+                     ('stoker_fluidity_index', 'gauge')]:
     assert families[name].type == kind, name
   m = server.metrics()
   assert value(m, 'stoker_time_to_first_token_seconds_count') > 0
