@@ -1,12 +1,15 @@
-"""A tiny trained-run workdir for serving tests: a byte-level BPE tokenizer in a data directory and
-a real training checkpoint (train/checkpoint.py's format: state with params and optimizer state,
-config) of a 2-layer, width-64 model whose vocabulary covers the tokenizer."""
+"""Helpers of the serving tests: a tiny trained-run workdir (a byte-level BPE tokenizer in a data
+directory and a real training checkpoint, train/checkpoint.py's format: state with params and
+optimizer state, config, of a 2-layer, width-64 model whose vocabulary covers the tokenizer), the
+engine the server tests serve it with, and a long streamed completion to interrupt."""
 
 from __future__ import annotations
 
 import glob
 import os
+import threading
 
+import httpx2 as httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +17,7 @@ from flax import nnx
 
 from data import tokenizer as tokenizer_lib
 from models import presets, transformer
+from serve.engine import EngineConfig
 from train import checkpoint, optimizer
 from train import step as step_lib
 from train.config import CheckpointConfig, DataConfig, TrainConfig
@@ -21,6 +25,9 @@ from train.config import CheckpointConfig, DataConfig, TrainConfig
 TOKENIZER_VOCAB = 300
 MODEL = presets.preset('tiny', num_layers=2, d_model=64, vocab_size=320, num_heads=4, num_kv_heads=2,
                        head_dim=16, mlp_dim=128, dtype='float32')
+# The serving tests' engine: context 128 tokens (16 pages of 8), 4 running slots; one compiled bucket.
+ENGINE = EngineConfig(num_pages=64, page_size=8, max_seqs=4, max_pages_per_seq=16, token_budget=32,
+                      min_bucket=32)
 
 
 def random_params(cfg, seed: int = 0):
@@ -55,3 +62,23 @@ def make_workdir(root: str, step: int = 7) -> str:
   ckpt.save(step, state, None, wait=True)
   ckpt.close()
   return workdir
+
+
+def long_stream(url: str, headers: dict | None = None, max_tokens: int = 120):
+  """Starts streaming a `max_tokens` completion from the server at `url` in a thread, once its
+  first event has arrived; returns (thread, events): the non-empty SSE lines, appended as they come."""
+  events, first = [], threading.Event()
+
+  def stream():
+    body = {'model': 'run', 'prompt': 'z', 'max_tokens': max_tokens, 'stream': True,
+            'ignore_eos': True}
+    with httpx.stream('POST', url + '/v1/completions', json=body, headers=headers, timeout=60) as r:
+      for line in r.iter_lines():
+        if line:
+          events.append(line)
+          first.set()
+
+  thread = threading.Thread(target=stream)
+  thread.start()
+  assert first.wait(30), 'no event streamed within 30 s'
+  return thread, events

@@ -2,7 +2,8 @@
 official `openai` client and by raw HTTP.
 
 One server (a tiny model from a real training checkpoint, one token bucket) serves every test of
-this module, in file order; the last test shuts it down with SIGTERM. The reference for outputs
+this module, in file order; the last test shuts it down with SIGTERM. Servers started in this
+process (quickstart's, shutdown with a deadline) are tested in test_server_in_process.py. The reference for outputs
 is the engine itself, loaded in this process from the same checkpoint: greedy completions through
 the API must equal Engine.generate's tokens, decoded.
 """
@@ -23,19 +24,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve import demo, loader
-from serve.engine import EngineConfig
+from serve import loader
 from serve.sampling import SamplingParams
-from serve.server import BackgroundServer, ServerConfig, Service
-from tests.serve.server_fixtures import make_workdir
+from tests.serve.server_fixtures import ENGINE, long_stream
 
 pytestmark = pytest.mark.xdist_group('server')
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = 'sk-stoker-test'
-# Context 128 tokens (16 pages of 8), 4 running slots, 4 more may wait; one compiled bucket.
-ENGINE = EngineConfig(num_pages=64, page_size=8, max_seqs=4, max_pages_per_seq=16, token_budget=32,
-                      min_bucket=32)
 MAX_WAITING = 4
 GIN = ['engine.num_pages=64', 'engine.page_size=8', 'engine.max_seqs=4',
        'engine.max_pages_per_seq=16', 'engine.token_budget=32', 'engine.min_bucket=32',
@@ -88,13 +84,8 @@ def value(metrics, name, **labels):
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  return make_workdir(str(tmp_path_factory.mktemp('serve')))
-
-
-@pytest.fixture(scope='module')
-def server(workdir, tmp_path_factory):
-  s = Server(workdir, tmp_path_factory.mktemp('log') / 'server.log')
+def server(server_workdir, tmp_path_factory):
+  s = Server(server_workdir, tmp_path_factory.mktemp('log') / 'server.log')
   yield s
   if s.proc.poll() is None:
     s.proc.send_signal(signal.SIGTERM)
@@ -107,9 +98,9 @@ def client(server):
 
 
 @pytest.fixture(scope='module')
-def reference(server, workdir):
+def reference(server, server_workdir):
   """The same checkpoint in an Engine in this process (after the server: its compile is cached)."""
-  return loader.load_checkpoint(workdir, ENGINE)
+  return loader.load_checkpoint(server_workdir, ENGINE)
 
 
 def post(server, path, body, **kw):
@@ -427,79 +418,11 @@ def test_metrics_parse_with_the_prometheus_parser(server):
   assert value(m, 'stoker_ready') == 1
 
 
-def test_quickstart_serving_in_process(workdir):
-  """What `stoker quickstart` does after training: serve in-process, fetch completions, stop."""
-  lines = []
-  responses = demo.serve_and_sample(workdir, prompts=['a', 'def'], max_tokens=5, engine_cfg=ENGINE,
-                                    out=lines.append)
-  assert [r['usage']['completion_tokens'] for r in responses] == [5, 5] or all(
-      r['choices'][0]['finish_reason'] == 'stop' for r in responses)
-  assert lines[0].startswith("Serving 'run' at http://127.0.0.1:") and len(lines) == 4
-  port = int(lines[0].split('127.0.0.1:')[1].split('/')[0])
-  with pytest.raises(httpx.ConnectError):
-    httpx.get(f'http://127.0.0.1:{port}/health')
-
-
-def test_shutdown_aborts_what_outlives_the_deadline(workdir):
-  config = ServerConfig(port=0, shutdown_timeout_s=0.01)
-  service = Service(config, lambda: loader.load_checkpoint(workdir, ENGINE))
-  background = BackgroundServer(service).start()
-  background.wait_ready(120)
-  events, first = [], threading.Event()
-
-  def stream():
-    body = {'model': 'run', 'prompt': 'z', 'max_tokens': 120, 'stream': True, 'ignore_eos': True}
-    with httpx.stream('POST', background.url + '/v1/completions', json=body, timeout=60) as r:
-      for line in r.iter_lines():
-        if line:
-          events.append(line)
-          first.set()
-
-  t = threading.Thread(target=stream)
-  t.start()
-  assert first.wait(30)
-  background.stop()
-  t.join(30)
-  assert events[-1] == 'data: [DONE]'
-  assert json.loads(events[-2][6:])['choices'][0]['finish_reason'] == 'abort'
-  assert len(events) - 1 < 120  # aborted before max_tokens
-  allocator = service.loaded.engine.scheduler.allocator
-  allocator.check()
-  assert allocator.num_used == 0
-
-
-def test_serve_bad_sources_exit_2_before_binding(workdir):
-  result = subprocess.run([sys.executable, os.path.join(REPO, 'cli.py'), 'serve', '--checkpoint',
-                           '/no/such/dir'], cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 2 and 'no such directory' in result.stderr, result.stderr[-2000:]
-  assert 'Traceback' not in result.stderr and 'Listening' not in result.stdout
-  with pytest.raises(FileNotFoundError, match='no checkpoint of step 3'):
-    loader.check_source(checkpoint=workdir, step=3)
-  with pytest.raises(FileNotFoundError, match='no complete checkpoint'):
-    loader.check_source(checkpoint=REPO)
-  with pytest.raises(FileNotFoundError, match='no config.json'):
-    loader.check_source(hf_dir=workdir)
-  loader.check_source(checkpoint=workdir, step=7)
-
-
 # ----------------------------------------------------------------------------- shutdown (last)
 
 
 def test_sigterm_drains_then_exits_0(server):
-  events, done = [], threading.Event()
-
-  def long_stream():
-    body = {'model': 'run', 'prompt': 'z', 'max_tokens': 120, 'stream': True, 'ignore_eos': True}
-    with httpx.stream('POST', server.url + '/v1/completions', json=body, headers=AUTH,
-                      timeout=60) as r:
-      for line in r.iter_lines():
-        if line:
-          events.append(line)
-          done.set()
-
-  t = threading.Thread(target=long_stream)
-  t.start()
-  assert done.wait(30)
+  t, events = long_stream(server.url, AUTH)
   server.proc.send_signal(signal.SIGTERM)
   signalled = time.time()
   time.sleep(0.3)
