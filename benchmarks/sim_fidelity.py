@@ -51,7 +51,7 @@
 7. The machine as it ran: the same comparison with each real run simulated on the step-time model times that
    run's probes (the geometric mean of before and after; the median over the runs of each quantile), the
    errors in 'speed_adjusted'. The probes time the engine alone in this process, never the server's runs, so
-   this leaves the simulator's own error without the machine's drift since it was profiled: over runs 14-22 of
+   this leaves the simulator's own error without the machine's drift since it was profiled: over runs 14-24 of
    benchmarks/README.md the raw worst error was 4.7-28.0%, the adjusted one 5.3-17.5% (run 15, whose
    calibration the check in 4 now catches, aside). A diagnostic: the verdict stays the raw one.
 """
