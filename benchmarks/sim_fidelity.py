@@ -383,9 +383,13 @@ def summarize_load(wl: workload.WorkloadConfig, runs: list[dict], sim: dict, pla
   speed (docstring, 7)."""
   keys = list(sim['quantiles'])
   real = {k: statistics.median(r['quantiles'][k] for r in runs) for k in keys}
-  errors = {k: (sim['quantiles'][k] - real[k]) / real[k] for k in keys}
+
+  def relative(simulated_quantiles):
+    return {k: (simulated_quantiles[k] - real[k]) / real[k] for k in keys}
+
+  errors = relative(sim['quantiles'])
   at_speed = {k: statistics.median(a['quantiles'][k] for a in adjusted) for k in keys}
-  at_speed_errors = {k: (at_speed[k] - real[k]) / real[k] for k in keys}
+  at_speed_errors = relative(at_speed)
   off = {k: [abs(r['quantiles'][k] - real[k]) / real[k] for r in runs] for k in keys}
   quiet = all(2 * sum(x <= QUIET for x in v) > len(runs) for v in off.values())
   wall = statistics.mean(r['wall_s'] for r in runs)
@@ -394,7 +398,7 @@ def summarize_load(wl: workload.WorkloadConfig, runs: list[dict], sim: dict, pla
           'real_spread': {k: max(v) for k, v in off.items()}, 'quiet': quiet, 'runs': runs, 'sim': sim,
           'real_wall_s': wall,
           'simulated_without_jitter': plain['quantiles'],
-          'relative_error_without_jitter': {k: (plain['quantiles'][k] - real[k]) / real[k] for k in keys},
+          'relative_error_without_jitter': relative(plain['quantiles']),
           'speed_adjusted': {'simulated': at_speed, 'relative_error': at_speed_errors,
                              'max_abs_error': max(abs(e) for e in at_speed_errors.values()),
                              'factors': [a['factor'] for a in adjusted]},
