@@ -92,8 +92,9 @@ CALIBRATION_TRIES = 3  # fresh servers, until one steps at this process's speed
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--checkpoint', default=None, help='a workdir of the tiny preset (default: random weights)')
-  p.add_argument('--tokenizer', default=os.path.expanduser('~/.cache/stoker/data/stdlib-v4096'),
-                 help='the tokenizer of the model (default: the stdlib corpus\'s, vocabulary 4096)')
+  p.add_argument('--tokenizer', default=None,
+                 help="the tokenizer of the model (default: the stdlib corpus's, vocabulary 4096, prepared on "
+                      'first use into ~/.cache/stoker/data as `stoker train` does)')
   p.add_argument('--profile', default=SHIPPED_PROFILE, help='a `stoker profile` directory')
   p.add_argument('--take_profile', action='store_true', help='run `stoker profile` first (into out_dir)')
   p.add_argument('--rates', default='0.15,0.4,0.65',
@@ -121,6 +122,14 @@ def run(cmd: list[str]) -> None:
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   if done.returncode not in (0, 1):  # `stoker bench` exits 1 when the SLO fails: not an error here
     raise RuntimeError(f'{cmd[2]} failed ({done.returncode}): {done.stderr[-3000:]}')
+
+
+def stdlib_tokenizer() -> str:
+  """The tiny preset's corpus directory (its tokenizer.json), prepared on first use: a fresh machine has none."""
+  from models import presets  # pylint: disable=g-import-not-at-top
+  from train import datasets  # pylint: disable=g-import-not-at-top
+  from train.config import DataConfig, TrainConfig  # pylint: disable=g-import-not-at-top
+  return datasets.data_dir(TrainConfig(model=presets.preset('tiny'), data=DataConfig(source='stdlib')))
 
 
 def make_model(root: str, tokenizer_dir: str) -> str:
@@ -408,6 +417,7 @@ def summarize_load(wl: workload.WorkloadConfig, runs: list[dict], sim: dict, pla
 def main(argv=None) -> int:
   args = parse_args(argv)
   from serve.sim import estimator  # pylint: disable=g-import-not-at-top
+  args.tokenizer = args.tokenizer or stdlib_tokenizer()
   rates = [float(x) for x in args.rates.split(',')]
   out = os.path.join(args.out_dir, 'sim_fidelity')
   os.makedirs(out, exist_ok=True)
