@@ -40,20 +40,22 @@
    (>= 100x). Writes benchmarks/out/sim_fidelity.json (each run's bench files under
    benchmarks/out/sim_fidelity/rate_R/runK/).
 6. Is the machine the one that was profiled? Before and after each real run, SpeedProbe times one request (a
-   240-token prefill, 40 decodes) on the engine in this process against the model's prediction (1.0: as fast
-   as when profiled; it ranged 0.9-1.7 here within two hours), and the hypervisor's steal time is read over
-   the run. A cloud VM has slow spells (neighbours on the memory bus show in neither the load average nor
-   steal): there the real runs of one load disagree. The median of 3 runs outvotes one run in a spell; an
-   invocation where, at some load, no majority of the runs lies within 5% of their median is reported NOT
-   QUIET (verdict 'quiet'), and one where a probe is more than 10% off 1.0 NOT AT THE PROFILED SPEED
-   (verdict 'at_profiled_speed'): neither is a verdict on the simulator. Nothing of these reaches the
-   simulator of the verdict. --take_profile profiles the machine as it is now, minutes before the runs.
-7. The machine as it ran: the same comparison with each real run simulated on the step-time model times that
-   run's probes (the geometric mean of before and after; the median over the runs of each quantile), the
-   errors in 'speed_adjusted'. The probes time the engine alone in this process, never the server's runs, so
-   this leaves the simulator's own error without the machine's drift since it was profiled: over runs 14-24 of
-   benchmarks/README.md the raw worst error was 4.7-28.0%, the adjusted one 5.3-17.5% (run 15, whose
-   calibration the check in 4 now catches, aside). A diagnostic: the verdict stays the raw one.
+   240-token prefill, 40 decodes) on the engine in this process against the model's prediction, the prefill and
+   the decodes apart (1.0: as fast as when profiled; it ranged 0.9-1.7 here within two hours; on a second VM a
+   fresh profile's decodes took 0.72x the shipped profile's, its 256-token prefills 1.06x), and the hypervisor's
+   steal time over the run. A cloud VM has slow spells (neighbours on the memory bus show in neither the load
+   average nor steal): there the real runs of one load disagree. The median of 3 runs outvotes one run in a spell;
+   an invocation where, at some load, no majority of the runs lies within 5% of their median is reported NOT QUIET
+   (verdict 'quiet'), and one where a probe is more than 10% off 1.0 NOT AT THE PROFILED SPEED (verdict
+   'at_profiled_speed'): neither is a verdict on the simulator. Nothing of these reaches the simulator of the
+   verdict. --take_profile profiles the machine as it is now, minutes before the runs.
+7. The machine as it ran: the same comparison with each real run simulated on the step-time model times that run's
+   probes (decode-sized steps by the decode probe, larger ones by the prefill probe; the geometric mean of before
+   and after; the median over the runs of each quantile), the errors in 'speed_adjusted'. The probes time the
+   engine alone in this process, never the server's runs, so this leaves the simulator's own error without the
+   machine's drift since it was profiled: over runs 14-24 of benchmarks/README.md the raw worst error was
+   4.7-28.0%, the adjusted one 5.3-17.5% (run 15, whose calibration the check in 4 now catches, aside). A
+   diagnostic: the verdict stays the raw one.
 """
 
 from __future__ import annotations
@@ -233,20 +235,24 @@ def gaps(times_us: list[int]) -> list[float]:
 
 
 class Scaled:
-  """A step-time model `factor` times slower (a machine at that speed against its profile)."""
+  """The step-time model on a machine at other speeds than its profile's, by step size: steps whose tokens fit the
+  smallest bucket (decodes) `decode` times slower, larger ones (prefill chunks) `prefill` times."""
 
-  def __init__(self, model, factor: float):
-    self.model, self.factor = model, factor
+  def __init__(self, model, speed: dict, small_tokens: int):
+    self.model, self.speed, self.small_tokens = model, speed, small_tokens
 
   def step_time_s(self, shape) -> float:
-    return self.factor * self.model.step_time_s(shape)
+    kind = 'decode' if shape.num_tokens <= self.small_tokens else 'prefill'
+    return self.speed[kind] * self.model.step_time_s(shape)
 
 
 class SpeedProbe:
   """The machine's speed now against when it was profiled: one request alone on an Engine in this process (a
-  fresh 240-token prompt, one chunk of the largest bucket, then 40 decodes), its wall time over the step-time
-  model's sum for the same steps (1.0: as when profiled; 1.3: 30% slower). A diagnostic, before and after every
-  real run: nothing of it reaches the simulator of the verdict (only the speed-adjusted one)."""
+  fresh 240-token prompt, one chunk of the largest bucket, then 40 decodes in the smallest), each kind's wall
+  time over the step-time model's for the same steps (1.0: as when profiled; 1.3: 30% slower). Two numbers, as
+  a CPU can move one bucket and not the other (a VM on other hardware ran the shipped profile's decodes 28%
+  faster and its 256-token prefills as profiled). A diagnostic, before and after every real run: nothing of it
+  reaches the simulator of the verdict (only the speed-adjusted one)."""
 
   PROMPT, DECODES = 240, 40
 
@@ -257,18 +263,28 @@ class SpeedProbe:
     self.engine = loader.load_checkpoint(checkpoint, EngineConfig(**engine), tokenizer=args.tokenizer).engine
     self.model, self.calls, self.rng = model, 0, np.random.default_rng(args.seed + 2000)
 
-  def __call__(self) -> float:
+  def __call__(self) -> dict[str, float]:
     from serve.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
     from serve.sim.shape import StepShape  # pylint: disable=g-import-not-at-top
     self.calls += 1
     p, n = self.PROMPT, self.DECODES
     self.engine.add_request(f'probe-{self.calls}', self.rng.integers(1, 4000, p).tolist(),  # a cold prefix cache
                             SamplingParams(max_tokens=n + 1, temperature=0.0))
-    start = time.perf_counter()
+    walls, tokens = [], []
     while self.engine.has_work:
-      self.engine.step()
-    steps = [StepShape((p,), (p,))] + [StepShape((1,), (p + i,), p if i == 1 else 1) for i in range(1, n + 1)]
-    return (time.perf_counter() - start) / sum(self.model.step_time_s(s) for s in steps)
+      start = time.perf_counter()
+      tokens.append(len(self.engine.step()))
+      walls.append(time.perf_counter() - start)
+    # A call returns the tokens of the step dispatched by the call before and waits for them: the wall up to the
+    # first token is the prefill's, the rest the decodes'.
+    first = next(i for i, t in enumerate(tokens) if t) + 1
+    if sum(tokens[first:]) != n or len(walls) - first != n:
+      raise RuntimeError(f'SpeedProbe: a {p}-token prompt took {first} steps to its first token and then '
+                         f'{len(walls) - first} steps for {sum(tokens[first:])} tokens, not 1 and {n} for {n}: '
+                         'the profile\'s token_budget must hold the prompt in one chunk.')
+    decodes = [StepShape((1,), (p + i,), p if i == 1 else 1) for i in range(1, n + 1)]
+    return {'prefill': sum(walls[:first]) / self.model.step_time_s(StepShape((p,), (p,))),
+            'decode': sum(walls[first:]) / sum(self.model.step_time_s(s) for s in decodes)}
 
 
 def stepping(url: str) -> tuple[float, float]:
@@ -455,10 +471,13 @@ def main(argv=None) -> int:
                       'speed_before_after': (before, speed())})
       last = runs[i][-1]
       log(f'rate {wl.rate:g} run {repeat}: {last["quantiles"]}, steal {last["steal_share"]:.1%}, step time / '
-          f'profiled before and after: {last["speed_before_after"][0]:.3f}, {last["speed_before_after"][1]:.3f}')
+          'profiled before and after: ' + ', '.join(f'{k} {last["speed_before_after"][0][k]:.3f}, '
+                                                    f'{last["speed_before_after"][1][k]:.3f}' for k in before))
   def at_speed(wl, run):
-    factor = (run['speed_before_after'][0] * run['speed_before_after'][1]) ** 0.5
-    return {'factor': factor, **simulated(Scaled(model, factor), engine, overheads, wl, args.jitter)}
+    before, after = run['speed_before_after']
+    factor = {k: (before[k] * after[k]) ** 0.5 for k in before}
+    return {'factor': factor, **simulated(Scaled(model, factor, model.engine.min_bucket), engine, overheads,
+                                          wl, args.jitter)}
 
   loads = [summarize_load(wl, r, simulated(model, engine, overheads, wl, args.jitter),
                           simulated(model, engine, overheads, wl, False), [at_speed(wl, x) for x in r])
@@ -466,12 +485,14 @@ def main(argv=None) -> int:
   worst = max(x['max_abs_error'] for x in loads)
   worst_at_speed = max(x['speed_adjusted']['max_abs_error'] for x in loads)
   spread = max(max(x['real_spread'].values()) for x in loads)
-  speeds = [v for load in runs for r in load for v in r['speed_before_after']]
+  speeds = {k: [probe[k] for load in runs for r in load for probe in r['speed_before_after']]
+            for k in ('prefill', 'decode')}
+  everywhere = [x for v in speeds.values() for x in v]
   result = {
       'verdict': {'max_abs_relative_error': worst, 'goal_5pct': worst <= GOAL, 'acceptance_10pct': worst <= ACCEPT,
                   'max_real_spread': spread, 'quiet': all(x['quiet'] for x in loads),
-                  'speed_range': [min(speeds), max(speeds)],
-                  'at_profiled_speed': all(abs(v - 1) <= SPEED for v in speeds),
+                  'speed_range': {k: [min(v), max(v)] for k, v in speeds.items()},
+                  'at_profiled_speed': all(abs(v - 1) <= SPEED for v in everywhere),
                   'calibration_tries': tries, 'calibration_at_one_speed': abs(tries[-1] - 1) <= SPEED,
                   'min_speedup': min(x['speedup_over_real_time'] for x in loads),
                   'speed_adjusted_max_abs_error': worst_at_speed},
@@ -490,7 +511,8 @@ def main(argv=None) -> int:
         f'; simulator {x["speedup_over_real_time"]:.0f}x real time')
   for x in loads:
     adj = x['speed_adjusted']
-    log(f'rate {x["rate"]:g} req/s at the probes\' speed ({", ".join(f"{f:.2f}" for f in adj["factors"])}): ' +
+    factors = ', '.join(f'{f["prefill"]:.2f}/{f["decode"]:.2f}' for f in adj['factors'])
+    log(f'rate {x["rate"]:g} req/s at the probes\' speed (prefill/decode {factors}): ' +
         ', '.join(f'{k[:-2]} {adj["relative_error"][k]:+.1%}' for k in x['real']))
   log(f'worst |error| {worst:.1%} (goal 5%, acceptance 10%), at the probes\' speed {worst_at_speed:.1%}; load '
       f'average {load_before} -> {os.getloadavg()}; wrote {path}')
@@ -499,9 +521,10 @@ def main(argv=None) -> int:
         f'stray up to {spread:.1%}): the machine moved under them, and this comparison cannot resolve 10%. Rerun '
         'with the machine otherwise idle.')
   if not result['verdict']['at_profiled_speed']:
-    log(f'NOT AT THE PROFILED SPEED: around the runs the engine stepped at {min(speeds):.2f}-{max(speeds):.2f}x the '
-        f'profile\'s time (> {SPEED:.0%} off): the simulator predicts the machine as profiled. Rerun when it is '
-        'back (or --take_profile, if the machine holds still for the whole run).')
+    ranges = ', '.join(f'{k} {min(v):.2f}-{max(v):.2f}x' for k, v in speeds.items())
+    log(f'NOT AT THE PROFILED SPEED: around the runs the engine stepped at {ranges} the profile\'s time (> '
+        f'{SPEED:.0%} off): the simulator predicts the machine as profiled. Rerun when it is back, or with '
+        '--take_profile (if prefill and decode stay apart, the profile is of another machine).')
   if not result['verdict']['calibration_at_one_speed']:
     log(f'CALIBRATION ACROSS SPEEDS: in {len(tries)} fresh servers the server spent {tries[-1]:.2f}x the seconds in '
         f'Engine.step that this process did for the same requests (> {SPEED:.0%} off): the overheads hold that '
