@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--profile', default=SHIPPED_PROFILE, help='a `stoker profile` directory')
   p.add_argument('--take_profile', action='store_true', help='run `stoker profile` first (into out_dir)')
   p.add_argument('--rates', default='0.15,0.4,0.65',
-                 help='three loads, requests/s (Poisson; on the shipped profile the engine is ~40%%, 70%%, 90%% busy)')
+                 help='three loads, requests/s (Poisson; on the shipped profile the engine is ~20%%, 45%%, 60%% busy)')
   p.add_argument('--requests', type=int, default=32, help='requests per load')
   p.add_argument('--repeats', type=int, default=3,
                  help='real runs per load: their median is compared, their spread is the noise floor')

@@ -6,7 +6,7 @@ tokens to the smallest bucket that holds them. The model mirrors that:
 with T the step's bucket and per-bucket costs bucket_s (every matmul, and on the pure-JAX reference
 attention the gathered T x M*G key/value block, scale with T, not with the real tokens); P the bucket
 of the step before (StepShape.prev_tokens) and after_s[P] what a step pays for following a larger one
-(on a CPU the first decode after a 256-token step ran ~7 ms slower, of ~25; on an H100 ~0.3 of 20;
+(on a CPU the first decode after a 256-token step ran 7-8 ms slower, of 17-25; on an H100 ~0.3 of 20;
 measured on decodes, the profile's 'after' rows, and charged to any smaller step); plus linear terms in
 physical quantities of the step (StepShape):
   tokens       real tokens: host-side buffers, KV writes

@@ -23,8 +23,8 @@ class StepShape:
   q_lens: tuple[int, ...]  # query tokens per scheduled sequence
   kv_lens: tuple[int, ...]  # tokens cached after this step, per scheduled sequence
   # Tokens of the step run just before on the same engine (0: none, or not known). On a CPU a step after one of a
-  # larger bucket runs slower (the tiny preset: a decode after a 256-token step ~7 ms, after a 64-token one
-  # ~2 ms, of ~25); estimators that know the engine's buckets charge for it.
+  # larger bucket runs slower (the tiny preset: a decode after a 256-token step 7-8 ms, after a 64-token one
+  # 1-2 ms, of 17-25 on two VMs); estimators that know the engine's buckets charge for it.
   prev_tokens: int = 0
 
   def __post_init__(self):
