@@ -42,7 +42,7 @@
 6. Is the machine the one that was profiled? Before and after each real run, SpeedProbe times one request (a
    240-token prefill, 40 decodes) on the engine in this process against the model's prediction, the prefill and
    the decodes apart (1.0: as fast as when profiled; it ranged 0.9-1.7 here within two hours; on a second VM a
-   fresh profile's decodes took 0.72x the shipped profile's, its 256-token prefills 1.06x), and the hypervisor's
+   fresh profile's decodes took 0.72x the first VM's profile's, its 256-token prefills 1.06x), and the hypervisor's
    steal time over the run. A cloud VM has slow spells (neighbours on the memory bus show in neither the load
    average nor steal): there the real runs of one load disagree. The median of 3 runs outvotes one run in a spell;
    an invocation where, at some load, no majority of the runs lies within 5% of their median is reported NOT QUIET
@@ -54,8 +54,8 @@
    and after; the median over the runs of each quantile), the errors in 'speed_adjusted'. The probes time the
    engine alone in this process, never the server's runs, so this leaves the simulator's own error without the
    machine's drift since it was profiled: over runs 14-24 of benchmarks/README.md the raw worst error was
-   4.7-28.0%, the adjusted one 5.3-17.5% (run 15, whose calibration the check in 4 now catches, aside). A
-   diagnostic: the verdict stays the raw one.
+   4.7-28.0%, the adjusted one 5.3-17.5% (run 15, whose calibration the check in 4 now catches, aside); on a
+   second VM (runs 26-27) 11.7% and 11.6% against raw 9.8% and 8.3%. A diagnostic: the verdict stays the raw one.
 """
 
 from __future__ import annotations
@@ -250,8 +250,8 @@ class SpeedProbe:
   """The machine's speed now against when it was profiled: one request alone on an Engine in this process (a
   fresh 240-token prompt, one chunk of the largest bucket, then 40 decodes in the smallest), each kind's wall
   time over the step-time model's for the same steps (1.0: as when profiled; 1.3: 30% slower). Two numbers, as
-  a CPU can move one bucket and not the other (a VM on other hardware ran the shipped profile's decodes 28%
-  faster and its 256-token prefills as profiled). A diagnostic, before and after every real run: nothing of it
+  a CPU can move one bucket and not the other (a second VM ran the first VM's profiled decodes 28% faster and
+  its 256-token prefills as profiled). A diagnostic, before and after every real run: nothing of it
   reaches the simulator of the verdict (only the speed-adjusted one)."""
 
   PROMPT, DECODES = 240, 40
