@@ -78,6 +78,7 @@ sys.path.insert(0, REPO)
 
 from _common import log, set_host_devices  # noqa: E402  pylint: disable=wrong-import-position
 from serve.bench import report, workload  # noqa: E402  pylint: disable=wrong-import-position
+from _sim_calibration import Scaled, SpeedProbe, calibrate, gaps  # noqa: E402  pylint: disable=wrong-import-position
 
 SHIPPED_PROFILE = os.path.join(REPO, 'serve', 'sim', 'profiles', 'tiny_cpu')
 ENGINE_FIELDS = ('num_pages', 'page_size', 'max_seqs', 'max_pages_per_seq', 'token_budget', 'policy', 'watermark',
@@ -230,136 +231,6 @@ def bench(args, url: str, wl: workload.WorkloadConfig, out: str):
   return [[int(t) for t in r['token_times_us'].split()] for r in rows], summary, shlex.join(cmd)
 
 
-def gaps(times_us: list[int]) -> list[float]:
-  return [(b - a) / 1e6 for a, b in zip(times_us, times_us[1:])]
-
-
-class Scaled:
-  """The step-time model on a machine at other speeds than its profile's, by step size: steps whose tokens fit the
-  smallest bucket (decodes) `decode` times slower, larger ones (prefill chunks) `prefill` times."""
-
-  def __init__(self, model, speed: dict, small_tokens: int):
-    self.model, self.speed, self.small_tokens = model, speed, small_tokens
-
-  def step_time_s(self, shape) -> float:
-    kind = 'decode' if shape.num_tokens <= self.small_tokens else 'prefill'
-    return self.speed[kind] * self.model.step_time_s(shape)
-
-
-class SpeedProbe:
-  """The machine's speed now against when it was profiled: one request alone on an Engine in this process (a
-  fresh 240-token prompt, one chunk of the largest bucket, then 40 decodes in the smallest), each kind's wall
-  time over the step-time model's for the same steps (1.0: as when profiled; 1.3: 30% slower). Two numbers, as
-  a CPU can move one bucket and not the other (a second VM ran the first VM's profiled decodes 28% faster and
-  its 256-token prefills as profiled). A diagnostic, before and after every real run: nothing of it
-  reaches the simulator of the verdict (only the speed-adjusted one)."""
-
-  PROMPT, DECODES = 240, 40
-
-  def __init__(self, args, checkpoint: str, engine: dict, model):
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from serve import loader  # pylint: disable=g-import-not-at-top
-    from serve.engine import EngineConfig  # pylint: disable=g-import-not-at-top
-    self.engine = loader.load_checkpoint(checkpoint, EngineConfig(**engine), tokenizer=args.tokenizer).engine
-    self.model, self.calls, self.rng = model, 0, np.random.default_rng(args.seed + 2000)
-
-  def __call__(self) -> dict[str, float]:
-    from serve.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
-    from serve.sim.shape import StepShape  # pylint: disable=g-import-not-at-top
-    self.calls += 1
-    p, n = self.PROMPT, self.DECODES
-    self.engine.add_request(f'probe-{self.calls}', self.rng.integers(1, 4000, p).tolist(),  # a cold prefix cache
-                            SamplingParams(max_tokens=n + 1, temperature=0.0))
-    walls, tokens = [], []
-    while self.engine.has_work:
-      start = time.perf_counter()
-      tokens.append(len(self.engine.step()))
-      walls.append(time.perf_counter() - start)
-    # A call returns the tokens of the step dispatched by the call before and waits for them: the wall up to the
-    # first token is the prefill's, the rest the decodes'.
-    first = next(i for i, t in enumerate(tokens) if t) + 1
-    if sum(tokens[first:]) != n or len(walls) - first != n:
-      raise RuntimeError(f'SpeedProbe: a {p}-token prompt took {first} steps to its first token and then '
-                         f'{len(walls) - first} steps for {sum(tokens[first:])} tokens, not 1 and {n} for {n}: '
-                         'the profile\'s token_budget must hold the prompt in one chunk.')
-    decodes = [StepShape((1,), (p + i,), p if i == 1 else 1) for i in range(1, n + 1)]
-    return {'prefill': sum(walls[:first]) / self.model.step_time_s(StepShape((p,), (p,))),
-            'decode': sum(walls[first:]) / sum(self.model.step_time_s(s) for s in decodes)}
-
-
-def stepping(url: str) -> tuple[float, float]:
-  """The server's seconds spent in Engine.step so far, once it is idle (/metrics: the driver publishes after
-  each step), and its running sequences."""
-  from prometheus_client.parser import text_string_to_metric_families  # pylint: disable=g-import-not-at-top
-  while True:
-    with urllib.request.urlopen(f'{url}/metrics', timeout=10) as r:
-      samples = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
-    if samples['stoker_running_sequences'] == 0:
-      return samples['stoker_engine_step_seconds_total']
-    time.sleep(0.01)
-
-
-def calibrate(args, url: str, eng) -> dict:
-  """The server's costs beyond Engine.step: each request alone through the server and through the engine `eng`
-  in this process, in alternating order (a drifting background load hits both alike). The two processes'
-  seconds in Engine.step for the same request, server over engine, say whether they ran at one speed."""
-  import asyncio  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from serve.bench import client, prompts  # pylint: disable=g-import-not-at-top
-  from serve.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
-  builder = prompts.PromptBuilder(prompts.load_tokenizer(args.tokenizer), args.seed)
-  endpoint = client.Endpoint(url, ignore_eos=True)
-  endpoint = dataclasses.replace(endpoint, model=asyncio.run(client.check(endpoint)))
-  rng = np.random.default_rng(args.seed)
-
-  def served(spec):  # the benchmark client's own code, as `stoker bench --max-concurrency 1`
-    before = stepping(url)
-    records, _ = asyncio.run(client.run_requests(
-        endpoint, [spec._replace(arrival_s=0.0)], [builder.build(spec.prompt_tokens, spec.index, 99)], None,
-        progress=False))
-    if not records[0].ok or len(records[0].token_offsets_us) != spec.output_tokens:
-      raise RuntimeError(f'calibration request failed or miscounted tokens: {records[0]}')
-    return records[0].token_offsets_us, stepping(url) - before
-
-  def alone(spec):  # the same request on the engine alone: its token times from add_request
-    eng.add_request(f'alone-{spec.index}', rng.integers(1, 4000, spec.prompt_tokens).tolist(),
-                    SamplingParams(max_tokens=spec.output_tokens, temperature=0.0))
-    start, times, before = time.perf_counter_ns(), [], eng.stats['host_s']
-    while eng.has_work:
-      times += [(time.perf_counter_ns() - start) // 1000 for _ in eng.step()]
-    return times, eng.stats['host_s'] - before
-
-  # Short requests: the constants do not depend on the lengths, and a short step leaves background load less
-  # time to disturb a pair (a 256-token prefill takes ~0.5 s here).
-  wl = workload.WorkloadConfig(requests=args.calibration_requests, arrival='fixed', rate=float('inf'),
-                               prompt=args.calibration_prompt, output='fixed:32', seed=args.seed + 1000)
-  warm = workload.RequestSpec(10**6, 0.0, 16, 8)
-  served(warm), alone(warm)
-  pairs = []
-  for spec in workload.build(wl):
-    if spec.index % 2:
-      s = served(spec)
-      a = alone(spec)
-    else:
-      a = alone(spec)
-      s = served(spec)
-    pairs.append((s, a))
-  speed = [s_step / a_step for (_, s_step), (_, a_step) in pairs]
-  pairs = [(s, a) for (s, _), (a, _) in pairs]
-  ttft = [(s[0] - a[0]) / 1e6 for s, a in pairs]
-  step = [statistics.median(gaps(s)) - statistics.median(gaps(a)) for s, a in pairs if len(s) > 1]
-  # Deviations from each request's median gap: the step-time model predicts a median step (the profile's
-  # wall_s are medians), so the draws keep a zero median; their mean (~0.3-0.7 ms, a long right tail) is real
-  # time every step costs on average.
-  jitter = [round(g - statistics.median(gaps(s)), 6) for s, _ in pairs if len(s) > 1 for g in gaps(s)]
-  return {'request_overhead_s': max(0.0, statistics.median(ttft)), 'step_overhead_s': max(0.0, statistics.median(step)),
-          'step_jitter_s': jitter, 'served_times_us': [s for s, _ in pairs], 'engine_times_us': [a for _, a in pairs],
-          'ttft_served_minus_engine_s': ttft, 'median_gap_served_minus_engine_s': step,
-          'served_ttft_s': [s[0] / 1e6 for s, _ in pairs], 'engine_ttft_s': [a[0] / 1e6 for _, a in pairs],
-          'server_over_engine_step_s': speed, 'server_speed_vs_engine': statistics.median(speed),
-          'workload': dataclasses.asdict(wl)}
-
-
 def quantiles(times: list[list[int]]) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   ttft = [t[0] / 1e6 for t in times if t]
@@ -469,10 +340,9 @@ def main(argv=None) -> int:
       runs[i].append({'quantiles': quantiles(times), 'wall_s': summary['duration_s'], 'command': cmd,
                       'loadavg': os.getloadavg(), 'steal_share': steal / summary['duration_s'] / (os.cpu_count() or 1),
                       'speed_before_after': (before, speed())})
-      last = runs[i][-1]
+      last, after = runs[i][-1], runs[i][-1]['speed_before_after'][1]
       log(f'rate {wl.rate:g} run {repeat}: {last["quantiles"]}, steal {last["steal_share"]:.1%}, step time / '
-          'profiled before and after: ' + ', '.join(f'{k} {last["speed_before_after"][0][k]:.3f}, '
-                                                    f'{last["speed_before_after"][1][k]:.3f}' for k in before))
+          'profiled before and after: ' + ', '.join(f'{k} {before[k]:.3f}, {after[k]:.3f}' for k in SpeedProbe.KINDS))
   def at_speed(wl, run):
     before, after = run['speed_before_after']
     factor = {k: (before[k] * after[k]) ** 0.5 for k in before}
@@ -486,7 +356,7 @@ def main(argv=None) -> int:
   worst_at_speed = max(x['speed_adjusted']['max_abs_error'] for x in loads)
   spread = max(max(x['real_spread'].values()) for x in loads)
   speeds = {k: [probe[k] for load in runs for r in load for probe in r['speed_before_after']]
-            for k in ('prefill', 'decode')}
+            for k in SpeedProbe.KINDS}
   everywhere = [x for v in speeds.values() for x in v]
   result = {
       'verdict': {'max_abs_relative_error': worst, 'goal_5pct': worst <= GOAL, 'acceptance_10pct': worst <= ACCEPT,
