@@ -16,16 +16,19 @@ from jax.sharding import Mesh
 
 _MODULES = {
     'reference': 'serve.kernels.reference',
+    'tiled': 'serve.kernels.tiled',
     'pallas_tpu': 'serve.kernels.pallas_tpu',
     'pallas_gpu': 'serve.kernels.pallas_gpu',
 }
 
 
 class AttentionBackend(str, enum.Enum):
-  """The kernel the engine runs. AUTO: Pallas on TPU and GPU, the pure-JAX reference elsewhere."""
+  """The kernel the engine runs. AUTO: Pallas on TPU and GPU, the tiled pure-JAX path elsewhere.
+  REFERENCE is the naive definition (every query token gathers its whole block table): tests."""
 
   AUTO = 'auto'
   REFERENCE = 'reference'
+  TILED = 'tiled'
   PALLAS_TPU = 'pallas_tpu'
   PALLAS_GPU = 'pallas_gpu'
 
@@ -41,7 +44,7 @@ def resolve(backend: AttentionBackend | str, platform: str | None = None) -> Att
     return backend
   platform = platform or jax.default_backend()
   return {'tpu': AttentionBackend.PALLAS_TPU,
-          'gpu': AttentionBackend.PALLAS_GPU}.get(platform, AttentionBackend.REFERENCE)
+          'gpu': AttentionBackend.PALLAS_GPU}.get(platform, AttentionBackend.TILED)
 
 
 def _module(backend: AttentionBackend):
@@ -65,13 +68,13 @@ def ragged_paged_attention(backend: AttentionBackend | str, q_TNH, k_pages_PGKH,
   """Runs `backend`'s kernel; `options` go to that kernel only (block sizes, interpret mode).
 
   With a mesh whose 'tensor' axis is > 1, a Pallas kernel runs under its own shard_map (heads split
-  over 'tensor'); the reference is plain JAX and is left to XLA's partitioner.
+  over 'tensor'); the reference and tiled paths are plain JAX and are left to XLA's partitioner.
   """
   backend = resolve(backend)
   module = _module(backend)
   args = (q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM, cu_q_lens_B1, num_seqs_1)
   if (mesh is not None and mesh.shape.get('tensor', 1) > 1
-      and backend is not AttentionBackend.REFERENCE):
+      and backend not in (AttentionBackend.REFERENCE, AttentionBackend.TILED)):
     return module.ragged_paged_attention_sharded(mesh, *args, axis='tensor', sm_scale=sm_scale,
                                                  **options)
   return module.ragged_paged_attention(*args, sm_scale=sm_scale, **options)
