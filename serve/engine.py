@@ -2,11 +2,23 @@
 
 Each step: scheduler.schedule() plans which tokens of which requests to compute; the engine flattens
 the plan into a StepBatch padded to the smallest budget bucket that holds it, and dispatches the
-compiled step (paged forward + sampling, pools donated so they update in place). The device step
-runs asynchronously: `step()` first waits for the previous step's tokens, applies them
-(scheduler.update), plans and dispatches the next step, and only then does the rest of the host
-work on the tokens it got (stop strings, outputs), which therefore overlaps the device.
-Planning step n+1 itself does not overlap step n: the scheduler needs step n's tokens first.
+compiled step (paged forward + sampling, pools donated so they update in place).
+
+Overlapped (async) scheduling, on by default: the device never waits for the host between steps.
+While step n runs, `step()` applies it ahead of its results (scheduler.advance: a placeholder for each
+token it samples), plans step n+1 and dispatches it; a decode whose input is such a placeholder
+takes step n's sampled token on device (`feed_T` indexes step n's tokens, which never visit the
+host first). Only then does the host wait for step n's tokens, put them in place
+(scheduler.resolve: stop tokens, max_tokens, prefix-cache hashes) and build the outputs, while step
+n+1 runs. A request that ends on a stop token has one wasted token computed in step n+1,
+discarded. The synchronous path (results applied with scheduler.update before planning) is the same
+code with advance and resolve fused. Which features use which path:
+  overlapped   plain sampling, stop tokens and max_tokens (ended in resolve), stop strings (checked
+               on the host while the next step runs, on either path: one token past the stop is
+               computed and discarded), aborts (their in-flight token is dropped).
+  synchronous  EngineConfig.async_scheduling=False; and features that build a step's inputs from
+               the token before on the host (grammar masks, speculative decoding: later issues)
+               must return False from Engine._overlaps for their requests.
 
 Tensor parallelism: with a mesh whose 'tensor' axis is > 1, params are sharded by the rule table
 (heads, kv heads, MLP and vocabulary over 'tensor') and the pools on kv heads; XLA partitions the
@@ -37,7 +49,19 @@ from serve import forward as forward_lib
 from serve import kv_cache, quant, sampling
 from serve.attention import AttentionBackend, resolve
 from serve.sampling import SamplingParams
-from serve.scheduler import Policy, Scheduler, SchedulerConfig, StepPlan
+from serve.scheduler import PLACEHOLDER, Policy, Scheduler, SchedulerConfig, StepPlan
+
+
+LAYER_LOOPS = ('auto', 'scan', 'unroll')
+
+
+def unrolls(layer_loop: str, platform: str) -> bool:
+  """Whether the step unrolls its layers. 'auto': a scan on CPU, where XLA copies each layer's
+  weight slices either way and the unrolled tiny-preset decode measured no faster (compiling
+  slower); unrolled on accelerators, where the scanned decode ran ~2x slower on an H100."""
+  if layer_loop == 'auto':
+    return platform not in ('cpu',)
+  return layer_loop == 'unroll'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +83,8 @@ class EngineConfig:
   weight_dtype: str | None = None  # None: the params as given; 'int8': weight-only int8
   compilation_cache_dir: str | None = None  # JAX persistent compilation cache, for fast restarts
   seed: int = 0  # draws the seeds of requests that bring none
+  async_scheduling: bool = True  # plan step n+1 while step n runs (see the module docstring)
+  layer_loop: str = 'auto'  # 'scan' | 'unroll' | 'auto': scan on CPU, unrolled on GPU and TPU
 
   def __post_init__(self):
     object.__setattr__(self, 'policy', Policy(self.policy))
@@ -66,6 +92,8 @@ class EngineConfig:
     if self.weight_dtype not in (None, *quant.WEIGHT_DTYPES):
       raise ValueError(f'EngineConfig.weight_dtype={self.weight_dtype!r}; use None (as given) or '
                        f'one of {quant.WEIGHT_DTYPES}.')
+    if self.layer_loop not in LAYER_LOOPS:
+      raise ValueError(f'EngineConfig.layer_loop={self.layer_loop!r}; use one of {LAYER_LOOPS}.')
     if self.min_bucket < 1:
       raise ValueError(f'EngineConfig.min_bucket={self.min_bucket}; use a positive token count.')
     if self.max_seqs > self.token_budget:
@@ -107,34 +135,40 @@ class _InFlight(NamedTuple):
   plan: StepPlan
   requests: tuple[_Request | None, ...]  # per plan row, the request it was planned for
   tokens_B: jax.Array
+  advanced: bool = False  # scheduler.advance(plan) ran: resolve, not update, applies the tokens
 
 
-def _pack(batch: forward_lib.StepBatch, sampling_batch: sampling.SamplingBatch):
+def _pack(batch: forward_lib.StepBatch, feed_T: np.ndarray, sampling_batch: sampling.SamplingBatch):
   """One int32 and one float32 host buffer for a step's inputs: two transfers instead of twelve."""
   seeds = sampling_batch.seeds_B.astype(np.uint32).view(np.int32)
   ints = np.concatenate([np.ravel(x) for x in batch] + [
-      sampling_batch.top_k_B, seeds, sampling_batch.positions_B]).astype(np.int32)
+      feed_T, sampling_batch.top_k_B, seeds, sampling_batch.positions_B]).astype(np.int32)
   floats = np.concatenate([sampling_batch.temperature_B, sampling_batch.top_p_B]).astype(np.float32)
   return ints, floats
 
 
 def _unpack(ints_I, floats_F, T: int, B: int, M: int):
   """The inverse of _pack (on device): static slices of the two buffers."""
-  sizes = (T, T, B * M, B, B + 1, 1, B, B, B, B)
+  sizes = (T, T, B * M, B, B + 1, 1, B, T, B, B, B)
   parts, start = [], 0
   for n in sizes:
     parts.append(ints_I[start:start + n])
     start += n
-  tokens, positions, tables, kv_lens, cu, num_seqs, last, top_k, seeds, sample_pos = parts
+  tokens, positions, tables, kv_lens, cu, num_seqs, last, feed, top_k, seeds, sample_pos = parts
   batch = forward_lib.StepBatch(tokens, positions, tables.reshape(B, M), kv_lens, cu, num_seqs,
                                 last)
   seeds = jax.lax.bitcast_convert_type(seeds, jax.numpy.uint32)
-  return batch, sampling.SamplingBatch(floats_F[:B], top_k, floats_F[B:], seeds, sample_pos)
+  return batch, feed, sampling.SamplingBatch(floats_F[:B], top_k, floats_F[B:], seeds, sample_pos)
 
 
-def _step(graphdef, backend, mesh, shape, params, pages, ints_I, floats_F):
-  batch, sampling_batch = _unpack(ints_I, floats_F, *shape)
-  logits_BV, pages = forward_lib.forward(graphdef, params, pages, batch, backend=backend, mesh=mesh)
+def _step(graphdef, backend, mesh, unroll, shape, params, pages, ints_I, floats_F, prev_tokens_B):
+  """One step. Tokens with feed_T >= 0 are the previous step's sampled token in that row (a
+  decode planned before its input was known on the host); the rest come from the host."""
+  batch, feed_T, sampling_batch = _unpack(ints_I, floats_F, *shape)
+  fed_T = jax.numpy.take(prev_tokens_B, jax.numpy.maximum(feed_T, 0))
+  batch = batch._replace(token_ids_T=jax.numpy.where(feed_T >= 0, fed_T, batch.token_ids_T))
+  logits_BV, pages = forward_lib.forward(graphdef, params, pages, batch, backend=backend, mesh=mesh,
+                                         unroll=unroll)
   return sampling.sample(logits_BV, sampling_batch), pages
 
 
@@ -163,12 +197,14 @@ class Engine:
                                           engine_cfg.kv_dtype)
     self.kv_spec = spec
     B, M = engine_cfg.max_seqs, engine_cfg.max_pages_per_seq
-    steps = {T: functools.partial(_step, graphdef, self.backend, mesh, (T, B, M))
+    unroll = unrolls(engine_cfg.layer_loop, jax.default_backend())
+    steps = {T: functools.partial(_step, graphdef, self.backend, mesh, unroll, (T, B, M))
              for T in engine_cfg.buckets()}
     if engine_cfg.weight_dtype == 'int8':
       params = jax.jit(quant.quantize_params)(params)
       abstract_params = quant.abstract(abstract_params)
     self.weight_bytes = quant.nbytes(params)
+    self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     if mesh is None:
       self.params = params
       self.pages = kv_cache.init_pages(spec)
@@ -183,16 +219,21 @@ class Engine:
       replicated = NamedSharding(mesh, PartitionSpec())
       pools = kv_cache.pages_sharding(spec, pool)
       jitted = {T: jax.jit(f, donate_argnums=(1,),
-                           in_shardings=(param_shardings, pools, replicated, replicated),
+                           in_shardings=(param_shardings, pools, replicated, replicated,
+                                         replicated),
                            out_shardings=(replicated, pools)) for T, f in steps.items()}
-    self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     self.scheduler = Scheduler(engine_cfg.scheduler_config())
     self._requests: dict[str, _Request] = {}
     self._inflight: _InFlight | None = None
     self._seeds = np.random.default_rng(engine_cfg.seed)
     self._ids = itertools.count()
-    self.stats = dict(steps=0, tokens=0, padded_tokens=0, preemptions=0, compile_s=0.0,
-                      wait_s=0.0, host_s=0.0)
+    # Seconds: host_s is all of step(); within it plan_s (scheduler.schedule), build_s (host
+    # buffers and dispatch), wait_s (blocked on the device's tokens), update_s (scheduler.update,
+    # advance and resolve) and output_s (stop strings, outputs). overlapped_steps: async ones.
+    self.stats = dict(steps=0, overlapped_steps=0, tokens=0, padded_tokens=0, preemptions=0,
+                      compile_s=0.0, host_s=0.0, plan_s=0.0, build_s=0.0, wait_s=0.0,
+                      update_s=0.0, output_s=0.0)
+    self._no_tokens = jax.device_put(np.zeros(B, np.int32), self._replicated)
     start = time.perf_counter()
     self._compiled = {}
     with self._rules(rules):
@@ -236,26 +277,24 @@ class Engine:
   # ---- steps.
 
   def step(self) -> list[RequestOutput]:
-    """Collects the tokens of the step in flight, dispatches the next, returns what changed.
+    """Dispatches the next step, collects the tokens of the step before it, returns what changed.
 
     The first call after idle returns nothing (it only dispatches); every later call returns the
     outputs of the step dispatched by the call before it.
     """
     start = time.perf_counter()
-    new, finished = [], []
-    if self._inflight is not None:
-      plan, requests, tokens_B = self._inflight
-      self._inflight = None
-      wait = time.perf_counter()
-      tokens = np.asarray(tokens_B)
-      self.stats['wait_s'] += time.perf_counter() - wait
-      sampled = {s.request_id: int(tokens[b]) for b, s in enumerate(plan.seqs) if s.sample}
-      finished = self.scheduler.update(plan, sampled)
-      # Requests aborted since dispatch are skipped by the scheduler; report nothing for them.
-      new = [(s.request_id, sampled[s.request_id]) for s, r in zip(plan.seqs, requests)
-             if s.sample and r is not None and self._requests.get(s.request_id) is r]
-    self._dispatch()
+    prev, self._inflight = self._inflight, None
+    if prev is not None and self._overlaps(prev):
+      clock = time.perf_counter()
+      self.scheduler.advance(prev.plan)
+      self.stats['update_s'] += time.perf_counter() - clock
+      prev = prev._replace(advanced=True)
+      self._dispatch(prev)
+    new, finished = self._collect(prev) if prev is not None else ([], [])
+    if self._inflight is None:  # not overlapped, or nothing could be planned ahead of prev
+      self._dispatch(None)
     # Host work below overlaps the device step just dispatched.
+    clock = time.perf_counter()
     done = {f.request_id: f for f in finished}
     for request_id, _ in new:
       params = self._requests[request_id].params
@@ -269,44 +308,86 @@ class Engine:
       else:
         self._requests.pop(request_id, None)
         outputs.append(RequestOutput(request_id, (token,), True, f.reason, f.output_ids))
-    self.stats['host_s'] += time.perf_counter() - start
+    now = time.perf_counter()
+    self.stats['output_s'] += now - clock
+    self.stats['host_s'] += now - start
     return outputs
+
+  def _overlaps(self, prev: _InFlight) -> bool:
+    """Whether the step after `prev` may be planned before prev's tokens reach the host. Every
+    feature today allows it; one that builds a step's inputs from the host's view of the token
+    before (a grammar mask, a speculative draft) must return False here for its requests."""
+    del prev
+    return self.config.async_scheduling
+
+  def _collect(self, prev: _InFlight) -> tuple[list[tuple[str, int]], list]:
+    """Waits for prev's tokens and applies them; (request id, token) of live requests, finished."""
+    clock = time.perf_counter()
+    tokens = np.asarray(prev.tokens_B)
+    now = time.perf_counter()
+    self.stats['wait_s'] += now - clock
+    sampled = {s.request_id: int(tokens[b]) for b, s in enumerate(prev.plan.seqs) if s.sample}
+    apply = self.scheduler.resolve if prev.advanced else self.scheduler.update
+    finished = apply(prev.plan, sampled)
+    self.stats['update_s'] += time.perf_counter() - now
+    # Requests aborted since dispatch are skipped by the scheduler; report nothing for them.
+    new = [(s.request_id, sampled[s.request_id]) for s, r in zip(prev.plan.seqs, prev.requests)
+           if s.sample and r is not None and self._requests.get(s.request_id) is r]
+    return new, finished
 
   def _hits_stop(self, request_id: str, stops: tuple[str, ...]) -> bool:
     text = self.detokenize(self.scheduler.output_ids(request_id))
     return any(s in text for s in stops)
 
-  def _dispatch(self) -> None:
+  def _dispatch(self, prev: _InFlight | None) -> None:
+    """Plans and dispatches a step; `prev`: the advanced step still in flight, whose sampled
+    tokens feed this step's decodes of them."""
     if not self.scheduler.has_work:
       return
+    clock = time.perf_counter()
     plan = self.scheduler.schedule()
+    now = time.perf_counter()
+    self.stats['plan_s'] += now - clock
     self.stats['preemptions'] += len(plan.preempted)
     if not plan.seqs:
+      if prev is not None:
+        return  # what runs is done or waits for pages that resolving prev frees
       raise RuntimeError(f'the scheduler planned an empty step with {self.scheduler.num_waiting} '
                          f'waiting and {self.scheduler.num_running} running requests; the pool '
                          f'({self.config.num_pages} pages) or slots may be too small.')
     T = next(b for b in self.config.buckets() if b >= plan.num_tokens)
-    arrays = self._host_arrays(plan, T)
+    arrays = self._host_arrays(plan, T, prev)
     if self._replicated is not None:
       arrays = jax.device_put(arrays, self._replicated)
     tokens_B, self.pages = self._compiled[T](self.params, self.pages, *arrays)
     requests = tuple(self._requests.get(s.request_id) for s in plan.seqs)
     self._inflight = _InFlight(plan, requests, tokens_B)
+    self.stats['build_s'] += time.perf_counter() - now
     self.stats['steps'] += 1
+    self.stats['overlapped_steps'] += prev is not None
     self.stats['tokens'] += plan.num_tokens
     self.stats['padded_tokens'] += T
 
-  def _host_arrays(self, plan: StepPlan, T: int):
-    """The plan as packed numpy buffers (see _pack), padded to T tokens and max_seqs rows."""
+  def _host_arrays(self, plan: StepPlan, T: int, prev: _InFlight | None = None):
+    """The step's inputs after params and pages: the plan as packed numpy buffers (see _pack),
+    padded to T tokens and max_seqs rows, and the tokens of `prev` (the step in flight) that
+    placeholders in the plan stand for."""
     B, M = self.config.max_seqs, self.config.max_pages_per_seq
     tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
     tables, kv_lens = np.zeros((B, M), np.int32), np.zeros(B, np.int32)
     cu, last = np.zeros(B + 1, np.int32), np.zeros(B, np.int32)
+    feed = np.full(T, -1, np.int32)
+    prev_rows = {} if prev is None else {s.request_id: b for b, s in enumerate(prev.plan.seqs)
+                                         if s.sample}
     rows = []
     t = 0
     for b, seq in enumerate(plan.seqs):
       n, start = len(seq.token_ids), seq.start_pos
       tokens[t:t + n] = seq.token_ids
+      if seq.token_ids[-1] == PLACEHOLDER:  # only a decode's input can be one
+        tokens[t + n - 1] = 0  # re-timing a plan without `prev` (serve/sim/probe.py): any token
+        if prev is not None:
+          feed[t + n - 1] = prev_rows[seq.request_id]
       positions[t:t + n] = np.arange(start, start + n)
       tables[b, :len(seq.block_table)] = seq.block_table
       kv_lens[b], last[b] = start + n, t + n - 1
@@ -320,7 +401,8 @@ class Engine:
     cu[len(plan.seqs) + 1:] = t
     batch = forward_lib.StepBatch(tokens, positions, tables, kv_lens, cu,
                                   np.array([len(plan.seqs)], np.int32), last)
-    return _pack(batch, sampling.host_batch(rows, B))
+    ints, floats = _pack(batch, feed, sampling.host_batch(rows, B))
+    return ints, floats, self._no_tokens if prev is None else prev.tokens_B
 
   # ---- offline use.
 

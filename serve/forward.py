@@ -42,10 +42,11 @@ class StepBatch(NamedTuple):
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: StepBatch, *,
             backend: attention.AttentionBackend | str = attention.AttentionBackend.REFERENCE,
-            mesh: Mesh | None = None) -> tuple[jax.Array, KVPages]:
+            mesh: Mesh | None = None, unroll: bool = False) -> tuple[jax.Array, KVPages]:
   """Runs one step. Returns float32 logits [B, V] (row b: the token at logits_indices_B[b]) and
   the pools with this step's keys/values written. Jit it with `pages` donated. `mesh`: the
-  tensor-parallel mesh, for kernels that shard themselves."""
+  tensor-parallel mesh, for kernels that shard themselves. `unroll`: a Python loop over stacked
+  layers instead of a scan (models built with scan_layers=False always unroll)."""
   model = nnx.merge(graphdef, params)
   L, P, G, K, H = pages.k_LPGKH.shape
   dt = jnp.dtype(model.cfg.compute_dtype(jax.default_backend()))
@@ -72,7 +73,11 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
     return x_1TD, cache
 
   x_1TD = model.embed(batch.token_ids_T[None])
-  if model.cfg.scan_layers:
+  if model.cfg.scan_layers and unroll:  # stacked params, each layer's slice taken statically
+    layers_def, layers_state = nnx.split(model.layers)
+    for l in range(L):
+      x_1TD, cache = layer(layers_def, jax.tree.map(lambda x: x[l], layers_state), l, x_1TD, cache)
+  elif model.cfg.scan_layers:
     layers_def, layers_state = nnx.split(model.layers)
 
     def body(carry, xs):

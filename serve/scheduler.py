@@ -18,6 +18,13 @@ and it returns to the front of the waiting queue, keeping its outputs; readmitte
 again and samples its next token at the end of that prefill. A decode that would preempt an older request
 preempts itself instead; a prefill chunk shrinks to the pages it can get. No admission in a step that preempted.
 
+Overlapped steps (the engine's async scheduling): `advance(plan)` applies a step dispatched but not yet finished,
+appending PLACEHOLDER for each token it samples, so that the next step can be planned at once (a decode's input token
+is then the placeholder, which the engine feeds from the device); `resolve(plan, sampled)` later puts the real tokens
+in, commits prefix-cache hashes and ends requests on a stop token or max_tokens. A request whose outputs reached
+max_tokens is not planned again while its last token is a placeholder. `update(plan, sampled)` is advance + resolve:
+the synchronous step. At most one advanced plan is unresolved at a time.
+
 Request state (`_Request`), explicit: token_ids (prompt + outputs), num_computed (tokens whose keys/values are in
 its pages; the next token to compute is token_ids[num_computed]), prefill_len (tokens to prefill since the last
 admission: decoding once num_computed reaches it), pages, slot, num_committed (leading pages whose block hash is
@@ -34,6 +41,9 @@ import itertools
 from collections.abc import Collection, Mapping, Sequence
 
 from serve.allocator import PageAllocator, hash_blocks
+
+
+PLACEHOLDER = -1  # a sampled token not yet known on the host (see advance/resolve)
 
 
 class Policy(enum.Enum):
@@ -129,11 +139,17 @@ class _Request:
 
   @property
   def output_ids(self) -> tuple[int, ...]:
-    return tuple(self.token_ids[self.num_prompt:])
+    """Generated tokens known on the host (an unresolved placeholder left out)."""
+    return tuple(t for t in self.token_ids[self.num_prompt:] if t != PLACEHOLDER)
 
   @property
   def decoding(self) -> bool:
     return self.num_computed >= self.prefill_len
+
+  @property
+  def done(self) -> bool:
+    """Outputs reached max_tokens (the last may still be a placeholder): plan nothing more."""
+    return len(self.token_ids) - self.num_prompt >= self.max_tokens
 
 
 class Scheduler:
@@ -147,7 +163,8 @@ class Scheduler:
     self._running: list[_Request] = []          # sorted by arrival
     self._free_slots = list(range(config.max_seqs))  # a heap: the lowest free slot is granted first
     self._arrivals = itertools.count()
-    self._pending: tuple[StepPlan, dict[str, _Request]] | None = None  # the last non-empty plan, until update()
+    self._pending: tuple[StepPlan, dict[str, _Request]] | None = None  # the last non-empty plan, until advance()
+    self._advanced: tuple[StepPlan, dict[str, _Request]] | None = None  # advanced, until resolve()
 
   # ---- requests in and out.
 
@@ -241,8 +258,8 @@ class Scheduler:
   def schedule(self) -> StepPlan:
     """Plans the next device step under the configured policy."""
     if self._pending is not None:
-      raise RuntimeError('schedule() called twice without update(): pass each non-empty plan and its sampled '
-                         'tokens to update() before planning the next step.')
+      raise RuntimeError('schedule() called twice without update() or advance(): pass each non-empty plan to '
+                         'update() (or advance()) before planning the next step.')
     step = _Step(self.config.token_budget)
     policy = self.config.policy
     if policy == Policy.CHUNKED:
@@ -268,7 +285,8 @@ class Scheduler:
     for request in list(self._running):
       if step.budget == 0:
         break
-      if request.slot is None or not request.decoding or request.request_id in step.scheduled:
+      if (request.slot is None or not request.decoding or request.done
+          or request.request_id in step.scheduled):
         continue
       if self._grow(request, 1, step, shrink=False):
         self._emit(request, 1, step)
@@ -399,20 +417,40 @@ class Scheduler:
     skipped. Returns the requests that finished."""
     if not plan.seqs:
       return []
-    if self._pending is None or self._pending[0] != plan:
-      raise ValueError('update() got a plan that is not the last one schedule() returned, or one already applied; '
-                       'call update() once per non-empty plan, in order.')
-    pending = self._pending[1]
-    # Skip requests aborted or finished since schedule() (a new request may even have reused the id).
-    live = [(s, pending[s.request_id]) for s in plan.seqs if self._requests.get(s.request_id) is pending[s.request_id]]
-    missing = [s.request_id for s, _ in live if s.sample and s.request_id not in sampled]
-    if missing:  # checked before any change, so the caller can retry with the full mapping
-      raise ValueError(f'update(): no sampled token for requests {missing}, whose ScheduledSeqs have sample=True; '
-                       f'pass one token for every such sequence.')
+    self._check_sampled(plan, self._take_pending(plan, 'update'), sampled)
+    self.advance(plan)
+    return self.resolve(plan, sampled)
+
+  def advance(self, plan: StepPlan) -> None:
+    """Applies a dispatched step before its tokens are known: PLACEHOLDER for each token it samples. The next step
+    may then be planned; resolve(plan, sampled) must follow before the one after it."""
+    if not plan.seqs:
+      return
+    if self._advanced is not None:
+      raise RuntimeError('advance(): the plan before is still unresolved; call resolve() for it first.')
+    pending = self._take_pending(plan, 'advance')
     self._pending = None
+    self._advanced = plan, pending
+    for seq, request in self._live(plan, pending):
+      if seq.sample:
+        request.token_ids.append(PLACEHOLDER)
+
+  def resolve(self, plan: StepPlan, sampled: Mapping[str, int]) -> list[Finished]:
+    """Puts an advanced step's sampled tokens in place of its placeholders, commits the prefix-cache hashes of
+    pages filled so far, and ends requests on a stop token or max_tokens. Returns the requests that finished."""
+    if not plan.seqs:
+      return []
+    if self._advanced is None or self._advanced[0] != plan:
+      raise ValueError('resolve() got a plan that is not the advanced one; call advance(plan) then resolve(plan, '
+                       'sampled) once per non-empty plan, in order.')
+    live = self._check_sampled(plan, self._advanced[1], sampled)
+    self._advanced = None
     G = self.config.page_size
     finished = []
     for seq, request in live:
+      if seq.sample:
+        index = len(request.token_ids) - 1 - request.token_ids[::-1].index(PLACEHOLDER)
+        request.token_ids[index] = int(sampled[seq.request_id])
       if self.config.prefix_caching:
         full = request.num_computed // G
         if full > request.num_committed:
@@ -422,12 +460,28 @@ class Scheduler:
           request.num_committed = full
       if not seq.sample:
         continue
-      token = int(sampled[seq.request_id])
-      request.token_ids.append(token)
-      num_out = len(request.token_ids) - request.num_prompt
-      if token in request.stop_token_ids or num_out >= request.max_tokens:
+      token = request.token_ids[index]
+      if token in request.stop_token_ids or request.done:
         finished.append(self.finish(request.request_id, 'stop' if token in request.stop_token_ids else 'length'))
     return finished
+
+  def _take_pending(self, plan: StepPlan, caller: str) -> dict[str, _Request]:
+    if self._pending is None or self._pending[0] != plan:
+      raise ValueError(f'{caller}() got a plan that is not the last one schedule() returned, or one already '
+                       f'applied; call {caller}() once per non-empty plan, in order.')
+    return self._pending[1]
+
+  def _live(self, plan: StepPlan, pending: dict[str, _Request]) -> list[tuple[ScheduledSeq, _Request]]:
+    # Skip requests aborted or finished since schedule() (a new request may even have reused the id).
+    return [(s, pending[s.request_id]) for s in plan.seqs if self._requests.get(s.request_id) is pending[s.request_id]]
+
+  def _check_sampled(self, plan: StepPlan, pending: dict[str, _Request], sampled: Mapping[str, int]):
+    live = self._live(plan, pending)
+    missing = [s.request_id for s, _ in live if s.sample and s.request_id not in sampled]
+    if missing:  # checked before any change, so the caller can retry with the full mapping
+      raise ValueError(f'no sampled token for requests {missing}, whose ScheduledSeqs have sample=True; pass one '
+                       f'token for every such sequence.')
+    return live
 
 
 @dataclasses.dataclass

@@ -27,8 +27,9 @@ NAIVE_LEN = 64  # the naive decode runs every sequence right-padded to this leng
 # 6 requests needing up to 11 pages each: preemption is certain.
 SMALL_POOL = EngineConfig(num_pages=16, page_size=4, max_seqs=4, max_pages_per_seq=12,
                           token_budget=16, min_bucket=8, attention='reference')
+# The default attention on CPU: the tiled path (serve/kernels/tiled.py); SMALL_POOL runs the reference.
 BIG_PAGES = EngineConfig(num_pages=64, page_size=16, max_seqs=4, max_pages_per_seq=4,
-                         token_budget=32, min_bucket=16, attention='reference')
+                         token_budget=32, min_bucket=16, attention='auto')
 # Tensor parallel engines compile one bucket only: compiles dominate this file's time.
 ONE_BUCKET = dataclasses.replace(SMALL_POOL, min_bucket=16)
 
@@ -228,11 +229,16 @@ def test_abort_mid_flight_leaks_nothing(small_pool):
 
 
 @pytest.mark.xdist_group('small_pool')
-def test_random_arrivals_and_aborts_keep_invariants(small_pool):
+@pytest.mark.parametrize('async_scheduling,seed', [(True, 12), (False, 11)],
+                         ids=['async', 'sync'])
+def test_random_arrivals_and_aborts_keep_invariants(small_pool, async_scheduling, seed,
+                                                    monkeypatch):
   """Arrivals at random steps and aborts at random moments (waiting, running, in flight) on a pool
   that forces preemption: invariants hold after every step, survivors' outputs are the naive ones,
-  and nothing leaks."""
-  rng = np.random.default_rng(11)
+  and nothing leaks; with steps planned ahead of their tokens (async) and without."""
+  monkeypatch.setattr(small_pool, 'config',
+                      dataclasses.replace(small_pool.config, async_scheduling=async_scheduling))
+  rng = np.random.default_rng(seed)
   requests = {f's{i}': (rng.integers(0, CFG.vocab_size, int(rng.integers(1, 31))).tolist(),
                         int(rng.integers(1, 13))) for i in range(12)}
   arrivals = sorted(rng.integers(0, 8, len(requests)).tolist())
@@ -267,14 +273,26 @@ def test_stop_tokens_and_stop_strings(big_pages):
   full = [naive_greedy(p, 10) for p in prompts[:2]]
   stop_token = full[0][3]
   cut = full[0][:full[0].index(stop_token) + 1]
+  stats = dict(big_pages.stats)
   got = big_pages.generate(prompts[:1], SamplingParams(max_tokens=10, stop_token_ids=(stop_token,)))
   assert got == [cut]
+  # A stop token is only seen a step late: planned ahead, every step after the first overlapped
+  # the one before, and the request computed one token past its stop token, discarded.
+  steps = big_pages.stats['steps'] - stats['steps']
+  assert big_pages.stats['overlapped_steps'] - stats['overlapped_steps'] == steps - 1
+  assert steps == 1 + len(cut), (steps, cut)  # the prefill, then the decodes of cut's tokens
   engine = big_pages
   engine.detokenize = lambda ids: ' '.join(f'<{t}>' for t in ids)
   try:
     stop = f'<{full[1][4]}>'
+    stats = dict(engine.stats)
     got = engine.generate(prompts[1:2], SamplingParams(max_tokens=10, stop=(stop,)))
     assert got == [full[1][:full[1].index(full[1][4]) + 1]]
+    # Stop strings are checked on the host while the next step runs, overlapped or not: one
+    # token past the stop is computed and discarded, as for a stop token.
+    steps = engine.stats['steps'] - stats['steps']
+    assert engine.stats['overlapped_steps'] - stats['overlapped_steps'] == steps - 1
+    assert steps == 1 + len(got[0])
   finally:
     engine.detokenize = None
   with pytest.raises(ValueError, match='detokenize'):
@@ -295,6 +313,18 @@ def test_seeded_sampling_does_not_depend_on_the_batch(big_pages):
   assert_idle_and_clean(big_pages)
 
 
+def test_unrolled_tiled_engine_matches_naive():
+  """Layers unrolled over the stacked params (the accelerators' default) with the tiled attention,
+  on the small pool's chunking and preemption: the naive outputs."""
+  cfg = dataclasses.replace(SMALL_POOL, layer_loop='unroll', attention='tiled', min_bucket=16)
+  engine = Engine(CFG, PARAMS, cfg)
+  prompts, max_tokens = mixed_prompts()
+  assert run_all(engine, prompts, max_tokens) == [naive_greedy(p, m)
+                                                  for p, m in zip(prompts, max_tokens)]
+  assert engine.stats['preemptions'] > 0 and engine.stats['overlapped_steps'] > 0
+  assert_idle_and_clean(engine)
+
+
 def test_config_buckets_and_errors():
   assert SMALL_POOL.buckets() == (8, 16)
   assert EngineConfig(token_budget=48, min_bucket=8, max_seqs=4).buckets() == (8, 16, 32, 48)
@@ -302,6 +332,8 @@ def test_config_buckets_and_errors():
     EngineConfig(max_seqs=64, token_budget=32)
   with pytest.raises(ValueError, match='page_size'):
     EngineConfig(page_size=0)
+  with pytest.raises(ValueError, match=r"layer_loop='unrolled'; use one of \('auto', 'scan'"):
+    EngineConfig(layer_loop='unrolled')
 
 
 @pytest.mark.xdist_group('big_pages')

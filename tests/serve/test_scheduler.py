@@ -10,8 +10,10 @@ import random
 
 import pytest
 
-from serve.scheduler import Policy, Scheduler, SchedulerConfig, StepPlan
-from tests.serve.scheduler_harness import Harness, V, make_config, make_prompts, next_token
+import numpy as np
+
+from serve.scheduler import PLACEHOLDER, Policy, Scheduler, SchedulerConfig, StepPlan
+from tests.serve.scheduler_harness import Harness, V, make_config, make_prompts, next_token, reference_decode
 
 
 @pytest.mark.parametrize('policy', list(Policy))
@@ -317,4 +319,91 @@ def test_misuse_of_the_step_protocol():
   with pytest.raises(ValueError, match='already applied'):
     sched.update(plan, {'a': 1, 'b': 2})
   assert sched.output_ids('a') == (7, 1) and sched.output_ids('b') == (2,)
+  sched.check()
+
+
+def run_overlapped(config, requests, abort_every=0, seed=0):
+  """Drives the scheduler as the async engine does: each plan is advanced (placeholders), the next planned and
+  'dispatched' before the one before is resolved. The fake device writes token ids into a [P, G] pool, taking a
+  placeholder input from the previous step's sampled tokens, and samples next_token of what it reads back."""
+  sched, G = Scheduler(config), config.page_size
+  pool_PG = np.full((config.num_pages, G), -1, np.int64)
+  for rid, (prompt, max_tokens, stop_ids) in requests.items():
+    sched.add(rid, prompt, max_tokens, stop_ids)
+  rng, finished, prev, wasted = random.Random(seed), {}, None, 0
+
+  def device(plan, prev_sampled):
+    sampled = {}
+    for s in plan.seqs:
+      for i, tok in enumerate(s.token_ids):
+        pos = s.start_pos + i
+        if tok == PLACEHOLDER:
+          assert i == len(s.token_ids) - 1, 'a placeholder that is not a decode input'
+          tok = prev_sampled[s.request_id]
+        pool_PG[s.block_table[pos // G], pos % G] = tok
+      if s.sample:
+        n = s.start_pos + len(s.token_ids)
+        sampled[s.request_id] = next_token([int(pool_PG[s.block_table[p // G], p % G]) for p in range(n)])
+    return sampled
+
+  while sched.has_work or prev is not None:
+    plan = None
+    if prev is not None:
+      sched.advance(prev[0])
+    if sched.has_work:
+      plan = sched.schedule()
+      plan = plan if plan.seqs else None
+    if abort_every and rng.random() < 1 / abort_every and sched.running_ids():
+      rid = rng.choice(sched.running_ids())
+      finished[rid] = sched.abort(rid)
+      assert PLACEHOLDER not in finished[rid].output_ids
+    if prev is not None:
+      for f in sched.resolve(*prev):
+        finished[f.request_id] = f
+    sched.check()
+    prev = None if plan is None else (plan, device(plan, prev[1] if prev else {}))
+    if plan is not None:
+      wasted += sum(s.request_id in finished for s in plan.seqs if s.sample)
+  return finished, wasted
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_overlapped_steps_equal_naive_decode(seed):
+  """advance/schedule/resolve, one step ahead: outputs equal the naive decode (stop tokens cost one wasted token,
+  never a wrong one), with preemption on small pools, prefix sharing, aborts in flight, and nothing leaked."""
+  rng = random.Random(seed)
+  G = rng.choice([1, 2, 4])
+  config = make_config(page_size=G, num_pages=rng.randint(24, 40) // G + 2, max_pages_per_seq=48 // G,
+                       token_budget=rng.randint(3, 12), max_seqs=rng.randint(2, 5), policy=list(Policy)[seed % 3],
+                       prefix_caching=seed % 2 == 0)
+  stem = [rng.randrange(V) for _ in range(12)]
+  requests = {f'r{i}': ((stem[:rng.randint(1, 12)] if i % 2 else []) + [rng.randrange(V) for _ in range(3)],
+                        rng.randint(1, 8), tuple(rng.sample(range(V), 3))) for i in range(10)}
+  finished, wasted = run_overlapped(config, requests, abort_every=0 if seed < 3 else 15, seed=seed)
+  assert set(finished) == set(requests)
+  for rid, f in finished.items():
+    want = reference_decode(*requests[rid])
+    if f.reason == 'abort':
+      assert f.output_ids == want[:len(f.output_ids)], rid
+    else:
+      assert f.output_ids == want and f.reason == ('stop' if want[-1] in requests[rid][2] else 'length'), rid
+
+
+def test_done_requests_are_not_planned_past_max_tokens():
+  """After advance, a request whose last output (a placeholder) reaches max_tokens is not planned again, and
+  resolve ends it with the real token."""
+  sched = Scheduler(make_config())
+  sched.add('a', [1, 2, 3], 1)
+  sched.add('b', [4, 5], 3)
+  plan = sched.schedule()
+  sched.advance(plan)
+  assert sched.output_ids('a') == () and sched.output_ids('b') == ()
+  ahead = sched.schedule()
+  assert [s.request_id for s in ahead.seqs] == ['b'] and ahead.seqs[0].token_ids == (PLACEHOLDER,)
+  with pytest.raises(RuntimeError, match='still unresolved'):
+    sched.advance(ahead)
+  done = sched.resolve(plan, {'a': 7, 'b': 8})
+  assert [(f.request_id, f.output_ids, f.reason) for f in done] == [('a', (7,), 'length')]
+  sched.advance(ahead)
+  assert sched.resolve(ahead, {'b': 9}) == [] and sched.output_ids('b') == (8, 9)
   sched.check()

@@ -2,6 +2,7 @@
 aborts the streams that outlive it, and the source checks `stoker serve` runs before binding.
 (The subprocess server and the API end to end: test_server.py.)"""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -33,16 +34,19 @@ def test_quickstart_serving_in_process(server_workdir):
 
 
 def test_shutdown_aborts_what_outlives_the_deadline(server_workdir):
+  # The drain starts on uvicorn's next tick (0.1 s): the stream must outlast that by far, so its
+  # engine takes 1000-token requests (120 tokens of this model stream in about 0.1 s).
   config = ServerConfig(port=0, shutdown_timeout_s=0.01)
-  service = Service(config, lambda: loader.load_checkpoint(server_workdir, ENGINE))
+  engine = dataclasses.replace(ENGINE, max_pages_per_seq=128, num_pages=130)
+  service = Service(config, lambda: loader.load_checkpoint(server_workdir, engine))
   background = BackgroundServer(service).start()
   background.wait_ready(120)
-  t, events = long_stream(background.url)
+  t, events = long_stream(background.url, max_tokens=1000)
   background.stop()
   t.join(30)
   assert events[-1] == 'data: [DONE]'
   assert json.loads(events[-2][6:])['choices'][0]['finish_reason'] == 'abort'
-  assert len(events) - 1 < 120  # aborted before max_tokens
+  assert len(events) - 1 < 1000  # aborted before max_tokens
   allocator = service.loaded.engine.scheduler.allocator
   allocator.check()
   assert allocator.num_used == 0
