@@ -1,14 +1,17 @@
-"""Serving engine: throughput vs transformers and a dense-cache decode, KV capacity, tail latency.
+"""Serving engine: throughput vs transformers and a dense-cache decode, KV capacity, tail latency,
+and how close the engine and `stoker serve` come to the machine's limits (issue 21).
 
-  python benchmarks/serve_engine.py                    # tiny preset, ~6 min on 2 CPU cores
+  python benchmarks/serve_engine.py                    # tiny preset (limits: small), 2 CPU cores
   python benchmarks/serve_engine.py --runs 5 --sections throughput,tbt
+  python benchmarks/serve_engine.py --sections limits,server --limits_preset small
 
 One process, one random model (LlamaForCausalLM shapes, weights drawn once and loaded into both
 frameworks with models.hf.params_from_hf), one set of prompts. Sections:
   throughput  output tokens/s at saturation, greedy, every prompt generating --max_tokens tokens:
               serve.engine.Engine (continuous batching, paged cache) vs transformers `generate`
               (PyTorch, static batches, left-padded) vs a naive dense-cache JAX decode (static
-              batches, one [B, S_max] cache, every step attends over S_max).
+              batches, one [B, S_max] cache, every step attends over S_max). Each peer's model
+              FLOPs/s as a share of the matmul peak; the engine's time per step, split.
   capacity    the most sequences running at once within a fixed KV memory budget, on a long-tailed
               length mix: on-demand pages (measured, engine run) vs max-length reservation (budget /
               max length), and the output tokens/s of both.
@@ -16,8 +19,12 @@ frameworks with models.hf.params_from_hf), one set of prompts. Sections:
               (Sarathi-Serve) vs Policy.PREFILL_FIRST (vLLM v0), same budget: P50 and P99.
   startup     engine start-up (compile of every budget bucket) in a fresh process, cold and then
               with the persistent compilation cache warm.
-Medians over --runs runs, interleaved; ratios against the peer measured in the same run. Writes
-benchmarks/out/serve_engine.{json,png}.
+  limits      a decode step of 16 sequences at 256-token contexts (--limits_preset), Engine.step()
+              and the compiled step alone, against max(FLOPs / peak, bytes / bandwidth).
+  server      (opt-in) `stoker serve` at saturation vs Engine.generate, same prompts and config.
+Beside every figure: probes of this run (matmul peak, memory bandwidth; _engine_limits.py) and the
+cpu share of its runs (under 90%: a WARNING). Medians over --runs runs, interleaved; ratios against
+the peer measured in the same run. Writes benchmarks/out/serve_engine.{json,png}.
 """
 
 from __future__ import annotations
@@ -26,14 +33,14 @@ import argparse
 import os
 import sys
 
-SECTIONS = ('throughput', 'capacity', 'tbt', 'startup')
-BUSY_CPU_SHARE = 0.85
+SECTIONS = ('throughput', 'capacity', 'tbt', 'startup', 'limits', 'server')
+DEFAULT_SECTIONS = SECTIONS[:-1]  # server starts a process and takes minutes: opt-in
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--preset', default='tiny', help='a plain Llama models.presets name')
-  p.add_argument('--sections', default=','.join(SECTIONS), help=f'comma-separated: {SECTIONS}')
+  p.add_argument('--sections', default=','.join(DEFAULT_SECTIONS), help=f'comma-separated: {SECTIONS}')
   p.add_argument('--runs', type=int, default=3, help='timed runs per peer; medians are quoted')
   p.add_argument('--num_prompts', type=int, default=32)
   p.add_argument('--batch', type=int, default=16,
@@ -47,6 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--threads', type=int, default=0,
                  help='CPU threads for both frameworks (0: all cores); 1 also makes XLA single-'
                       'threaded, which keeps ratios meaningful on a host shared with other jobs')
+  p.add_argument('--limits_preset', default='small', help='the model of the limits and server sections')
+  p.add_argument('--limits_seqs', type=int, default=16, help='limits: sequences decoding')
+  p.add_argument('--limits_context', type=int, default=256, help='limits: their mean context')
+  p.add_argument('--limits_steps', type=int, default=20, help='limits: steps per timed run')
+  p.add_argument('--server_requests', type=int, default=32, help='server: sent at once')
+  p.add_argument('--server_prompt_len', default='64,128', help='server: min,max prompt length')
+  p.add_argument('--server_max_tokens', type=int, default=64, help='server: output tokens each')
+  p.add_argument('--probe_mib', type=int, default=1024, help='bandwidth probe: MiB of float32 summed')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out_dir', default=os.path.join(os.path.dirname(__file__), 'out'))
   p.add_argument('--startup_probe', metavar='CACHE_DIR', help=argparse.SUPPRESS)
@@ -56,7 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   if unknown:
     p.error(f'--sections: unknown {sorted(unknown)}; choose from {SECTIONS}.')
   args.prompt_len = tuple(int(x) for x in args.prompt_len.split(','))
-  for name in ('runs', 'num_prompts', 'batch', 'max_tokens', 'token_budget', 'page_size'):
+  args.server_prompt_len = tuple(int(x) for x in args.server_prompt_len.split(','))
+  for name in ('runs', 'num_prompts', 'batch', 'max_tokens', 'token_budget', 'page_size',
+               'limits_seqs', 'limits_context', 'limits_steps', 'server_requests',
+               'server_max_tokens', 'probe_mib'):
     if getattr(args, name) <= 0:
       p.error(f'--{name} must be positive, got {getattr(args, name)}.')
   return args
@@ -76,7 +94,6 @@ if __name__ == '__main__':
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -86,7 +103,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from models import presets, transformer  # noqa: E402
@@ -94,6 +110,7 @@ from serve.engine import Engine, EngineConfig  # noqa: E402
 from serve.sampling import SamplingParams  # noqa: E402
 from serve.scheduler import Policy  # noqa: E402
 from serve_peers import DenseDecoder, hf_generate, hf_llama, stoker_params  # noqa: E402
+import _engine_limits as limits  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -146,6 +163,7 @@ def section_throughput(args, cfg, params, hf_model, cores) -> dict:
            'dense_jax': lambda: dense.generate(prompts, args.max_tokens),
            'hf_generate': lambda: hf_generate(hf_model, prompts, args.batch, args.max_tokens)}
   outputs = {name: fn() for name, fn in peers.items()}  # warm-up (and the outputs compared)
+  stats_before = dict(engine.stats)
   results = {name: {'seconds': [], 'cpu_share': []} for name in peers}
   order = list(peers)
   for r in range(args.runs):
@@ -169,6 +187,8 @@ def section_throughput(args, cfg, params, hf_model, cores) -> dict:
           'engine_steps_per_run': engine.stats['steps'] / (args.runs + 1),
           'engine_host_s_per_step': (engine.stats['host_s'] - engine.stats['wait_s'])
           / engine.stats['steps'],
+          'engine_step_split_ms': limits.step_split(stats_before, engine.stats),
+          'model_flops': limits.generate_flops(cfg, map(len, prompts), args.max_tokens),
           'agreement_vs_engine': {n: agreement(outputs['engine'], o) for n, o in outputs.items()
                                   if n != 'engine'},
           'peers': results}
@@ -254,11 +274,14 @@ def section_tbt(args, cfg, params, cores) -> dict:
   engines = {p.value: Engine(cfg, params, engine_config(args, policy=p, **common))
              for p in (Policy.CHUNKED, Policy.PREFILL_FIRST)}
   res = {'token_budget': budget, 'decoders': 8, 'long_prompt_len': long_len, 'long_prompts': 6,
-         'policies': {name: {'p50_s': [], 'p99_s': [], 'max_s': []} for name in engines}}
+         'policies': {name: {'p50_s': [], 'p99_s': [], 'max_s': [], 'cpu_share': []}
+                      for name in engines}}
   for r in range(args.runs):
     for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-      gaps = mixed_load(engines[name], np.random.default_rng(args.seed + 3 + r), cfg.vocab_size)
+      gaps, _, cpu = timed(lambda n=name: mixed_load(
+          engines[n], np.random.default_rng(args.seed + 3 + r), cfg.vocab_size), cores)
       out = res['policies'][name]
+      out['cpu_share'].append(cpu)
       out['p50_s'].append(float(np.percentile(gaps, 50)))
       out['p99_s'].append(float(np.percentile(gaps, 99)))
       out['max_s'].append(float(np.max(gaps)))
@@ -307,40 +330,29 @@ def section_startup(args) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def machine() -> dict:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return {'cpu': cpu, 'cpu_cores': os.cpu_count(), 'jax_backend': jax.default_backend(),
-          'jax_device_kind': jax.devices()[0].device_kind, 'torch_threads': torch.get_num_threads(),
-          'python': platform.python_version(), 'jax': jax.__version__, 'torch': torch.__version__,
-          'transformers': transformers.__version__}
-
-
 def table(report: dict) -> str:
   m = report['machine']
   lines = [f"Serving engine benchmark, preset {report['preset']} ({report['params'] / 1e6:.1f}M), "
            f"{m['cpu']} ({m['cpu_cores']} cores, {report['threads']} threads per framework), JAX "
            f"{m['jax']} {m['jax_backend']}, torch {m['torch']}, transformers {m['transformers']}; "
-           f"{report['date']}, load average before {report['load_average_before'][0]:.1f}", '']
+           f"{report['date']}, load average before {report['load_average_before'][0]:.1f}",
+           limits.probe_line(report), '']
   t = report.get('throughput')
   if t:
     lines += [f"Throughput at saturation: {t['prompts']} prompts of {t['prompt_len'][0]}-"
               f"{t['prompt_len'][1]} tokens, {t['max_tokens']} greedy output tokens each, "
               f"{t['batch']} sequences at once; medians of {len(t['peers']['engine']['seconds'])} runs",
-              f"{'peer':<14}{'tokens/s':>10}{'cpu':>6}{'vs hf':>8}{'vs dense':>10}"]
+              f"{'peer':<14}{'tokens/s':>10}{'cpu':>6}{'vs hf':>8}{'vs dense':>10}{'of peak':>9}"]
     for name, r in t['peers'].items():
       lines.append(f"{name:<14}{r['median_tokens_per_sec']:>10,.0f}{r['median_cpu_share']:>6.0%}"
-                   f"{r['paired_ratio_vs_hf_generate']:>7.2f}x{r['paired_ratio_vs_dense_jax']:>9.2f}x")
+                   f"{r['paired_ratio_vs_hf_generate']:>7.2f}x{r['paired_ratio_vs_dense_jax']:>9.2f}x"
+                   f"{r['peak_share']:>9.1%}")
     lines.append('same outputs as the engine: ' + ', '.join(
         f"{n} {a['identical']:.0%} of sequences (mean common prefix {a['mean_common_prefix']:.0%})"
         for n, a in t['agreement_vs_engine'].items()))
     lines.append(f"engine: {t['engine_steps_per_run']:.0f} steps per run, "
                  f"{t['engine_host_s_per_step'] * 1e3:.1f} ms host time per step not overlapped")
-    lines.append('')
+    lines += limits.throughput_lines(t)
   c = report.get('capacity')
   if c:
     lines += [f"KV capacity: budget {c['kv_tokens']} tokens, requests up to {c['max_len']} tokens; "
@@ -368,12 +380,8 @@ def table(report: dict) -> str:
   if s:
     lines += [f"Start-up (fresh process, every bucket compiled): cold {s['cold']['compile_s']:.1f} s, "
               f"persistent cache warm {s['warm']['compile_s']:.1f} s ({s['compile_speedup']:.1f}x); "
-              f"whole process {s['cold']['process_s']:.1f} s vs {s['warm']['process_s']:.1f} s"]
-  shares = [r['median_cpu_share'] for r in (t or {}).get('peers', {}).values()]
-  if shares and min(shares) < BUSY_CPU_SHARE and m['jax_backend'] == 'cpu':
-    lines += ['', f'WARNING: a median cpu share fell to {min(shares):.0%}: the host was busy; '
-              'do not quote these ratios.']
-  return '\n'.join(lines)
+              f"whole process {s['cold']['process_s']:.1f} s vs {s['warm']['process_s']:.1f} s", '']
+  return '\n'.join(lines + limits.table_lines(report))
 
 
 def plot(report: dict, path: str) -> None:
@@ -414,12 +422,14 @@ def main(args: argparse.Namespace) -> None:
   cores = args.threads or os.cpu_count()
   torch.set_num_threads(cores)
   cfg = presets.preset(args.preset, dtype='float32' if jax.default_backend() == 'cpu' else 'auto')
-  hf_model = hf_llama(cfg, args.seed)
-  params = stoker_params(cfg, hf_model)
-  report = {'preset': args.preset, 'params': cfg.num_params(), 'machine': machine(),
+  if {'throughput', 'capacity', 'tbt'} & set(args.sections):
+    hf_model = hf_llama(cfg, args.seed)
+    params = stoker_params(cfg, hf_model)
+  report = {'preset': args.preset, 'params': cfg.num_params(), 'machine': limits.machine(),
             'date': datetime.date.today().isoformat(), 'runs': args.runs, 'threads': cores,
             'load_average_before': os.getloadavg()}
   clock = Clock()
+  report['probes'] = {'start': limits.probes(args, cores)}
   if 'throughput' in args.sections:
     report['throughput'] = section_throughput(args, cfg, params, hf_model, cores)
   if 'capacity' in args.sections:
@@ -428,6 +438,7 @@ def main(args: argparse.Namespace) -> None:
     report['tbt'] = section_tbt(args, cfg, params, cores)
   if 'startup' in args.sections:
     report['startup'] = section_startup(args)
+  limits.run_sections(report, args, cores, engine_config)  # limits, server; the end probes
   report['wall_s'] = clock.stop()[0]
   text = table(report)
   print(text)
