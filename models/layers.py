@@ -1,4 +1,9 @@
-"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE, the SwiGLU MLP."""
+"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE, the SwiGLU MLP.
+
+Every product with a weight matrix goes through `einsum` (and the embedding lookup through
+`take_rows`), so a weight Variable may hold, instead of an array, an object that computes the
+product itself: serving's int8 weights (serve/quant.Int8) do, reading int8 from memory.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,21 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nn
 def fan_in_init(fan_in: int):
   """Truncated-normal init with std 1/sqrt(fan_in) (LeCun), as in most Llama trainers."""
   return jax.nn.initializers.truncated_normal(stddev=1.0 / math.sqrt(fan_in))
+
+
+def einsum(spec: str, x: jax.Array, w, **kwargs) -> jax.Array:
+  """jnp.einsum(spec, x, w) with w cast to x's dtype. `w` is a weight's value: an array, or an
+  object with an `einsum(spec, x, **kwargs)` method that computes the product itself."""
+  if hasattr(w, 'einsum'):
+    return w.einsum(spec, x, **kwargs)
+  return jnp.einsum(spec, x, w.astype(x.dtype), **kwargs)
+
+
+def take_rows(table, ids: jax.Array, dtype) -> jax.Array:
+  """Rows `ids` of a [V, D] table as `dtype`; a table object with `take_rows` gathers itself."""
+  if hasattr(table, 'take_rows'):
+    return table.take_rows(ids, dtype)
+  return jnp.take(table, ids, axis=0).astype(dtype)
 
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
@@ -82,8 +102,7 @@ class MLP(nnx.Module):
     self.down_FD = param(rngs, fan_in_init(F), (F, D), ('mlp', 'embed'), pdt)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    dt = x_BTD.dtype
-    gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, self.gate_DF[...].astype(dt))
-    up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, self.up_DF[...].astype(dt))
+    gate_BTF = einsum('BTD,DF->BTF', x_BTD, self.gate_DF.get_value())
+    up_BTF = einsum('BTD,DF->BTF', x_BTD, self.up_DF.get_value())
     h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ('batch', 'length', 'mlp'))
-    return jnp.einsum('BTF,FD->BTD', h_BTF, self.down_FD[...].astype(dt))
+    return einsum('BTF,FD->BTD', h_BTF, self.down_FD.get_value())

@@ -13,7 +13,8 @@ from flax import nnx
 
 from models import attention
 from models.config import ModelConfig
-from models.layers import MLP, RMSNorm, apply_rope, constrain, fan_in_init, param, rope_inverse_frequencies
+from models.layers import (MLP, RMSNorm, apply_rope, constrain, einsum, fan_in_init, param,
+                           rope_inverse_frequencies, take_rows)
 
 _REMAT = {
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -51,9 +52,9 @@ class Attention(nnx.Module):
     Serving calls this (and `project_out`) around its paged attention, so both share one copy.
     """
     dt = x_BTD.dtype
-    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.q_DNH[...].astype(dt))
-    k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, self.k_DKH[...].astype(dt))
-    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, self.v_DKH[...].astype(dt))
+    q_BTNH = einsum('BTD,DNH->BTNH', x_BTD, self.q_DNH.get_value())
+    k_BTKH = einsum('BTD,DKH->BTKH', x_BTD, self.k_DKH.get_value())
+    v_BTKH = einsum('BTD,DKH->BTKH', x_BTD, self.v_DKH.get_value())
     if self.bias is not None:
       q_BTNH += self.bias['q_NH'][...].astype(dt)[None, None]
       k_BTKH += self.bias['k_KH'][...].astype(dt)[None, None]
@@ -66,7 +67,7 @@ class Attention(nnx.Module):
 
   def project_out(self, out_BTNH):
     """The output projection of the attended values, back to the model width."""
-    return jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.o_NHD[...].astype(out_BTNH.dtype))
+    return einsum('BTNH,NHD->BTD', out_BTNH, self.o_NHD.get_value())
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
     q_BTNH, k_BTKH, v_BTKH = self.project_qkv(x_BTD, positions_BT, inv_freq)
@@ -118,16 +119,16 @@ class Transformer(nnx.Module):
     # Gather from a whole table: like every FSDP weight it is all-gathered for use. Gathering
     # from a sharded table leaves rows split over the width, which then cannot be resharded
     # onto the batch axes without a full rematerialisation.
-    embed_VD = constrain(self.embed_VD[...], (None, None))
-    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dt)
+    embed_VD = jax.tree.map(lambda a: constrain(a, (None, None)), self.embed_VD.get_value())
+    x_BTD = take_rows(embed_VD, tokens_BT, dt)
     return constrain(x_BTD, ('batch', 'length', 'act_embed'))
 
   def logits(self, x_BTD) -> jax.Array:
     """Final norm and LM head: activations [B, T, D] -> float32 logits [B, T, V]."""
     x_BTD = self.final_norm(x_BTD)
-    head_DV = self.embed_VD[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
-    logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, head_DV.astype(x_BTD.dtype),
-                            preferred_element_type=jnp.float32)
+    head_DV = (self.embed_VD.get_value().T if self.lm_head_DV is None else
+               self.lm_head_DV.get_value())
+    logits_BTV = einsum('BTD,DV->BTV', x_BTD, head_DV, preferred_element_type=jnp.float32)
     return constrain(logits_BTV, ('batch', 'length', 'vocab'))
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:

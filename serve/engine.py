@@ -80,7 +80,7 @@ class EngineConfig:
   attention: AttentionBackend = AttentionBackend.AUTO
   min_bucket: int = 16  # smallest token bucket; buckets double up to token_budget
   kv_dtype: str | None = None  # None: the model's compute dtype; 'int8': quantized (serve/quant.py)
-  weight_dtype: str | None = None  # None: the params as given; 'int8': weight-only int8
+  weight_dtype: str | None = None  # None: the params as given; 'int8': int8 weights, W8A8 matmuls
   compilation_cache_dir: str | None = None  # JAX persistent compilation cache, for fast restarts
   seed: int = 0  # draws the seeds of requests that bring none
   async_scheduling: bool = True  # plan step n+1 while step n runs (see the module docstring)

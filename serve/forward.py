@@ -6,9 +6,9 @@ norm, RoPE), writes their keys/values into their pages, runs ragged paged attent
 pools, and finishes with the model's output projection and MLP. Only the rows whose next token is
 needed go through the final norm and LM head.
 
-Quantized serving (serve/quant.py): params whose weights are Int8 are dequantized to the compute
-dtype one layer at a time inside the layer loop (the rest before it); int8 pools are written
-quantized and read through kv_cache.layer_pages.
+Quantized serving (serve/quant.py): params whose weights are Int8 stay int8 through the step (the
+model's matmuls hand them to quant.einsum: int8 x int8 products; the embedding gathers int8 rows);
+int8 pools are written quantized and read through kv_cache.layer_pages.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from serve import attention, kv_cache, quant
+from serve import attention, kv_cache
 from serve.kv_cache import KVPages
 
 
@@ -50,9 +50,6 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
   model = nnx.merge(graphdef, params)
   L, P, G, K, H = pages.k_LPGKH.shape
   dt = jnp.dtype(model.cfg.compute_dtype(jax.default_backend()))
-  if quant.is_quantized(params):  # the layers' weights are dequantized in the loop, one by one
-    nnx.update(model, quant.dequantize(nnx.State({k: v for k, v in params.items()
-                                                  if k != 'layers'}), dt))
   inv_freq = model.inv_freq()
   positions_1T = batch.positions_T[None]
   slots_T = kv_cache.slot_mapping(batch.positions_T, batch.block_tables_BM, batch.cu_q_lens_B1,
@@ -61,7 +58,7 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
   cache = kv_cache.fold(pages)
 
   def layer(block_def, block_state, l, x_1TD, cache):
-    block = nnx.merge(block_def, quant.dequantize(block_state, dt))
+    block = nnx.merge(block_def, block_state)
     q_1TNH, k_1TKH, v_1TKH = block.attn.project_qkv(block.attn_norm(x_1TD), positions_1T, inv_freq)
     cache = kv_cache.write_step(cache, k_1TKH[0], v_1TKH[0], slots_T + l * P * G)
     k_PGKH, v_PGKH, tables_BM = kv_cache.layer_pages(cache, l, P, batch.block_tables_BM, dt)

@@ -1,21 +1,35 @@
-"""Int8 for serving: weight-only int8 (per output channel) and the int8 KV cache (per token, per head).
+"""Int8 for serving: int8 weights (per output channel) and the int8 KV cache (per token, per head).
 
 Weights. Each weight matrix W is stored as int8 q with a float32 scale per output channel:
   scale = max |W| over the input (contracted) axes / 127,   q = round(W / scale),   W ~ q * scale.
 Norm scales and biases stay in full precision (they are tiny). The quantized params keep the model's
 nnx.State layout; a quantized Variable holds an `Int8(q, scale)` instead of an array, with scale's
 contracted axes of size 1 (so it carries the same logical axis names and shards like its weight).
-The paged forward dequantizes each layer's weights inside the layer loop, to the compute dtype,
-so the full-precision copy of only one layer exists at a time (and XLA may fuse the dequantize into
-the matmul). The embedding table is quantized per row (a row is a token's vector, and a channel of
-the tied LM head).
+The embedding table is quantized per row (a row is a token's vector, and a channel of the tied LM
+head).
+
+Matmuls. The model's products go through models/layers.einsum, which hands an Int8 weight its own
+`einsum`: int8 x int8 -> int32 (W8A8). x is rounded per token (x_scale = max |x| over the
+contracted axes / 127, computed on the fly), the products summed in int32 (XLA:CPU runs the dot in
+YNNPACK; GPUs and TPUs have int8 units) and scaled by x_scale * scale. Weights stay int8 in memory
+through the step; the embedding lookup gathers int8 rows and dequantizes only those.
+Measured on a 2-core AVX-512 CPU (small preset, 16-row projections as in a decode step): 1.3-2x
+the speed of float32 per matmul, decode steps 1.6-1.7x as fast at batch 1 and 16
+(benchmarks/int8_decode.py). Weight-only int8 was no faster than float32 there: XLA:CPU fuses an
+int8 -> float convert into no dot, so x @ q.astype(f32) and a mixed-type dot_general write each
+weight out in float32 first (the LM head 3.4x slower than float32; so did the first version here,
+which dequantized a layer before it ran), and a multiply-and-reduce fusion reads int8 but runs up
+to 4x slower than the float32 dot. Rounding the activations adds an error of the size of the
+weights' own: validation perplexity within 0.02% of full precision on the trained tiny preset
+(benchmarks/quantized_serving.py); a model with outlier activation channels (large LLMs) loses
+more than it would to weight-only int8.
 
 KV cache. Keys and values are written as int8 with a float32 scale per (token, kv head):
   scale = max |k| over the head dim / 127. Pages [L, P, G, K, H] int8 + scales [L, P, G, K].
 
 Why not qwix (Google's JAX quantization library, used by MaxText): qwix 0.1.8 installs with the
 pinned jax 0.10.2 and its PTQ provider quantizes this model's params on CPU, but running the
-quantized model fails: our layers cast weights to the compute dtype before each einsum
+quantized model failed: our layers cast weights to the compute dtype before each einsum
 (`w[...].astype(dt)`), which qwix's quantized arrays do not support, and qwix intercepts one method
 of an NNX model while the paged forward calls the projections of each layer itself, inside a scan.
 Using it would mean rewriting the model's matmuls around qwix; it also has no KV-cache quantization.
@@ -24,6 +38,7 @@ The math needed here is a few lines, written out below.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -47,6 +62,20 @@ class Int8(NamedTuple):
   q: jax.Array
   scale: jax.Array
 
+  @property
+  def T(self) -> Int8:  # pylint: disable=invalid-name
+    return Int8(self.q.T, self.scale.T)
+
+  def einsum(self, spec: str, x: jax.Array, preferred_element_type=None) -> jax.Array:
+    """jnp.einsum(spec, x, q * scale): see the module `einsum`. models/layers.einsum calls it."""
+    return einsum(spec, x, self, preferred_element_type)
+
+  def take_rows(self, ids: jax.Array, dtype) -> jax.Array:
+    """Rows `ids` of a [V, D] table quantized per row: only those rows are read and dequantized."""
+    q_XD = jnp.take(self.q, ids, axis=0)
+    scale_X1 = jnp.take(self.scale, ids, axis=0)
+    return (q_XD.astype(jnp.float32) * scale_X1).astype(dtype)
+
 
 def _is_int8(x) -> bool:
   return isinstance(x, Int8)
@@ -67,6 +96,44 @@ def quantize(w: jax.Array, axes: tuple[int, ...]) -> Int8:
 
 def dequantize_array(x: Int8, dtype) -> jax.Array:
   return (x.q.astype(jnp.float32) * x.scale).astype(dtype)
+
+
+def _expand(a: jax.Array, axes: str, out: str) -> jax.Array:
+  """`a` (one dim per letter of `axes`; size 1 where the letter is not in `out`) transposed and
+  expanded to broadcast against an array whose dims are the letters of `out`."""
+  kept = ''.join(c for c in axes if c in out)
+  a = a.reshape([n for c, n in zip(axes, a.shape) if c in out])
+  a = jnp.einsum(f'{kept}->{"".join(c for c in out if c in kept)}', a)
+  return jnp.expand_dims(a, [i for i, c in enumerate(out) if c not in kept])
+
+
+def einsum(spec: str, x: jax.Array, w: Int8, preferred_element_type=None) -> jax.Array:
+  """jnp.einsum(spec, x, w.q * w.scale) (w's scale one per output channel), computed int8 x int8:
+  x is quantized per index of its non-contracted axes (per token) and the product summed in int32.
+
+  Returns preferred_element_type, else x's dtype. A single row is padded to two: XLA:CPU hands
+  int8 matrix-vector products to no library and would widen all of w to int32 first.
+  """
+  inputs, out = spec.replace(' ', '').split('->')
+  x_axes, w_axes = inputs.split(',')
+  if sorted(x_axes + w_axes) != sorted(out + 2 * ''.join(c for c in x_axes if c not in out)):
+    raise ValueError(f'quant.einsum({spec!r}): use one input and one weight whose shared letters '
+                     'are all contracted (no batch dims shared with the weight, no repeats).')
+  contracted = tuple(i for i, c in enumerate(x_axes) if c not in out)
+  x32 = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True)
+  x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  xq = jnp.clip(jnp.round(x32 / x_scale), -127, 127).astype(jnp.int8)
+  rows = x.size // max(1, math.prod(x.shape[i] for i in contracted))
+  pad = rows == 1 and len(contracted) < len(x_axes)
+  if pad:  # along x's first non-contracted axis, sliced off again below
+    axis = next(i for i in range(len(x_axes)) if i not in contracted)
+    xq = jnp.concatenate([xq, jnp.zeros_like(xq)], axis=axis)
+  acc = jnp.einsum(spec, xq, w.q, preferred_element_type=jnp.int32)
+  if pad:
+    acc = jax.lax.slice_in_dim(acc, 0, 1, axis=out.index(x_axes[axis]))
+  y = acc.astype(jnp.float32) * _expand(x_scale, x_axes, out) * _expand(w.scale, w_axes, out)
+  return y.astype(preferred_element_type or x.dtype)
 
 
 def _contracted(name: str, ndim: int) -> tuple[int, ...]:
