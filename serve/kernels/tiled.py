@@ -6,9 +6,9 @@ sequence's block table: T x M x G keys, whatever the sequences hold, so a 256-to
 against a 64-page table gathers 256 x 1024 keys per layer. Here:
 
 - Query tiles. The step's tokens are cut into tiles of Q consecutive tokens of one sequence
-  (Q = T // 16; 1 for decode-sized steps), and each tile gathers its sequence's pages once: a
-  prefill chunk of n tokens costs n / Q gathers, not n. A sequence's last tile may be partly empty;
-  sum over sequences of ceil(q_len / Q) <= T / Q + B, the static tile count W.
+  (`tile_size`: up to T // 16; 1 for decode-sized steps), and each tile gathers its sequence's
+  pages once: a prefill chunk of n tokens costs n / Q gathers, not n. A sequence's last tile may
+  be partly empty; sum over sequences of ceil(q_len / Q) <= T / Q + B, the static tile count W.
 - Table widths. Each step attends over the narrowest of a few block-table widths (4 pages,
   doubling, up to M) that holds its longest live sequence: one compiled branch per width, picked
   on device by `lax.switch`, each a single pass (a loop over key blocks with an online softmax
@@ -28,9 +28,17 @@ import jax.numpy as jnp
 from serve.kernels.reference import check_shapes
 
 
-def tile_size(T: int) -> int:
-  """Tokens per query tile for a T-token step: one for decode-sized steps, T // 16 above."""
-  return max(1, T // 16)
+def tile_size(T: int, B: int) -> int:
+  """Tokens per query tile for a T-token step over B sequence slots: the power of two up to
+  T // 16 that needs the fewest tiles (T / Q, plus B partial ones once Q > 1), the smaller on ties.
+  One token a tile for decode-sized steps and many slots; 16-token tiles for a 256-token step."""
+  def tiles(q):
+    return -(-T // q) + (B if q > 1 else 0)
+  q, best = 1, 1
+  while q * 2 <= max(1, T // 16):
+    q *= 2
+    best = q if tiles(q) < tiles(best) else best
+  return best
 
 
 def table_widths(M: int, narrowest: int = 4) -> tuple[int, ...]:
@@ -52,7 +60,7 @@ def ragged_paged_attention(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_t
   _, G, K, _ = k_pages_PGKH.shape
   B, M = block_tables_BM.shape
   R = N // K  # query heads per kv head
-  Q = tile_size(T)
+  Q = tile_size(T, B)
   W = -(-T // Q) + (B if Q > 1 else 0)  # static bound on the number of tiles
   X = Q * R  # query rows per (tile, kv head)
   scale = H ** -0.5 if sm_scale is None else sm_scale
