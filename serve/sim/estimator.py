@@ -14,6 +14,8 @@ physical quantities of the step (StepShape):
   num_decodes  decodes among them (sampled every step)
   attn_qk      sum of q_len * kv_len: attention work of kernels that skip masked blocks
   kv_tokens    sum of kv_len: KV bytes a paged kernel reads
+  gathered     keys the CPU's tiled attention gathers (serve/kernels/tiled.py): its tiles for the
+               bucket times the table width that holds the step's longest sequence
 Fit: least squares with non-negative coefficients (scikit-learn LinearRegression(positive=True)),
 weighted by 1/wall^2 so it fits relative error; then bucket and after costs are made non-decreasing
 in their bucket (a running maximum). Why this and not boosted trees: every term is a cost that only
@@ -37,10 +39,11 @@ from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import KFold
 
 from serve.engine import EngineConfig
+from serve.kernels import tiled
 from serve.sim.roofline import padded_tokens
 from serve.sim.shape import StepShape
 
-LINEAR = ('tokens', 'num_seqs', 'num_decodes', 'attn_qk', 'kv_tokens')
+LINEAR = ('tokens', 'num_seqs', 'num_decodes', 'attn_qk', 'kv_tokens', 'gathered')
 FILES = ('steps.csv', 'host.csv', 'meta.json')
 _REQUIRED = ('kind', 'q_lens', 'kv_lens', 'wall_s', 'device_s')
 
@@ -99,10 +102,24 @@ def load_profile(path: str) -> Profile:
   return Profile(path, shapes, tuple(r['kind'] for r in rows), wall, device, host, meta)
 
 
-def features(shape: StepShape) -> np.ndarray:
-  """The LINEAR features of a step."""
+def features(shape: StepShape, engine: EngineConfig) -> np.ndarray:
+  """The LINEAR features of a step on `engine`."""
   q, kv = np.array(shape.q_lens, np.float64), np.array(shape.kv_lens, np.float64)
-  return np.array([q.sum(), len(q), shape.num_decodes, (q * kv).sum(), kv.sum()])
+  return np.array([q.sum(), len(q), shape.num_decodes, (q * kv).sum(), kv.sum(),
+                   gathered_keys(shape, engine)])
+
+
+def gathered_keys(shape: StepShape, engine: EngineConfig) -> float:
+  """Keys (and as many values) the tiled attention gathers per layer for this step: every tile
+  reads the narrowest table width that holds the step's longest sequence."""
+  buckets = engine.buckets()
+  T = min(padded_tokens(shape.num_tokens, buckets), buckets[-1])
+  B, M, G = engine.max_seqs, engine.max_pages_per_seq, engine.page_size
+  Q = tiled.tile_size(T, B)
+  tiles = -(-T // Q) + (B if Q > 1 else 0)
+  pages = -(-max(shape.kv_lens) // G)
+  width = next((w for w in tiled.table_widths(M) if w >= pages), M)
+  return float(tiles * width * G)
 
 
 def _after(shape: StepShape, buckets: Sequence[int]) -> int | None:
@@ -113,13 +130,14 @@ def _after(shape: StepShape, buckets: Sequence[int]) -> int | None:
   return prev if prev > padded_tokens(shape.num_tokens, buckets) else None
 
 
-def _design(shapes: Sequence[StepShape], buckets: Sequence[int]) -> np.ndarray:
+def _design(shapes: Sequence[StepShape], engine: EngineConfig) -> np.ndarray:
   """One column per bucket (1 where the step runs in it), one per bucket of a larger step before (1 where
   one was), then the LINEAR features."""
+  buckets = engine.buckets()
   onehot = [[float(padded_tokens(s.num_tokens, buckets) == b) for b in buckets] +
             [float(_after(s, buckets) == b) for b in buckets] for s in shapes]
   return np.hstack([np.array(onehot).reshape(len(shapes), 2 * len(buckets)),
-                    np.stack([features(s) for s in shapes])])
+                    np.stack([features(s, engine) for s in shapes])])
 
 
 def _fit(X: np.ndarray, y: np.ndarray, num_buckets: int) -> np.ndarray:
@@ -156,7 +174,7 @@ class ProfiledModel:
             self.bucket_s[-1] * T / buckets[-1])
     prev = _after(shape, buckets)
     after = 0.0 if prev is None else self.after_s[buckets.index(prev)]
-    return float(base + after + features(shape) @ np.array(self.coef))
+    return float(base + after + features(shape, self.engine) @ np.array(self.coef))
 
   def describe(self) -> str:
     buckets = ', '.join(f'{b}: {1e3 * c:.3g} ms' for b, c in zip(self.engine.buckets(), self.bucket_s))
@@ -172,7 +190,7 @@ class ProfiledModel:
 def fit(profile: Profile, folds: int = 5, seed: int = 0) -> ProfiledModel:
   """Fits the step-time model on a profile's steady-state step times and cross-validates it."""
   buckets = profile.engine.buckets()
-  X, y, nb = _design(profile.shapes, buckets), profile.wall_s, len(buckets)
+  X, y, nb = _design(profile.shapes, profile.engine), profile.wall_s, len(buckets)
   folds = min(folds, len(y))
   pred = np.empty_like(y)
   for train, test in KFold(folds, shuffle=True, random_state=seed).split(X):
