@@ -28,3 +28,13 @@ class Clock:
   def stop(self, cores: int = 1) -> tuple[float, float]:
     wall = time.perf_counter() - self.wall
     return wall, (time.process_time() - self.cpu) / (wall * cores)
+
+
+def cpu_name() -> str:
+  """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+  import platform  # pylint: disable=g-import-not-at-top
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import transformers
 
-from _common import Clock, log
+from _common import Clock, cpu_name, log
 from _engine_server import section_server, server_lines
 from models import presets
 from models.config import ModelConfig
@@ -48,12 +48,7 @@ STEP_SPLIT = ('plan_s', 'build_s', 'wait_s', 'update_s', 'output_s', 'host_s')
 
 def machine() -> dict:
   """The host, its cores and the versions, for the report."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  cpu = cpu_name()
   return {'cpu': cpu, 'cpu_cores': os.cpu_count(), 'jax_backend': jax.default_backend(),
           'jax_device_kind': jax.devices()[0].device_kind, 'torch_threads': torch.get_num_threads(),
           'python': platform.python_version(), 'jax': jax.__version__, 'torch': torch.__version__,

@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-from _common import Clock, log, set_host_devices  # pylint: disable=g-import-not-at-top
+from _common import Clock, cpu_name, log, set_host_devices  # pylint: disable=g-import-not-at-top
 
 
 if __name__ == '__main__':
@@ -270,12 +270,7 @@ def measure_train(preset: str, data_dir: str, args) -> dict:
 
 def machine() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  cpu = cpu_name()
   return {'cpu': cpu, 'cpu_cores': os.cpu_count(), 'jax_backend': jax.default_backend(),
           'jax_devices': jax.device_count(), 'python': platform.python_version(),
           'jax': jax.__version__, 'grain': metadata.version('grain'), 'pyarrow': pa.__version__}

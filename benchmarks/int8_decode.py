@@ -9,8 +9,8 @@ each batch size, each timed run starts `batch` requests of --prompt_len random t
 (untimed), then times --steps steady decode steps (every sequence decoding). Runs interleave the
 engines; medians are quoted with the ratio int8 / float32 of step time (paired by run).
 
-Beside the figures, the probes that say how fast this host is: float32 matmul peak
-(train.flops.measure_cpu_peak_flops) and memory bandwidth (a jitted sum over a 1 GiB float32
+Beside the figures, the probes that say how fast this host is (those of serve_engine.py,
+_engine_limits.py): float32 matmul peak and memory bandwidth (a jitted sum over a 1 GiB float32
 array), and the bytes one decode step reads (weights, keys and values) with the time that reading
 takes at that bandwidth. Each timed run's cpu share (process time / wall / cores) is printed; a
 WARNING when one falls under 90% (another job may have taken the cores). Writes
@@ -50,24 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def memory_bandwidth(gib: float, repeats: int = 5) -> float:
-  """Bytes/s of a jitted sum over a `gib` GiB float32 array (median of `repeats`)."""
-  import time  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  n = int(gib * 2**30) // 4
-  x = jax.jit(lambda: jnp.ones((n,), jnp.float32))()
-  total = jax.jit(jnp.sum)
-  total(x).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    total(x).block_until_ready()
-    times.append(time.perf_counter() - start)
-  del x
-  return n * 4 / statistics.median(times)
-
-
 def decode_tokens(args, token_budget: int) -> int:
   """max_tokens of a request: the first ones started decode while the last prefills."""
   return 16 * -(-args.prompt_len // token_budget) + args.warmup_steps + args.steps + 8
@@ -105,11 +87,11 @@ def main(argv=None) -> int:
   from models import presets, transformer  # pylint: disable=g-import-not-at-top
   from serve import quant  # pylint: disable=g-import-not-at-top
   from serve.engine import Engine, EngineConfig  # pylint: disable=g-import-not-at-top
-  from train import flops  # pylint: disable=g-import-not-at-top
+  from _engine_limits import probe_bandwidth, probe_peak  # pylint: disable=g-import-not-at-top
 
   cores = len(os.sched_getaffinity(0))
-  peak = flops.measure_cpu_peak_flops()
-  bandwidth = memory_bandwidth(args.bandwidth_gib)
+  peak = probe_peak(cores)['flops_per_s']
+  bandwidth = probe_bandwidth(cores, int(args.bandwidth_gib * 2**30))['bytes_per_s']
   log(f'probes: float32 matmul peak {peak / 1e9:.0f} GFLOP/s, memory bandwidth '
       f'{bandwidth / 1e9:.1f} GB/s ({cores} cores, load {os.getloadavg()[0]:.2f})')
 

@@ -76,7 +76,7 @@ def _variant(text: str) -> tuple[str, dict]:
   return name, overrides
 
 
-from _common import Clock, log, set_host_devices  # pylint: disable=g-import-not-at-top
+from _common import Clock, cpu_name, log, set_host_devices  # pylint: disable=g-import-not-at-top
 
 
 if __name__ == '__main__':
@@ -348,12 +348,7 @@ def torch_matmul_flops(n: int = 1024, repeats: int = 7) -> float:
 
 
 def machine() -> dict:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  cpu = cpu_name()
   dev = jax.devices()[0]
   return {'cpu': cpu, 'cpu_cores': os.cpu_count(), 'jax_backend': jax.default_backend(),
           'jax_device_kind': dev.device_kind, 'jax_devices': jax.device_count(),
