@@ -157,10 +157,6 @@ def quantize_params(params: nnx.State) -> nnx.State:
   return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
 
 
-def is_quantized(params) -> bool:
-  return any(_is_int8(x) for x in jax.tree.leaves(params, is_leaf=_is_int8))
-
-
 def dequantize(params, dtype):
   """Every Int8 in `params` (a State, or any pytree) as an array of `dtype`; the rest unchanged."""
   return jax.tree.map(lambda x: dequantize_array(x, dtype) if _is_int8(x) else x, params,
