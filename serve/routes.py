@@ -170,7 +170,7 @@ class _Reply:
       self.pending.discard(index)
       if isinstance(item, ValueError):
         raise APIError(400, f'the engine refused the request: {item}')
-      raise APIError(503, f'{item}', type='service_unavailable')
+      raise APIError(500, f'{item}; the server restarts: retry the request.', type='server_error')
     assert isinstance(item, RequestOutput)
     self.counts[index] += len(item.new_token_ids)
     text = self.streams[index].push(item.new_token_ids, final=item.finished)
