@@ -74,6 +74,25 @@ class CheckpointConfig:
       raise ValueError(f'checkpoint.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.')
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Knowledge distillation from a frozen teacher (train/distill.py); off while `teacher` is ''.
+
+  The loss is alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, both summed
+  over the target tokens the loss mask keeps; top_k > 0 compares the two distributions on the
+  teacher's k most likely tokens only.
+  """
+
+  teacher: str = ''  # a Stoker training workdir (its newest checkpoint) or a Hugging Face directory
+  alpha: float = 0.5
+  temperature: float = 1.0
+  top_k: int = 0
+
+  def __post_init__(self):
+    if not 0 <= self.alpha <= 1 or self.temperature <= 0 or self.top_k < 0:
+      raise ValueError(f'distill: need 0 <= alpha <= 1, temperature > 0 and top_k >= 0; got {self}.')
+
+
 FAULT_KINDS = ('none', 'exception', 'sigterm', 'sigkill', 'hang', 'nonfinite', 'kill_in_save')
 
 
@@ -111,6 +130,7 @@ class TrainConfig:
   data: DataConfig = DataConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   fault: FaultConfig = FaultConfig()
+  distill: DistillConfig = DistillConfig()
   steps: int = 100
   batch_size: int = 16
   seq_len: int = 128

@@ -91,6 +91,7 @@ class Progress(contextlib.ExitStack):
         'grad_norm': values['grad_norm'],
         'learning_rate': values['learning_rate'],
         'skipped_steps': values['skipped_steps'],
+        **{k: values[k] for k in ('kl', 'ce') if k in values},  # distilling (train/distill.py)
         'step_time': step_time,
         'tokens_per_sec': self.cfg.tokens_per_step / step_time,
         'mfu': self.flops_per_step / step_time / self.peak_flops,

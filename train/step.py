@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from models import transformer
 from parallelism import sharding
 from parallelism.rules import DEFAULT_RULES, Rules
+from train import distill
 from train.config import TrainConfig
 from train.optimizer import schedule
 
@@ -36,6 +37,10 @@ def loss_sums(params, graphdef, batch, z_loss: float):
   """Sum over target tokens of the masked cross-entropy (+ z-loss), and the token count."""
   model = nnx.merge(graphdef, params)
   logits_BTV = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+  return _ce_sums(logits_BTV, batch, z_loss)
+
+
+def _ce_sums(logits_BTV, batch, z_loss: float):
   logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   target_logit_BT = jnp.take_along_axis(logits_BTV, batch['targets'][..., None], axis=-1)[..., 0]
   weights_BT = batch['loss_mask'].astype(jnp.float32)
@@ -44,25 +49,44 @@ def loss_sums(params, graphdef, batch, z_loss: float):
   return objective, (nll, jnp.sum(weights_BT))
 
 
+def objective_sums(params, graphdef, batch, cfg: TrainConfig, teacher=None):
+  """The training objective and the sums the metrics need: 'nll', 'tokens' and, when distilling
+  from `teacher` ((graphdef, params), train/distill.py), 'kl'."""
+  if teacher is None:
+    objective, (nll, tokens) = loss_sums(params, graphdef, batch, cfg.z_loss)
+    return objective, {'nll': nll, 'tokens': tokens}
+  model = nnx.merge(graphdef, params)
+  logits_BTV = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+  ce, (nll, tokens) = _ce_sums(logits_BTV, batch, cfg.z_loss)
+  kl = distill.kl_sum(distill.teacher_logits(*teacher, batch), logits_BTV,
+                      batch['loss_mask'].astype(jnp.float32), cfg.distill)
+  return distill.objective(ce, kl, cfg.distill), {'nll': nll, 'tokens': tokens, 'kl': kl}
+
+
 def _microbatches(batch, k: int):
   """[k*b, ...] -> [k, b, ...], microbatch i taking rows i, i+k, ...: each device keeps its rows."""
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def grad_step(state: TrainState, batch, *, graphdef, cfg: TrainConfig):
+def grad_step(state: TrainState, batch, teacher_params=None, *, graphdef, cfg: TrainConfig,
+              teacher_graphdef=None):
   """Gradients of the batch's mean loss at `state`, and the step's metrics. Reads `state` only."""
-  grad_fn = jax.grad(loss_sums, has_aux=True)
+  teacher = None if teacher_graphdef is None else (teacher_graphdef, teacher_params)
+  grad_fn = jax.grad(functools.partial(objective_sums, graphdef=graphdef, cfg=cfg, teacher=teacher),
+                     has_aux=True)
   if cfg.microbatches == 1:
-    grads, (nll, tokens) = grad_fn(state.params, graphdef, batch, cfg.z_loss)
+    grads, sums = grad_fn(state.params, batch=batch)
   else:
     def accumulate(carry, micro):
-      g, (n, t) = grad_fn(state.params, graphdef, micro, cfg.z_loss)
-      acc_g, acc_n, acc_t = carry
+      g, s = grad_fn(state.params, batch=micro)
+      acc_g, acc_s = carry
       acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
-      return (acc_g, acc_n + n, acc_t + t), None
+      return (acc_g, jax.tree.map(jnp.add, acc_s, s)), None
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    (grads, nll, tokens), _ = jax.lax.scan(
-        accumulate, (zeros, 0.0, 0.0), _microbatches(batch, cfg.microbatches))
+    sums0 = {k: jnp.zeros((), jnp.float32) for k in ('nll', 'tokens', 'kl')[:2 + bool(teacher)]}
+    (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0),
+                                    _microbatches(batch, cfg.microbatches))
+  nll, tokens = sums['nll'], sums['tokens']
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads,
                        state.params)
@@ -74,6 +98,8 @@ def grad_step(state: TrainState, batch, *, graphdef, cfg: TrainConfig):
       'learning_rate': schedule(cfg.optimizer, cfg.steps)(applied),
       'tokens': tokens,
   }
+  if 'kl' in sums:  # distilling: the two terms of the objective apart (per target token)
+    metrics.update(kl=sums['kl'] / denom, ce=nll / denom)
   return grads, metrics
 
 
@@ -86,10 +112,11 @@ def apply_grads(state: TrainState, grads, *, tx: optax.GradientTransformation):
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransformation,
-               cfg: TrainConfig):
+def train_step(state: TrainState, batch, teacher_params=None, *, graphdef,
+               tx: optax.GradientTransformation, cfg: TrainConfig, teacher_graphdef=None):
   """One optimizer step: grad_step then apply_grads, fused into one computation."""
-  grads, metrics = grad_step(state, batch, graphdef=graphdef, cfg=cfg)
+  grads, metrics = grad_step(state, batch, teacher_params, graphdef=graphdef, cfg=cfg,
+                             teacher_graphdef=teacher_graphdef)
   state, update_metrics = apply_grads(state, grads, tx=tx)
   return state, {**metrics, **update_metrics}
 
@@ -136,11 +163,23 @@ def compile_train_step(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransform
   graphdef, _ = abstract_model(cfg)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch = batch_spec(cfg, mesh, rules)
-  step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
-                 in_shardings=(state_shardings, jax.tree.map(lambda b: b.sharding, batch)),
+  teacher, extra, extra_shardings, kw = _teacher_args(cfg, mesh, rules)
+  step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg, **kw),
+                 in_shardings=(state_shardings, jax.tree.map(lambda b: b.sharding, batch),
+                               *extra_shardings),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
   with sharding.activation_rules(mesh, rules):
-    return step.lower(abstract_state(cfg, tx, state_shardings), batch).compile()
+    compiled = step.lower(abstract_state(cfg, tx, state_shardings), batch, *extra).compile()
+  return compiled if teacher is None else lambda state, batch: compiled(state, batch, *extra)
+
+
+def _teacher_args(cfg: TrainConfig, mesh: Mesh, rules: Rules):
+  """(teacher, extra step arguments, their shardings, static keywords) for cfg.distill."""
+  teacher = distill.load_teacher(cfg, mesh, rules)
+  if teacher is None:
+    return None, (), (), {}
+  return (teacher, (teacher.params,), (jax.tree.map(lambda x: x.sharding, teacher.params),),
+          {'teacher_graphdef': teacher.graphdef})
 
 
 class SplitStep(NamedTuple):
@@ -172,8 +211,11 @@ def compile_split_step(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransform
   leaves, treedef = jax.tree.flatten(state)
   grads_treedef = jax.tree.structure(state.params)
 
-  def grad_leaves(leaves, batch):
-    grads, metrics = grad_step(treedef.unflatten(leaves), batch, graphdef=graphdef, cfg=cfg)
+  teacher, extra, extra_shardings, kw = _teacher_args(cfg, mesh, rules)
+
+  def grad_leaves(leaves, batch, *teacher_params):
+    grads, metrics = grad_step(treedef.unflatten(leaves), batch, *teacher_params,
+                               graphdef=graphdef, cfg=cfg, **kw)
     return grads_treedef.flatten_up_to(grads), metrics
 
   def update_leaves(leaves, grads):
@@ -182,10 +224,15 @@ def compile_split_step(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransform
 
   shardings = [x.sharding for x in leaves]
   grads_shardings = [x.sharding for x in jax.tree.leaves(state.params)]
-  grad_fn = jax.jit(grad_leaves, in_shardings=(shardings, jax.tree.map(lambda b: b.sharding, batch)),
+  grad_fn = jax.jit(grad_leaves, in_shardings=(shardings, jax.tree.map(lambda b: b.sharding, batch),
+                                               *extra_shardings),
                     out_shardings=(grads_shardings, replicated))
   update_fn = jax.jit(update_leaves, in_shardings=(shardings, grads_shardings),
                       out_shardings=(shardings, replicated), donate_argnums=0)
   with sharding.activation_rules(mesh, rules):
-    return SplitStep(grad_fn.lower(leaves, batch).compile(),
-                     update_fn.lower(leaves, jax.tree.leaves(state.params)).compile(), treedef)
+    grad = grad_fn.lower(leaves, batch, *extra).compile()
+    update = update_fn.lower(leaves, jax.tree.leaves(state.params)).compile()
+  if teacher is not None:  # the teacher's params ride along as the gradient pass's last argument
+    compiled_grad = grad
+    grad = lambda leaves, batch: compiled_grad(leaves, batch, *extra)
+  return SplitStep(grad, update, treedef)
