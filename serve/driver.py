@@ -5,7 +5,16 @@ running slots and the bounded waiting queue are full) and `abort` them; both onl
 command. The driver thread applies queued commands, runs `engine.step()` while there is work,
 hands each RequestOutput to its sequence's `deliver` callback (the server's callback moves it onto
 the event loop), records token timings, and publishes a snapshot of the engine's state for
-/metrics and /health after every step. Idle, it sleeps on the command queue.
+/metrics and /health after every step (and at once after an abort, so freed pages show without
+waiting for the next step). Idle, it sleeps on the command queue.
+
+If the engine raises, the driver fails every sequence it holds or has queued (their `deliver` gets a
+RuntimeError naming the cause), refuses new ones, records the error and calls `on_error` (the
+server turns /health and /ready red and exits non-zero), then its thread ends.
+
+Fault injection, for testing that path end to end: `fail_after_steps=N` (ServerConfig.
+fail_after_steps, `--gin_param server.fail_after_steps=N`) makes the driver raise instead of
+running its (N+1)-th engine step. Nothing else reads it; leave it None in production.
 """
 
 from __future__ import annotations
@@ -42,8 +51,12 @@ class Sequence:
 class EngineDriver:
   """Owns `engine` on a thread of its own; see the module docstring."""
 
-  def __init__(self, engine: Engine, metrics: Metrics, max_waiting: int):
+  def __init__(self, engine: Engine, metrics: Metrics, max_waiting: int,
+               on_error: Callable[[BaseException], None] | None = None,
+               fail_after_steps: int | None = None):
     self.engine, self.metrics = engine, metrics
+    self._on_error, self._fail_after_steps = on_error, fail_after_steps
+    self._steps = 0
     self.capacity = engine.config.max_seqs + max_waiting
     self._commands: queue.SimpleQueue = queue.SimpleQueue()
     self._lock = threading.Lock()
@@ -94,14 +107,15 @@ class EngineDriver:
     try:
       while True:
         commands = self._take(block=not self.engine.has_work)
+        aborted = False
         for kind, arg in commands:
           if kind == 'add':
             self._add(arg)
           elif kind == 'abort':
-            self._abort(arg)
+            aborted = self._abort(arg) or aborted
           elif kind == 'abort_all':
             for request_id in list(self._live):
-              self._abort(request_id)
+              aborted = self._abort(request_id) or aborted
           else:  # stop
             for request_id in list(self._live):
               self._abort(request_id)
@@ -109,20 +123,42 @@ class EngineDriver:
               self.engine.step()
             self._publish()
             return
+        if aborted:  # the freed pages show now, not after the next step
+          self._publish()
         if self.engine.has_work:
+          if self._fail_after_steps is not None and self._steps >= self._fail_after_steps:
+            raise RuntimeError(f'injected fault: fail_after_steps={self._fail_after_steps} (a test '
+                               'hook; leave ServerConfig.fail_after_steps unset to serve)')
+          self._steps += 1
           outputs = self.engine.step()
           now = time.perf_counter()
           for out in outputs:
             self._deliver(out, now)
         self._publish()
     except Exception as e:  # pylint: disable=broad-except  (fail the requests, not silently)
-      logging.exception('the engine failed; failing every request')
-      with self._lock:
-        self.error = e
-      for seq in self._live.values():
-        self._safe_deliver(seq, RuntimeError(f'the engine failed: {e!r}'))
-      self._live.clear()
+      self._fail(e)
+
+  def _fail(self, e: Exception) -> None:
+    logging.exception('the engine failed; failing every request')
+    with self._lock:
+      self.error = e  # try_submit refuses from here on
+    error = RuntimeError(f'the engine failed: {type(e).__name__}: {e}')
+    failed = list(self._live.values())
+    self._live.clear()
+    for kind, arg in self._take(block=False):  # accepted but not yet added
+      if kind == 'add':
+        failed.append(arg)
+    for seq in failed:
+      self.metrics.finished.labels('error').inc()
+      self._safe_deliver(seq, error)
+    with self._lock:
+      self._outstanding = 0
+    try:
       self._publish()
+    except Exception:  # pylint: disable=broad-except  (the engine's state may be broken too)
+      logging.exception('publishing the engine state after its failure')
+    if self._on_error is not None:
+      self._on_error(e)
 
   def _take(self, block: bool) -> list:
     commands = []
@@ -150,10 +186,11 @@ class EngineDriver:
     self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
     self._live[seq.request_id] = seq
 
-  def _abort(self, request_id: str) -> None:
+  def _abort(self, request_id: str) -> bool:
     out = self.engine.abort(request_id)
     if out is not None:
       self._deliver(out, time.perf_counter())
+    return out is not None
 
   def _deliver(self, out: RequestOutput, now: float) -> None:
     seq = self._live.get(out.request_id)

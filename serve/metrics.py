@@ -23,7 +23,7 @@ import threading
 from typing import Callable, Iterable, Sequence
 
 import prometheus_client
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from serve.bench import metrics as bench_metrics
 
@@ -128,7 +128,13 @@ class _EngineCollector:
                  f'(deadlines: first token {self._metrics.prefill_deadline_s:g} s, then '
                  f'{self._metrics.decode_deadline_s:g} s per token); 1 before any.',
                  1.0 if fluidity is None else fluidity)
-    yield _gauge('stoker_ready', '1 once the model is loaded and compiled.', s.get('ready', 0))
+    yield _gauge('stoker_ready', '1 while the server admits requests (loaded and compiled, not '
+                 'draining, not failed).', s.get('ready', 0))
+    # Why a replica is not ready (a failed engine's error), for alerts: stoker_server_info{state="failed"}.
+    yield InfoMetricFamily('stoker_server', 'The server state (loading, ready, draining, failed) and '
+                           'the reason when it is not ready.',
+                           value={'state': str(s.get('state', 'loading')),
+                                  'reason': str(s.get('reason', ''))[:300]})
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

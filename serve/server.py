@@ -1,18 +1,30 @@
 """The OpenAI-compatible HTTP server: FastAPI routes around the engine driver, run by uvicorn.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream` as server-sent events
-ending in `data: [DONE]`), GET /v1/models, GET /health (200 only once the model is loaded and
-every step bucket compiled; 503 while loading or shutting down), GET /metrics (Prometheus).
+ending in `data: [DONE]`), GET /v1/models, GET /metrics (Prometheus), and two probes:
+  GET /health, liveness: 200 once the model is loaded and compiled, and while draining; 503 while
+    loading (so a startup probe and scripts wait on it, as before) and once the server failed.
+  GET /ready, readiness: 200 only while the server admits requests; 503 while loading, draining
+    or failed. Both answer {"status", "model", "detail"}: the detail says why it is not ready.
+The OpenAPI document (/openapi.json, /docs) lists every status each route returns (serve/openapi.py).
 
-Life cycle: the socket is bound first and the model loads on a thread, so /health answers 503
+Life cycle: the socket is bound first and the model loads on a thread, so the probes answer 503
 "loading" at once. On SIGTERM (or SIGINT) the server stops admitting (503), lets running requests
 finish for up to `shutdown_timeout_s`, aborts what is left (streams end with finish_reason
-'abort'), closes and returns 0; a second signal skips the wait.
+'abort'), closes and returns 0; a second signal skips the wait. If the engine dies (or the model
+fails to load), both probes turn 503 with the reason (also in /metrics: stoker_ready 0,
+stoker_server_info{state="failed",reason=...}), the requests it was running get 500s that say why,
+and after `failure_drain_s` the server exits with status 1 so the orchestrator restarts it.
 
-Guards, in an ASGI middleware in front of everything: bodies over `max_body_bytes` get 413, /v1
-routes need `Authorization: Bearer <api_key>` when one is set (401), and every answer is counted
-by route and status. Back-pressure: sequences beyond the engine's running slots wait in a queue
-bounded by `max_waiting`; past it a request gets 429 with Retry-After and nothing else slows down.
+Guards, in an ASGI middleware in front of everything: every route but /health, /ready and
+/metrics needs `Authorization: Bearer <api_key>` when a key is set (401; /docs and /openapi.json
+included); bodies over `max_body_bytes` get 413; a body not received within `body_timeout_s` gets
+408 and the connection is closed; a client that disconnects before its answer is complete has its
+handler cancelled at once (its sequences are aborted and their pages freed); every answer is
+counted by route and status. uvicorn caps open connections at `max_connections` (beyond: a plain
+503) and closes idle keep-alive connections after `keep_alive_s`. Back-pressure: sequences beyond
+the engine's running slots wait in a queue bounded by `max_waiting`; past it a request gets 429
+with Retry-After and nothing else slows down.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import hmac
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Callable
@@ -33,8 +46,9 @@ import uvicorn
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from serve import routes
+from serve import openapi, routes
 from serve.api import APIError, error_body, validation_message
 from serve.driver import EngineDriver
 from serve.loader import Loaded
@@ -55,14 +69,24 @@ class ServerConfig:
   shutdown_timeout_s: float = 30.0  # running requests may finish for this long after SIGTERM
   ttft_deadline_s: float = 1.0  # fluidity-index deadlines: first token,
   tbt_deadline_s: float = 0.1  # and each later token
+  body_timeout_s: float = 30.0  # a request body must arrive within this (else 408, connection closed)
+  max_connections: int = 1024  # open connections; more get uvicorn's 503
+  keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+  failure_drain_s: float = 2.0  # after an engine failure: answer 503s this long, then exit 1
+  fail_after_steps: int | None = None  # testing only: the engine driver fails after this many steps
 
   def __post_init__(self):
-    for name in ('port', 'max_waiting', 'retry_after_s', 'max_body_bytes'):
+    for name in ('port', 'max_waiting', 'retry_after_s', 'max_body_bytes', 'max_connections'):
       value = getattr(self, name)
       if not isinstance(value, int) or value < (0 if name in ('port', 'max_waiting') else 1):
         raise ValueError(f'ServerConfig.{name}={value!r}; use a non-negative integer'
                          f'{"" if name in ("port", "max_waiting") else " >= 1"}.')
-    for name in ('shutdown_timeout_s', 'ttft_deadline_s', 'tbt_deadline_s'):
+    if self.fail_after_steps is not None and (not isinstance(self.fail_after_steps, int)
+                                              or self.fail_after_steps < 0):
+      raise ValueError(f'ServerConfig.fail_after_steps={self.fail_after_steps!r}; a test hook: '
+                       'None (serve normally) or a number of steps >= 0.')
+    for name in ('shutdown_timeout_s', 'ttft_deadline_s', 'tbt_deadline_s', 'body_timeout_s',
+                 'keep_alive_s', 'failure_drain_s'):
       if not getattr(self, name) > 0:
         raise ValueError(f'ServerConfig.{name}={getattr(self, name)!r}; use a positive number of seconds.')
     if self.api_key is not None and not self.api_key:
@@ -74,16 +98,23 @@ class Service:
 
   def __init__(self, config: ServerConfig, load: Callable[[], Loaded]):
     self.config, self._load = config, load
-    self.status = 'loading'  # -> ready -> draining; or failed
+    self.status = 'loading'  # -> ready -> draining; or failed (the engine died, or loading did)
     self.detail = ''
     self.loaded: Loaded | None = None
     self.driver: EngineDriver | None = None
-    self.metrics = Metrics(lambda: self.driver.snapshot if self.driver else {},
-                           prefill_deadline_s=config.ttft_deadline_s,
+    self.metrics = Metrics(self._snapshot, prefill_deadline_s=config.ttft_deadline_s,
                            decode_deadline_s=config.tbt_deadline_s)
     self.ready = threading.Event()
     self.loading_s = 0.0
     self.created = int(time.time())
+
+  def _snapshot(self) -> dict:
+    state = {'ready': int(self.status == 'ready'), 'state': self.status, 'reason': self.detail}
+    return {**(self.driver.snapshot if self.driver else {}), **state}
+
+  def _engine_failed(self, e: BaseException) -> None:
+    """The driver's on_error (its thread): the probes turn red and `serve` exits 1."""
+    self.status, self.detail = 'failed', f'the engine failed: {type(e).__name__}: {e}'
 
   @property
   def name(self) -> str:
@@ -94,16 +125,18 @@ class Service:
     start = time.perf_counter()
     try:
       loaded = self._load()
-      driver = EngineDriver(loaded.engine, self.metrics, self.config.max_waiting)
+      driver = EngineDriver(loaded.engine, self.metrics, self.config.max_waiting,
+                            on_error=self._engine_failed,
+                            fail_after_steps=self.config.fail_after_steps)
       driver.start()
     except Exception as e:  # pylint: disable=broad-except  (reported by /health and the log)
       logging.exception('loading the model failed')
-      self.status, self.detail = 'failed', f'{type(e).__name__}: {e}'
+      self.status, self.detail = 'failed', f'the model failed to load: {type(e).__name__}: {e}'
       self.ready.set()
       return
     self.loaded, self.driver = loaded, driver
     self.loading_s = time.perf_counter() - start
-    if self.status == 'loading':
+    if self.status == 'loading' and driver.error is None:
       self.status = 'ready'
     logging.info('Serving %r from %s; loaded and compiled in %.1f s.', self.name, loaded.source,
                  self.loading_s)
@@ -118,8 +151,8 @@ class Service:
     if self.status == 'ready' and self.driver is not None and self.driver.error is None:
       return self.driver
     message = {'loading': 'the model is still loading and compiling',
-               'draining': 'the server is shutting down', 'failed': f'the model failed: {self.detail}'
-               }.get(self.status, f'the engine failed: {self.driver and self.driver.error!r}')
+               'draining': 'the server is shutting down'}.get(self.status) or self.detail or (
+                   f'the engine failed: {self.driver and self.driver.error!r}')
     raise APIError(503, f'Service unavailable: {message}; retry later.', type='service_unavailable',
                    headers={'Retry-After': str(self.config.retry_after_s)})
 
@@ -149,37 +182,41 @@ class Service:
 # ----------------------------------------------------------------------------- the app
 
 
-KNOWN_ROUTES = ('/v1/completions', '/v1/chat/completions', '/v1/models', '/health', '/metrics')
-
-
 class Guard:
-  """ASGI middleware: body size limit, API key on /v1, request counting (see module docstring)."""
+  """ASGI middleware: API key, body size and deadline, disconnects, request counting (see the
+  module docstring)."""
 
-  def __init__(self, app, service: Service):
+  def __init__(self, app: fastapi.FastAPI, service: Service):
     self.app, self.service = app, service
+
+  def _route(self, scope) -> str:
+    """The route's path template (its metrics label), or 'other'."""
+    for route in self.app.routes:
+      if route.matches(scope)[0] is not Match.NONE:
+        return getattr(route, 'path_format', 'other')
+    return 'other'
 
   async def __call__(self, scope, receive, send):
     if scope['type'] != 'http':
       return await self.app(scope, receive, send)
-    path = scope.get('path', '')
-    route = path if path in KNOWN_ROUTES else ('/v1/models/{model}' if path.startswith(
-        '/v1/models/') else 'other')
-    status = []
+    status, complete = [], []
 
     async def counting_send(message):
       if message['type'] == 'http.response.start':
         status.append(message['status'])
+      elif message['type'] == 'http.response.body' and not message.get('more_body', False):
+        complete.append(True)  # before sending: a disconnect seen from now on is the normal end
       await send(message)
 
     try:
-      await self._guarded(scope, receive, counting_send, path)
-    finally:
-      self.service.metrics.requests.labels(route, str(status[0] if status else 499)).inc()
+      await self._guarded(scope, receive, counting_send, complete)
+    finally:  # 499: the client went away before an answer started
+      self.service.metrics.requests.labels(self._route(scope), str(status[0] if status else 499)).inc()
 
-  async def _guarded(self, scope, receive, send, path):
+  async def _guarded(self, scope, receive, send, complete):
     config = self.service.config
     headers = {k.decode('latin-1').lower(): v.decode('latin-1') for k, v in scope['headers']}
-    if path.startswith('/v1') and config.api_key is not None:
+    if scope.get('path', '') not in openapi.OPEN_PATHS and config.api_key is not None:
       auth = headers.get('authorization', '')
       scheme, _, key = auth.partition(' ')
       if scheme.lower() != 'bearer' or not hmac.compare_digest(key.strip().encode(),
@@ -193,16 +230,23 @@ class Guard:
       return await _too_large(limit, declared)(scope, receive, send)
     # Read the (bounded) body here, then replay it: a chunked body without a length is cut off too.
     chunks, size = [], 0
-    while True:
-      message = await receive()
-      if message['type'] == 'http.disconnect':
-        return
-      chunks.append(message.get('body', b''))
-      size += len(chunks[-1])
-      if size > limit:
-        return await _too_large(limit, f'over {size}')(scope, receive, send)
-      if not message.get('more_body', False):
-        break
+    try:
+      async with asyncio.timeout(config.body_timeout_s):
+        while True:
+          message = await receive()
+          if message['type'] == 'http.disconnect':
+            return
+          chunks.append(message.get('body', b''))
+          size += len(chunks[-1])
+          if size > limit:
+            return await _too_large(limit, f'over {size}')(scope, receive, send)
+          if not message.get('more_body', False):
+            break
+    except TimeoutError:
+      return await _error(
+          408, f'The request body did not arrive within {config.body_timeout_s:g} s '
+          f'(ServerConfig.body_timeout_s; {size} bytes came); send the whole body promptly.',
+          code='request_timeout', headers={'Connection': 'close'})(scope, receive, send)
     body, replayed = b''.join(chunks), False
 
     async def replay():
@@ -212,7 +256,27 @@ class Guard:
         return {'type': 'http.request', 'body': body, 'more_body': False}
       return await receive()
 
-    await self.app(scope, replay, send)
+    # The handler runs beside a watcher of the connection: a client that goes away before its
+    # answer is complete cancels the handler at once (a non-streaming completion would otherwise
+    # run on, holding its pages, until its next output; the handlers abort on cancellation).
+    handler = asyncio.ensure_future(self.app(scope, replay, send))
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+      await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+      if not handler.done() and not complete:
+        handler.cancel()
+      await asyncio.wait({handler})
+    finally:
+      for task in (handler, watcher):
+        task.cancel()
+    if not handler.cancelled():
+      handler.result()  # an error of the app reaches uvicorn (it logs it)
+
+
+async def _disconnected(receive) -> None:
+  """Returns when the connection ends (uvicorn also says so once the response is complete)."""
+  while (await receive())['type'] != 'http.disconnect':
+    pass
 
 
 def _error(status: int, message: str, type: str = 'invalid_request_error', param: str | None = None,
@@ -245,23 +309,44 @@ def create_app(service: Service) -> fastapi.FastAPI:
                   type='not_found_error' if e.status_code == 404 else 'invalid_request_error',
                   headers=getattr(e, 'headers', None))
 
-  @app.get('/health')
-  async def health():
+  @app.exception_handler(Exception)
+  async def _unexpected(request, e: Exception):
+    logging.error('%s %s failed', request.method, request.url.path, exc_info=e)
+    return _error(500, f'Internal error: {type(e).__name__}: {e}', type='server_error')
+
+  def probe(ok: bool):
     body = {'status': service.status, 'model': service.name}
     if service.status == 'ready':
       body['load_s'] = round(service.loading_s, 3)
       body.update({k: service.driver.snapshot.get(k) for k in ('running', 'waiting', 'pages_used')})
+    else:
+      body['detail'] = service.detail or {'loading': 'the model is loading and compiling',
+                                          'draining': 'the server is shutting down'}[service.status]
+    if ok:
       return body
-    body['detail'] = service.detail
     return JSONResponse(body, status_code=503,
                         headers={'Retry-After': str(service.config.retry_after_s)})
 
-  @app.get('/metrics')
+  @app.get('/health', summary='Liveness: 503 while loading and once the server has failed.')
+  async def health():
+    return probe(service.status in ('ready', 'draining'))
+
+  @app.get('/ready', summary='Readiness: 200 only while the server admits requests.')
+  async def ready():
+    return probe(service.status == 'ready')
+
+  @app.get('/metrics', summary='Prometheus metrics (text format 0.0.4).')
   async def metrics():
-    return Response(service.metrics.exposition(),
-                    media_type='text/plain; version=0.0.4; charset=utf-8')
+    return Response(service.metrics.exposition(), media_type=openapi.PROMETHEUS_TEXT)
 
   routes.add_v1_routes(app, service)
+
+  def document():
+    if app.openapi_schema is None:
+      app.openapi_schema = openapi.document_responses(fastapi.FastAPI.openapi(app))
+    return app.openapi_schema
+
+  app.openapi = document
   return app
 
 
@@ -274,13 +359,16 @@ def asgi_app(service: Service):
 
 class _Server(uvicorn.Server):
   """uvicorn with our shutdown: a signal drains the Service first, and the exit code stays 0
-  (uvicorn itself re-raises the signal after shutting down, which would end the process by it)."""
+  (uvicorn itself re-raises the signal after shutting down, which would end the process by it).
+  A failed Service (engine died, or the load failed) is served `failure_drain_s` longer, so its
+  in-flight requests get their errors and the probes are seen red, then the server stops."""
 
   def __init__(self, config: uvicorn.Config, service: Service):
     super().__init__(config)
     self.service = service
     self.drain_requested = False
     self._drain_task = None
+    self._failed_at: float | None = None
 
   @contextlib.contextmanager
   def capture_signals(self):
@@ -303,6 +391,14 @@ class _Server(uvicorn.Server):
   async def on_tick(self, counter: int) -> bool:
     if self.drain_requested and self._drain_task is None:
       self._drain_task = asyncio.create_task(self._drain())
+    if self.service.status == 'failed':
+      now = time.monotonic()
+      if self._failed_at is None:
+        self._failed_at = now
+        logging.error('%s; stopping in %g s (exit status 1) so that the orchestrator restarts the '
+                      'server.', self.service.detail, self.service.config.failure_drain_s)
+      if now - self._failed_at >= self.service.config.failure_drain_s:
+        self.should_exit = True
     return await super().on_tick(counter)
 
   async def _drain(self):
@@ -327,12 +423,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _uvicorn(service: Service) -> uvicorn.Config:
+  c = service.config
   return uvicorn.Config(asgi_app(service), log_level='warning', access_log=False, lifespan='off',
-                        timeout_graceful_shutdown=5, timeout_keep_alive=5)
+                        timeout_graceful_shutdown=5, timeout_keep_alive=c.keep_alive_s,
+                        limit_concurrency=c.max_connections + 1)  # uvicorn counts the new one
 
 
 def serve(service: Service) -> int:
-  """Serves until SIGTERM/SIGINT, then shuts down gracefully; returns the exit code (0)."""
+  """Serves until SIGTERM/SIGINT, then shuts down gracefully; returns the exit code: 0, or 1 once
+  the engine (or the model's load) failed."""
   sock = bind(service.config.host, service.config.port)
   host, port = sock.getsockname()[:2]
   print(f'Listening on http://{host}:{port} (model loading; GET /health says when ready).', flush=True)
@@ -343,6 +442,9 @@ def serve(service: Service) -> int:
   finally:
     service.close()
     sock.close()
+  if service.status == 'failed':
+    print(f'Server on port {port} stopped: {service.detail}.', file=sys.stderr, flush=True)
+    return 1
   print(f'Server on port {port} shut down.', flush=True)
   return 0
 

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve import loader
 from serve.sampling import SamplingParams
+from tests.serve.openapi_check import assert_declared
 from tests.serve.server_fixtures import ENGINE, long_stream
 
 pytestmark = pytest.mark.xdist_group('server')
@@ -55,7 +56,7 @@ class Server:
     self.url = line.split()[2]
     threading.Thread(target=lambda: self.stdout.extend(self.proc.stdout), daemon=True).start()
     self.health = []  # (status code, body) seen while waiting for ready
-    self.models_while_loading = None
+    self.models_while_loading = self.ready_while_loading = None
     deadline = time.time() + 240
     while time.time() < deadline and self.proc.poll() is None:
       r = httpx.get(self.url + '/health')
@@ -64,6 +65,7 @@ class Server:
         break
       if self.models_while_loading is None:
         self.models_while_loading = httpx.get(self.url + '/v1/models', headers=AUTH)
+        self.ready_while_loading = httpx.get(self.url + '/ready')
       time.sleep(0.05)
     assert self.health[-1][0] == 200, (self.health[-3:], open(log_path).read()[-3000:])
 
@@ -115,10 +117,15 @@ def greedy_reference(reference, prompt_ids, max_tokens):
 # ----------------------------------------------------------------------------- start-up, auth
 
 
-def test_health_is_503_until_the_model_is_compiled(server):
+def test_health_and_ready_are_503_until_the_model_is_compiled(server):
   codes = [code for code, _ in server.health]
   assert codes[0] == 503 and server.health[0][1]['status'] == 'loading'
   assert codes[-1] == 200 and server.health[-1][1]['status'] == 'ready'
+  loading = server.ready_while_loading
+  assert loading.status_code == 503 and loading.json()['status'] == 'loading', loading.text
+  assert 'loading' in loading.json()['detail'] and loading.headers['retry-after'] == '1'
+  ready = httpx.get(server.url + '/ready')
+  assert ready.status_code == 200 and ready.json()['status'] == 'ready'
   assert server.models_while_loading.status_code == 503
   assert server.models_while_loading.headers['retry-after'] == '1'
   assert 'loading' in server.models_while_loading.json()['error']['message']
@@ -133,8 +140,8 @@ def test_models_and_api_key(server, client):
   bad = openai.OpenAI(base_url=server.url + '/v1', api_key='nope', max_retries=0)
   with pytest.raises(openai.AuthenticationError):
     bad.models.list()
-  assert httpx.get(server.url + '/health').status_code == 200  # open: probes carry no key
-  assert httpx.get(server.url + '/metrics').status_code == 200
+  for path in ('/health', '/ready', '/metrics'):  # open: probes and scrapers carry no key
+    assert httpx.get(server.url + path).status_code == 200, path
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -418,6 +425,24 @@ def test_metrics_parse_with_the_prometheus_parser(server):
   assert value(m, 'stoker_ready') == 1
 
 
+def test_every_answer_is_declared_in_openapi(server):
+  """Every (route, status) the server counted while serving this module's tests (the openai client,
+  raw HTTP, the fuzzer, the load test) is declared in /openapi.json for that route."""
+  schema = httpx.get(server.url + '/openapi.json', headers=AUTH).json()
+  seen = []
+  for (name, labels), count in server.metrics().items():
+    labels = dict(labels)
+    if name != 'stoker_http_requests_total' or not count or labels['route'] == 'other':
+      continue
+    if labels['status'] == '499':  # the client went away: no answer was sent
+      continue
+    (method,) = schema['paths'].get(labels['route'], ['get'])  # one method a route (/docs: GET)
+    seen.append((method, labels['route'], int(labels['status']), None))
+  assert {status for *_, status, _ in seen} >= {200, 400, 401, 404, 413, 429, 503}, seen
+  assert_declared(schema, seen)
+  assert httpx.get(server.url + '/openapi.json').status_code == 401  # the key is set
+
+
 # ----------------------------------------------------------------------------- shutdown (last)
 
 
@@ -426,12 +451,15 @@ def test_sigterm_drains_then_exits_0(server):
   server.proc.send_signal(signal.SIGTERM)
   signalled = time.time()
   time.sleep(0.3)
-  # Draining answers 503. A server that drained already (a fast machine finishes the stream within
-  # the 0.3 s) has closed its socket: then the stream must have ended normally.
+  # Draining answers 503, and so does readiness; liveness stays 200. A server that drained already
+  # (a fast machine finishes the stream within the 0.3 s) has closed its socket: then the stream
+  # must have ended normally.
   try:
     r = post(server, '/v1/completions', {'model': 'run', 'prompt': 'x'})
     assert r.status_code == 503 and 'shutting down' in r.json()['error']['message']
-    assert httpx.get(server.url + '/health').status_code == 503
+    ready, health = httpx.get(server.url + '/ready'), httpx.get(server.url + '/health')
+    assert ready.status_code == 503 and 'shutting down' in ready.json()['detail'], ready.text
+    assert health.status_code == 200 and health.json()['status'] == 'draining', health.text
   except httpx.ConnectError:
     t.join(30)
     assert events and events[-1] == 'data: [DONE]'
