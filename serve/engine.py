@@ -16,9 +16,29 @@ code with advance and resolve fused. Which features use which path:
   overlapped   plain sampling, stop tokens and max_tokens (ended in resolve), stop strings (checked
                on the host while the next step runs, on either path: one token past the stop is
                computed and discarded), aborts (their in-flight token is dropped).
-  synchronous  EngineConfig.async_scheduling=False; and features that build a step's inputs from
-               the token before on the host (grammar masks, speculative decoding: later issues)
-               must return False from Engine._overlaps for their requests.
+  synchronous  EngineConfig.async_scheduling=False; and steps after one that sampled for a
+               grammar-constrained request (its next token bitmask needs the token before on
+               the host; see Engine._overlaps). Speculative decoding will join them.
+
+Always-present step inputs and outputs, so that no feature compiles a variant of the step:
+  - a token bitmask [B, ceil(V / 32)] applied to the logits before sampling (a device-resident
+    all-allowed mask when no row is constrained; the masking runs only when some row is);
+  - per row the sampled token's logprob and the MAX_LOGPROBS likeliest tokens' ids and logprobs,
+    and per token the logprob of a host-given target (the next prompt token: prompt logprobs)
+    with its top MAX_LOGPROBS. Each is computed in a branch taken only when some row asked, and
+    fetched from the device only then: plain decoding pays two skipped branches.
+Logprobs are the model's own distribution (float32 log_softmax of the raw logits: before
+temperature, top-k/top-p and the grammar mask), as vLLM's default.
+
+Prompt logprobs and the prefix cache: tokens found in the prefix cache are never computed, so a
+request that asks for prompt logprobs does not match its prompt against the cache (it prefills
+all of it, its pages still enter the cache for others); its logprobs equal a cold prompt's.
+
+Grammars (SamplingParams.grammar, serve/grammar.py): the engine owns one matcher per request.
+After a step's tokens reach the host each constrained request's matcher consumes its token (the
+request ends, reason 'stop', when the grammar is complete); the next step's bitmask rows are
+filled from the matchers while the step is built. Their stepping is synchronous, so a mask
+cannot overlap its own request's device step.
 
 Tensor parallelism: with a mesh whose 'tensor' axis is > 1, params are sharded by the rule table
 (heads, kv heads, MLP and vocabulary over 'tensor') and the pools on kv heads; XLA partitions the
@@ -50,6 +70,7 @@ from serve import kv_cache, quant, sampling
 from serve.attention import AttentionBackend, resolve
 from serve.sampling import SamplingParams
 from serve.scheduler import PLACEHOLDER, Policy, Scheduler, SchedulerConfig, StepPlan
+from serve.text import TextStream
 
 
 LAYER_LOOPS = ('auto', 'scan', 'unroll')
@@ -114,6 +135,14 @@ class EngineConfig:
     return tuple(out) + (self.token_budget,)
 
 
+class TokenLogprob(NamedTuple):
+  """A token's logprob and the top alternatives asked for: ((id, logprob), ...), likeliest first."""
+
+  token_id: int
+  logprob: float
+  top: tuple[tuple[int, float], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestOutput:
   """What one step produced for one request: its new tokens, and whether it finished."""
@@ -123,12 +152,20 @@ class RequestOutput:
   finished: bool = False
   finish_reason: str | None = None  # 'stop' | 'length' | 'abort'
   output_ids: tuple[int, ...] | None = None  # every generated token, once finished
+  logprobs: tuple[TokenLogprob, ...] | None = None  # per new token, when params.logprobs is set
+  # Per prompt token (the first None: nothing predicts it), with the first output, when
+  # params.prompt_logprobs is set.
+  prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclasses.dataclass(eq=False)
 class _Request:
   params: SamplingParams
   seed: int
+  prompt_ids: tuple[int, ...] = ()  # kept when prompt logprobs are wanted
+  prompt_lp: list | None = None  # TokenLogprob per prompt position, filled by the prefill steps
+  matcher: object = None  # the grammar's matcher (serve/grammar.py)
+  stop_stream: TextStream | None = None  # incremental detokenization for stop strings
 
 
 class _InFlight(NamedTuple):
@@ -136,40 +173,56 @@ class _InFlight(NamedTuple):
   requests: tuple[_Request | None, ...]  # per plan row, the request it was planned for
   tokens_B: jax.Array
   advanced: bool = False  # scheduler.advance(plan) ran: resolve, not update, applies the tokens
+  row_lp: sampling.Logprobs | None = None  # device arrays; fetched only when someone asked
+  token_lp: sampling.Logprobs | None = None
 
 
-def _pack(batch: forward_lib.StepBatch, feed_T: np.ndarray, sampling_batch: sampling.SamplingBatch):
+def _pack(batch: forward_lib.StepBatch, feed_T: np.ndarray, targets_T: np.ndarray,
+          flags_2: np.ndarray, sampling_batch: sampling.SamplingBatch):
   """One int32 and one float32 host buffer for a step's inputs: two transfers instead of twelve."""
   seeds = sampling_batch.seeds_B.astype(np.uint32).view(np.int32)
   ints = np.concatenate([np.ravel(x) for x in batch] + [
-      feed_T, sampling_batch.top_k_B, seeds, sampling_batch.positions_B]).astype(np.int32)
+      feed_T, targets_T, flags_2, sampling_batch.top_k_B, seeds,
+      sampling_batch.positions_B]).astype(np.int32)
   floats = np.concatenate([sampling_batch.temperature_B, sampling_batch.top_p_B]).astype(np.float32)
   return ints, floats
 
 
 def _unpack(ints_I, floats_F, T: int, B: int, M: int):
   """The inverse of _pack (on device): static slices of the two buffers."""
-  sizes = (T, T, B * M, B, B + 1, 1, B, T, B, B, B)
+  sizes = (T, T, B * M, B, B + 1, 1, B, T, T, 2, B, B, B)
   parts, start = [], 0
   for n in sizes:
     parts.append(ints_I[start:start + n])
     start += n
-  tokens, positions, tables, kv_lens, cu, num_seqs, last, feed, top_k, seeds, sample_pos = parts
+  (tokens, positions, tables, kv_lens, cu, num_seqs, last, feed, targets, flags, top_k, seeds,
+   sample_pos) = parts
   batch = forward_lib.StepBatch(tokens, positions, tables.reshape(B, M), kv_lens, cu, num_seqs,
                                 last)
   seeds = jax.lax.bitcast_convert_type(seeds, jax.numpy.uint32)
-  return batch, feed, sampling.SamplingBatch(floats_F[:B], top_k, floats_F[B:], seeds, sample_pos)
+  return batch, feed, targets, flags, sampling.SamplingBatch(floats_F[:B], top_k, floats_F[B:],
+                                                             seeds, sample_pos)
 
 
-def _step(graphdef, backend, mesh, unroll, shape, params, pages, ints_I, floats_F, prev_tokens_B):
+def _step(graphdef, backend, mesh, unroll, shape, params, pages, ints_I, floats_F, prev_tokens_B,
+          mask_BW):
   """One step. Tokens with feed_T >= 0 are the previous step's sampled token in that row (a
-  decode planned before its input was known on the host); the rest come from the host."""
-  batch, feed_T, sampling_batch = _unpack(ints_I, floats_F, *shape)
+  decode planned before its input was known on the host); the rest come from the host.
+  flags: [some row wants its sampled token's logprobs, some row is grammar-masked]."""
+  batch, feed_T, targets_T, flags, sampling_batch = _unpack(ints_I, floats_F, *shape)
   fed_T = jax.numpy.take(prev_tokens_B, jax.numpy.maximum(feed_T, 0))
   batch = batch._replace(token_ids_T=jax.numpy.where(feed_T >= 0, fed_T, batch.token_ids_T))
-  logits_BV, pages = forward_lib.forward(graphdef, params, pages, batch, backend=backend, mesh=mesh,
-                                         unroll=unroll)
-  return sampling.sample(logits_BV, sampling_batch), pages
+  logits_BV, token_lp, pages = forward_lib.forward_with_token_logprobs(
+      graphdef, params, pages, batch, targets_T, backend=backend, mesh=mesh, unroll=unroll)
+  tokens_B = sampling.sample(sampling.apply_mask(logits_BV, mask_BW, flags[1] > 0), sampling_batch)
+  row_lp = sampling.logprobs(logits_BV, tokens_B, flags[0] > 0, logits_BV.shape[-1])
+  return (tokens_B, row_lp, token_lp), pages
+
+
+def _tokens_only(executable, *args):
+  """The compiled step as (tokens_B, pages): what serve/sim/probe.py times."""
+  (tokens_B, _, _), pages = executable(*args)
+  return tokens_B, pages
 
 
 class Engine:
@@ -220,7 +273,7 @@ class Engine:
       pools = kv_cache.pages_sharding(spec, pool)
       jitted = {T: jax.jit(f, donate_argnums=(1,),
                            in_shardings=(param_shardings, pools, replicated, replicated,
-                                         replicated),
+                                         replicated, replicated),
                            out_shardings=(replicated, pools)) for T, f in steps.items()}
     self.scheduler = Scheduler(engine_cfg.scheduler_config())
     self._requests: dict[str, _Request] = {}
@@ -234,12 +287,18 @@ class Engine:
                       compile_s=0.0, host_s=0.0, plan_s=0.0, build_s=0.0, wait_s=0.0,
                       update_s=0.0, output_s=0.0)
     self._no_tokens = jax.device_put(np.zeros(B, np.int32), self._replicated)
+    self._mask_words = -(-model_cfg.vocab_size // 32)
+    self._all_allowed = jax.device_put(np.full((B, self._mask_words), -1, np.int32),
+                                       self._replicated)
+    self._num_prompt_lp = 0  # live requests that want prompt logprobs
+    self._num_grammar = 0  # live requests with a grammar
     start = time.perf_counter()
-    self._compiled = {}
+    self._steps, self._compiled = {}, {}
     with self._rules(rules):
       for T in engine_cfg.buckets():
-        self._compiled[T] = jitted[T].lower(self.params, self.pages,
-                                            *self._host_arrays(StepPlan((), ()), T)).compile()
+        self._steps[T] = jitted[T].lower(self.params, self.pages,
+                                         *self._host_arrays(StepPlan((), ()), T)).compile()
+        self._compiled[T] = functools.partial(_tokens_only, self._steps[T])
     self.stats['compile_s'] = time.perf_counter() - start
 
   def _rules(self, rules):
@@ -258,14 +317,39 @@ class Engine:
     if any(not 0 <= t < self.model_cfg.vocab_size for t in prompt_ids):
       raise ValueError(f'request {request_id!r}: prompt token ids must be in [0, '
                        f'{self.model_cfg.vocab_size}); got {list(prompt_ids)[:16]}...')
-    self.scheduler.add(request_id, prompt_ids, params.max_tokens, params.stop_token_ids)
+    matcher = None
+    if params.grammar is not None:
+      if params.grammar.vocab_size != self.model_cfg.vocab_size:
+        raise ValueError(f'request {request_id!r}: its grammar was compiled for a vocabulary of '
+                         f'{params.grammar.vocab_size} tokens, the model has '
+                         f'{self.model_cfg.vocab_size}; compile it with the model\'s vocab_size.')
+      matcher = params.grammar.matcher()
+    wants_prompt = params.prompt_logprobs is not None
+    self.scheduler.add(request_id, prompt_ids, params.max_tokens, params.stop_token_ids,
+                       use_prefix_cache=not wants_prompt)
     seed = params.seed if params.seed is not None else int(self._seeds.integers(2 ** 32))
-    self._requests[request_id] = _Request(params, seed)
+    request = _Request(params, seed, matcher=matcher)
+    if wants_prompt:
+      request.prompt_ids = tuple(int(t) for t in prompt_ids)
+      request.prompt_lp = [None] * len(request.prompt_ids)
+    if params.stop:
+      request.stop_stream = TextStream(self.detokenize, params.stop)
+    self._track(request, 1)
+    self._requests[request_id] = request
+
+  def _track(self, request: _Request, sign: int) -> None:
+    self._num_prompt_lp += sign * (request.prompt_lp is not None)
+    self._num_grammar += sign * (request.matcher is not None)
+
+  def _drop(self, request_id: str) -> None:
+    request = self._requests.pop(request_id, None)
+    if request is not None:
+      self._track(request, -1)
 
   def abort(self, request_id: str) -> RequestOutput | None:
     """Ends a request now and frees its pages; None for an unknown (or finished) id."""
     finished = self.scheduler.abort(request_id)
-    self._requests.pop(request_id, None)
+    self._drop(request_id)
     if finished is None:
       return None
     return RequestOutput(request_id, (), True, finished.reason, finished.output_ids)
@@ -296,32 +380,44 @@ class Engine:
     # Host work below overlaps the device step just dispatched.
     clock = time.perf_counter()
     done = {f.request_id: f for f in finished}
-    for request_id, _ in new:
-      params = self._requests[request_id].params
-      if request_id not in done and params.stop and self._hits_stop(request_id, params.stop):
+    for request_id, token, _ in new:
+      request = self._requests[request_id]
+      if request_id not in done and request.stop_stream is not None and self._hits_stop(
+          request, token):
         done[request_id] = self.scheduler.finish(request_id, 'stop')
     outputs = []
-    for request_id, token in new:
+    for request_id, token, lp in new:
+      request = self._requests[request_id]
+      extra = {}
+      if lp is not None:
+        extra['logprobs'] = (lp,)
+      if request.prompt_lp is not None:  # sent once, with the first token
+        extra['prompt_logprobs'] = tuple(request.prompt_lp)
+        self._track(request, -1)
+        request.prompt_lp = None
       f = done.get(request_id)
       if f is None:
-        outputs.append(RequestOutput(request_id, (token,)))
+        outputs.append(RequestOutput(request_id, (token,), **extra))
       else:
-        self._requests.pop(request_id, None)
-        outputs.append(RequestOutput(request_id, (token,), True, f.reason, f.output_ids))
+        self._drop(request_id)
+        outputs.append(RequestOutput(request_id, (token,), True, f.reason, f.output_ids, **extra))
     now = time.perf_counter()
     self.stats['output_s'] += now - clock
     self.stats['host_s'] += now - start
     return outputs
 
   def _overlaps(self, prev: _InFlight) -> bool:
-    """Whether the step after `prev` may be planned before prev's tokens reach the host. Every
-    feature today allows it; one that builds a step's inputs from the host's view of the token
-    before (a grammar mask, a speculative draft) must return False here for its requests."""
-    del prev
+    """Whether the step after `prev` may be planned before prev's tokens reach the host: not when
+    prev sampled for a grammar-constrained request (its next bitmask needs that token); a
+    speculative draft will join it."""
+    if self._num_grammar and any(r is not None and r.matcher is not None and s.sample
+                                 for s, r in zip(prev.plan.seqs, prev.requests)):
+      return False
     return self.config.async_scheduling
 
-  def _collect(self, prev: _InFlight) -> tuple[list[tuple[str, int]], list]:
-    """Waits for prev's tokens and applies them; (request id, token) of live requests, finished."""
+  def _collect(self, prev: _InFlight) -> tuple[list[tuple[str, int, TokenLogprob | None]], list]:
+    """Waits for prev's tokens and applies them; (request id, token, logprob or None) of live
+    requests, and the requests that finished."""
     clock = time.perf_counter()
     tokens = np.asarray(prev.tokens_B)
     now = time.perf_counter()
@@ -331,13 +427,67 @@ class Engine:
     finished = apply(prev.plan, sampled)
     self.stats['update_s'] += time.perf_counter() - now
     # Requests aborted since dispatch are skipped by the scheduler; report nothing for them.
-    new = [(s.request_id, sampled[s.request_id]) for s, r in zip(prev.plan.seqs, prev.requests)
-           if s.sample and r is not None and self._requests.get(s.request_id) is r]
+    live = [(b, s, r, t) for b, s, r, t in self._spans(prev.plan, prev.requests)
+            if r is not None and self._requests.get(s.request_id) is r]
+    if prev.token_lp is not None:
+      self._fill_prompt_logprobs(prev.token_lp, live)
+    row_lp = None if prev.row_lp is None else [np.asarray(x) for x in prev.row_lp]
+    new = []
+    for b, s, r, _ in live:
+      if not s.sample:
+        continue
+      token, lp = sampled[s.request_id], None
+      if row_lp is not None and r.params.logprobs is not None:
+        k = r.params.logprobs
+        lp = TokenLogprob(token, float(row_lp[0][b]),
+                          tuple(zip(row_lp[1][b, :k].tolist(), row_lp[2][b, :k].tolist())))
+      new.append((s.request_id, token, lp))
+    if self._num_grammar:
+      ended = {f.request_id for f in finished}
+      finished += self._advance_grammars([n for n in new if n[0] not in ended])
     return new, finished
 
-  def _hits_stop(self, request_id: str, stops: tuple[str, ...]) -> bool:
-    text = self.detokenize(self.scheduler.output_ids(request_id))
-    return any(s in text for s in stops)
+  def _advance_grammars(self, new) -> list:
+    """Each constrained request's matcher consumes its token; those whose grammar is complete
+    (or, never expected under the mask, rejected the token) end now, before the next step is
+    planned."""
+    ended = []
+    for request_id, token, _ in new:
+      matcher = self._requests[request_id].matcher
+      if matcher is not None and (not matcher.consume_token(token) or matcher.is_stopped()):
+        ended.append(self.scheduler.finish(request_id, 'stop'))
+    return ended
+
+  @staticmethod
+  def _fill_prompt_logprobs(token_lp: sampling.Logprobs, live) -> None:
+    """Stores the prompt logprobs that a step's prefill chunks scored, by position (a chunk
+    recomputed after a preemption scores the same values again)."""
+    spans = [(s, r, t) for _, s, r, t in live if r.prompt_lp is not None]
+    if not spans:
+      return
+    chosen_T, ids_TK, lp_TK = (np.asarray(x) for x in token_lp)
+    for s, r, t in spans:
+      k = r.params.prompt_logprobs
+      for i in range(min(len(s.token_ids), len(r.prompt_ids) - 1 - s.start_pos)):
+        pos = s.start_pos + i + 1  # token t + i predicts the prompt token at pos
+        r.prompt_lp[pos] = TokenLogprob(r.prompt_ids[pos], float(chosen_T[t + i]),
+                                        tuple(zip(ids_TK[t + i, :k].tolist(),
+                                                  lp_TK[t + i, :k].tolist())))
+
+  @staticmethod
+  def _spans(plan: StepPlan, requests) -> list:
+    """(row, seq, request, index of its first token in the step) per sequence of a plan."""
+    out, t = [], 0
+    for b, (s, r) in enumerate(zip(plan.seqs, requests)):
+      out.append((b, s, r, t))
+      t += len(s.token_ids)
+    return out
+
+  def _hits_stop(self, request: _Request, token: int) -> bool:
+    """Whether `token` completes a stop string: incremental detokenization and a search of the
+    new text only (TextStream holds back what may begin one), O(1) per token."""
+    request.stop_stream.push((token,))
+    return request.stop_stream.stopped
 
   def _dispatch(self, prev: _InFlight | None) -> None:
     """Plans and dispatches a step; `prev`: the advanced step still in flight, whose sampled
@@ -359,9 +509,14 @@ class Engine:
     arrays = self._host_arrays(plan, T, prev)
     if self._replicated is not None:
       arrays = jax.device_put(arrays, self._replicated)
-    tokens_B, self.pages = self._compiled[T](self.params, self.pages, *arrays)
+    (tokens_B, row_lp, token_lp), self.pages = self._steps[T](self.params, self.pages, *arrays)
     requests = tuple(self._requests.get(s.request_id) for s in plan.seqs)
-    self._inflight = _InFlight(plan, requests, tokens_B)
+    wants_rows = any(r is not None and r.params.logprobs is not None and s.sample
+                     for s, r in zip(plan.seqs, requests))
+    wants_prompt = self._num_prompt_lp and any(r is not None and r.prompt_lp is not None
+                                               for r in requests)
+    self._inflight = _InFlight(plan, requests, tokens_B, row_lp=row_lp if wants_rows else None,
+                               token_lp=token_lp if wants_prompt else None)
     self.stats['build_s'] += time.perf_counter() - now
     self.stats['steps'] += 1
     self.stats['overlapped_steps'] += prev is not None
@@ -370,8 +525,8 @@ class Engine:
 
   def _host_arrays(self, plan: StepPlan, T: int, prev: _InFlight | None = None):
     """The step's inputs after params and pages: the plan as packed numpy buffers (see _pack),
-    padded to T tokens and max_seqs rows, and the tokens of `prev` (the step in flight) that
-    placeholders in the plan stand for."""
+    padded to T tokens and max_seqs rows, the tokens of `prev` (the step in flight) that
+    placeholders in the plan stand for, and the grammar bitmask [B, ceil(V / 32)]."""
     B, M = self.config.max_seqs, self.config.max_pages_per_seq
     tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
     tables, kv_lens = np.zeros((B, M), np.int32), np.zeros(B, np.int32)
@@ -379,6 +534,9 @@ class Engine:
     feed = np.full(T, -1, np.int32)
     prev_rows = {} if prev is None else {s.request_id: b for b, s in enumerate(prev.plan.seqs)
                                          if s.sample}
+    targets = np.full(T, -1, np.int32)
+    flags = np.zeros(2, np.int32)
+    mask = None
     rows = []
     t = 0
     for b, seq in enumerate(plan.seqs):
@@ -394,15 +552,28 @@ class Engine:
       t += n
       cu[b + 1] = t
       request = self._requests.get(seq.request_id)
+      if request is not None and request.prompt_lp is not None:
+        # Token start + i predicts the prompt token at start + i + 1 (the prompt's last token
+        # predicts the first output: the sampled row's logprob).
+        count = min(n, len(request.prompt_ids) - 1 - start)
+        if count > 0:
+          targets[t - n:t - n + count] = request.prompt_ids[start + 1:start + 1 + count]
       if request is not None and seq.sample:
         rows.append((request.params, request.seed, start + n))
+        flags[0] |= request.params.logprobs is not None
+        if request.matcher is not None:
+          if mask is None:
+            mask = np.full((B, self._mask_words), -1, np.int32)
+          request.params.grammar.fill_bitmask(request.matcher, mask, b)
       else:
         rows.append((SamplingParams(), 0, 0))  # not sampled: the token is discarded
     cu[len(plan.seqs) + 1:] = t
+    flags[1] = mask is not None
     batch = forward_lib.StepBatch(tokens, positions, tables, kv_lens, cu,
                                   np.array([len(plan.seqs)], np.int32), last)
-    ints, floats = _pack(batch, feed, sampling.host_batch(rows, B))
-    return ints, floats, self._no_tokens if prev is None else prev.tokens_B
+    ints, floats = _pack(batch, feed, targets, flags, sampling.host_batch(rows, B))
+    return (ints, floats, self._no_tokens if prev is None else prev.tokens_B,
+            self._all_allowed if mask is None else mask)
 
   # ---- offline use.
 

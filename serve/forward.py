@@ -9,6 +9,11 @@ needed go through the final norm and LM head.
 Quantized serving (serve/quant.py): params whose weights are Int8 stay int8 through the step (the
 model's matmuls hand them to quant.einsum: int8 x int8 products; the embedding gathers int8 rows);
 int8 pools are written quantized and read through kv_cache.layer_pages.
+
+Prompt logprobs (`forward_with_token_logprobs`): each token's logits predict the token after it, so
+the step's every token (a prefill chunk's included) can score the next one, given as `targets_T`.
+That needs the LM head on all T tokens, so it runs in a branch taken only when some token has a
+target; [T, V] never leaves the device (the target's logprob and a top-k come back).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from serve import attention, kv_cache
+from serve import attention, kv_cache, sampling
 from serve.kv_cache import KVPages
 
 
@@ -47,6 +52,27 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
   the pools with this step's keys/values written. Jit it with `pages` donated. `mesh`: the
   tensor-parallel mesh, for kernels that shard themselves. `unroll`: a Python loop over stacked
   layers instead of a scan (models built with scan_layers=False always unroll)."""
+  model, x_1TD, pages = _layers(graphdef, params, pages, batch, backend, mesh, unroll)
+  x_1BD = jnp.take(x_1TD, batch.logits_indices_B, axis=1)
+  return model.logits(x_1BD)[0], pages
+
+
+def forward_with_token_logprobs(
+    graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: StepBatch,
+    targets_T: jax.Array, *, backend: attention.AttentionBackend | str = attention.AttentionBackend.REFERENCE,
+    mesh: Mesh | None = None, unroll: bool = False
+) -> tuple[jax.Array, sampling.Logprobs, KVPages]:
+  """`forward`, plus per token t the logprob of targets_T[t] (the token after it; -1: none) and
+  the top MAX_LOGPROBS, under the model's distribution at t: all zeros when no target is set."""
+  model, x_1TD, pages = _layers(graphdef, params, pages, batch, backend, mesh, unroll)
+  x_1BD = jnp.take(x_1TD, batch.logits_indices_B, axis=1)
+  scored = sampling.logprobs(lambda: model.logits(x_1TD)[0], targets_T, jnp.any(targets_T >= 0),
+                             model.cfg.vocab_size)
+  return model.logits(x_1BD)[0], scored, pages
+
+
+def _layers(graphdef, params, pages, batch, backend, mesh, unroll):
+  """The model, the last layer's activations x_1TD (before the final norm) and the pools."""
   model = nnx.merge(graphdef, params)
   L, P, G, K, H = pages.k_LPGKH.shape
   dt = jnp.dtype(model.cfg.compute_dtype(jax.default_backend()))
@@ -87,6 +113,4 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
     for l, block in enumerate(model.layers):
       x_1TD, cache = layer(*nnx.split(block), l, x_1TD, cache)
 
-  x_1BD = jnp.take(x_1TD, batch.logits_indices_B, axis=1)
-  logits_BV = model.logits(x_1BD)[0]
-  return logits_BV, kv_cache.unfold(cache, L)
+  return model, x_1TD, kv_cache.unfold(cache, L)

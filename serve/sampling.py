@@ -8,11 +8,14 @@ batch, whichever row it lands in, and after a preemption recomputes it.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+MAX_LOGPROBS = 20  # top-k alternatives every step can return (a fixed width: one compiled step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,9 @@ class SamplingParams:
   seed: int | None = None  # None: the engine draws one from its own seed
   stop_token_ids: tuple[int, ...] = ()
   stop: tuple[str, ...] = ()  # stop strings, matched in the detokenized output
+  logprobs: int | None = None  # None: off; k: each token's logprob and the top k (<= MAX_LOGPROBS)
+  prompt_logprobs: int | None = None  # None: off; k: the prompt's logprobs and top k, from the prefill
+  grammar: Any = None  # a serve.grammar.Grammar: decoding constrained to it (token bitmasks)
 
   def __post_init__(self):
     object.__setattr__(self, 'stop_token_ids', tuple(int(t) for t in self.stop_token_ids))
@@ -47,6 +53,10 @@ class SamplingParams:
       raise ValueError(f'SamplingParams.top_p={self.top_p}; it must be in (0, 1] (1: off).')
     if self.seed is not None and not 0 <= self.seed < 2 ** 32:
       raise ValueError(f'SamplingParams.seed={self.seed}; use an integer in [0, 2**32).')
+    for name in ('logprobs', 'prompt_logprobs'):
+      k = getattr(self, name)
+      if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise ValueError(f'SamplingParams.{name}={k}; use None (off) or 0 to {MAX_LOGPROBS}.')
     if any(not s for s in self.stop):
       raise ValueError(f'SamplingParams.stop={self.stop} holds an empty string; remove it.')
 
@@ -125,3 +135,49 @@ def sample(logits_BV: jax.Array, batch: SamplingBatch) -> jax.Array:
       filtering, filtered,
       lambda: jax.lax.cond(jnp.any(random_B), unfiltered, lambda: greedy_B))
   return jnp.where(random_B, drawn_B, greedy_B)
+
+
+def allowed(mask_BW: jax.Array, V: int) -> jax.Array:
+  """bool [B, V] from a token bitmask [B, ceil(V / 32)] int32: token v is bit v % 32 of word v // 32
+  (llguidance's and xgrammar's layout)."""
+  v_V = jnp.arange(V, dtype=jnp.int32)
+  words_BV = jnp.take(mask_BW, v_V >> 5, axis=1)
+  return ((words_BV >> (v_V & 31)[None, :]) & 1).astype(bool)
+
+
+def apply_mask(logits_BV: jax.Array, mask_BW: jax.Array, masked: jax.Array) -> jax.Array:
+  """-inf where a row's grammar bitmask forbids a token; only computed when `masked` (a scalar
+  bool: some row is constrained), so unconstrained steps pay one branch."""
+  V = logits_BV.shape[-1]
+  return jax.lax.cond(masked, lambda: jnp.where(allowed(mask_BW, V), logits_BV, -jnp.inf),
+                      lambda: logits_BV)
+
+
+class Logprobs(NamedTuple):
+  """Log-probabilities of the model's own distribution (float32 log_softmax of the raw logits:
+  before temperature, top-k/top-p and grammar masks, as vLLM's default), per row: the chosen token's
+  and the MAX_LOGPROBS likeliest tokens, sorted (ties: lower id first)."""
+
+  chosen_R: jax.Array  # float32
+  top_ids_RK: jax.Array  # int32
+  top_RK: jax.Array  # float32
+
+
+def logprobs(logits_RV, chosen_R: jax.Array, wanted: jax.Array, V: int) -> Logprobs:
+  """Logprobs of `chosen_R` and the top MAX_LOGPROBS of each row; zeros unless `wanted` (a scalar
+  bool), so a step where nobody asked pays one branch and no [R, V] work. `logits_RV`: the float
+  logits, or a function computing them (then only computed when wanted)."""
+  R = chosen_R.shape[0]
+  K = min(MAX_LOGPROBS, V)
+
+  def compute():
+    lp_RV = jax.nn.log_softmax((logits_RV() if callable(logits_RV) else logits_RV).astype(jnp.float32),
+                               axis=-1)
+    top_RK, ids_RK = jax.lax.top_k(lp_RV, K)
+    chosen = jnp.take_along_axis(lp_RV, jnp.maximum(chosen_R, 0)[:, None], axis=-1)[:, 0]
+    return Logprobs(chosen, ids_RK.astype(jnp.int32), top_RK)
+
+  def skip():
+    return Logprobs(jnp.zeros(R, jnp.float32), jnp.zeros((R, K), jnp.int32),
+                    jnp.zeros((R, K), jnp.float32))
+  return jax.lax.cond(wanted, compute, skip)

@@ -136,6 +136,7 @@ class _Request:
   prefill_len: int = 0
   num_committed: int = 0
   block_hashes: list[bytes] = dataclasses.field(default_factory=list)
+  use_prefix_cache: bool = True  # False: its prompt is computed whole (e.g. for prompt logprobs)
 
   @property
   def output_ids(self) -> tuple[int, ...]:
@@ -169,9 +170,11 @@ class Scheduler:
   # ---- requests in and out.
 
   def add(self, request_id: str, prompt_ids: Sequence[int], max_tokens: int,
-          stop_token_ids: Collection[int] = ()) -> None:
+          stop_token_ids: Collection[int] = (), use_prefix_cache: bool = True) -> None:
     """Queues a request. ValueError for an empty prompt, a taken id, max_tokens < 1, or a request too long for the
-    block table (max_pages_per_seq * page_size tokens) or the pool ((num_pages - 1) * page_size tokens)."""
+    block table (max_pages_per_seq * page_size tokens) or the pool ((num_pages - 1) * page_size tokens).
+    use_prefix_cache=False: its prompt is not matched against the prefix cache (every token is computed); its
+    pages still enter the cache for later requests."""
     c = self.config
     if request_id in self._requests:
       raise ValueError(f'request id {request_id!r} is already queued or running; use a unique id per request.')
@@ -192,7 +195,7 @@ class Scheduler:
                        f'{c.page_size} = {self.allocator.total * c.page_size}; shorten the request or raise '
                        f'num_pages.')
     request = _Request(request_id, next(self._arrivals), len(prompt), max_tokens, frozenset(stop_token_ids),
-                       prompt)
+                       prompt, use_prefix_cache=use_prefix_cache)
     self._requests[request_id] = request
     self._waiting.append(request)
 
@@ -361,7 +364,7 @@ class Scheduler:
 
   def _prefix(self, request: _Request) -> list[int]:
     """Cached pages matching the request's leading full blocks, leaving at least its last token to compute."""
-    if not self.config.prefix_caching:
+    if not self.config.prefix_caching or not request.use_prefix_cache:
       return []
     request.block_hashes = hash_blocks(request.token_ids, self.config.page_size, request.block_hashes)
     return self.allocator.match(request.block_hashes[:(len(request.token_ids) - 1) // self.config.page_size])

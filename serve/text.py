@@ -6,6 +6,12 @@ that more than `decode(new_ids)`: a byte-level token may end inside a multi-byte
 the start of a stop string must be held back, because the client never sees the stop string or
 anything after it (OpenAI semantics). The engine ends a request on a stop string with the same
 `decode`, so the text cut here and the tokens it generated agree.
+
+Both are O(1) amortised per token, whatever the output's length: Detokenizer decodes a sliding
+window of the last few tokens (vLLM's incremental detokenization: the window starts one step back,
+so decoders that treat a leading space specially see the same context twice), and TextStream
+searches for stop strings only in the new text plus what it holds back (at most the longest stop
+string less one character; text already sent never ends with a stop string's beginning).
 """
 
 from __future__ import annotations
@@ -59,32 +65,79 @@ class Codec:
   def decode(self, ids: Sequence[int]) -> str:
     return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+  def token_text(self, token_id: int) -> str:
+    """One token's own text (special tokens included), as logprobs name it; cached per id."""
+    cache = _TOKEN_TEXT.setdefault(id(self.tokenizer), {})
+    text = cache.get(token_id)
+    if text is None:
+      text = cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+    return text
+
+
+_TOKEN_TEXT: dict[int, dict[int, str]] = {}
+
+
+class Detokenizer:
+  """Incremental decoding of a growing list of token ids, O(1) amortised per token.
+
+  `push(ids)` returns the text those ids complete; text that ends in an incomplete character
+  (U+FFFD) is held until a later token completes it, or `final` flushes it.
+  """
+
+  def __init__(self, decode: Callable[[Sequence[int]], str]):
+    self._decode = decode
+    self.ids: list[int] = []
+    self._prefix = 0  # window start: decoded again as context for the tokens after it
+    self._read = 0  # tokens before this are emitted
+
+  def push(self, new_ids: Sequence[int], final: bool = False) -> str:
+    self.ids.extend(new_ids)
+    if self._read == len(self.ids):
+      return ''
+    before = self._decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ''
+    text = self._decode(self.ids[self._prefix:])
+    if len(text) > len(before) and (final or not text.endswith('\ufffd')):
+      self._prefix, self._read = self._read, len(self.ids)
+      return text[len(before):]
+    return ''
+
 
 class TextStream:
   """One choice's text so far; `push` returns the new text that is safe to send."""
 
   def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()):
-    self._decode, self._stop = decode, tuple(stop)
-    self.ids: list[int] = []
-    self.sent = ''  # text sent so far
+    self._detokenizer, self._stop = Detokenizer(decode), tuple(stop)
+    self._parts: list[str] = []  # text sent so far, in pieces (joined on demand)
+    self._held = ''  # decoded text not sent yet: a tail that may begin a stop string
     self.stopped = False  # a stop string was found: nothing more is sent
+
+  @property
+  def ids(self) -> list[int]:
+    return self._detokenizer.ids
+
+  @property
+  def sent(self) -> str:
+    """Text sent so far."""
+    if len(self._parts) > 1:
+      self._parts[:] = [''.join(self._parts)]
+    return self._parts[0] if self._parts else ''
 
   def push(self, new_ids: Sequence[int], final: bool = False) -> str:
     """Adds `new_ids`; returns text not sent before, holding back an incomplete character and any
     tail that may begin a stop string, unless `final`. Text from the first stop string on is cut."""
-    self.ids.extend(new_ids)
     if self.stopped:
+      self._detokenizer.ids.extend(new_ids)
       return ''
-    text = self._decode(self.ids)
+    text = self._held + self._detokenizer.push(new_ids, final)
+    # Sent text never ends with a stop string's beginning, so any stop string lies in `text`.
     cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
     if cut >= 0:
       text, final, self.stopped = text[:cut], True, True
-    if not final:
-      text = text.rstrip('\ufffd')
-      text = text[:len(text) - self._stop_prefix_len(text)]
-    if len(text) <= len(self.sent) or not text.startswith(self.sent):
-      return ''  # nothing new (or a decoder that rewrote text already sent: it cannot be unsent)
-    delta, self.sent = text[len(self.sent):], text
+    held = 0 if final else self._stop_prefix_len(text)
+    self._held = text[len(text) - held:] if held else ''
+    delta = text[:len(text) - held]
+    if delta:
+      self._parts.append(delta)
     return delta
 
   def _stop_prefix_len(self, text: str) -> int:
