@@ -57,6 +57,12 @@ def add_parser(sub) -> None:
   serve.add_argument('--target', type=float, default=4.0,
                      help='Per-replica average of the metric to hold (default 4 waiting requests).')
   serve.add_argument('--port', type=int, default=8000)
+  key = serve.add_mutually_exclusive_group()
+  key.add_argument('--api_key_secret', default='',
+                   help='The Secret whose key "api-key" holds the API key (default: NAME-api-key); '
+                        'the pods read it as $STOKER_API_KEY.')
+  key.add_argument('--no_api_key', action='store_true',
+                   help='Serve without an API key (anyone who reaches the Service may use it).')
   serve.add_argument('serve_args', nargs=argparse.REMAINDER,
                      help='-- then more `stoker serve` flags, passed through.')
 
@@ -80,7 +86,8 @@ def run(args) -> int:
         gin_files=args.gin_file, serve_args=extra, tpu=args.tpu, gpu=args.gpu, gpus=args.gpus,
         cpu=args.cpu, memory=args.memory, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, metric=args.metric, target=args.target, port=args.port,
-        namespace=args.namespace, prometheus=args.prometheus, **grace)
+        namespace=args.namespace, prometheus=args.prometheus,
+        api_key_secret=None if args.no_api_key else args.api_key_secret, **grace)
     text = templates.dump(serving.render_serve(job), serving.serve_summary(job))
   if args.out:
     with open(args.out, 'w') as f:

@@ -5,11 +5,20 @@ Each replica is one single-host server: a TPU host (`tpu='v5e-8'`), GPUs (`gpu='
 `gpus=1`), or CPU only. The autoscaler keeps the per-replica average of the metric near `target`:
   queue: stoker_queue_length, requests waiting for a slot (e.g. target 4);
   kv:    stoker_kv_pages{state="used"}, KV-cache pages in use (target in pages, e.g. 80% of the pool).
+
+The API key comes from a Kubernetes Secret (default <name>-api-key, key `api-key`) through the
+STOKER_API_KEY environment variable, which `stoker serve` reads when no --api-key flag is given, so
+the manifests hold no key: create the Secret first (the summary prints the command). A key in the
+pass-through flags is refused. `api_key_secret=None` serves without a key (anyone who reaches
+the Service may use it). Probes: startup and liveness on /health (503 while loading, and once the
+engine failed: the server then exits 1 and is restarted), readiness on /ready (503 while loading,
+draining or failed).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from deploy import k8s, slices, templates
 
@@ -19,6 +28,8 @@ METRICS = {
     'kv': ('stoker_kv_pages', {'state': 'used'}),
 }
 PORT = 8000
+SECRET_KEY = 'api-key'  # the key within the Secret that holds the API key
+API_KEY_ENV = 'STOKER_API_KEY'  # read by `stoker serve` (cli.py) when --api-key is not given
 GKE_GPU_LABEL = 'cloud.google.com/gke-accelerator'
 
 
@@ -61,6 +72,7 @@ class ServeJob:
   namespace: str | None = None
   grace_s: int = 60  # SIGTERM: finish or abort running requests within this time
   prometheus: str = 'annotations'
+  api_key_secret: str | None = ''  # the Secret holding the API key; '': <name>-api-key; None: no key
 
   def __post_init__(self):
     for name in ('gin_files', 'serve_args'):
@@ -82,6 +94,30 @@ class ServeJob:
     if not 0 < self.port < 65536:
       raise ValueError(f'port must be in 1..65535, got {self.port}.')
     k8s.check_prometheus(self.prometheus)
+    for arg in self.serve_args:
+      if arg.split('=')[0] in ('--api-key', '--api_key'):
+        raise ValueError(
+            f'serve_args holds {arg.split("=")[0]}: the key would be in plain text in the pod spec. '
+            f'Put it in a Secret instead: kubectl create secret generic {self.secret or "NAME"} '
+            f'--from-literal={SECRET_KEY}=KEY (the pods read it from there; --api_key_secret names '
+            'another Secret).')
+    if self.api_key_secret and not re.fullmatch(r'[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?',
+                                                self.api_key_secret):
+      raise ValueError(f'api_key_secret={self.api_key_secret!r} is not a Secret name: use lower-case '
+                       'letters, digits, "-" and ".", starting and ending with a letter or digit.')
+
+  @property
+  def secret(self) -> str | None:
+    """The Secret holding the API key, or None for a server without one."""
+    if self.api_key_secret is None:
+      return None
+    return self.api_key_secret or f'{self.name}-api-key'
+
+  def env(self) -> list[dict] | None:
+    if self.secret is None:
+      return None
+    return [{'name': API_KEY_ENV,
+             'valueFrom': {'secretKeyRef': {'name': self.secret, 'key': SECRET_KEY}}}]
 
   def serve_argv(self) -> list[str]:
     argv = ['stoker', 'serve']
@@ -124,7 +160,7 @@ def render_serve(job: ServeJob) -> list[dict]:
   node_selector, tolerations, resources = _placement(job)
   docs = templates.render('serve.yaml', {
       'name': job.name, 'namespace': job.namespace, 'labels': labels, 'image': job.image,
-      'command': job.serve_argv(), 'port': job.port, 'grace_s': job.grace_s,
+      'command': job.serve_argv(), 'env': job.env(), 'port': job.port, 'grace_s': job.grace_s,
       'pod_annotations': k8s.scrape_annotations(job.port), 'node_selector': node_selector,
       'tolerations': tolerations, 'resources': resources, 'min_replicas': job.min_replicas,
       'max_replicas': job.max_replicas, 'hpa_metric': hpa_metric(job.metric, job.prometheus),
@@ -141,6 +177,12 @@ def serve_summary(job: ServeJob) -> str:
   shown = name + ('{%s}' % ','.join(f'{k}="{v}"' for k, v in selector.items()) if selector else '')
   rule = (f'{job.name}: {job.min_replicas} to {job.max_replicas} replicas of `stoker serve`, scaled '
           f'to hold the per-replica average of {shown} near {job.target:g}.')
+  if job.secret is None:
+    rule += '\nNo API key: anyone who reaches the Service may use it.'
+  else:
+    rule += (f'\nThe API key comes from the Secret {job.secret!r}; create it first:\n'
+             f'  kubectl create secret generic {job.secret} --from-literal={SECRET_KEY}="$KEY"'
+             + (f' -n {job.namespace}' if job.namespace else ''))
   if job.tpu:
     s = slices.parse_slice(job.tpu)
     kind, devices = s.device_kind, s.chips

@@ -24,12 +24,32 @@ def test_k8s_train_writes_the_jobset(tmp_path, capsys):
 
 def test_k8s_serve_prints_three_documents(capsys):
   code = cli.main(['k8s', 'serve', '--name', 'chat', '--image', 'img:1', '--checkpoint', 'gs://b/llama',
-                   '--tpu', 'v5e-4', '--max_replicas', '3', '--', '--api-key', 'secret'])
+                   '--tpu', 'v5e-4', '--max_replicas', '3', '--api_key_secret', 'chat-key', '--',
+                   '--served-model-name', 'llama'])
   assert code == 0
-  docs = list(yaml.safe_load_all(capsys.readouterr().out))
+  out = capsys.readouterr().out
+  docs = list(yaml.safe_load_all(out))
   assert [d['kind'] for d in docs] == ['Deployment', 'Service', 'HorizontalPodAutoscaler']
-  assert docs[0]['spec']['template']['spec']['containers'][0]['command'][-2:] == ['--api-key', 'secret']
+  (container,) = docs[0]['spec']['template']['spec']['containers']
+  assert container['command'][-2:] == ['--served-model-name', 'llama']
+  assert container['env'] == [{'name': 'STOKER_API_KEY', 'valueFrom': {
+      'secretKeyRef': {'name': 'chat-key', 'key': 'api-key'}}}]
+  assert 'kubectl create secret generic chat-key --from-literal=api-key=' in out
   assert docs[2]['spec']['maxReplicas'] == 3
+
+
+def test_k8s_serve_refuses_a_key_in_plain_text(capsys):
+  for flags in (['--', '--api-key', 'sk-123'], ['--', '--api_key=sk-123']):
+    code = cli.main(['k8s', 'serve', '--name', 'chat', '--image', 'img:1', '--checkpoint', 'gs://b/x',
+                     *flags])
+    err = capsys.readouterr()
+    assert code == 2 and 'sk-123' not in err.out
+    assert 'plain text' in err.err and 'kubectl create secret generic chat-api-key' in err.err
+  assert cli.main(['k8s', 'serve', '--name', 'chat', '--image', 'img:1', '--checkpoint', 'gs://b/x',
+                   '--no_api_key']) == 0
+  (container,) = next(yaml.safe_load_all(capsys.readouterr().out))['spec']['template']['spec'][
+      'containers']
+  assert 'env' not in container
 
 
 def test_bad_values_exit_2_with_the_reason(capsys):
@@ -37,3 +57,9 @@ def test_bad_values_exit_2_with_the_reason(capsys):
                    '--gin_file', 'configs/model/llama3_8b.gin', '--workdir', 'gs://b/x'])
   assert code == 2
   assert "stoker k8s: error: TPU slice 'v9-8' not understood" in capsys.readouterr().err
+
+
+def test_stoker_serve_reads_the_key_the_manifest_passes_from_the_environment(monkeypatch):
+  from deploy import serving  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(serving.API_KEY_ENV, 'sk-from-secret')
+  assert cli.parser('serve').parse_args(['serve', '--checkpoint', 'x']).api_key == 'sk-from-secret'

@@ -36,7 +36,9 @@ def test_deployment_service_and_autoscaler_fit_together():
   assert svc['spec']['selector'].items() <= pod['metadata']['labels'].items()
   (port,) = container['ports']
   assert svc['spec']['ports'][0]['targetPort'] == port['name']
-  assert container['readinessProbe']['httpGet'] == {'path': '/health', 'port': port['name']}
+  assert container['readinessProbe']['httpGet'] == {'path': '/ready', 'port': port['name']}
+  assert container['livenessProbe']['httpGet'] == {'path': '/health', 'port': port['name']}
+  assert container['startupProbe']['httpGet'] == {'path': '/health', 'port': port['name']}
   argv = container['command']
   assert argv[:4] == ['stoker', 'serve', '--checkpoint', 'gs://bucket/runs/llama']
   assert argv[argv.index('--host') + 1] == '0.0.0.0'  # the server binds 127.0.0.1 unless told
@@ -86,7 +88,7 @@ def test_gke_managed_prometheus_names_and_pod_monitoring():
 
 def test_cpu_replicas_and_passthrough_flags():
   docs = _render(hf_dir='/models/qwen', checkpoint=None, cpu='4', memory='16Gi',
-                 gin_files=('serve/tiny.gin',), serve_args=('--api-key', 'k'))
+                 gin_files=('serve/tiny.gin',), serve_args=('--served-model-name', 'k'))
   pod = docs['Deployment']['spec']['template']
   (container,) = pod['spec']['containers']
   assert 'nodeSelector' not in pod['spec'] and 'tolerations' not in pod['spec']
@@ -94,7 +96,7 @@ def test_cpu_replicas_and_passthrough_flags():
                                     'limits': {'memory': '16Gi'}}
   assert container['command'] == ['stoker', 'serve', '--hf-dir', '/models/qwen', '--gin_file',
                                    'serve/tiny.gin', '--host', '0.0.0.0', '--port', '8000',
-                                   '--api-key', 'k']
+                                   '--served-model-name', 'k']
 
 
 def test_bad_serving_jobs_are_refused():
@@ -108,3 +110,25 @@ def test_bad_serving_jobs_are_refused():
     _render(metric='latency')
   with pytest.raises(ValueError, match='one accelerator'):
     _render(tpu='v5e-8', gpu='nvidia-l4')
+
+
+def test_the_api_key_comes_from_a_secret_never_the_manifest():
+  job = serving.ServeJob(name='chat', image='img', checkpoint='gs://b/x', namespace='ml')
+  text = templates.dump(serving.render_serve(job), serving.serve_summary(job))
+  (container,) = {d['kind']: d for d in yaml.safe_load_all(text)}['Deployment']['spec']['template'][
+      'spec']['containers']
+  (env,) = container['env']
+  # The variable `stoker serve` reads when no --api-key is given (cli.py), from the Secret.
+  assert env == {'name': 'STOKER_API_KEY',
+                 'valueFrom': {'secretKeyRef': {'name': 'chat-api-key', 'key': 'api-key'}}}
+  assert not any(arg.startswith('--api') for arg in container['command'])
+  assert 'kubectl create secret generic chat-api-key --from-literal=api-key="$KEY" -n ml' in text
+  for flag in ('--api-key', '--api_key', '--api-key=sk-live'):
+    with pytest.raises(ValueError, match='plain text') as e:
+      serving.ServeJob(name='chat', image='img', checkpoint='gs://b/x', serve_args=(flag, 'sk-live'))
+    assert 'sk-live' not in str(e.value) and 'kubectl create secret' in str(e.value)
+  assert 'env' not in _render(api_key_secret=None)['Deployment']['spec']['template']['spec'][
+      'containers'][0]
+  with pytest.raises(ValueError, match='Secret name'):
+    _render(api_key_secret='Not_A_Name')
+
