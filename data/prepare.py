@@ -16,6 +16,7 @@ OUT at the end, so an OUT with a manifest.json is always complete; the same inpu
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -75,6 +76,47 @@ class PrepareConfig:
     if self.output_format not in shards.OUTPUT_FORMATS:
       raise ValueError(f'unknown --output-format {self.output_format!r}: choose one of '
                        f'{", ".join(shards.OUTPUT_FORMATS)}')
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """`stoker prepare`'s flags: PrepareConfig's fields, and --out."""
+  p.add_argument('--source', default='stdlib',
+                 help="'stdlib' (the running Python's standard library *.py files; default), or a file, "
+                      'directory or glob of .txt/.md/.jsonl/.csv/.parquet files.')
+  p.add_argument('--format', default='auto', choices=['auto', 'text', 'jsonl', 'csv', 'parquet'],
+                 help='Input format (default: from each file extension).')
+  p.add_argument('--field', '--column', dest='field', default='text',
+                 help='The JSONL field or CSV/Parquet column holding the text (default text).')
+  p.add_argument('--limit-files', type=int, default=None, help='Read only the first N files (in order).')
+  p.add_argument('--out', required=True, help='Output directory (written whole, or not at all).')
+  p.add_argument('--overwrite', action='store_true', help='Replace an earlier output in --out.')
+  p.add_argument('--tokenizer', default=None, help='A Hugging Face tokenizer.json (or its directory) to use.')
+  p.add_argument('--train-tokenizer', action='store_true',
+                 help='Train a byte-level BPE on the train split instead, saved as <out>/tokenizer.json.')
+  p.add_argument('--vocab-size', type=int, default=4096, help='Vocabulary of the trained BPE (default 4096).')
+  p.add_argument('--max-vocab', type=int, default=None,
+                 help="Fail if the tokenizer's vocabulary exceeds this (the model's vocab_size).")
+  p.add_argument('--eos-token', default=None,
+                 help='End-of-text token appended to each document (default: <|endoftext|>, </s>, ...).')
+  p.add_argument('--min-chars', type=int, default=1, help='Drop documents shorter than this (default 1).')
+  p.add_argument('--max-chars', type=int, default=None, help='Drop documents longer than this.')
+  p.add_argument('--validation-fraction', type=float, default=0.05, help='Share of documents (default 0.05).')
+  p.add_argument('--seed', type=int, default=0, help='Seed of the train/validation split (default 0).')
+  p.add_argument('--shard-max-tokens', type=int, default=2**20, help='Tokens per shard at most (default 2^20).')
+  p.add_argument('--row-group-size', type=int, default=256, help='Parquet rows per row group (default 256).')
+  p.add_argument('--output-format', default='parquet', choices=['parquet', 'arrayrecord'])
+
+
+def prepare_command(flags: dict, out: str, argv: Sequence[str] | None = None) -> int:
+  """`stoker prepare`: PrepareConfig from the parsed `flags` (other keys ignored), prepare, and a summary."""
+  fields = {f.name for f in dataclasses.fields(PrepareConfig)}
+  manifest = prepare(PrepareConfig(**{k: v for k, v in flags.items() if k in fields}), out, argv)
+  train, val = manifest['splits']['train'], manifest['splits']['validation']
+  print(f'Prepared {out}: {manifest["documents"]["kept"]} documents '
+        f'(train {train["documents"]}, validation {val["documents"]}), '
+        f'{train["tokens"] + val["tokens"]} tokens in {len(train["shards"]) + len(val["shards"])} shards, '
+        f'vocabulary {manifest["tokenizer"]["vocab_size"]}. Manifest: {os.path.join(out, "manifest.json")}')
+  return 0
 
 
 def clean(text: str) -> str:

@@ -9,6 +9,7 @@ no process is ever left behind. Imports no JAX.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -17,6 +18,22 @@ import subprocess
 import sys
 import time
 from typing import Callable, Sequence
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """`stoker launch`'s flags."""
+  p.add_argument('--local-processes', dest='local_processes', type=int, default=2)
+  p.add_argument('--devices-per-process', dest='devices_per_process', type=int, default=4,
+                 help='Fake CPU devices of each process (default 4).')
+  p.add_argument('--grace_s', type=float, default=180.0,
+                 help='After one process fails, how long the others may take to save and exit '
+                      '(more than their watchdog needs to notice: checkpoint.hang_timeout_s, '
+                      'max(60 s, 4x that) inside a save).')
+  p.add_argument('--supervise', action='store_true',
+                 help='Restart the whole job after a just-in-time exit or a kill.')
+  p.add_argument('--max_restarts', type=int, default=3)
+  p.add_argument('command_args', nargs=argparse.REMAINDER,
+                 help='-- then the stoker command, e.g. -- train --gin_file ... --workdir ...')
 
 
 def free_port() -> int:

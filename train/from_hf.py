@@ -14,6 +14,7 @@ from the recipe's model. Parameters are read tensor by tensor straight onto the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import os
@@ -41,6 +42,26 @@ ARCHITECTURE = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_head
 
 # train.gin binds RopeScaling by this name; the file imports this module, which registers it.
 gin.external_configurable(RopeScaling, 'rope_scaling')
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """`stoker convert`'s flags (--to-hf runs models/checkpoint_io.py: to_hf)."""
+  p.add_argument('--from-hf', '--from_hf', dest='from_hf', default=None,
+                 help='A Hugging Face model directory (config.json, *.safetensors; Llama, Mistral, Qwen2, Qwen3).')
+  p.add_argument('--to-hf', '--to_hf', dest='to_hf', default=None,
+                 help='A training workdir (its newest checkpoint), its checkpoints/ or a step folder.')
+  p.add_argument('--out', required=True, help='The workdir (--from-hf) or directory (--to-hf) to write.')
+  p.add_argument('--gin_file', action='append', default=[],
+                 help='--from-hf: the training recipe to fine-tune with (default: train/tiny_cpu.gin on '
+                      'synthetic data); its model fields other than the architecture (dtypes, remat, scan) apply.')
+  p.add_argument('--gin_param', action='append', default=[], help='--from-hf: recipe bindings.')
+  p.add_argument('--step', type=int, default=None, help='--to-hf: the step (default: the newest).')
+  p.add_argument('--dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
+                 help="--to-hf: tensor dtype (default: the original config's, else float32).")
+  p.add_argument('--tokenizer', default=None, help='--to-hf: a directory whose tokenizer/chat-template files '
+                 'to include (default: WORKDIR/hf, kept by --from-hf).')
+  p.add_argument('--max_shard_mb', type=float, default=5120,
+                 help='--to-hf: largest safetensors file before sharding with an index (MiB).')
 
 
 def model_config(hf_dir: str, recipe: ModelConfig | None) -> ModelConfig:
@@ -95,6 +116,16 @@ def from_hf(hf_dir: str, workdir: str, cfg: TrainConfig, recipe_files: Sequence[
     dst.write(src.read())
   hf_files.copy_tokenizer_files(hf_dir, sidecar)
   return cfg
+
+
+def from_hf_command(hf_dir: str, workdir: str, cfg: TrainConfig, recipe_files: Sequence[str] = (),
+                    recipe_params: Sequence[str] = ()) -> int:
+  """`stoker convert --from-hf`: from_hf, then how to fine-tune, serve or export the workdir."""
+  cfg = from_hf(hf_dir, workdir, cfg, recipe_files, recipe_params)
+  print(f'Converted {hf_dir} ({cfg.model.num_params():,} parameters) into {workdir} '
+        f'(step 0). Fine-tune: stoker train --gin_file {os.path.join(workdir, "train.gin")} '
+        f'--workdir {workdir}; export: stoker convert --to-hf {workdir} --out DIR')
+  return 0
 
 
 def train_gin(model: ModelConfig, recipe_files: Sequence[str], recipe_params: Sequence[str]) -> str:

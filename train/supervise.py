@@ -62,3 +62,40 @@ def supervise(run: Callable[[Callable[[], None]], int], max_restarts: int) -> in
     how = f'signal {signal.Signals(-rc).name}' if rc < 0 else f'exit code {rc}'
     logging.warning('Training ended by %s after %.0f s; restart %d of %d.', how,
                     time.monotonic() - started, restarts, max_restarts)
+
+
+def without_supervision(argv: Sequence[str]) -> list[str]:
+  """The command line without --supervise and --max_restarts: what the supervised child runs."""
+  child, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == '--max_restarts':
+      skip = True
+    elif a != '--supervise' and not a.startswith('--max_restarts='):
+      child.append(a)
+  return child
+
+
+def supervise_train(argv: Sequence[str], max_restarts: int) -> int:
+  """`stoker train --supervise`: the same command, unsupervised, in a child process."""
+  child = without_supervision(argv)
+  return supervise(lambda on_signal: run_child(child, on_signal), max_restarts)
+
+
+def launch(command: Sequence[str], processes: int, devices_per_process: int, grace_s: float,
+           supervised: bool = False, max_restarts: int = 3) -> int:
+  """`stoker launch`: `command` (stoker's arguments, after an optional `--` and `stoker`) as a
+  local multi-process job (parallelism/launch.py), restarted like a supervised child if asked."""
+  from parallelism.launch import run_local  # pylint: disable=g-import-not-at-top
+  command = list(command[1:] if command[:1] == ['--'] else command)
+  if command[:1] == ['stoker']:
+    command = command[1:]
+  if not command:
+    raise ValueError('stoker launch needs the command to run after --, e.g. '
+                     '`stoker launch --local-processes 2 -- train --gin_file ... --workdir ...`.')
+
+  def run(on_signal):
+    return run_local(command, processes, devices_per_process, grace_s, on_signal)
+
+  return supervise(run, max_restarts) if supervised else run(lambda: None)

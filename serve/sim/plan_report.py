@@ -1,9 +1,16 @@
-"""What `stoker plan` writes: the ranked table (markdown), plan.json and the Pareto plot (matplotlib, Agg)."""
+"""What `stoker plan` writes: the ranked table (markdown), plan.json and the Pareto plot (matplotlib, Agg);
+`plan_command` runs the whole command."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import time
+
+from models.config import ModelConfig
+from serve.bench.workload import WorkloadConfig
+from serve.sim import plan, plan_space, slo
 
 TABLE_ROWS = 20
 
@@ -128,3 +135,55 @@ def write(out_dir: str, result: dict, plots: bool = True) -> list[str]:
   if plots:
     paths.append(plot(os.path.join(out_dir, 'pareto.png'), result))
   return paths
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in text.split(',') if x.strip())
+  except ValueError:
+    raise ValueError(f'{flag} {text!r}: give comma-separated integers.') from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """`stoker plan`'s flags."""
+  p.add_argument('--model', required=True, help='A model gin file (configs/model/*.gin) or a preset name.')
+  p.add_argument('--workload', default='requests=64,prompt=uniform:128:1024,output=uniform:32:256',
+                 help='key=value,... as `stoker bench --workload` (the rate is what the search varies).')
+  p.add_argument('--slo', required=True, help="e.g. 'ttft_p90<2s,tbt_p99<200ms' (ttft, tbt, tpot, e2e).")
+  p.add_argument('--target-qps', type=float, default=None, help='Requests/s to serve: replicas and cost.')
+  p.add_argument('--devices', default='all',
+                 help="Roofline devices to consider, comma-separated (serve/sim/devices.py); 'all' (default) "
+                      "or 'none' (with --profile).")
+  p.add_argument('--profile', default=None,
+                 help='Also consider the backend a `stoker profile --out DIR` directory measured.')
+  p.add_argument('--profile-price', type=float, default=1.0, help='$/h of the profiled backend (1.0).')
+  p.add_argument('--max-seqs', default='32,128', help='Batch caps to try (comma-separated).')
+  p.add_argument('--token-budgets', default='512,2048', help='Prefill chunks (token budgets) to try.')
+  p.add_argument('--tolerance', type=float, default=0.1, help='Capacity resolution, relative (0.1).')
+  p.add_argument('--router', default='least_outstanding', choices=['round_robin', 'least_outstanding'])
+  p.add_argument('--out', default='plan', help='Output directory: plan.json, plan.md, pareto.png.')
+  p.add_argument('--exhaustive', action='store_true',
+                 help='Search every configuration (default: skip those whose throughput bound per dollar '
+                      'cannot beat the best found; the answer is the same, the table shorter).')
+  p.add_argument('--no-plots', action='store_true')
+
+
+def plan_command(model: ModelConfig, objective: slo.LatencySLO, args: argparse.Namespace) -> int:
+  """`stoker plan` with add_arguments' flags, for `model` under `objective` (the parsed --slo):
+  searches, writes --out, prints the table and the verdict."""
+  start = time.perf_counter()
+  cfg = plan.PlanConfig(WorkloadConfig.parse(args.workload), objective, args.target_qps,
+                        _ints(args.max_seqs, '--max-seqs'), _ints(args.token_budgets, '--token-budgets'),
+                        tolerance=args.tolerance, router=args.router, prune=not args.exhaustive)
+  names = [d.strip() for d in args.devices.split(',') if d.strip() not in ('', 'none')]
+  hardware = plan_space.roofline_hardware(model, names)
+  if args.profile:
+    hardware.append(plan_space.profiled_hardware(model, args.profile, args.profile_price))
+  if not hardware:
+    raise ValueError('stoker plan: nothing to plan on; name --devices and/or a --profile DIR.')
+  result = plan.plan(hardware, cfg)
+  paths = write(args.out, result, plots=not args.no_plots)
+  print(table(result))
+  print(verdict(result))
+  print(f'{result["simulations"]} simulations in {time.perf_counter() - start:.1f} s; wrote {", ".join(paths)}')
+  return 0

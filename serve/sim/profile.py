@@ -24,6 +24,7 @@ engine configs, jax version, date, load average before and after, grid).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import datetime
@@ -37,9 +38,11 @@ import time
 import jax
 
 from models.config import ModelConfig
+from parallelism.compile_cache import use_compilation_cache
+from serve import loader
 from serve.engine import Engine, EngineConfig
 from serve.scheduler import StepPlan
-from serve.sim import probe
+from serve.sim import estimator, probe
 
 STEP_FIELDS = ('kind', 'q_lens', 'kv_lens', 'prev_tokens', 'num_seqs', 'num_decodes', 'tokens', 'bucket', 'wall_s',
                'wall_min_s', 'device_s', 'repeats')
@@ -121,3 +124,33 @@ def profile(model_cfg: ModelConfig, engine_cfg: EngineConfig, out_dir: str, *, q
   with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
     json.dump(meta, f, indent=1)
   return meta
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """`stoker profile`'s flags."""
+  p.add_argument('--out', required=True, help='Directory to write (created; files replaced).')
+  p.add_argument('--model', default=None,
+                 help="A model preset (models/presets.py; default: a gin file's model.name, else tiny).")
+  p.add_argument('--gin_file', action='append', default=[],
+                 help='A gin file binding engine.* (EngineConfig, as for stoker serve) and model.*.')
+  p.add_argument('--gin_param', action='append', default=[],
+                 help="A binding such as 'engine.token_budget=512'; repeatable, applied last.")
+  p.add_argument('--tensor_parallel', type=int, default=1,
+                 help='Shard the model over this many devices, as stoker serve does.')
+  p.add_argument('--quick', action='store_true', help='A handful of shapes (seconds on CPU; for tests).')
+
+
+def profile_command(model_cfg: ModelConfig, engine_cfg: EngineConfig, out_dir: str, *,
+                    quick: bool = False, tensor_parallel: int = 1) -> int:
+  """`stoker profile`: profiles into `out_dir`, fits the estimator on it and prints both."""
+  if engine_cfg.compilation_cache_dir is None:
+    use_compilation_cache()
+  meta = profile(model_cfg, engine_cfg, out_dir, quick=quick,
+                 mesh=loader.serving_mesh(tensor_parallel))
+  fitted = estimator.fit(estimator.load_profile(out_dir))
+  print(f'Profiled {meta["num_params"]:,} parameters on {meta["device_kind"]} ({meta["backend"]}, '
+        f'tensor parallel {meta["tensor_parallel"]}): {meta["steps_rows"]} step shapes in '
+        f'{meta["duration_s"]:.0f} s, load average {meta["loadavg_before"][0]} -> '
+        f'{meta["loadavg_after"][0]}. Wrote {out_dir}/steps.csv, host.csv, meta.json.\n'
+        f'Fitted: {fitted.describe()}.')
+  return 0
