@@ -19,7 +19,8 @@ and after `failure_drain_s` the server exits with status 1 so the orchestrator r
 Guards, in an ASGI middleware in front of everything: every route but /health, /ready and
 /metrics needs `Authorization: Bearer <api_key>` when a key is set (401; /docs and /openapi.json
 included); bodies over `max_body_bytes` get 413; a body not received within `body_timeout_s` gets
-408 and the connection is closed; a client that disconnects before its answer is complete has its
+408 and the connection is closed (a connection whose request line and headers take longer than
+`header_timeout_s` is closed without an answer: `_H11`); a client that disconnects before its answer is complete has its
 handler cancelled at once (its sequences are aborted and their pages freed); every answer is
 counted by route and status. uvicorn caps open connections at `max_connections` (beyond: a plain
 503) and closes idle keep-alive connections after `keep_alive_s`. Back-pressure: sequences beyond
@@ -43,6 +44,7 @@ from typing import Callable
 
 import fastapi
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -69,6 +71,7 @@ class ServerConfig:
   shutdown_timeout_s: float = 30.0  # running requests may finish for this long after SIGTERM
   ttft_deadline_s: float = 1.0  # fluidity-index deadlines: first token,
   tbt_deadline_s: float = 0.1  # and each later token
+  header_timeout_s: float = 10.0  # a request's line and headers must arrive within this (else closed)
   body_timeout_s: float = 30.0  # a request body must arrive within this (else 408, connection closed)
   max_connections: int = 1024  # open connections; more get uvicorn's 503
   keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
@@ -85,7 +88,8 @@ class ServerConfig:
                                               or self.fail_after_steps < 0):
       raise ValueError(f'ServerConfig.fail_after_steps={self.fail_after_steps!r}; a test hook: '
                        'None (serve normally) or a number of steps >= 0.')
-    for name in ('shutdown_timeout_s', 'ttft_deadline_s', 'tbt_deadline_s', 'body_timeout_s',
+    for name in ('shutdown_timeout_s', 'ttft_deadline_s', 'tbt_deadline_s', 'header_timeout_s',
+                 'body_timeout_s',
                  'keep_alive_s', 'failure_drain_s'):
       if not getattr(self, name) > 0:
         raise ValueError(f'ServerConfig.{name}={getattr(self, name)!r}; use a positive number of seconds.')
@@ -422,10 +426,48 @@ def bind(host: str, port: int) -> socket.socket:
   return sock
 
 
+class _H11(H11Protocol):
+  """uvicorn's HTTP/1.1 protocol with a deadline for a request's line and headers, which uvicorn
+  lacks: a connection that opens, or starts its next request, and has not sent all of the headers
+  `header_timeout_s` later is closed (the body's deadline is the Guard's)."""
+
+  header_timeout_s = 10.0  # set per server by `_uvicorn`
+  _header_timer: asyncio.TimerHandle | None = None
+
+  def _idle(self) -> bool:  # no request in progress: waiting for (the rest of) the next headers
+    return self.cycle is None or self.cycle.response_complete
+
+  def _expire(self) -> None:
+    self._header_timer = None
+    if self._idle() and not self.transport.is_closing():
+      self.transport.close()
+
+  def _disarm(self) -> None:
+    if self._header_timer is not None:
+      self._header_timer.cancel()
+      self._header_timer = None
+
+  def connection_made(self, transport) -> None:
+    super().connection_made(transport)
+    self._header_timer = self.loop.call_later(self.header_timeout_s, self._expire)
+
+  def data_received(self, data: bytes) -> None:
+    if self._idle() and self._header_timer is None:
+      self._header_timer = self.loop.call_later(self.header_timeout_s, self._expire)
+    super().data_received(data)
+    if not self._idle():
+      self._disarm()
+
+  def connection_lost(self, exc) -> None:
+    self._disarm()
+    super().connection_lost(exc)
+
+
 def _uvicorn(service: Service) -> uvicorn.Config:
   c = service.config
-  return uvicorn.Config(asgi_app(service), log_level='warning', access_log=False, lifespan='off',
-                        timeout_graceful_shutdown=5, timeout_keep_alive=c.keep_alive_s,
+  http = type('_H11', (_H11,), {'header_timeout_s': c.header_timeout_s})
+  return uvicorn.Config(asgi_app(service), http=http, log_level='warning', access_log=False,
+                        lifespan='off', timeout_graceful_shutdown=5, timeout_keep_alive=c.keep_alive_s,
                         limit_concurrency=c.max_connections + 1)  # uvicorn counts the new one
 
 

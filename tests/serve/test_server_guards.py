@@ -1,6 +1,7 @@
 """The server's guards against clients, on a server in this process driven by raw sockets and HTTP:
 a non-streaming client that hangs up frees its pages at once, a stalled body upload gets 408 and
-the connection closed, idle keep-alive connections are closed, connections past the cap get 503,
+the connection closed, so do stalled headers (without an answer), idle keep-alive connections are
+closed, connections past the cap get 503,
 /docs and /openapi.json need the key, and every status and content type seen here is declared in
 /openapi.json for its route. (The subprocess server: test_server.py; engine failure:
 test_engine_failure.py.)"""
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.xdist_group('server')
 
 API_KEY = 'sk-guards'
 AUTH = {'Authorization': f'Bearer {API_KEY}'}
-CONFIG = ServerConfig(port=0, api_key=API_KEY, body_timeout_s=0.5, keep_alive_s=0.5,
-                      max_connections=6, max_body_bytes=4096)
+CONFIG = ServerConfig(port=0, api_key=API_KEY, header_timeout_s=1.5, body_timeout_s=0.5,
+                      keep_alive_s=0.5, max_connections=6, max_body_bytes=4096)
 # 1000-token sequences: a non-streaming request of 900 tokens runs long enough to hang up on.
 LONG_ENGINE = dataclasses.replace(ENGINE, max_pages_per_seq=128, num_pages=130)
 SEEN: list[tuple[str, str, int, str]] = []  # (method, path, status, content type) of real answers
@@ -133,6 +134,17 @@ def test_a_stalled_body_upload_gets_408_and_the_connection_closed(background):
   assert CONFIG.body_timeout_s <= waited < CONFIG.body_timeout_s + 2
   assert closed_by_server(sock, 2)
   sock.close()
+
+
+def test_stalled_headers_get_the_connection_closed(background):
+  silent, partial = connect(background), connect(background)
+  partial.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le')
+  start = time.perf_counter()
+  assert not closed_by_server(partial, CONFIG.header_timeout_s / 2)  # a slow client has a while,
+  for sock in (partial, silent):  # then the connection goes, whether it sent nothing or a part
+    assert closed_by_server(sock, CONFIG.header_timeout_s + 2)
+    sock.close()
+  assert time.perf_counter() - start < CONFIG.header_timeout_s + 2
 
 
 def test_idle_keep_alive_connections_are_closed(background):
