@@ -3,8 +3,12 @@
 Requests are validated in two stages: pydantic checks each field's type and range here (a field
 out of range is a 400 whose message names the field and the limit), then the server checks what
 depends on the model and the engine (the model name, the prompt's length in tokens against the
-context, token ids against the vocabulary). Fields of the OpenAI API that change the result but are
-not implemented (logprobs, echo, penalties, ...) are refused by name rather than ignored.
+context, token ids against the vocabulary).
+
+No silent drops: a field this server does not implement is a 400 that names it, never ignored.
+That covers OpenAI's fields that change the result (tools, tool_choice, functions, function_call,
+logit_bias, best_of, suffix, penalties other than 0) and any unknown or misspelled field. Accepted
+and ignored, because they never change the output: ACCEPTED_IGNORED.
 """
 
 from __future__ import annotations
@@ -18,6 +22,17 @@ MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 256
 MAX_N = 16  # choices per prompt
 MAX_SEED = 2 ** 32  # the engine's seeds are uint32
+MAX_LOGPROBS = 20  # serve.sampling.MAX_LOGPROBS: the alternatives each step can return
+ACCEPTED_IGNORED = ('user',)  # accepted and ignored: they do not change what is generated
+# Refused (400 naming the field) whenever set to anything but null or their neutral value.
+UNSUPPORTED = {
+    'tools': 'tool calling is not supported by this server; leave tools out',
+    'tool_choice': 'tool calling is not supported by this server; leave tool_choice out',
+    'parallel_tool_calls': 'tool calling is not supported by this server; leave it out',
+    'functions': 'function calling is not supported by this server; leave functions out',
+    'function_call': 'function calling is not supported by this server; leave function_call out',
+    'logit_bias': 'logit_bias is not supported by this server; leave it out',
+}
 
 
 class APIError(Exception):
@@ -49,6 +64,10 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
       lines.append(f'the body is not valid JSON: {e.get("ctx", {}).get("error", e.get("msg"))}')
       continue
     params.append(loc[0] if loc else None)
+    if e.get('type') == 'extra_forbidden':
+      lines.append(f'{field}: unknown field; this server does not implement it (check the '
+                   f'spelling, or remove it; accepted and ignored: {", ".join(ACCEPTED_IGNORED)})')
+      continue
     lines.append(f'{field or "body"}: {e.get("msg")}' +
                  (f' (got {_short(e["input"])})' if 'input' in e and field else ''))
   if len(errors) > 8:
@@ -70,10 +89,35 @@ StopStrings = Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_S
                         Field(max_length=MAX_STOP)]
 
 
+class JsonSchema(BaseModel):
+  """response_format.json_schema: OpenAI's {name, description, schema, strict}."""
+
+  model_config = ConfigDict(extra='forbid', populate_by_name=True)
+  name: str = Field(min_length=1, max_length=64)
+  description: str | None = None
+  schema_: dict[str, Any] = Field(default_factory=dict, alias='schema')
+  strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+  """`text` (free), `json_object` (any JSON object) or `json_schema` (JSON valid under a schema)."""
+
+  model_config = ConfigDict(extra='forbid')
+  type: Literal['text', 'json_object', 'json_schema']
+  json_schema: JsonSchema | None = None
+
+  @pydantic.model_validator(mode='after')
+  def _schema_iff_json_schema(self):
+    if (self.type == 'json_schema') != (self.json_schema is not None):
+      raise ValueError('give json_schema exactly when type is "json_schema" (e.g. {"type": '
+                       '"json_schema", "json_schema": {"name": "x", "schema": {...}}})')
+    return self
+
+
 class _Generation(BaseModel):
   """Fields shared by completions and chat completions."""
 
-  model_config = ConfigDict(extra='ignore', allow_inf_nan=False)
+  model_config = ConfigDict(extra='forbid', allow_inf_nan=False)
 
   model: str = Field(min_length=1, max_length=256)
   max_tokens: int | None = Field(None, ge=1)
@@ -86,25 +130,43 @@ class _Generation(BaseModel):
   stop: Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)] | StopStrings | None = None
   stream: bool = False
   stream_options: StreamOptions | None = None
-  user: str | None = None
+  response_format: ResponseFormat | None = None
+  user: str | None = None  # ACCEPTED_IGNORED
   # Accepted only at their neutral values: the engine does not implement them.
   presence_penalty: float = 0.0
   frequency_penalty: float = 0.0
-  logit_bias: dict[str, float] | None = None
-  logprobs: Any = None
+  logit_bias: Any = None
+  tool_choice: Any = None
+  functions: Any = None
+  function_call: Any = None
+
+  @pydantic.field_validator('presence_penalty', 'frequency_penalty')
+  @classmethod
+  def _no_penalty(cls, value, info):
+    if value != 0:
+      raise ValueError(f'{info.field_name} is not supported by this server; leave it at 0.')
+    return value
+
+  @pydantic.field_validator(*UNSUPPORTED, check_fields=False)
+  @classmethod
+  def _unsupported(cls, value, info):
+    if value not in (None, [], {}) and not (info.field_name == 'tool_choice' and value == 'none'):
+      raise ValueError(UNSUPPORTED[info.field_name] + '.')
+    return value
 
   @pydantic.model_validator(mode='after')
-  def _unsupported(self):
-    for name in ('presence_penalty', 'frequency_penalty'):
-      if getattr(self, name) != 0:
-        raise ValueError(f'{name} is not supported by this server; leave it at 0.')
-    if self.logit_bias:
-      raise ValueError('logit_bias is not supported by this server; leave it out.')
-    if self.logprobs not in (None, False, 0):
-      raise ValueError('logprobs is not supported by this server; leave it out.')
+  def _stream_options(self):
     if self.stream_options is not None and not self.stream:
       raise ValueError('stream_options is only allowed with stream: true.')
     return self
+
+  def json_schema(self) -> tuple[bool, dict | None]:
+    """(constrained, schema): whether response_format asks for JSON, and its schema (None: any
+    JSON object)."""
+    f = self.response_format
+    if f is None or f.type == 'text':
+      return False, None
+    return True, (f.json_schema.schema_ if f.type == 'json_schema' else None)
 
   def stop_strings(self) -> tuple[str, ...]:
     if self.stop is None:
@@ -123,18 +185,29 @@ class CompletionRequest(_Generation):
   """POST /v1/completions. `prompt`: a string, a list of strings, token ids, or lists of token ids."""
 
   prompt: str | list[str] | TokenIds | list[TokenIds]
-  echo: bool = False
+  echo: bool = Field(False, description='Return the prompt before the completion (with its '
+                     'logprobs, the first null, when logprobs is set).')
+  logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description='Each token\'s logprob '
+                               'and this many likeliest alternatives.')
   best_of: int | None = None
   suffix: str | None = None
 
+  @pydantic.field_validator('best_of')
+  @classmethod
+  def _no_best_of(cls, value):
+    if value not in (None, 1):
+      raise ValueError('best_of is not supported by this server; use n.')
+    return value
+
+  @pydantic.field_validator('suffix')
+  @classmethod
+  def _no_suffix(cls, value):
+    if value:
+      raise ValueError('suffix is not supported by this server; leave it out.')
+    return value
+
   @pydantic.model_validator(mode='after')
   def _completion_only(self):
-    if self.echo:
-      raise ValueError('echo is not supported by this server; leave it out.')
-    if self.best_of not in (None, 1):
-      raise ValueError('best_of is not supported by this server; use n.')
-    if self.suffix:
-      raise ValueError('suffix is not supported by this server; leave it out.')
     if isinstance(self.prompt, list) and not self.prompt:
       raise ValueError('prompt is an empty list; send a string or at least one token id.')
     return self
@@ -150,13 +223,13 @@ class CompletionRequest(_Generation):
 
 
 class ContentPart(BaseModel):
-  model_config = ConfigDict(extra='ignore')
+  model_config = ConfigDict(extra='forbid')
   type: Literal['text']
   text: str
 
 
 class ChatMessage(BaseModel):
-  model_config = ConfigDict(extra='ignore')
+  model_config = ConfigDict(extra='forbid')
   role: Literal['system', 'developer', 'user', 'assistant', 'tool']
   content: str | list[ContentPart] | None = None
   name: str | None = None
@@ -174,12 +247,15 @@ class ChatCompletionRequest(_Generation):
 
   messages: list[ChatMessage] = Field(min_length=1)
   max_completion_tokens: int | None = Field(None, ge=1)
-  tools: list[Any] | None = None
+  logprobs: bool = False
+  top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+  tools: Any = None
+  parallel_tool_calls: Any = None
 
   @pydantic.model_validator(mode='after')
   def _chat_only(self):
-    if self.tools:
-      raise ValueError('tools are not supported by this server; leave them out.')
+    if self.top_logprobs is not None and not self.logprobs:
+      raise ValueError('top_logprobs needs logprobs: true.')
     if self.max_tokens is not None and self.max_completion_tokens is not None and (
         self.max_tokens != self.max_completion_tokens):
       raise ValueError(f'max_tokens ({self.max_tokens}) and max_completion_tokens '

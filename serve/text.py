@@ -66,15 +66,55 @@ class Codec:
     return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
   def token_text(self, token_id: int) -> str:
-    """One token's own text (special tokens included), as logprobs name it; cached per id."""
-    cache = _TOKEN_TEXT.setdefault(id(self.tokenizer), {})
-    text = cache.get(token_id)
-    if text is None:
-      text = cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
-    return text
+    """One token as logprobs name it (cached per id): its text; a token that is part of a UTF-8
+    character, OpenAI's 'bytes:\\xNN...'; an id the tokenizer lacks, vLLM's 'token_id:N'."""
+    return self._token(token_id)[0]
+
+  def token_bytes(self, token_id: int) -> list[int]:
+    """One token's UTF-8 bytes (exact for byte-level and byte-fallback vocabularies)."""
+    return list(self._token(token_id)[1])
+
+  def _token(self, token_id: int) -> tuple[str, bytes]:
+    cache = _TOKENS.setdefault(id(self.tokenizer), {})
+    got = cache.get(token_id)
+    if got is None:
+      got = cache[token_id] = _describe(self.tokenizer, token_id)
+    return got
 
 
-_TOKEN_TEXT: dict[int, dict[int, str]] = {}
+_TOKENS: dict[int, dict[int, tuple[str, bytes]]] = {}
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+  """GPT-2's byte-level alphabet: the character that stands for each byte in a vocabulary."""
+  printable = [*range(ord('!'), ord('~') + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+  chars, n = {}, 0
+  for b in range(256):
+    if b in printable:
+      chars[chr(b)] = b
+    else:
+      chars[chr(256 + n)] = b
+      n += 1
+  return chars
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _describe(tokenizer: tokenizers.Tokenizer, token_id: int) -> tuple[str, bytes]:
+  raw = tokenizer.id_to_token(token_id)
+  if raw is None:
+    return f'token_id:{token_id}', b''
+  text = tokenizer.decode([token_id], skip_special_tokens=False)
+  if len(raw) == 6 and raw.startswith('<0x') and raw.endswith('>'):  # SentencePiece byte fallback
+    data = bytes([int(raw[3:5], 16)])
+  elif '\ufffd' in text and all(c in _BYTE_LEVEL for c in raw):
+    data = bytes(_BYTE_LEVEL[c] for c in raw)
+  else:
+    data = text.encode('utf-8')
+  if '\ufffd' in text:
+    text = 'bytes:' + ''.join(f'\\x{b:02x}' for b in data)
+  return text, data
 
 
 class Detokenizer:

@@ -269,7 +269,7 @@ LONG = 'word ' * 400  # far beyond the 128-token context
     ({'model': 'run', 'prompt': 'x', 'stop': ['a', 'b', 'c', 'd', 'e']}, 400, ['stop', '4']),
     ({'model': 'run', 'prompt': 'x', 'stop': ''}, 400, ['stop', '1 character']),
     ({'model': 'run', 'prompt': [999999]}, 400, ['prompt', 'vocabulary', '320']),
-    ({'model': 'run', 'prompt': 'x', 'logprobs': 3}, 400, ['logprobs', 'not supported']),
+    ({'model': 'run', 'prompt': 'x', 'logprobs': 21}, 400, ['logprobs', '20']),
     ({'model': 'run', 'prompt': 'x', 'stream_options': {'include_usage': True}}, 400, ['stream_options']),
     ({'model': 'run', 'prompt': 'x' * 70000}, 413, ['65536']),
 ])
