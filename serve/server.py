@@ -16,16 +16,14 @@ fails to load), both probes turn 503 with the reason (also in /metrics: stoker_r
 stoker_server_info{state="failed",reason=...}), the requests it was running get 500s that say why,
 and after `failure_drain_s` the server exits with status 1 so the orchestrator restarts it.
 
-Guards, in an ASGI middleware in front of everything: every route but /health, /ready and
-/metrics needs `Authorization: Bearer <api_key>` when a key is set (401; /docs and /openapi.json
-included); bodies over `max_body_bytes` get 413; a body not received within `body_timeout_s` gets
-408 and the connection is closed (a connection whose request line and headers take longer than
-`header_timeout_s` is closed without an answer: `_H11`); a client that disconnects before its answer is complete has its
-handler cancelled at once (its sequences are aborted and their pages freed); every answer is
-counted by route and status. uvicorn caps open connections at `max_connections` (beyond: a plain
-503) and closes idle keep-alive connections after `keep_alive_s`. Back-pressure: sequences beyond
-the engine's running slots wait in a queue bounded by `max_waiting`; past it a request gets 429
-with Retry-After and nothing else slows down.
+Guards (serve/guard.py): every route but /health, /ready and /metrics needs the API key when one
+is set (401; /docs and /openapi.json included); bodies over `max_body_bytes` get 413; headers not
+received within `header_timeout_s` close the connection, a body not received within
+`body_timeout_s` gets 408 and closes it; a client that disconnects before its answer is complete
+has its handler cancelled at once (its sequences are aborted, their pages freed). uvicorn caps open
+connections at `max_connections` (beyond: a plain 503) and closes idle keep-alive connections
+after `keep_alive_s`. Back-pressure: sequences beyond the engine's running slots wait in a queue
+bounded by `max_waiting`; past it a request gets 429 with Retry-After and nothing else slows down.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import logging
 import signal
 import socket
@@ -44,14 +41,12 @@ from typing import Callable
 
 import fastapi
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
-from serve import openapi, routes
-from serve.api import APIError, error_body, validation_message
+from serve import guard, openapi, routes
+from serve.api import APIError, validation_message
 from serve.driver import EngineDriver
 from serve.loader import Loaded
 from serve.metrics import Metrics
@@ -186,115 +181,8 @@ class Service:
 # ----------------------------------------------------------------------------- the app
 
 
-class Guard:
-  """ASGI middleware: API key, body size and deadline, disconnects, request counting (see the
-  module docstring)."""
-
-  def __init__(self, app: fastapi.FastAPI, service: Service):
-    self.app, self.service = app, service
-
-  def _route(self, scope) -> str:
-    """The route's path template (its metrics label), or 'other'."""
-    for route in self.app.routes:
-      if route.matches(scope)[0] is not Match.NONE:
-        return getattr(route, 'path_format', 'other')
-    return 'other'
-
-  async def __call__(self, scope, receive, send):
-    if scope['type'] != 'http':
-      return await self.app(scope, receive, send)
-    status, complete = [], []
-
-    async def counting_send(message):
-      if message['type'] == 'http.response.start':
-        status.append(message['status'])
-      elif message['type'] == 'http.response.body' and not message.get('more_body', False):
-        complete.append(True)  # before sending: a disconnect seen from now on is the normal end
-      await send(message)
-
-    try:
-      await self._guarded(scope, receive, counting_send, complete)
-    finally:  # 499: the client went away before an answer started
-      self.service.metrics.requests.labels(self._route(scope), str(status[0] if status else 499)).inc()
-
-  async def _guarded(self, scope, receive, send, complete):
-    config = self.service.config
-    headers = {k.decode('latin-1').lower(): v.decode('latin-1') for k, v in scope['headers']}
-    if scope.get('path', '') not in openapi.OPEN_PATHS and config.api_key is not None:
-      auth = headers.get('authorization', '')
-      scheme, _, key = auth.partition(' ')
-      if scheme.lower() != 'bearer' or not hmac.compare_digest(key.strip().encode(),
-                                                               config.api_key.encode()):
-        return await _error(401, 'Missing or incorrect API key: send the header '
-                            '"Authorization: Bearer <key>" with the key the server was started with.',
-                            code='invalid_api_key')(scope, receive, send)
-    limit = config.max_body_bytes
-    declared = headers.get('content-length')
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-      return await _too_large(limit, declared)(scope, receive, send)
-    # Read the (bounded) body here, then replay it: a chunked body without a length is cut off too.
-    chunks, size = [], 0
-    try:
-      async with asyncio.timeout(config.body_timeout_s):
-        while True:
-          message = await receive()
-          if message['type'] == 'http.disconnect':
-            return
-          chunks.append(message.get('body', b''))
-          size += len(chunks[-1])
-          if size > limit:
-            return await _too_large(limit, f'over {size}')(scope, receive, send)
-          if not message.get('more_body', False):
-            break
-    except TimeoutError:
-      return await _error(
-          408, f'The request body did not arrive within {config.body_timeout_s:g} s '
-          f'(ServerConfig.body_timeout_s; {size} bytes came); send the whole body promptly.',
-          code='request_timeout', headers={'Connection': 'close'})(scope, receive, send)
-    body, replayed = b''.join(chunks), False
-
-    async def replay():
-      nonlocal replayed
-      if not replayed:
-        replayed = True
-        return {'type': 'http.request', 'body': body, 'more_body': False}
-      return await receive()
-
-    # The handler runs beside a watcher of the connection: a client that goes away before its
-    # answer is complete cancels the handler at once (a non-streaming completion would otherwise
-    # run on, holding its pages, until its next output; the handlers abort on cancellation).
-    handler = asyncio.ensure_future(self.app(scope, replay, send))
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-      await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
-      if not handler.done() and not complete:
-        handler.cancel()
-      await asyncio.wait({handler})
-    finally:
-      for task in (handler, watcher):
-        task.cancel()
-    if not handler.cancelled():
-      handler.result()  # an error of the app reaches uvicorn (it logs it)
-
-
-async def _disconnected(receive) -> None:
-  """Returns when the connection ends (uvicorn also says so once the response is complete)."""
-  while (await receive())['type'] != 'http.disconnect':
-    pass
-
-
-def _error(status: int, message: str, type: str = 'invalid_request_error', param: str | None = None,
-           code: str | None = None, headers: dict | None = None) -> JSONResponse:
-  return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
-
-
-def _too_large(limit: int, got: str) -> JSONResponse:
-  return _error(413, f'The request body ({got} bytes) exceeds the limit of {limit} bytes '
-                '(ServerConfig.max_body_bytes); send a smaller request.', code='body_too_large')
-
-
 def create_app(service: Service) -> fastapi.FastAPI:
-  """The FastAPI app (wrapped in Guard by `asgi_app`)."""
+  """The FastAPI app (wrapped in serve/guard.py's Guard by `asgi_app`)."""
   app = fastapi.FastAPI(title='Stoker', version='0.1.0',
                         description='OpenAI-compatible completions served by the Stoker engine.')
 
@@ -305,18 +193,18 @@ def create_app(service: Service) -> fastapi.FastAPI:
   @app.exception_handler(RequestValidationError)
   async def _invalid(request, e: RequestValidationError):
     message, param = validation_message(list(e.errors()))
-    return _error(400, message, param=param)
+    return guard.error(400, message, param=param)
 
   @app.exception_handler(StarletteHTTPException)
   async def _http(request, e: StarletteHTTPException):
-    return _error(e.status_code, f'{e.detail}: {request.method} {request.url.path}',
-                  type='not_found_error' if e.status_code == 404 else 'invalid_request_error',
-                  headers=getattr(e, 'headers', None))
+    return guard.error(e.status_code, f'{e.detail}: {request.method} {request.url.path}',
+                       type='not_found_error' if e.status_code == 404 else 'invalid_request_error',
+                       headers=getattr(e, 'headers', None))
 
   @app.exception_handler(Exception)
   async def _unexpected(request, e: Exception):
     logging.error('%s %s failed', request.method, request.url.path, exc_info=e)
-    return _error(500, f'Internal error: {type(e).__name__}: {e}', type='server_error')
+    return guard.error(500, f'Internal error: {type(e).__name__}: {e}', type='server_error')
 
   def probe(ok: bool):
     body = {'status': service.status, 'model': service.name}
@@ -355,7 +243,7 @@ def create_app(service: Service) -> fastapi.FastAPI:
 
 
 def asgi_app(service: Service):
-  return Guard(create_app(service), service)
+  return guard.Guard(create_app(service), service)
 
 
 # ----------------------------------------------------------------------------- running it
@@ -426,46 +314,9 @@ def bind(host: str, port: int) -> socket.socket:
   return sock
 
 
-class _H11(H11Protocol):
-  """uvicorn's HTTP/1.1 protocol with a deadline for a request's line and headers, which uvicorn
-  lacks: a connection that opens, or starts its next request, and has not sent all of the headers
-  `header_timeout_s` later is closed (the body's deadline is the Guard's)."""
-
-  header_timeout_s = 10.0  # set per server by `_uvicorn`
-  _header_timer: asyncio.TimerHandle | None = None
-
-  def _idle(self) -> bool:  # no request in progress: waiting for (the rest of) the next headers
-    return self.cycle is None or self.cycle.response_complete
-
-  def _expire(self) -> None:
-    self._header_timer = None
-    if self._idle() and not self.transport.is_closing():
-      self.transport.close()
-
-  def _disarm(self) -> None:
-    if self._header_timer is not None:
-      self._header_timer.cancel()
-      self._header_timer = None
-
-  def connection_made(self, transport) -> None:
-    super().connection_made(transport)
-    self._header_timer = self.loop.call_later(self.header_timeout_s, self._expire)
-
-  def data_received(self, data: bytes) -> None:
-    if self._idle() and self._header_timer is None:
-      self._header_timer = self.loop.call_later(self.header_timeout_s, self._expire)
-    super().data_received(data)
-    if not self._idle():
-      self._disarm()
-
-  def connection_lost(self, exc) -> None:
-    self._disarm()
-    super().connection_lost(exc)
-
-
 def _uvicorn(service: Service) -> uvicorn.Config:
   c = service.config
-  http = type('_H11', (_H11,), {'header_timeout_s': c.header_timeout_s})
+  http = type('H11', (guard.HeaderDeadlineH11,), {'header_timeout_s': c.header_timeout_s})
   return uvicorn.Config(asgi_app(service), http=http, log_level='warning', access_log=False,
                         lifespan='off', timeout_graceful_shutdown=5, timeout_keep_alive=c.keep_alive_s,
                         limit_concurrency=c.max_connections + 1)  # uvicorn counts the new one

@@ -59,7 +59,10 @@ def test_bad_values_exit_2_with_the_reason(capsys):
   assert "stoker k8s: error: TPU slice 'v9-8' not understood" in capsys.readouterr().err
 
 
-def test_stoker_serve_reads_the_key_the_manifest_passes_from_the_environment(monkeypatch):
-  from deploy import serving  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv(serving.API_KEY_ENV, 'sk-from-secret')
+def test_stoker_serve_reads_the_key_the_manifest_passes_from_the_environment(capsys, monkeypatch):
+  assert cli.main(['k8s', 'serve', '--name', 'chat', '--image', 'i', '--checkpoint', 'gs://b/x']) == 0
+  (container,) = next(yaml.safe_load_all(capsys.readouterr().out))['spec']['template']['spec'][
+      'containers']
+  (env,) = container['env']
+  monkeypatch.setenv(env['name'], 'sk-from-secret')
   assert cli.parser('serve').parse_args(['serve', '--checkpoint', 'x']).api_key == 'sk-from-secret'
