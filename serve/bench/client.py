@@ -168,6 +168,25 @@ def _session(endpoint: Endpoint) -> aiohttp.ClientSession:
   return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
 
 
+async def fetch_tokenizer(endpoint: Endpoint):
+  """The tokenizer a Stoker server serves (GET /tokenizer.json), as a tokenizers.Tokenizer; BenchError naming
+  the fix (--tokenizer) when the server does not serve one."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  async with _session(endpoint) as session:
+    try:
+      async with session.get(f'{endpoint.url}/tokenizer.json', headers=endpoint.headers()) as response:
+        body, status = await response.text(), response.status
+    except (aiohttp.ClientConnectorError, asyncio.TimeoutError) as e:
+      raise BenchError(f'cannot reach {endpoint.url} ({e}): is the server running there?') from None
+  if status != 200:
+    raise BenchError(f'GET {endpoint.url}/tokenizer.json answered HTTP {status} (a server other than Stoker\'s '
+                     'does not serve its tokenizer): pass --tokenizer with its tokenizer.json or directory.')
+  try:
+    return tokenizers.Tokenizer.from_str(body)
+  except Exception as e:  # tokenizers raises a bare Exception for any parse error
+    raise BenchError(f'GET {endpoint.url}/tokenizer.json is not a tokenizer.json ({e}): pass --tokenizer.') from None
+
+
 async def check(endpoint: Endpoint, wait_ready_s: float = 0.0, log=None) -> str:
   """The model to use, after checking that the endpoint answers and accepts the key (BenchError if not).
   A server answering 503 (still loading or compiling) is asked again for up to wait_ready_s seconds."""

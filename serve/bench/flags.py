@@ -15,8 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--api-key', default=None, help='Sent as Authorization: Bearer KEY.')
   p.add_argument('--model', default=None, help='Model name (default: the first the server lists).')
   p.add_argument('--api', default='completions', choices=['completions', 'chat'])
-  p.add_argument('--tokenizer', required=True,
-                 help="The server's tokenizer.json or its directory: prompts get exact token counts.")
+  p.add_argument('--tokenizer', default=None,
+                 help="The server's tokenizer.json or its directory: prompts get exact token counts. Default: "
+                      "the one a Stoker server serves (GET /tokenizer.json); other servers need it.")
   p.add_argument('--workload', default='',
                  help='key=value,... of requests, arrival (poisson|gamma|fixed|trace), rate, burstiness, '
                       'prompt / output (fixed:N | uniform:LO:HI | zipf:THETA:LO:HI | trace), trace (CSV '

@@ -23,7 +23,7 @@ class BenchConfig:
   workload: workload.WorkloadConfig
   slo: analysis.SLO
   out_dir: str
-  tokenizer: str  # the server's tokenizer.json or its directory
+  tokenizer: str | None  # the server's tokenizer.json or its directory; None: fetched from a Stoker server
   max_concurrency: int | None = None
   warmup: int = 0  # requests sent one at a time before measuring, not recorded
   wait_ready_s: float = 600.0  # how long a server answering 503 (loading) is waited for
@@ -85,7 +85,9 @@ def bench(cfg: BenchConfig, log=print) -> dict:
   """Runs `stoker bench`; returns the summary (with capacity search: the capacity result)."""
   model = asyncio.run(client.check(cfg.endpoint, cfg.wait_ready_s, log))
   cfg = dataclasses.replace(cfg, endpoint=dataclasses.replace(cfg.endpoint, model=model))
-  builder = prompts.PromptBuilder(prompts.load_tokenizer(cfg.tokenizer), cfg.workload.seed)
+  tokenizer = (prompts.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else
+               asyncio.run(client.fetch_tokenizer(cfg.endpoint)))
+  builder = prompts.PromptBuilder(tokenizer, cfg.workload.seed)
   os.makedirs(cfg.out_dir, exist_ok=True)
   slo = cfg.slo
   if cfg.profile_lengths:

@@ -51,7 +51,8 @@ def hf(tmp_path_factory):
       if name.endswith('norm.weight'):
         p.add_(0.1 * torch.randn_like(p))
   model.save_pretrained(root, safe_serialization=True)
-  texts = [LONG * 3, 'import json\nclass A:\n    pass\n' * 5, 'hello world, naïve café ½ 漢字\n' * 3]
+  texts = [LONG * 3, 'import json\nclass A:\n    pass\n' * 5, 'hello world, naïve café ½ 漢字\n' * 3,
+           'the quick brown fox jumps over the lazy dog and seven wizards box many jolly hens\n' * 4]
   tokenizer_lib.train_bpe(texts * 4, 300).save(os.path.join(root, 'tokenizer.json'))
   return model, str(root)
 
@@ -279,3 +280,21 @@ def test_tokenize_and_detokenize_round_trip(server, codec):
   assert httpx.post(server.url + '/tokenize', json={'prompt': 'x'}).status_code == 401
   served = httpx.get(server.url + '/tokenizer.json', headers=AUTH)
   assert served.status_code == 200 and json.loads(served.text) == json.loads(codec.tokenizer.to_str())
+
+
+def test_bench_needs_no_tokenizer_against_a_stoker_server(server, hf, codec, tmp_path):
+  """`stoker bench --url` builds exact-length prompts with the tokenizer the server serves."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from serve.bench import flags, run  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser()
+  flags.add_arguments(parser)
+  args = parser.parse_args(['--url', server.url, '--api-key', KEY, '--out', str(tmp_path / 'b'),
+                            '--no-progress', '--no-plots', '--ignore-eos', '--workload',
+                            'requests=3,arrival=fixed,rate=50,prompt=fixed:12,output=fixed:4,seed=0'])
+  summary = run.bench(flags.config_from_args(args), log=lambda *a: None)
+  assert summary['completed'] == 3
+  with open(tmp_path / 'b' / 'requests.csv') as f:
+    rows = f.read().splitlines()
+  header = rows[0].split(',')
+  prompt_col = next(i for i, h in enumerate(header) if 'prompt' in h and 'token' in h)
+  assert all(int(r.split(',')[prompt_col]) == 12 for r in rows[1:]), rows
