@@ -309,7 +309,7 @@ class _Reply:
       self.pending.discard(index)
       if isinstance(item, ValueError):
         raise APIError(400, f'the engine refused the request: {item}')
-      raise APIError(503, f'{item}', type='service_unavailable')
+      raise APIError(500, f'{item}; the server restarts: retry the request.', type='server_error')
     assert isinstance(item, choices_lib.Delta)
     self.counts[index] += item.num_tokens
     self.texts[index].append(item.text)
