@@ -48,16 +48,22 @@ _SECTIONS = {'mesh': MeshConfig, 'optimizer': OptimizerConfig, 'data': DataConfi
 
 
 def saved_train_config(saved: dict) -> TrainConfig:
-  """The TrainConfig a checkpoint recorded (fault injection and distillation reset to off)."""
+  """The TrainConfig a checkpoint recorded; fault injection, distillation and other training modes
+  are reset to off."""
   fields = saved['train']
   sections = {k: cls(**fields[k]) for k, cls in _SECTIONS.items() if k in fields}
-  scalars = {f.name: fields[f.name] for f in dataclasses.fields(TrainConfig)
-             if f.name in fields and f.name not in (*_SECTIONS, 'model', 'fault', 'distill')}
-  return TrainConfig(model=model_checkpoint.model_config(saved), **sections, **scalars)
+  return TrainConfig(model=model_checkpoint.model_config(saved), **sections,
+                     **{k: fields[k] for k in _scalars() if k in fields})
+
+
+def _scalars() -> list[str]:
+  """TrainConfig's plain fields (steps, batch_size, ...); its other sections keep their defaults."""
+  return [f.name for f in dataclasses.fields(TrainConfig)
+          if isinstance(f.default, (int, float, str, bool)) and f.name not in _SECTIONS]
 
 
 def train_gin(cfg: TrainConfig, header: str) -> str:
-  """A gin file binding every field of `cfg` but fault injection and distillation."""
+  """A gin file binding the model, mesh, optimizer, data, checkpoints and plain fields of `cfg`."""
   lines = [f'# {line}' for line in header.splitlines()] + [
       'import train.from_hf  # registers rope_scaling', '',
       'train.model = @model()', "model.name = 'tiny'  # every field is bound below"]
@@ -77,8 +83,7 @@ def train_gin(cfg: TrainConfig, header: str) -> str:
   for name in _SECTIONS:
     lines += ['', f'train.{name} = @{name}()'] + bind(name, getattr(cfg, name))
   lines.append('')
-  lines += [f'train.{f.name} = {getattr(cfg, f.name)!r}' for f in dataclasses.fields(cfg)
-            if f.name not in (*_SECTIONS, 'model', 'fault', 'distill')]
+  lines += [f'train.{name} = {getattr(cfg, name)!r}' for name in _scalars()]
   return '\n'.join(lines) + '\n'
 
 
@@ -219,3 +224,35 @@ def describe(record: dict) -> str:
   lines = [f'  {k:<13} {a:>8} -> {b}' for k, (a, b) in record['sizes'].items()]
   a, b = record['params']
   return '\n'.join(lines + [f'  {"parameters":<13} {a:>8,} -> {b:,} ({b / a:.1%})'])
+
+
+def add_arguments(p) -> None:
+  """`stoker prune`'s flags."""
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument('--checkpoint', help='A training workdir (its newest checkpoint) to prune.')
+  source.add_argument('--hf-dir', '--hf_dir', dest='hf_dir', help='A Hugging Face model directory.')
+  p.add_argument('--out', required=True, help='The step-0 workdir to write (must not exist).')
+  for name, default, what in (('mlp', 0.5, 'MLP neurons'), ('heads', 0.5, 'GQA groups (a key/value '
+                              'head with its query heads)'), ('layers', 0.75, 'layers'),
+                              ('embed', 1.0, 'embedding channels')):
+    p.add_argument(f'--{name}-keep', f'--{name}_keep', dest=f'{name}_keep', type=float,
+                   default=default, help=f'Share of {what} to keep, in (0, 1] (default {default}).')
+  p.add_argument('--calibration', default=None,
+                 help='A `stoker prepare` directory whose validation split ranks the units (default: '
+                      'the one the checkpoint trained on; required with --hf-dir).')
+  p.add_argument('--calibration-batches', '--calibration_batches', dest='calibration_batches',
+                 type=int, default=8, help='Validation batches (of the recipe\'s shape) to rank on.')
+
+
+def prune_command(args, argv: Sequence[str]) -> int:
+  """Runs `stoker prune` from its parsed flags; prints the chosen sizes and what to run next."""
+  fractions = prune.KeepFractions(**{k: getattr(args, k) for k in prune.FRACTIONS})
+  record = prune_checkpoint(args.out, fractions, checkpoint=args.checkpoint, hf_dir=args.hf_dir,
+                            calibration=args.calibration,
+                            calibration_batches=args.calibration_batches, command=argv)
+  source = args.checkpoint or args.hf_dir
+  print(f'Pruned {source} into {args.out} (step 0):\n{describe(record)}\n'
+        f'What was removed: {os.path.join(args.out, "prune.json")}. Distil: stoker distill --teacher '
+        f'{source} --student {args.out}; train: stoker train --gin_file '
+        f'{os.path.join(args.out, "train.gin")} --workdir {args.out}')
+  return 0

@@ -132,12 +132,12 @@ def check_teacher(cfg: TrainConfig, teacher_cfg: ModelConfig, student_tokenizer:
         "teacher's tokenizer (stoker prepare --tokenizer).")
 
 
-def load_teacher(cfg: TrainConfig, mesh, rules: Rules = DEFAULT_RULES) -> Teacher | None:
-  """The teacher named by cfg.distill, checked and restored onto `mesh`; None when it is unset."""
+def validate(cfg: TrainConfig) -> None:
+  """Fails, naming the problem, unless cfg.distill's teacher (if any) can teach cfg's student."""
   path = cfg.distill.teacher
   if not path:
-    return None
-  if not (os.path.isdir(path)):
+    return
+  if not os.path.isdir(path):
     raise FileNotFoundError(f"distill.teacher={path!r}: no such directory; give a Stoker training "
                             'workdir or a Hugging Face model directory.')
   directory = datasets.data_dir(cfg)
@@ -145,6 +145,14 @@ def load_teacher(cfg: TrainConfig, mesh, rules: Rules = DEFAULT_RULES) -> Teache
   if student_tokenizer and not os.path.isfile(student_tokenizer):
     student_tokenizer = None
   check_teacher(cfg, teacher_config(path), student_tokenizer, tokenizer_file(path))
+
+
+def load_teacher(cfg: TrainConfig, mesh, rules: Rules = DEFAULT_RULES) -> Teacher | None:
+  """The teacher named by cfg.distill, checked and restored onto `mesh`; None when it is unset."""
+  path = cfg.distill.teacher
+  if not path:
+    return None
+  validate(cfg)
   model_cfg, params = checkpoint_io.load(
       path, shardings_for=lambda a: sharding.logical_shardings(a, mesh, rules), remat='none')
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: transformer.Transformer(model_cfg, nnx.Rngs(0))))
