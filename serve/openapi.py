@@ -6,9 +6,10 @@ go, and every operation lists each status it can return with its media type:
 
   every route    408 (body not read within ServerConfig.body_timeout_s), 413 (body too large),
                  500 (an unexpected error), 503 text/plain (uvicorn, past ServerConfig.max_connections)
-  keyed routes   401 (every route but the probes and /metrics when the server has an API key)
-  /v1 routes     400, 404 (unknown model), 503 (loading, draining, engine failed), and for
-                 completions 429 (queue full) and a 200 stream of text/event-stream
+  model routes   (all but the probes and /metrics: /v1/*, /tokenize, ...) 401 (when the server has
+                 an API key), 503 (loading, draining, engine failed), and with a request body or
+                 path parameters 400 and 404 (unknown model); completions also 429 (queue full)
+                 and a 200 stream of text/event-stream
   probes         /health and /ready: 200 or 503 with the server's state (not an error body)
   /metrics       200 in Prometheus' text format
 
@@ -68,7 +69,7 @@ def _ref(name: str) -> dict:
   return {'schema': {'$ref': f'#/components/schemas/{name}'}}
 
 
-def statuses(path: str, method: str) -> dict[int, dict]:
+def statuses(path: str, method: str, operation: dict) -> dict[int, dict]:
   """{status: {media type: media object}} of one operation, per the module docstring."""
   error = {'application/json': _ref('ErrorResponse')}
   plain = {'text/plain': {'schema': {'type': 'string'}}}
@@ -80,8 +81,10 @@ def statuses(path: str, method: str) -> dict[int, dict]:
     out[503] = {'application/json': _ref('ServerState'), **plain}
   elif path == '/metrics':
     out[200] = {PROMETHEUS_TEXT: {'schema': {'type': 'string'}}}
-  elif path.startswith('/v1'):
-    out.update({400: error, 404: error, 503: {**error, **plain}})
+  else:
+    out[503] = {**error, **plain}
+    if 'requestBody' in operation or operation.get('parameters'):
+      out.update({400: error, 404: error})
     if method == 'post' and path in COMPLETION_ROUTES:
       out[429] = error
   return out
@@ -101,7 +104,7 @@ def document_responses(schema: dict) -> dict:
     for method, op in item.items():
       responses = op.setdefault('responses', {})
       responses.pop('422', None)
-      for status, content in statuses(path, method).items():
+      for status, content in statuses(path, method, op).items():
         entry = responses.setdefault(str(status), {'description': REASONS[status]})
         if status == 200:  # FastAPI's guess (JSON of any shape) gives way to what the route sends
           entry['content'] = content
@@ -113,4 +116,5 @@ def document_responses(schema: dict) -> dict:
                        'each `data: <chunk JSON>`, the last `data: [DONE]`.'}}
       if path not in OPEN_PATHS:
         op['security'] = [{'bearer': []}]
+      op['responses'] = dict(sorted(responses.items()))
   return schema

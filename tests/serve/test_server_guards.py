@@ -198,9 +198,16 @@ def test_every_status_and_content_type_seen_is_declared_in_openapi(background):
   chat = {'model': 'run', 'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 3}
   request(background, 'POST', '/v1/chat/completions', json=chat, headers=AUTH)
   request(background, 'POST', '/v1/chat/completions', json={**chat, 'messages': []}, headers=AUTH)
+  request(background, 'POST', '/tokenize', json={'model': 'run', 'prompt': 'hi'}, headers=AUTH)
+  request(background, 'POST', '/tokenize', json={'model': 'nope', 'prompt': 'hi'}, headers=AUTH)
+  request(background, 'POST', '/tokenize', json={'prompt': 5}, headers=AUTH)
+  request(background, 'POST', '/detokenize', json={'tokens': [1, 2]}, headers=AUTH)
+  request(background, 'GET', '/tokenizer.json', headers=AUTH)
   request(background, 'GET', '/openapi.json', headers=AUTH)
   statuses = {status for _, _, status, _ in SEEN}
-  assert {200, 400, 401, 404, 413} <= statuses, statuses
+  assert {200, 400, 401, 404, 413} <= statuses, statuses  # 408 and 503: from the tests above
+  assert {(p, code) for _, p, code, _ in SEEN} >= {('/tokenize', 200), ('/tokenize', 400),
+                                                   ('/tokenize', 404), ('/detokenize', 200)}
   schema = httpx.get(url + '/openapi.json', headers=AUTH).json()
   assert_declared(schema, SEEN)
   metrics = schema['paths']['/metrics']['get']['responses']['200']['content']
