@@ -11,7 +11,7 @@ import jax
 
 from parallelism import distributed
 from parallelism.compile_cache import use_compilation_cache
-from train import faults, loop
+from train import distill, faults, loop
 from train.config import TrainConfig
 
 
@@ -23,6 +23,7 @@ def train_command(cfg: TrainConfig, workdir: str, config_text: str = '') -> int:
   watchdog_limit = max(60, faults.PAUSED_SLACK * cfg.checkpoint.hang_timeout_s)
   distributed.initialize(distributed.from_env(), heartbeat_timeout_s=int(2 * watchdog_limit + 60))
   use_compilation_cache()
+  distill.validate(cfg)  # a teacher that cannot teach this student fails before anything is written
   try:
     logged = loop.train(cfg, workdir, config_text=config_text)
   except faults.TrainingInterrupted as e:

@@ -157,3 +157,21 @@ def load_teacher(cfg: TrainConfig, mesh, rules: Rules = DEFAULT_RULES) -> Teache
       path, shardings_for=lambda a: sharding.logical_shardings(a, mesh, rules), remat='none')
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: transformer.Transformer(model_cfg, nnx.Rngs(0))))
   return Teacher(graphdef, params, model_cfg)
+
+
+def add_arguments(p) -> None:
+  """`stoker distill`'s flags: `stoker train` on the student's train.gin with distill.teacher set."""
+  p.add_argument('--teacher', required=True,
+                 help='A Stoker training workdir (its newest checkpoint) or a Hugging Face directory.')
+  p.add_argument('--student', required=True,
+                 help='The workdir to train (from `stoker prune`; its train.gin is the recipe).')
+  p.add_argument('--gin_file', action='append', default=[],
+                 help="More gin files after STUDENT/train.gin; repeatable.")
+  p.add_argument('--gin_param', action='append', default=[],
+                 help="A binding such as 'distill.alpha=0.5' or 'distill.top_k=64'; repeatable.")
+
+
+def command_gin(teacher: str, student: str, gin_files, gin_params) -> tuple[list[str], list[str]]:
+  """(gin files, bindings) of `stoker distill`: the student's recipe with the teacher bound."""
+  return ([os.path.join(student, 'train.gin'), *gin_files],
+          [f'distill.teacher={os.path.abspath(teacher)!r}', *gin_params])
