@@ -91,7 +91,7 @@ def _serve_flags(p) -> None:
   p.add_argument('--host', default=None, help='Address to bind (default 127.0.0.1: this machine only).')
   p.add_argument('--port', type=int, default=None, help='Default 8000; 0 picks a free port.')
   p.add_argument('--api-key', '--api_key', dest='api_key', default=os.environ.get('STOKER_API_KEY'),
-                 help='Require "Authorization: Bearer KEY" on /v1 routes (default: $STOKER_API_KEY).')
+                 help='Require "Authorization: Bearer KEY" (probes, /metrics: open; default: $STOKER_API_KEY).')
   p.add_argument('--served-model-name', '--served_model_name', dest='served_model_name', default=None,
                  help='The model name clients send (default: the workdir name).')
   p.add_argument('--tensor_parallel', type=int, default=1,
