@@ -47,3 +47,14 @@ def test_exposition_parses_and_reads_the_snapshot():
 def test_before_the_engine_exists_the_exposition_is_still_valid():
   families = {f.name for f in text_string_to_metric_families(Metrics().exposition().decode())}
   assert {'stoker_queue_length', 'stoker_kv_pages', 'stoker_fluidity_index', 'stoker_ready'} <= families
+
+
+def test_a_failed_server_says_so_and_why():
+  snapshot = {'ready': 0, 'state': 'failed', 'reason': 'the engine failed: RuntimeError: ' + 'x' * 500}
+  text = Metrics(snapshot=lambda: snapshot).exposition().decode()
+  samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+  assert samples['stoker_ready'].value == 0
+  info = samples['stoker_server_info']
+  assert info.value == 1 and info.labels['state'] == 'failed'
+  assert info.labels['reason'].startswith('the engine failed: RuntimeError: xxx')
+  assert len(info.labels['reason']) <= 300  # a label, not a log: the log has the whole error
