@@ -282,10 +282,11 @@ class Engine:
     self._ids = itertools.count()
     # Seconds: host_s is all of step(); within it plan_s (scheduler.schedule), build_s (host
     # buffers and dispatch), wait_s (blocked on the device's tokens), update_s (scheduler.update,
-    # advance and resolve) and output_s (stop strings, outputs). overlapped_steps: async ones.
+    # advance and resolve) and output_s (stop strings, outputs); mask_s (grammar bitmasks, in
+    # build_s). overlapped_steps: async ones.
     self.stats = dict(steps=0, overlapped_steps=0, tokens=0, padded_tokens=0, preemptions=0,
                       compile_s=0.0, host_s=0.0, plan_s=0.0, build_s=0.0, wait_s=0.0,
-                      update_s=0.0, output_s=0.0)
+                      update_s=0.0, output_s=0.0, mask_s=0.0)
     self._no_tokens = jax.device_put(np.zeros(B, np.int32), self._replicated)
     self._mask_words = -(-model_cfg.vocab_size // 32)
     self._all_allowed = jax.device_put(np.full((B, self._mask_words), -1, np.int32),
@@ -562,9 +563,11 @@ class Engine:
         rows.append((request.params, request.seed, start + n))
         flags[0] |= request.params.logprobs is not None
         if request.matcher is not None:
+          clock = time.perf_counter()
           if mask is None:
             mask = np.full((B, self._mask_words), -1, np.int32)
           request.params.grammar.fill_bitmask(request.matcher, mask, b)
+          self.stats['mask_s'] += time.perf_counter() - clock
       else:
         rows.append((SamplingParams(), 0, 0))  # not sampled: the token is discarded
     cu[len(plan.seqs) + 1:] = t

@@ -22,6 +22,11 @@ from typing import Callable, Sequence
 
 import tokenizers
 
+# Characters past which Codec.encode (tokens: a quarter, decode) goes through the batch entry points:
+# `tokenizers` holds the GIL through Tokenizer.encode/decode but releases it in encode_batch/
+# decode_batch, so a long prompt tokenized on a worker thread would otherwise stall the event loop
+# for as long as it takes (~300 ms for 100 KB measured; benchmarks/serve_api.py).
+LONG_TEXT = 4096
 # End-of-text tokens looked for, in order, when the tokenizer config names none.
 EOS_CANDIDATES = ('<|endoftext|>', '<|end_of_text|>', '<|eot_id|>', '<|im_end|>', '</s>', '<eos>')
 
@@ -60,9 +65,13 @@ class Codec:
     return max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    if len(text) > LONG_TEXT:  # encode_batch releases the GIL (encode does not): see LONG_TEXT
+      return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
     return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
   def decode(self, ids: Sequence[int]) -> str:
+    if len(ids) > LONG_TEXT // 4:
+      return self.tokenizer.decode_batch([list(ids)], skip_special_tokens=True)[0]
     return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
   def token_text(self, token_id: int) -> str:
