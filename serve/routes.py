@@ -89,6 +89,14 @@ def render_and_encode(loaded, messages, add_generation_prompt: bool = True,
   return loaded.codec.encode(text, add_special_tokens=add_special_tokens)
 
 
+_ERROR = {'application/json': {'schema': {'$ref': '#/components/schemas/ErrorResponse'}}}
+# Statuses of the tokenizer routes beyond those every route declares (serve/openapi.py).
+TOKENIZER_RESPONSES = {
+    400: {'description': 'The request is invalid; the message names the field.', 'content': _ERROR},
+    404: {'description': 'No such model.', 'content': _ERROR},
+}
+
+
 def add_v1_routes(app: fastapi.FastAPI, service: Service) -> None:
 
   def model_card():
@@ -132,7 +140,7 @@ def add_v1_routes(app: fastapi.FastAPI, service: Service) -> None:
       raise APIError(400, f'messages: {e}', param='messages') from e
     return await generate(request, service, body, [prompt], body.token_limit, arrival, chat=True)
 
-  @app.post('/tokenize')
+  @app.post('/tokenize', responses=TOKENIZER_RESPONSES)
   async def tokenize(body: TokenizeRequest):
     service.require_ready()
     if body.model is not None:
@@ -153,7 +161,7 @@ def add_v1_routes(app: fastapi.FastAPI, service: Service) -> None:
     return {'count': len(ids), 'max_model_len': context_len(service), 'tokens': ids,
             'token_strs': strs}
 
-  @app.post('/detokenize')
+  @app.post('/detokenize', responses=TOKENIZER_RESPONSES)
   async def detokenize(body: DetokenizeRequest):
     service.require_ready()
     if body.model is not None:

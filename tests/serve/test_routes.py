@@ -24,7 +24,7 @@ from serve.allocator import hash_blocks
 from serve.engine import EngineConfig
 from serve.server import BackgroundServer, ServerConfig, Service
 from serve.text import Codec
-from tests.serve.server_fixtures import make_workdir
+from tests.serve import openapi_check
 
 pytestmark = pytest.mark.xdist_group('routes')
 
@@ -280,6 +280,11 @@ def test_tokenize_and_detokenize_round_trip(server, codec):
   assert httpx.post(server.url + '/tokenize', json={'prompt': 'x'}).status_code == 401
   served = httpx.get(server.url + '/tokenizer.json', headers=AUTH)
   assert served.status_code == 200 and json.loads(served.text) == json.loads(codec.tokenizer.to_str())
+  schema = httpx.get(server.url + '/openapi.json', headers=AUTH).json()
+  openapi_check.assert_declared(schema, [
+      ('post', '/tokenize', status, 'application/json') for status in (200, 400, 401, 404)] + [
+      ('post', '/detokenize', status, 'application/json') for status in (200, 400)] + [
+      ('get', '/tokenizer.json', 200, 'application/json')])
 
 
 def test_bench_needs_no_tokenizer_against_a_stoker_server(server, hf, codec, tmp_path):
