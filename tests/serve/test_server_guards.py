@@ -109,13 +109,17 @@ def test_a_non_streaming_client_that_hangs_up_frees_its_pages_at_once(background
   assert driver.snapshot['pages_used'] > 0 and steps > 10  # still running: 900 tokens take longer
   aborted = background.service.metrics.finished.labels('abort')._value.get()
   sock.close()
-  closed = time.perf_counter()
+  closed = polled = time.perf_counter()
+  blind = 0.0  # the longest gap between two looks: a stall of this process hides the moment
   while driver.snapshot['pages_used'] > 0:
     assert time.perf_counter() - closed < 5, 'pages still held 5 s after the client hung up'
     time.sleep(0.0005)
+    now = time.perf_counter()
+    blind, polled = max(blind, now - polled), now
   latency = time.perf_counter() - closed
-  print(f'disconnect -> pages free: {latency * 1e3:.1f} ms (longest step seen {longest * 1e3:.1f} ms)')
-  assert latency < 0.1 + longest, (latency, longest)
+  print(f'disconnect -> pages free: {latency * 1e3:.1f} ms (longest step seen {longest * 1e3:.1f} ms, '
+        f'longest gap between looks {blind * 1e3:.1f} ms)')
+  assert latency < 0.1 + longest + blind, (latency, longest, blind)
   assert background.service.metrics.finished.labels('abort')._value.get() == aborted + 1
   allocator = background.service.loaded.engine.scheduler.allocator
   assert driver.snapshot['pages_free'] + driver.snapshot['pages_cached'] == allocator.total
