@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 from models import checkpoint as model_checkpoint
-from models import hf, hf_files, transformer
+from models import hf, hf_files, lora, transformer
 from models.config import ModelConfig
 
 HF_SUBDIR = 'hf'  # in a workdir: the Hugging Face config and tokenizer files it came from
@@ -37,6 +37,13 @@ def read_model_config(path: str, step: int | None = None) -> ModelConfig:
   return model_checkpoint.model_config(model_checkpoint.saved_config(directory))
 
 
+def read_config(path: str) -> ModelConfig:
+  """The ModelConfig of a Hugging Face directory or of a training workdir's newest checkpoint."""
+  if is_hf_dir(path):
+    return hf.config_from_hf(hf_files.read_config(path))
+  return read_model_config(path)
+
+
 def abstract_params(cfg: ModelConfig) -> nnx.State:
   return nnx.state(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0))))
 
@@ -46,14 +53,46 @@ def read_params(path: str, step: int | None = None, *, shardings_for: ShardingsF
   """(ModelConfig, params) of a training checkpoint; `overrides` replace execution fields of the
   saved config (e.g. dtype, attention); the architecture must stay the checkpoint's."""
   directory = model_checkpoint.step_dir(path, step)
-  saved = model_checkpoint.model_config(model_checkpoint.saved_config(directory))
-  cfg = dataclasses.replace(saved, **overrides)
+  saved_config = model_checkpoint.saved_config(directory)
+  adapter = (saved_config.get('train') or {}).get('lora') or {}
+  if adapter.get('base'):
+    return _read_merged(directory, lora.LoRAConfig(**adapter), shardings_for, overrides)
+  cfg = dataclasses.replace(model_checkpoint.model_config(saved_config), **overrides)
   abstract = abstract_params(cfg)
   shardings = shardings_for(abstract) if shardings_for else jax.tree.map(
       lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   return cfg, model_checkpoint.restore_params(directory, target)
+
+
+def _read_merged(directory: str, config: lora.LoRAConfig, shardings_for: ShardingsFor | None,
+                 overrides) -> tuple[ModelConfig, nnx.State]:
+  """A LoRA run's checkpoint (its adapters) merged into its base: the fine-tuned model."""
+  cfg, base = load(config.base, shardings_for=shardings_for, **overrides)
+  adapters = restore_adapters(directory, cfg, config, shardings_for)
+  return cfg, lora.merge(cfg, base, adapters, config)
+
+
+def restore_adapters(directory: str, cfg: ModelConfig, config: lora.LoRAConfig,
+                     shardings_for: ShardingsFor | None = None) -> nnx.State:
+  """The adapters a LoRA run's checkpoint (a step directory) holds."""
+  abstract = jax.eval_shape(lambda: lora.init_adapters(cfg, abstract_params(cfg), config,
+                                                       jax.random.key(0)))
+  shardings = shardings_for(abstract) if shardings_for else jax.tree.map(
+      lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  return model_checkpoint.restore_params(directory, target)
+
+
+def lora_config(path: str, step: int | None = None) -> lora.LoRAConfig | None:
+  """The LoRAConfig of a LoRA run's workdir (None for any other model)."""
+  if is_hf_dir(path):
+    return None
+  saved = model_checkpoint.saved_config(model_checkpoint.step_dir(path, step))
+  adapter = (saved.get('train') or {}).get('lora') or {}
+  return lora.LoRAConfig(**adapter) if adapter.get('base') else None
 
 
 def load(path: str, *, shardings_for: ShardingsFor | None = None,

@@ -36,8 +36,10 @@ DEFAULT_TARGETS = r'(attn/(q_DNH|k_DKH|v_DKH|o_NHD)|mlp/(gate_DF|up_DF|down_FD))
 class LoRAConfig:
   """rank r, alpha (scale = alpha / r), dropout on the adapter's input while training, and a regular
   expression searched in each parameter's path ('layers/attn/q_DNH'; unrolled layers:
-  'layers/3/attn/q_DNH') choosing the weights to adapt."""
+  'layers/3/attn/q_DNH') choosing the weights to adapt. `base`: the model the adapters adapt (a
+  Stoker workdir or a Hugging Face directory); training with a base set trains adapters only."""
 
+  base: str = ''
   rank: int = 8
   alpha: float = 16.0
   dropout: float = 0.0

@@ -10,6 +10,7 @@ trainable modules, per-module ranks, ...) are refused by name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -99,7 +100,8 @@ def read_config(peft_dir: str) -> lora.LoRAConfig:
     raise ValueError(f'{path}: {", ".join(bad)} is not supported by Stoker\'s LoRA (it supports '
                      'plain LoRA and rsLoRA on the Linear layers); merge the adapter with PEFT '
                      '(merge_and_unload) and convert the merged model instead.')
-  return lora.LoRAConfig(rank=int(body['r']), alpha=float(body['lora_alpha']),
+  return lora.LoRAConfig(base=body.get('base_model_name_or_path') or '', rank=int(body['r']),
+                         alpha=float(body['lora_alpha']),
                          dropout=float(body.get('lora_dropout') or 0.0),
                          rslora=bool(body.get('use_rslora')))
 
@@ -128,7 +130,7 @@ def read(peft_dir: str, cfg: ModelConfig) -> tuple[nnx.State, lora.LoRAConfig]:
   r = config.rank
   chosen = sorted({where[m][0] for m in by_module})
   targets = '^(' + '|'.join(re.escape('/'.join(map(str, k))) for k in chosen) + ')$'
-  config = lora.LoRAConfig(config.rank, config.alpha, config.dropout, targets, config.rslora)
+  config = dataclasses.replace(config, targets=targets)
   abstract = jax.eval_shape(lambda: nnx.state(_model(cfg)))
   adapters = lora.init_adapters(cfg, abstract, config, jax.random.key(0))
   values = {p: np.zeros(v.shape, np.float32) for p, v in nnx.to_flat_state(adapters)}

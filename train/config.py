@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from models.config import ModelConfig
+from models.lora import LoRAConfig
 from parallelism.mesh import MeshConfig
 
 
@@ -131,6 +132,7 @@ class TrainConfig:
   checkpoint: CheckpointConfig = CheckpointConfig()
   fault: FaultConfig = FaultConfig()
   distill: DistillConfig = DistillConfig()
+  lora: LoRAConfig = LoRAConfig()  # with lora.base set: LoRA fine-tuning (train/finetune.py)
   steps: int = 100
   batch_size: int = 16
   seq_len: int = 128

@@ -14,27 +14,37 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data.synthetic import Batch
 from parallelism import sharding
 from parallelism.rules import DEFAULT_RULES, Rules
+from train import finetune
 from train.config import TrainConfig
-from train.step import abstract_model, batch_spec, loss_sums
+from train.step import Bound, abstract_model, batch_spec, loss_sums
 
 
-def _eval_step(params, batch, *, graphdef):
+def _eval_step(params, batch, *frozen, graphdef, cfg):
+  params = finetune.attach(cfg, params, frozen[0]['base'] if frozen else None)
   _, (nll, tokens) = loss_sums(params, graphdef, batch, 0.0)
   return nll, tokens
 
 
 def compile_eval_step(cfg: TrainConfig, mesh: Mesh, param_shardings, rules: Rules = DEFAULT_RULES):
-  """(params, batch) -> (summed NLL, target tokens), compiled once for the training batch shape."""
+  """(params, batch) -> (summed NLL, target tokens), compiled once for the training batch shape.
+  `params` are what the train state holds: the model's, or with LoRA the adapters (the base is
+  bound in here)."""
   graphdef, abstract_params = abstract_model(cfg)
+  if finetune.enabled(cfg):
+    abstract_params = jax.eval_shape(functools.partial(finetune.fresh_adapters, cfg))
+  extra = ({'base': finetune.load_base(cfg.lora.base, cfg.model, mesh, rules)},
+           ) if finetune.enabled(cfg) else ()
   batch = batch_spec(cfg, mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
-  step = jax.jit(functools.partial(_eval_step, graphdef=graphdef),
-                 in_shardings=(param_shardings, jax.tree.map(lambda b: b.sharding, batch)),
+  step = jax.jit(functools.partial(_eval_step, graphdef=graphdef, cfg=cfg),
+                 in_shardings=(param_shardings, jax.tree.map(lambda b: b.sharding, batch),
+                               *jax.tree.map(lambda x: x.sharding, extra)),
                  out_shardings=(replicated, replicated))
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_params, param_shardings)
   with sharding.activation_rules(mesh, rules):
-    return step.lower(params, batch).compile()
+    compiled = step.lower(params, batch, *extra).compile()
+  return Bound(compiled, extra) if extra else compiled
 
 
 def evaluate(eval_step, params, batches: Iterable[Batch], shardings: dict,

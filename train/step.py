@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from models import transformer
 from parallelism import sharding
 from parallelism.rules import DEFAULT_RULES, Rules
-from train import distill
+from train import distill, finetune
 from train.config import TrainConfig
 from train.optimizer import schedule
 
@@ -49,9 +49,12 @@ def _ce_sums(logits_BTV, batch, z_loss: float):
   return objective, (nll, jnp.sum(weights_BT))
 
 
-def objective_sums(params, graphdef, batch, cfg: TrainConfig, teacher=None):
+def objective_sums(params, graphdef, batch, cfg: TrainConfig, teacher=None, base=None,
+                   dropout_key=None):
   """The training objective and the sums the metrics need: 'nll', 'tokens' and, when distilling
-  from `teacher` ((graphdef, params), train/distill.py), 'kl'."""
+  from `teacher` ((graphdef, params), train/distill.py), 'kl'. With a LoRA `base`, `params` are
+  the adapters (train/finetune.py)."""
+  params = finetune.attach(cfg, params, base, dropout_key)
   if teacher is None:
     objective, (nll, tokens) = loss_sums(params, graphdef, batch, cfg.z_loss)
     return objective, {'nll': nll, 'tokens': tokens}
@@ -68,24 +71,34 @@ def _microbatches(batch, k: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def grad_step(state: TrainState, batch, teacher_params=None, *, graphdef, cfg: TrainConfig,
+def grad_step(state: TrainState, batch, frozen=None, *, graphdef, cfg: TrainConfig,
               teacher_graphdef=None):
-  """Gradients of the batch's mean loss at `state`, and the step's metrics. Reads `state` only."""
-  teacher = None if teacher_graphdef is None else (teacher_graphdef, teacher_params)
-  grad_fn = jax.grad(functools.partial(objective_sums, graphdef=graphdef, cfg=cfg, teacher=teacher),
-                     has_aux=True)
+  """Gradients of the batch's mean loss at `state`, and the step's metrics. Reads `state` only.
+
+  `frozen`: the inputs that are not trained, {'teacher': params, 'base': params} (either may be
+  absent)."""
+  frozen = frozen or {}
+  teacher = None if teacher_graphdef is None else (teacher_graphdef, frozen['teacher'])
+  key = None
+  if 'base' in frozen and cfg.lora.dropout > 0:
+    key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+  grad_fn = jax.grad(functools.partial(objective_sums, graphdef=graphdef, cfg=cfg, teacher=teacher,
+                                       base=frozen.get('base')), has_aux=True)
   if cfg.microbatches == 1:
-    grads, sums = grad_fn(state.params, batch=batch)
+    grads, sums = grad_fn(state.params, batch=batch, dropout_key=key)
   else:
     def accumulate(carry, micro):
-      g, s = grad_fn(state.params, batch=micro)
+      micro, i = micro
+      g, s = grad_fn(state.params, batch=micro,
+                     dropout_key=None if key is None else jax.random.fold_in(key, i))
       acc_g, acc_s = carry
       acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
       return (acc_g, jax.tree.map(jnp.add, acc_s, s)), None
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     sums0 = {k: jnp.zeros((), jnp.float32) for k in ('nll', 'tokens', 'kl')[:2 + bool(teacher)]}
     (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0),
-                                    _microbatches(batch, cfg.microbatches))
+                                    (_microbatches(batch, cfg.microbatches),
+                                     jnp.arange(cfg.microbatches)))
   nll, tokens = sums['nll'], sums['tokens']
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads,
@@ -112,10 +125,10 @@ def apply_grads(state: TrainState, grads, *, tx: optax.GradientTransformation):
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def train_step(state: TrainState, batch, teacher_params=None, *, graphdef,
+def train_step(state: TrainState, batch, frozen=None, *, graphdef,
                tx: optax.GradientTransformation, cfg: TrainConfig, teacher_graphdef=None):
   """One optimizer step: grad_step then apply_grads, fused into one computation."""
-  grads, metrics = grad_step(state, batch, teacher_params, graphdef=graphdef, cfg=cfg,
+  grads, metrics = grad_step(state, batch, frozen, graphdef=graphdef, cfg=cfg,
                              teacher_graphdef=teacher_graphdef)
   state, update_metrics = apply_grads(state, grads, tx=tx)
   return state, {**metrics, **update_metrics}
@@ -127,7 +140,11 @@ def abstract_model(cfg: TrainConfig):
 
 
 def fresh_state(cfg: TrainConfig, tx: optax.GradientTransformation) -> TrainState:
-  params = nnx.state(transformer.Transformer(cfg.model, nnx.Rngs(cfg.seed)))
+  """Step 0: a new model, or with LoRA new adapters (the base is a frozen input, not state)."""
+  if finetune.enabled(cfg):
+    params = finetune.fresh_adapters(cfg)
+  else:
+    params = nnx.state(transformer.Transformer(cfg.model, nnx.Rngs(cfg.seed)))
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
@@ -158,28 +175,48 @@ def abstract_state(cfg: TrainConfig, tx: optax.GradientTransformation, state_sha
 
 
 def compile_train_step(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransformation,
-                       state_shardings, rules: Rules = DEFAULT_RULES):
-  """Lowers and compiles the fused step once for the config's shapes; the state is donated."""
+                       state_shardings, rules: Rules = DEFAULT_RULES, frozen=None):
+  """Lowers and compiles the fused step once for the config's shapes; the state is donated.
+  `frozen`: frozen_args' result, when the caller has the frozen inputs already."""
   graphdef, _ = abstract_model(cfg)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch = batch_spec(cfg, mesh, rules)
-  teacher, extra, extra_shardings, kw = _teacher_args(cfg, mesh, rules)
+  extra, extra_shardings, kw = frozen or frozen_args(cfg, mesh, rules)
   step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg, **kw),
                  in_shardings=(state_shardings, jax.tree.map(lambda b: b.sharding, batch),
                                *extra_shardings),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
   with sharding.activation_rules(mesh, rules):
     compiled = step.lower(abstract_state(cfg, tx, state_shardings), batch, *extra).compile()
-  return compiled if teacher is None else lambda state, batch: compiled(state, batch, *extra)
+  return Bound(compiled, extra) if extra else compiled
 
 
-def _teacher_args(cfg: TrainConfig, mesh: Mesh, rules: Rules):
-  """(teacher, extra step arguments, their shardings, static keywords) for cfg.distill."""
+class Bound:
+  """A compiled step with its trailing frozen arguments bound (they stay on the devices, passed
+  at every call, never donated); other attributes (memory_analysis, ...) are the compiled step's."""
+
+  def __init__(self, compiled, extra: tuple):
+    self.compiled, self.extra = compiled, extra
+
+  def __call__(self, *args):
+    return self.compiled(*args, *self.extra)
+
+  def __getattr__(self, name):
+    return getattr(self.compiled, name)
+
+
+def frozen_args(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """(extra step arguments, their shardings, static keywords): the frozen inputs, as one dict
+  {'teacher': params (cfg.distill), 'base': params (cfg.lora)}; no argument when neither is set."""
+  frozen, kw = {}, {}
   teacher = distill.load_teacher(cfg, mesh, rules)
-  if teacher is None:
-    return None, (), (), {}
-  return (teacher, (teacher.params,), (jax.tree.map(lambda x: x.sharding, teacher.params),),
-          {'teacher_graphdef': teacher.graphdef})
+  if teacher is not None:
+    frozen['teacher'], kw['teacher_graphdef'] = teacher.params, teacher.graphdef
+  if finetune.enabled(cfg):
+    frozen['base'] = finetune.load_base(cfg.lora.base, cfg.model, mesh, rules)
+  if not frozen:
+    return (), (), kw
+  return (frozen,), (jax.tree.map(lambda x: x.sharding, frozen),), kw
 
 
 class SplitStep(NamedTuple):
@@ -211,10 +248,10 @@ def compile_split_step(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransform
   leaves, treedef = jax.tree.flatten(state)
   grads_treedef = jax.tree.structure(state.params)
 
-  teacher, extra, extra_shardings, kw = _teacher_args(cfg, mesh, rules)
+  extra, extra_shardings, kw = frozen_args(cfg, mesh, rules)
 
-  def grad_leaves(leaves, batch, *teacher_params):
-    grads, metrics = grad_step(treedef.unflatten(leaves), batch, *teacher_params,
+  def grad_leaves(leaves, batch, *frozen):
+    grads, metrics = grad_step(treedef.unflatten(leaves), batch, *frozen,
                                graphdef=graphdef, cfg=cfg, **kw)
     return grads_treedef.flatten_up_to(grads), metrics
 
@@ -232,7 +269,6 @@ def compile_split_step(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransform
   with sharding.activation_rules(mesh, rules):
     grad = grad_fn.lower(leaves, batch, *extra).compile()
     update = update_fn.lower(leaves, jax.tree.leaves(state.params)).compile()
-  if teacher is not None:  # the teacher's params ride along as the gradient pass's last argument
-    compiled_grad = grad
-    grad = lambda leaves, batch: compiled_grad(leaves, batch, *extra)
+  if extra:  # the frozen params ride along as the gradient pass's last argument
+    grad = Bound(grad, extra)
   return SplitStep(grad, update, treedef)
