@@ -115,18 +115,24 @@ def _prepare(args, argv) -> int:
 
 
 def _convert(args, argv) -> int:
-  if bool(args.from_hf) == bool(args.to_hf):
-    raise ValueError('give exactly one of --from-hf DIR or --to-hf CHECKPOINT.')
-  if args.to_hf:
+  if sum(map(bool, (args.from_hf, args.to_hf, args.to_peft, args.from_peft))) != 1:
+    raise ValueError('give exactly one of --from-hf DIR, --to-hf CHECKPOINT, --to-peft CHECKPOINT or '
+                     '--from-peft DIR --base MODEL.')
+  if args.to_hf or args.to_peft:
     from models import checkpoint_io
     written = checkpoint_io.to_hf(args.to_hf, args.out, step=args.step, dtype=args.dtype,
-                                  tokenizer_dir=args.tokenizer, max_shard_bytes=int(args.max_shard_mb * 2**20))
+                                  tokenizer_dir=args.tokenizer, merge_lora=args.merge_lora,
+                                  max_shard_bytes=int(args.max_shard_mb * 2**20)
+                                  ) if args.to_hf else checkpoint_io.to_peft(args.to_peft, args.out, step=args.step)
     print(f'Wrote {args.out}: {", ".join(written)}')
     return 0
   import configs
   from train import from_hf
   files = [configs.resolve(f) for f in args.gin_file or [QUICKSTART_GIN]]
   params = ([] if args.gin_file else ["data.source = 'synthetic'", 'data.eval_every = 0']) + args.gin_param
+  if args.from_peft:
+    return from_hf.from_peft_command(args.from_peft, args.base, args.out, configs.load_train_config(files, params),
+                                     files, params)
   return from_hf.from_hf_command(args.from_hf, args.out, configs.load_train_config(files, params), files, params)
 
 

@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 from models import checkpoint as model_checkpoint
-from models import hf, hf_files, lora, transformer
+from models import hf, hf_files, lora, peft_files, transformer
 from models.config import ModelConfig
 
 HF_SUBDIR = 'hf'  # in a workdir: the Hugging Face config and tokenizer files it came from
@@ -109,18 +109,44 @@ def load(path: str, *, shardings_for: ShardingsFor | None = None,
 
 
 def to_hf(path: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,
-          tokenizer_dir: str | None = None,
+          tokenizer_dir: str | None = None, merge_lora: bool = False,
           max_shard_bytes: int = hf_files.DEFAULT_SHARD_BYTES) -> list[str]:
   """Exports a training checkpoint as a Hugging Face directory; returns the files written.
 
   config.json keeps the fields of the config the model was converted from (if any); tokenizer and
-  chat-template files come from `tokenizer_dir`, else the workdir's hf/ directory.
+  chat-template files come from `tokenizer_dir`, else the workdir's hf/ directory (a LoRA run's:
+  its base's). A LoRA run exports merged, and only when `merge_lora` says so.
   """
   directory = model_checkpoint.step_dir(path, step)
+  adapter = lora_config(directory)
+  if adapter is not None and not merge_lora:
+    raise ValueError(f'{path} holds LoRA adapters over {adapter.base}: pass --merge-lora to export the '
+                     'base with the adapters merged in, or use --to-peft to export the adapters alone.')
   cfg, params = read_params(directory)
-  sidecar = os.path.join(os.path.dirname(os.path.dirname(directory)), HF_SUBDIR)
+  sidecar = _sidecar(adapter.base if adapter else directory)
   base = hf_files.read_config(sidecar) if os.path.isfile(
       os.path.join(sidecar, 'config.json')) else None
   sources = [d for d in (tokenizer_dir, sidecar) if d]
   return hf_files.write(out_dir, cfg, nnx.to_pure_dict(params), base_config=base, dtype=dtype,
                         max_shard_bytes=max_shard_bytes, files_from=sources)
+
+
+def _sidecar(path: str) -> str:
+  """Where a model's Hugging Face config and tokenizer files are: an HF directory itself, or a
+  workdir's hf/ folder (given the workdir or one of its step directories)."""
+  if is_hf_dir(path):
+    return path
+  directory = model_checkpoint.step_dir(path)
+  return os.path.join(os.path.dirname(os.path.dirname(directory)), HF_SUBDIR)
+
+
+def to_peft(path: str, out_dir: str, *, step: int | None = None) -> list[str]:
+  """Exports a LoRA run's adapters as a PEFT adapter directory (for the base's HF export)."""
+  directory = model_checkpoint.step_dir(path, step)
+  adapter = lora_config(directory)
+  if adapter is None:
+    raise ValueError(f'{path} is not a LoRA run (its config has no lora.base); export the whole '
+                     'model with --to-hf instead.')
+  cfg = model_checkpoint.model_config(model_checkpoint.saved_config(directory))
+  adapters = restore_adapters(directory, cfg, adapter)
+  return peft_files.write(out_dir, cfg, adapters, adapter, base_model=adapter.base)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import checkpoint_io, hf, hf_files
+from models import checkpoint_io, hf, hf_files, peft_files
 from models.config import ModelConfig, RopeScaling
 from parallelism import sharding
 from parallelism.mesh import make_mesh
@@ -62,6 +62,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  'to include (default: WORKDIR/hf, kept by --from-hf).')
   p.add_argument('--max_shard_mb', type=float, default=5120,
                  help='--to-hf: largest safetensors file before sharding with an index (MiB).')
+  p.add_argument('--merge-lora', '--merge_lora', dest='merge_lora', action='store_true',
+                 help='--to-hf of a LoRA run: export the base with the adapters merged in.')
+  p.add_argument('--to-peft', '--to_peft', dest='to_peft', default=None,
+                 help="A LoRA run's workdir: write its adapters as a PEFT adapter directory.")
+  p.add_argument('--from-peft', '--from_peft', dest='from_peft', default=None,
+                 help='A PEFT LoRA adapter directory: write a step-0 LoRA workdir over --base.')
+  p.add_argument('--base', default=None,
+                 help='--from-peft: the model the adapter adapts (a Hugging Face directory or a workdir).')
 
 
 def model_config(hf_dir: str, recipe: ModelConfig | None) -> ModelConfig:
@@ -80,17 +88,56 @@ def from_hf(hf_dir: str, workdir: str, cfg: TrainConfig, recipe_files: Sequence[
   `recipe_files` (resolved paths) / `recipe_params` are the gin files and bindings it came from,
   for train.gin.
   """
+  _check_new(workdir)
+  cfg = dataclasses.replace(cfg, model=model_config(hf_dir, cfg.model))
+  _write_step0(workdir, cfg, lambda shardings: hf_files.load_params(
+      hf_dir, cfg.model, shardings=nnx.to_pure_dict(shardings))[1],
+      train_gin(cfg.model, recipe_files, recipe_params))
+  sidecar = os.path.join(workdir, checkpoint_io.HF_SUBDIR)
+  os.makedirs(sidecar, exist_ok=True)
+  with open(os.path.join(hf_dir, 'config.json')) as src, \
+       open(os.path.join(sidecar, 'config.json'), 'w') as dst:
+    dst.write(src.read())
+  hf_files.copy_tokenizer_files(hf_dir, sidecar)
+  return cfg
+
+
+def from_peft(peft_dir: str, base: str, workdir: str, cfg: TrainConfig,
+              recipe_files: Sequence[str] = (), recipe_params: Sequence[str] = ()) -> TrainConfig:
+  """A step-0 LoRA workdir (train/finetune.py) whose adapters are a PEFT adapter's, over `base` (a
+  Hugging Face directory or a workdir): `stoker train` fine-tunes it on, serving merges it."""
+  _check_new(workdir)
+  base_cfg = checkpoint_io.read_config(base)
+  model = dataclasses.replace(cfg.model, **{k: getattr(base_cfg, k) for k in ARCHITECTURE})
+  adapters, config = peft_files.read(peft_dir, model)
+  cfg = dataclasses.replace(cfg, model=model,
+                            lora=dataclasses.replace(config, base=os.path.abspath(base)))
+
+  def params(shardings):
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), nnx.to_pure_dict(adapters),
+                        nnx.to_pure_dict(shardings))
+
+  text = train_gin(cfg.model, recipe_files, recipe_params)
+  text += ''.join(f'lora.{f.name} = {getattr(cfg.lora, f.name)!r}\n'
+                  for f in dataclasses.fields(cfg.lora))
+  _write_step0(workdir, cfg, params, text)
+  return cfg
+
+
+def _check_new(workdir: str) -> None:
   if os.path.isdir(checkpoint_dir(workdir)) and os.listdir(checkpoint_dir(workdir)):
     raise ValueError(f'{workdir} already holds checkpoints; convert into a new workdir.')
-  cfg = dataclasses.replace(cfg, model=model_config(hf_dir, cfg.model))
+
+
+def _write_step0(workdir: str, cfg: TrainConfig, load_params, text: str) -> None:
+  """Saves the TrainState of step 0 with the params `load_params(shardings)` gives (a nested dict),
+  a fresh optimizer state, the data iterator's initial state and train.gin."""
   mesh = make_mesh(cfg.mesh)
   tx = make_optimizer(cfg.optimizer, cfg.steps)
   abstract = jax.eval_shape(functools.partial(fresh_state, cfg, tx))
   shardings = sharding.logical_shardings(abstract, mesh)
-  _, params = hf_files.load_params(hf_dir, cfg.model,
-                                   shardings=nnx.to_pure_dict(shardings.params))
   state_params = jax.tree.map(lambda x: x, abstract.params)
-  nnx.replace_by_pure_dict(state_params, params)
+  nnx.replace_by_pure_dict(state_params, load_params(shardings.params))
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(state_params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
   state = TrainState(step, state_params, opt_state)
@@ -101,7 +148,6 @@ def from_hf(hf_dir: str, workdir: str, cfg: TrainConfig, recipe_files: Sequence[
   finally:
     if hasattr(data, 'close'):
       data.close()
-  text = train_gin(cfg.model, recipe_files, recipe_params)
   ckpts = Checkpoints(workdir, cfg.checkpoint, cfg, text)
   try:
     ckpts.save(0, state, data_state, wait=True)
@@ -109,13 +155,6 @@ def from_hf(hf_dir: str, workdir: str, cfg: TrainConfig, recipe_files: Sequence[
     ckpts.close()
   with open(os.path.join(workdir, 'train.gin'), 'w') as f:
     f.write(text)
-  sidecar = os.path.join(workdir, checkpoint_io.HF_SUBDIR)
-  os.makedirs(sidecar, exist_ok=True)
-  with open(os.path.join(hf_dir, 'config.json')) as src, \
-       open(os.path.join(sidecar, 'config.json'), 'w') as dst:
-    dst.write(src.read())
-  hf_files.copy_tokenizer_files(hf_dir, sidecar)
-  return cfg
 
 
 def from_hf_command(hf_dir: str, workdir: str, cfg: TrainConfig, recipe_files: Sequence[str] = (),
@@ -125,6 +164,18 @@ def from_hf_command(hf_dir: str, workdir: str, cfg: TrainConfig, recipe_files: S
   print(f'Converted {hf_dir} ({cfg.model.num_params():,} parameters) into {workdir} '
         f'(step 0). Fine-tune: stoker train --gin_file {os.path.join(workdir, "train.gin")} '
         f'--workdir {workdir}; export: stoker convert --to-hf {workdir} --out DIR')
+  return 0
+
+
+def from_peft_command(peft_dir: str, base: str | None, workdir: str, cfg: TrainConfig,
+                      recipe_files: Sequence[str] = (), recipe_params: Sequence[str] = ()) -> int:
+  """`stoker convert --from-peft DIR --base MODEL`: from_peft, then how to go on."""
+  if not base:
+    raise ValueError('--from-peft needs --base: the Hugging Face directory or workdir the adapter adapts.')
+  from_peft(peft_dir, base, workdir, cfg, recipe_files, recipe_params)
+  print(f'Wrote {workdir}: a step-0 LoRA workdir over {base}. Fine-tune: stoker train --gin_file '
+        f'{os.path.join(workdir, "train.gin")} --workdir {workdir}; serve: stoker serve --checkpoint '
+        f'{workdir}; export: stoker convert --to-hf {workdir} --merge-lora --out DIR')
   return 0
 
 

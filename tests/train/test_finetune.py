@@ -7,7 +7,10 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers
 from flax import nnx
 
 import configs
@@ -15,7 +18,8 @@ from models import checkpoint_io, lora
 from parallelism.mesh import make_mesh
 from parallelism.rules import DEFAULT_RULES
 from parallelism.sharding import logical_shardings
-from train import datasets, finetune
+from models.transformer import Transformer
+from train import datasets, finetune, from_hf
 from train.loop import train
 from train.optimizer import make_optimizer
 from train.step import compile_train_step, fresh_state
@@ -44,17 +48,22 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_lora_trains_adapters_only_and_reads_back_merged(base, tmp_path):
-  _, base_params = checkpoint_io.load(base)
-  before = _leaves(base_params)
+@pytest.fixture(scope='module')
+def lora_run(base, tmp_path_factory):
+  """(config, workdir, logged metrics) of a LoRA run over `base` on one repeated batch."""
   cfg = config('train.steps=8', f"lora.base='{base}'", 'lora.rank=4', 'lora.alpha=8.0',
                'lora.dropout=0.1', 'optimizer.learning_rate=0.01', 'optimizer.warmup_steps=0',
-               'train.microbatches=2',
-               'train.batch_size=16')
-  workdir = str(tmp_path / 'lora')
+               'train.microbatches=2', 'train.batch_size=16')
+  workdir = str(tmp_path_factory.mktemp('lora'))
   # One batch, repeated: the adapters alone must fit it (the base has not seen it).
   batch = next(iter(datasets.train_batches(config('train.seed=7', 'train.batch_size=16'), None)))
-  logged = train(cfg, workdir, itertools.repeat(batch), progress=False)
+  return cfg, workdir, train(cfg, workdir, itertools.repeat(batch), progress=False)
+
+
+def test_lora_trains_adapters_only_and_reads_back_merged(base, lora_run):
+  _, base_params = checkpoint_io.load(base)
+  before = _leaves(base_params)
+  cfg, workdir, logged = lora_run
   losses = [r['loss'] for r in logged if 'loss' in r]
   assert losses[-1] < losses[0] - 0.5, losses
   # The state, its optimizer moments and the checkpoint hold adapters alone.
@@ -115,3 +124,31 @@ def test_a_base_of_another_shape_is_refused(base):
     finetune.load_base(base, cfg.model, mesh, DEFAULT_RULES)
   with pytest.raises(FileNotFoundError, match="lora.base='/nonexistent': no such directory"):
     finetune.load_base('/nonexistent', cfg.model, mesh, DEFAULT_RULES)
+
+
+def test_exports_to_transformers_and_peft_and_back(base, lora_run, tmp_path):
+  cfg, workdir, _ = lora_run
+  model_cfg, merged = checkpoint_io.load(workdir)
+  tokens = np.arange(40).reshape(2, 20) * 13 % model_cfg.vocab_size
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))))
+  ours = np.asarray(nnx.merge(graphdef, merged)(tokens))
+  with pytest.raises(ValueError, match='pass --merge-lora'):
+    checkpoint_io.to_hf(workdir, str(tmp_path / 'refused'))
+  assert not (tmp_path / 'refused').exists()
+  checkpoint_io.to_hf(workdir, str(tmp_path / 'merged'), merge_lora=True)
+  checkpoint_io.to_hf(base, str(tmp_path / 'base'))
+  checkpoint_io.to_peft(workdir, str(tmp_path / 'adapter'))
+  with torch.no_grad():
+    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'merged'))
+    np.testing.assert_allclose(hf_merged(torch.as_tensor(tokens)).logits.numpy(), ours,
+                               atol=1e-4, rtol=1e-4)
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'base'))
+    with_adapter = peft.PeftModel.from_pretrained(hf_base, str(tmp_path / 'adapter'))
+    np.testing.assert_allclose(with_adapter(torch.as_tensor(tokens)).logits.numpy(), ours,
+                               atol=1e-4, rtol=1e-4)
+  # The PEFT adapter over the exported base, read back as a LoRA workdir: the same model.
+  from_hf.from_peft(str(tmp_path / 'adapter'), str(tmp_path / 'base'), str(tmp_path / 'back'),
+                    config('train.steps=8'))
+  assert checkpoint_io.lora_config(str(tmp_path / 'back')).rank == cfg.lora.rank
+  back = np.asarray(nnx.merge(graphdef, checkpoint_io.load(str(tmp_path / 'back'))[1])(tokens))
+  np.testing.assert_allclose(back, ours, atol=1e-5, rtol=1e-5)
