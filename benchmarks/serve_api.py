@@ -132,7 +132,7 @@ async def _lag_while(work) -> tuple[float, float]:
 def event_loop(codec, text: str, args) -> dict:
   from serve import routes  # pylint: disable=g-import-not-at-top
   from serve.api import ChatCompletionRequest, CompletionRequest  # pylint: disable=g-import-not-at-top
-  from serve.chat import ChatTemplate  # pylint: disable=g-import-not-at-top
+  from data.chat import ChatTemplate  # pylint: disable=g-import-not-at-top
   prompt = (text * (1 + args.prompt_kb * 1024 // len(text)))[:args.prompt_kb * 1024]
   loaded = types.SimpleNamespace(codec=codec, chat=ChatTemplate())
   chat_body = json.dumps({'model': 'm', 'messages': [{'role': 'user', 'content': prompt}]})

@@ -24,8 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tqdm
 
+from data import chat
+
 STDLIB = 'stdlib'
-FORMATS = ('auto', 'text', 'jsonl', 'csv', 'parquet')
+FORMATS = ('auto', 'text', 'jsonl', 'csv', 'parquet', 'chat')
 EXTENSIONS = {'.txt': 'text', '.md': 'text', '.jsonl': 'jsonl', '.csv': 'csv', '.parquet': 'parquet'}
 _STDLIB_EXCLUDED_DIRS = {'site-packages', 'dist-packages', '__pycache__'}
 
@@ -151,6 +153,24 @@ def _read_jsonl(path: str, data: bytes, field: str) -> Iterator[str]:
     yield _as_text(record[field], f'{path}:{number}: field {field!r}')
 
 
+def _read_chat(path: str, data: bytes, field: str) -> Iterator[str]:
+  """JSONL of conversations (OpenAI-style `messages`; --field names another key): each one as its
+  canonical JSON text, the document that cleaning, deduplication and splitting see."""
+  field = 'messages' if field == 'text' else field
+  for number, line in enumerate(_decode(path, data).split('\n'), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{number}: not valid JSON ({e.msg} at column {e.colno}): fix or remove the '
+                       f'line') from e
+    if not isinstance(record, dict) or field not in record:
+      raise ValueError(f'{path}:{number}: expected a JSON object with a {field!r} list of messages')
+    messages = chat.check_conversation(record[field], f'{path}:{number}')
+    yield json.dumps(messages, ensure_ascii=False, sort_keys=True)
+
+
 def _read_csv(path: str, data: bytes, field: str) -> Iterator[str]:
   csv.field_size_limit(2**31 - 1)  # documents are long; the default limit is 128 KiB per field
   reader = csv.DictReader(_decode(path, data).splitlines(keepends=True))
@@ -199,4 +219,5 @@ def _as_text(value, where: str) -> str:
   return value
 
 
-_READERS = {'text': _read_text, 'jsonl': _read_jsonl, 'csv': _read_csv, 'parquet': _read_parquet}
+_READERS = {'text': _read_text, 'jsonl': _read_jsonl, 'csv': _read_csv, 'parquet': _read_parquet,
+            'chat': _read_chat}

@@ -27,6 +27,7 @@ import shutil
 import unicodedata
 from typing import Sequence
 
+from data import chat
 from data import shards
 from data import corpus
 from data import tokenizer as tok
@@ -57,6 +58,7 @@ class PrepareConfig:
   shard_max_tokens: int = 2**20
   row_group_size: int = 256
   output_format: str = 'parquet'
+  train_on: str = 'assistant'
   overwrite: bool = False
 
   def __post_init__(self):
@@ -73,6 +75,8 @@ class PrepareConfig:
                        f'0 <= min-chars <= max-chars and max-chars >= 1')
     if not 0 <= self.validation_fraction < 1:
       raise ValueError(f'--validation-fraction must be in [0, 1), got {self.validation_fraction}')
+    if self.train_on not in chat.TRAIN_ON:
+      raise ValueError(f'--train-on must be one of {", ".join(chat.TRAIN_ON)}, got {self.train_on!r}')
     if self.output_format not in shards.OUTPUT_FORMATS:
       raise ValueError(f'unknown --output-format {self.output_format!r}: choose one of '
                        f'{", ".join(shards.OUTPUT_FORMATS)}')
@@ -83,8 +87,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--source', default='stdlib',
                  help="'stdlib' (the running Python's standard library *.py files; default), or a file, "
                       'directory or glob of .txt/.md/.jsonl/.csv/.parquet files.')
-  p.add_argument('--format', default='auto', choices=['auto', 'text', 'jsonl', 'csv', 'parquet'],
-                 help='Input format (default: from each file extension).')
+  p.add_argument('--format', default='auto', choices=['auto', 'text', 'jsonl', 'csv', 'parquet', 'chat'],
+                 help='Input format (default: from each file extension). chat: JSONL of OpenAI-style '
+                      '"messages", rendered with the chat template of --tokenizer\'s directory (or the '
+                      'default) and trained on the assistant turns only (see --train-on).')
+  p.add_argument('--train-on', default='assistant', choices=chat.TRAIN_ON,
+                 help="--format chat: the tokens the loss counts (default: the assistant's turns).")
   p.add_argument('--field', '--column', dest='field', default='text',
                  help='The JSONL field or CSV/Parquet column holding the text (default text).')
   p.add_argument('--limit-files', type=int, default=None, help='Read only the first N files (in order).')
@@ -189,11 +197,20 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
   members = {'train': [i for i, v in enumerate(in_validation) if not v],
              'validation': [i for i, v in enumerate(in_validation) if v]}
 
-  tokenizer = loaded or tok.train_bpe([texts[i] for i in members['train']], cfg.vocab_size)
+  template = None
+  if cfg.format == 'chat':
+    template = chat.ChatTemplate(chat.load_template(os.path.dirname(tok.load_path(cfg.tokenizer))
+                                                    if cfg.tokenizer else None))
+    conversations = [json.loads(t) for t in texts]
+  corpus_texts = texts if template is None else [template.render(c, False) for c in conversations]
+  tokenizer = loaded or tok.train_bpe([corpus_texts[i] for i in members['train']], cfg.vocab_size)
   vocab = tok.vocab_size(tokenizer)
   tok.check_vocab_size(vocab, cfg.max_vocab)
   eos_token, eos_id = tok.eos(tokenizer, cfg.eos_token)
-  docs = tok.encode(tokenizer, texts, eos_id)
+  if template is None:
+    docs = tok.encode(tokenizer, texts, eos_id)
+  else:
+    docs = [chat.encode_conversation(tokenizer, template, c, eos_id, cfg.train_on) for c in conversations]
 
   tmp = f'{os.path.normpath(out)}.tmp-{os.getpid()}'
   os.makedirs(tmp)
@@ -226,6 +243,9 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
         'shard_max_tokens': cfg.shard_max_tokens,
         'row_group_size': cfg.row_group_size,
     }
+    if template is not None:  # tokens the loss skips are stored as -1 - id (data/chat.py)
+      manifest['chat'] = {'template': 'default' if template.is_default else 'tokenizer_config.json',
+                          'train_on': cfg.train_on, 'skipped_tokens': 'stored as -1 - id'}
     with open(os.path.join(tmp, MANIFEST), 'w', encoding='utf-8') as f:
       f.write(json.dumps(manifest, sort_keys=True, indent=2) + '\n')
     _replace(tmp, out)

@@ -82,6 +82,8 @@ class ParquetTokenSource:
     self.data_dir, self.split = data_dir, split
     self.eos_id = int(manifest['eos_id'])
     self.vocab_size = manifest['tokenizer'].get('vocab_size')
+    # Chat data stores the tokens the loss skips as -1 - id (data/chat.py).
+    self.low = -self.vocab_size if 'chat' in manifest and self.vocab_size else 0
     self.tokens = int(entry.get('tokens', 0))
     self.fingerprint = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
     self._cache_bytes = cache_bytes
@@ -179,9 +181,9 @@ class ParquetTokenSource:
     bad = None
     if len(array) != rows or array.null_count:
       bad = f'{len(array)} rows ({array.null_count} null), the footer says {rows}'
-    elif values.size and (values.min() < 0 or (self.vocab_size and values.max() >= self.vocab_size)):
+    elif values.size and (values.min() < self.low or (self.vocab_size and values.max() >= self.vocab_size)):
       bad = (f'token ids span [{values.min()}, {values.max()}], outside the vocabulary '
-             f'[0, {self.vocab_size})')
+             f'[{self.low}, {self.vocab_size})')
     if bad:
       raise ShardError(f'{path}: row group {g} has {bad}. {_redo(self.data_dir)}')
     self._cache[k] = (offsets, values)

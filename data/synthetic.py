@@ -95,12 +95,15 @@ class SyntheticIterator:
 
 
 def pack_rows(tokens, segments, positions) -> Batch:
-  """Turns [B, T+1] packed rows into the next-token batch format (see the module docstring)."""
+  """Turns [B, T+1] packed rows into the next-token batch format (see the module docstring).
+  A negative token is -1 - id of a token the loss skips (chat data: data/chat.py)."""
+  trained = tokens >= 0
+  tokens = np.where(trained, tokens, -1 - tokens)
   same_doc = (segments[:, :-1] == segments[:, 1:]) & (segments[:, 1:] != 0)
   return {
       'inputs': tokens[:, :-1],
       'targets': tokens[:, 1:],
-      'loss_mask': same_doc.astype(np.float32),
+      'loss_mask': (same_doc & trained[:, 1:]).astype(np.float32),
       'segment_ids': segments[:, :-1],
       'positions': positions[:, :-1],
   }

@@ -23,7 +23,7 @@ from models import checkpoint_io, transformer
 from models.config import ModelConfig
 from parallelism import sharding as sharding_lib
 from parallelism.mesh import MeshConfig, make_mesh
-from serve.chat import ChatTemplate, load_template
+from data.chat import ChatTemplate, load_template
 from serve.engine import Engine, EngineConfig
 from serve.text import Codec
 

@@ -32,7 +32,7 @@ from serve import choices as choices_lib
 from serve import grammar as grammar_lib
 from serve.api import (MAX_SEED, APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
                        error_body)
-from serve.chat import ChatTemplateError
+from data.chat import ChatTemplateError
 from serve.driver import Sequence
 from serve.engine import RequestOutput
 from serve.sampling import SamplingParams

@@ -305,3 +305,32 @@ def test_cli_prepare_and_bad_input_exit_code(tmp_path):
   assert "stoker prepare: error: " in bad.stderr and "no column 'text' (columns: 'id', 'body')" in bad.stderr
   assert 'Traceback' not in bad.stderr
   assert _leftovers(tmp_path, 'bad') == []
+
+
+def test_chat_data_trains_on_the_assistant_turns_through_the_pipeline(tmp_path):
+  from data import chat, pipeline
+  words = ['apple', 'pear', 'plum', 'fig', 'lime', 'kiwi', 'date', 'sloe']
+  rows = [{'messages': [{'role': 'user', 'content': f'say: {w}'}, {'role': 'assistant', 'content': w}]}
+          for w in words] * 2  # the second copy is dropped as duplicates
+  (tmp_path / 'chat.jsonl').write_text('\n'.join(json.dumps(r) for r in rows) + '\n')
+  manifest = _run(tmp_path / 'out', source=str(tmp_path / 'chat.jsonl'), format='chat',
+                  train_tokenizer=True, vocab_size=300, validation_fraction=0.25)
+  assert manifest['documents']['duplicates'] == len(words)
+  assert manifest['chat'] == {'template': 'default', 'train_on': 'assistant',
+                              'skipped_tokens': 'stored as -1 - id'}
+  tokenizer = tokenizers.Tokenizer.from_file(str(tmp_path / 'out' / 'tokenizer.json'))
+  batches = pipeline.make_iterator(str(tmp_path / 'out'), 'train', seq_len=64, global_batch_size=2,
+                                   num_epochs=1, shuffle=False, process_index=0, process_count=1)
+  answers = []
+  for batch in batches:
+    for targets, mask in zip(batch['targets'], batch['loss_mask']):
+      trained = [int(t) for t, m in zip(targets, mask) if m]
+      answers += [a for a in tokenizer.decode(trained).split('\n') if a]
+      assert (batch['inputs'] >= 0).all() and (batch['targets'] >= 0).all()
+  # Each trained run is one answer (then EOS, which decodes to nothing); no prompt token is trained.
+  assert len(answers) == len(set(answers)) == manifest['splits']['train']['documents']
+  assert set(answers) <= set(words)
+  assert chat.TRAIN_ON == ('assistant', 'all')
+  with pytest.raises(ValueError, match=r'bad.jsonl:1: the conversation has no assistant turn'):
+    (tmp_path / 'bad.jsonl').write_text(json.dumps({'messages': [{'role': 'user', 'content': 'x'}]}))
+    _run(tmp_path / 'bad', source=str(tmp_path / 'bad.jsonl'), format='chat', train_tokenizer=True)

@@ -1,7 +1,9 @@
 """LoRA fine-tuning through `train`: only adapters are state, the base is never changed, the loss
 falls, checkpoints hold the adapters alone, and a LoRA workdir reads back as the merged model."""
 
+import dataclasses
 import functools
+import json
 import itertools
 
 import jax
@@ -22,7 +24,7 @@ from models.transformer import Transformer
 from train import datasets, finetune, from_hf
 from train.loop import train
 from train.optimizer import make_optimizer
-from train.step import compile_train_step, fresh_state
+from train.step import compile_train_step, fresh_state, loss_sums
 
 PARAMS = [
     'model.num_layers=2', 'model.d_model=64', 'model.num_heads=4', 'model.num_kv_heads=2',
@@ -152,3 +154,33 @@ def test_exports_to_transformers_and_peft_and_back(base, lora_run, tmp_path):
   assert checkpoint_io.lora_config(str(tmp_path / 'back')).rank == cfg.lora.rank
   back = np.asarray(nnx.merge(graphdef, checkpoint_io.load(str(tmp_path / 'back'))[1])(tokens))
   np.testing.assert_allclose(back, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_no_loss_flows_from_system_and_user_tokens(tmp_path):
+  from data import pipeline, prepare
+  rows = [{'messages': [{'role': 'system', 'content': 'Answer with the word.'},
+                        {'role': 'user', 'content': f'say: {w}'}, {'role': 'assistant', 'content': w}]}
+          for w in ('apple', 'pear', 'plum', 'fig', 'lime', 'kiwi')]
+  (tmp_path / 'chat.jsonl').write_text('\n'.join(json.dumps(r) for r in rows) + '\n')
+  prepare.prepare(prepare.PrepareConfig(source=str(tmp_path / 'chat.jsonl'), format='chat',
+                                        train_tokenizer=True, vocab_size=300,
+                                        validation_fraction=0.0), str(tmp_path / 'data'))
+  batch = next(pipeline.make_iterator(str(tmp_path / 'data'), 'train', seq_len=64, global_batch_size=2,
+                                      process_index=0, process_count=1))
+  mask = batch['loss_mask'] > 0
+  assert 0 < mask.sum() < (batch['segment_ids'] > 0).sum() / 3  # the answers: a small share
+  cfg = config()
+  graphdef, params = nnx.split(Transformer(dataclasses.replace(cfg.model, vocab_size=300), nnx.Rngs(0)))
+
+  def grads(b):
+    return jax.grad(lambda p: loss_sums(p, graphdef, b, 0.0)[0])(params)
+
+  rng = np.random.default_rng(0)
+  other = rng.integers(0, 300, batch['targets'].shape).astype(np.int32)
+  # New targets wherever the loss mask is 0 (system and user turns, padding): the same gradient.
+  same = grads({**batch, 'targets': np.where(mask, batch['targets'], other)})
+  jax.tree.map(np.testing.assert_array_equal, same, grads(batch))
+  # New targets at the trained (assistant) positions: another gradient.
+  changed = grads({**batch, 'targets': np.where(mask, other, batch['targets'])})
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(changed),
+                                                        jax.tree.leaves(same)))
