@@ -55,12 +55,19 @@ class Grammar:
   source: str  # llguidance's grammar (from LLMatcher.grammar_from_*)
   tokenizer: llguidance.LLTokenizer
   vocab_size: int
+  # Built once where the grammar is compiled (off the engine's thread: building can take long for
+  # a large grammar); each sequence starts on a copy.
+  start: llguidance.LLMatcher = dataclasses.field(default=None, repr=False)
+
+  def __post_init__(self):
+    if self.start is None:
+      m = llguidance.LLMatcher(self.tokenizer, self.source, log_level=0)
+      if m.is_error():
+        raise GrammarError(f'the grammar does not compile: {m.get_error()}')
+      object.__setattr__(self, 'start', m)
 
   def matcher(self) -> llguidance.LLMatcher:
-    m = llguidance.LLMatcher(self.tokenizer, self.source, log_level=0)
-    if m.is_error():
-      raise GrammarError(f'the grammar does not compile: {m.get_error()}')
-    return m
+    return self.start.deep_copy()
 
   @staticmethod
   def fill_bitmask(matcher: llguidance.LLMatcher, mask_BW: np.ndarray, row: int) -> None:
