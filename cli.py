@@ -15,6 +15,7 @@ import sys
 import time
 
 QUICKSTART_GIN = 'train/tiny_cpu.gin'
+SERVE_LOG = os.path.join('~', '.cache', 'stoker', 'logs', 'serve.log')
 # pylint: disable=g-import-not-at-top
 
 
@@ -63,18 +64,18 @@ def _launch(args, argv) -> int:
 
 
 def _quickstart_flags(p) -> None:
-  p.add_argument('--workdir', default=None, help='Default: runs/quickstart-<timestamp> in the current directory.')
+  p.add_argument('--workdir', default=os.path.join('runs', time.strftime('quickstart-%Y%m%d-%H%M%S')),
+                 help='Default: runs/quickstart-<timestamp> in the current directory.')
   p.add_argument('--gin_param', action='append', default=[])
   p.add_argument('--no_serve', action='store_true', help='Only train.')
 
 
 def _quickstart(args, argv) -> int:
-  workdir = args.workdir or os.path.join('runs', time.strftime('quickstart-%Y%m%d-%H%M%S'))
-  code = _run_training([QUICKSTART_GIN], args.gin_param, workdir)
+  code = _run_training([QUICKSTART_GIN], args.gin_param, args.workdir)
   if code or args.no_serve:
     return code
   from serve import demo
-  demo.serve_and_sample(workdir)
+  demo.serve_and_sample(args.workdir)
   return 0
 
 
@@ -96,6 +97,8 @@ def _serve_flags(p) -> None:
                  help='The model name clients send (default: the workdir name).')
   p.add_argument('--tensor_parallel', type=int, default=1,
                  help='Shard the model over this many devices (heads, MLP, vocabulary).')
+  p.add_argument('--log-file', '--log_file', dest='log_file', default=SERVE_LOG,
+                 help=f"Libraries' detailed logs (appended; default {SERVE_LOG}).")
 
 
 def _serve(args, argv) -> int:
@@ -210,8 +213,10 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
       from deploy import command as k8s  # argparse only
       k8s.add_parser(sub)
     elif name == command:
-      add = importlib.import_module(add_flags).add_arguments if isinstance(add_flags, str) else add_flags
-      add(sub.add_parser(name, help=help_text))
+      flags = sub.add_parser(name, help=help_text)
+      (importlib.import_module(add_flags).add_arguments if isinstance(add_flags, str) else add_flags)(flags)
+      flags.add_argument('--verbose', action='store_true',
+                         help="Libraries' INFO logs on the console too (else only in the log file).")
     else:
       sub.add_parser(name, help=help_text)
   return p
@@ -220,8 +225,10 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args = parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
-  import logging
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  from parallelism import logs  # no JAX
+  log_file = (logs.process_log_file(args.workdir) if args.command in ('train', 'quickstart')
+              else os.path.expanduser(args.log_file) if getattr(args, 'log_file', None) else None)
+  logs.setup(log_file, getattr(args, 'verbose', False))
   if args.host_devices is None:  # a step on one of 8 host devices took 30 ms where it took 23 ms on 1 of 1
     args.host_devices = min(getattr(args, 'tensor_parallel', 8), 8)
   _use_host_devices(args.host_devices)
@@ -230,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f'stoker {args.command}: error: {e}', file=sys.stderr)
     return 2
+  finally:
+    logs.close()  # for callers in this process (tests, notebooks)
 
 
 if __name__ == '__main__':

@@ -28,6 +28,14 @@ def post(url: str, body: dict, timeout: float = 120.0) -> dict:
     return json.load(response)
 
 
+def _excerpt(text: str, lines: int = 4, width: int = 100) -> str:
+  """The completion as printed: blank lines dropped, at most `lines` lines of `width` characters
+  (a barely trained model may emit 40 newlines; the console should stay one screen)."""
+  kept = [line[:width] for line in text.splitlines() if line.strip()]
+  more = len(kept) > lines
+  return '\n'.join(kept[:lines] + (['...'] if more else []))
+
+
 def serve_and_sample(workdir: str, prompts: Sequence[str] = PROMPTS, max_tokens: int = 40,
                      engine_cfg: EngineConfig = QUICKSTART_ENGINE, tokenizer: str | None = None,
                      out=print) -> list[dict]:
@@ -49,7 +57,7 @@ def serve_and_sample(workdir: str, prompts: Sequence[str] = PROMPTS, max_tokens:
       responses.append(response)
       choice = response['choices'][0]
       out(f'--- prompt {prompt!r} ({response["usage"]["completion_tokens"]} tokens, '
-          f'{choice["finish_reason"]}):\n{prompt}{choice["text"]}')
+          f'{choice["finish_reason"]}):\n{_excerpt(prompt + choice["text"])}')
   finally:
     server.stop()
   out(f'Server stopped. Serve it yourself: stoker serve --checkpoint {workdir}')
