@@ -40,8 +40,15 @@ ENV PATH=/opt/stoker/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     STOKER_ACCELERATOR=${ACCELERATOR} \
     JAX_COMPILATION_CACHE_DIR=/var/cache/stoker/xla
+# An unprivileged user (a numeric UID, so that Kubernetes' runAsNonRoot can check it) owns what
+# stoker writes: the working directory, the compilation cache and its home (~/.cache/stoker: data,
+# `stoker serve`'s log).
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin stoker \
+ && mkdir -p /work /var/cache/stoker \
+ && chown stoker:stoker /work /var/cache/stoker
 WORKDIR /work
 # 8000: `stoker serve`; 9431: the training Prometheus exporter; 8482: the jax.distributed coordinator.
 EXPOSE 8000 9431 8482
+USER 10001:10001
 ENTRYPOINT ["stoker"]
 CMD ["--help"]

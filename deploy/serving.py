@@ -193,7 +193,7 @@ def serve_summary(job: ServeJob) -> str:
   try:
     hourly = monitoring.estimate_cost(kind, devices, 3600)
   except ValueError:
-    return rule + f'\nNo price known for {kind}: see train/monitoring.py PRICES.'
+    return rule + f'\nNo price known for {kind}: see parallelism/devices.py DEVICES.'
   return (rule + f'\nEstimated ${hourly:,.2f} per replica-hour ({devices} x {kind}): '
           f'${hourly * job.min_replicas:,.2f} to ${hourly * job.max_replicas:,.2f} per hour '
           f'({monitoring.PRICE_SOURCE}).')

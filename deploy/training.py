@@ -78,7 +78,8 @@ class TrainJob:
       argv += ['--gin_file', f]
     params = list(self.gin_params)
     if self.monitoring_port:
-      params.append(f'train.monitoring_port={self.monitoring_port}')
+      # Prometheus scrapes the pod's IP: the exporter listens on every interface, not 127.0.0.1.
+      params += [f'train.monitoring_port={self.monitoring_port}', "train.monitoring_host='0.0.0.0'"]
     for p in params:
       argv += ['--gin_param', p]
     return argv + ['--workdir', self.workdir]

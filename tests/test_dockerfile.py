@@ -67,6 +67,22 @@ def test_stages_arguments_and_entrypoint():
   assert 'stoker --help' in install
 
 
+def test_the_image_runs_as_an_unprivileged_user():
+  _, runtime = _stages()
+  users = [a for i, a in runtime if i == 'USER']
+  assert users == ['10001:10001']  # numeric: Kubernetes' runAsNonRoot can verify it is not root
+  names = [i for i, _ in runtime]
+  assert names.index('USER') > max(k for k, i in enumerate(names) if i == 'RUN')  # nothing runs as root after
+  (create,) = [a for i, a in runtime if i == 'RUN' and 'useradd' in a]
+  assert '--uid 10001' in create and '--user-group' in create and '--create-home' in create
+  # What stoker writes belongs to that user: the working directory and the compilation cache.
+  (workdir,) = [a for i, a in runtime if i == 'WORKDIR']
+  env = ' '.join(a for i, a in runtime if i == 'ENV')
+  cache = re.search(r'JAX_COMPILATION_CACHE_DIR=(\S+)', env).group(1)
+  owned = re.search(r'chown stoker:stoker (.+)$', create).group(1).split()
+  assert workdir in owned and any(cache.startswith(d + '/') for d in owned)
+
+
 def _requirements_step() -> str:
   (run,) = [a for i, a in _instructions() if i == 'RUN' and 'requirements.txt' in a]
   listing, sep, _ = run.partition('&& pip install -r requirements.txt')

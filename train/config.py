@@ -141,6 +141,7 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 10
   monitoring_port: int = 0  # > 0: process 0 serves Prometheus metrics here (train/monitoring.py)
+  monitoring_host: str = '127.0.0.1'  # the exporter's address: this machine only; '0.0.0.0' to be scraped
 
   def __post_init__(self):
     if not 0 <= self.monitoring_port < 65536:

@@ -1,6 +1,7 @@
 """Peak FLOP/s of the devices in use, for model FLOPs utilisation (MFU).
 
-Accelerators: the published dense bf16 peak per chip. CPU: no meaningful datasheet figure, so a
+Accelerators: the published dense bf16 peak per chip, from the one device table
+(parallelism/devices.py). CPU: no meaningful datasheet figure, so a
 matmul probe measures the host once and the result is cached under ~/.cache/stoker.
 """
 
@@ -15,24 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 FLOP/s per chip, matched against jax.Device.device_kind (first match wins).
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ('TPU v6 lite', 918e12),  # v6e (Trillium)
-    ('TPU v5 lite', 197e12),  # v5e
-    ('TPU v5p', 459e12),
-    ('TPU v5', 459e12),  # v5p reports 'TPU v5' on some runtimes
-    ('TPU v4', 275e12),
-    ('H200', 989e12),
-    ('H100', 989e12),  # SXM; the PCIe card peaks at 756e12
-    ('A100', 312e12),
-)
-
+from parallelism import devices
 
 def device_peak_flops(device: jax.Device) -> float | None:
-  for name, flops in PEAK_FLOPS:
-    if name in device.device_kind:
-      return flops
-  return None
+  """Dense bf16 FLOP/s of one accelerator chip (parallelism/devices.py); None if not in the table."""
+  known = devices.for_kind(device.device_kind)
+  return None if known is None else known.peak_flops
 
 
 def _cache_path() -> str:
@@ -75,13 +64,14 @@ def cpu_peak_flops() -> float:
   return flops
 
 
-def total_peak_flops(devices) -> float:
-  """Peak FLOP/s of all `devices` together. Fake CPU devices share one host: its probed peak."""
-  devices = list(devices)
-  if devices[0].platform == 'cpu':
-    return cpu_peak_flops() * len({d.process_index for d in devices})
-  peaks = [device_peak_flops(d) for d in devices]
+def total_peak_flops(chips) -> float:
+  """Peak FLOP/s of all `chips` (jax Devices) together. Fake CPU devices share one host: its probed
+  peak."""
+  chips = list(chips)
+  if chips[0].platform == 'cpu':
+    return cpu_peak_flops() * len({d.process_index for d in chips})
+  peaks = [device_peak_flops(d) for d in chips]
   if any(p is None for p in peaks):
-    raise ValueError(f'No peak FLOP/s known for {devices[0].device_kind!r}; add it to '
-                     'train/flops.py PEAK_FLOPS.')
+    raise ValueError(f'No peak FLOP/s known for {chips[0].device_kind!r}; add it to '
+                     'parallelism/devices.py DEVICES.')
   return float(sum(peaks))

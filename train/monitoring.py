@@ -1,7 +1,8 @@
 """Training metrics for Prometheus (optional), and the estimated cost of a run.
 
-`Exporter(port)` serves /metrics on `port` (0: any free port) from a registry of its own, and
-`exporter.publish(record)` turns each record the training loop logs into gauge and counter values:
+`Exporter(port)` serves /metrics on 127.0.0.1:`port` (0: any free port; `addr` to listen elsewhere)
+from a registry of its own, and `exporter.publish(record)` turns each record the training loop logs
+into gauge and counter values:
 
   record key          metric                                           kind
   step                stoker_train_step                                gauge
@@ -20,7 +21,8 @@ Other keys ('time', 'val_tokens', ...) are not exported. In a multi-host job eit
 runs an exporter and reports cost for all devices, or every process runs one and reports its own
 devices: the dashboard (configs/grafana/stoker.json) takes max() of the run's values and sum() of cost.
 
-Cost: `estimate_cost(device_kind, num_devices, seconds)` multiplies device-hours by PRICES.
+Cost: `estimate_cost(device_kind, num_devices, seconds)` multiplies device-hours by the list price of
+the one device table (parallelism/devices.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from __future__ import annotations
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from parallelism import devices
 
 PREFIX = 'stoker_train_'
 
@@ -54,39 +58,20 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ('rollback_to', 'rollbacks', 'Rollbacks after a streak of non-finite steps.'),
 )
 
-# On-demand list prices in US dollars per device-hour (a TPU chip, a GPU), matched against
-# jax.Device.device_kind like train/flops.py PEAK_FLOPS (first match, case-insensitive).
-# Sources (2025): Google Cloud TPU pricing (cloud.google.com/tpu/pricing), per chip-hour, us-central
-# regions; GPUs: Google Cloud accelerator-optimized VM on-demand prices (cloud.google.com/compute/
-# vm-instance-pricing) divided by their GPUs: a2-highgpu-1g (A100 40GB), a3-highgpu-8g (H100),
-# a3-ultragpu-8g (H200). Commitments and Spot VMs cost less; edit the table or pass
-# price_per_device_hour for your own rate. CPU: 0 (the host is not counted).
-PRICE_SOURCE = ('Google Cloud on-demand list prices, 2025: cloud.google.com/tpu/pricing (TPU, per '
-                'chip-hour); A2/A3 VM prices per GPU (cloud.google.com/compute/vm-instance-pricing)')
-PRICES: tuple[tuple[str, float], ...] = (
-    ('TPU v6 lite', 2.70),  # v6e (Trillium)
-    ('TPU v5 lite', 1.20),  # v5e
-    ('TPU v5p', 4.20),
-    ('TPU v5', 4.20),  # v5p reports 'TPU v5' on some runtimes
-    ('TPU v4', 3.22),
-    ('H200', 10.60),
-    ('H100', 11.03),
-    ('A100', 3.67),
-    ('cpu', 0.0),
-)
-# Short names (as in `stoker k8s train --tpu v5e-256`) -> a device_kind the table matches.
-ALIASES = {'v6e': 'TPU v6 lite', 'v5e': 'TPU v5 lite', 'v5p': 'TPU v5p', 'v4': 'TPU v4'}
+PRICE_SOURCE = devices.PRICE_SOURCE  # the prices are the device table's (parallelism/devices.py)
 
 
 def device_price(device_kind: str) -> float:
-  """US dollars per device-hour of `device_kind` (a jax.Device.device_kind, or an ALIASES key)."""
-  kind = ALIASES.get(device_kind.lower(), device_kind)
-  for name, price in PRICES:
-    if name.lower() in kind.lower():
-      return price
-  raise ValueError(f'No price known for device kind {device_kind!r}; add it to train/monitoring.py '
-                   f'PRICES (known: {", ".join(n for n, _ in PRICES)}) or pass '
-                   'price_per_device_hour.')
+  """US dollars per device-hour of `device_kind` (a jax.Device.device_kind, or a name or alias of
+  parallelism/devices.py such as 'v5e'); 0 for a CPU (the host is not counted)."""
+  if device_kind.lower() == 'cpu':
+    return 0.0
+  known = devices.for_kind(device_kind)
+  if known is None:
+    raise ValueError(f'No price known for device kind {device_kind!r}; add it to '
+                     f'parallelism/devices.py DEVICES (known: {", ".join(devices.DEVICES)}) or pass '
+                     'price_per_device_hour.')
+  return known.price_usd_per_hour
 
 
 def estimate_cost(device_kind: str, num_devices: int, seconds: float,
@@ -101,9 +86,11 @@ def estimate_cost(device_kind: str, num_devices: int, seconds: float,
 
 class Exporter:
   """A Prometheus /metrics endpoint for one training process. Use as a context manager, or
-  call close(); `port` is the port it listens on (the one the OS chose when asked for 0)."""
+  call close(); `port` is the port it listens on (the one the OS chose when asked for 0). It
+  listens on `addr`, by default this machine only (train.monitoring_host): a scraper on another
+  machine (a Kubernetes pod's Prometheus, deploy/training.py) needs '0.0.0.0'."""
 
-  def __init__(self, port: int, addr: str = '0.0.0.0'):
+  def __init__(self, port: int, addr: str = '127.0.0.1'):
     if not 0 <= port < 65536:
       raise ValueError(f'Exporter port must be in 0..65535 (0: any free port), got {port}.')
     self.registry = CollectorRegistry()

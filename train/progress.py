@@ -48,7 +48,7 @@ class Progress(contextlib.ExitStack):
     cfg = self.cfg
     self.metrics_file = self.enter_context(
         MetricsWriter(self.workdir, resume_step=self.start, enabled=self.primary))
-    self.exporter = (self.enter_context(monitoring.Exporter(cfg.monitoring_port))
+    self.exporter = (self.enter_context(monitoring.Exporter(cfg.monitoring_port, cfg.monitoring_host))
                      if self.primary and cfg.monitoring_port else None)
     self.bar = self.enter_context(
         tqdm(total=cfg.steps, initial=self.start, disable=None if self.progress else True,

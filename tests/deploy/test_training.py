@@ -70,7 +70,8 @@ def test_v5e_256_is_one_slice_of_64_hosts_with_4_chips_each(v5e_256):
                                          'cloud.google.com/gke-tpu-topology': '16x16'}
   assert container['resources']['limits'] == {'google.com/tpu': 4}
   assert container['command'] == ['stoker', 'train', '--gin_file', GIN, '--gin_param',
-                                  'train.monitoring_port=9431', '--workdir', 'gs://bucket/runs/llama']
+                                  'train.monitoring_port=9431', '--gin_param',
+                                  "train.monitoring_host='0.0.0.0'", '--workdir', 'gs://bucket/runs/llama']
   assert pod['metadata']['annotations']['prometheus.io/port'] == '9431'
   assert {p['containerPort'] for p in container['ports']} == {8482, 9431}
   assert jobset['spec']['network']['enableDNSHostnames'] is True
@@ -105,7 +106,8 @@ def test_multislice_process_ids_span_slices(tmp_path):
     pid, *argv = out.stdout.splitlines()
     assert int(pid) == slice_id * 16 + index
     assert argv == ['train', '--gin_file', GIN, '--gin_param', 'mesh.dcn=(-1, 1, 1)', '--gin_param',
-                    'train.monitoring_port=9431', '--workdir', 'gs://bucket/runs/llama']
+                    'train.monitoring_port=9431', '--gin_param', "train.monitoring_host='0.0.0.0'",
+                    '--workdir', 'gs://bucket/runs/llama']
     env[distributed.EXPLICIT[2]] = pid
     spec = distributed.from_env(env)
     assert (spec.num_processes, spec.process_id) == (32, slice_id * 16 + index)
@@ -121,7 +123,8 @@ def test_the_rendered_train_command_loads():
   argv = container['command']
   gin_files = [argv[i + 1] for i, a in enumerate(argv) if a == '--gin_file']
   gin_params = [argv[i + 1] for i, a in enumerate(argv) if a == '--gin_param']
-  assert configs.load_train_config(gin_files, gin_params).monitoring_port == 9431
+  cfg = configs.load_train_config(gin_files, gin_params)
+  assert (cfg.monitoring_port, cfg.monitoring_host) == (9431, '0.0.0.0')  # scraped from the pod's IP
 
 
 def test_no_monitoring_port_no_exporter():

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from train import monitoring
+from train.config import TrainConfig
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -59,6 +60,12 @@ def test_a_nonfinite_loss_is_exported_as_nan(exporter):
   assert _scrape(exporter.port)['stoker_train_loss'] == 4.0
 
 
+def test_exporter_listens_on_this_machine_only_by_default():
+  with monitoring.Exporter(0) as e:
+    assert e._server.server_address[0] == '127.0.0.1'
+  assert TrainConfig.__dataclass_fields__['monitoring_host'].default == '127.0.0.1'
+
+
 def test_exporter_rejects_a_bad_port():
   with pytest.raises(ValueError, match='65535'):
     monitoring.Exporter(70000)
@@ -83,7 +90,7 @@ def test_estimate_cost_hand_computed():
 
 
 def test_estimate_cost_errors_name_the_fix():
-  with pytest.raises(ValueError, match='PRICES'):
+  with pytest.raises(ValueError, match='parallelism/devices.py'):
     monitoring.estimate_cost('TPU v7', 4, 60)
   with pytest.raises(ValueError, match='num_devices'):
     monitoring.estimate_cost('cpu', 0, 60)
