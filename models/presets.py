@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from models.config import ModelConfig, RopeScaling
 
@@ -31,10 +32,36 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# Tails of Hugging Face model names that do not change the architecture: -Instruct, -hf, -v0.1, ...
+_VARIANT = re.compile(r'[-_](instruct|chat|hf|base|it|v\d+(\.\d+)*)$', re.IGNORECASE)
+
+
+def _key(text: str) -> str:
+  return re.sub(r'[^a-z0-9]', '', text.lower())
+
+
+def resolve(name: str) -> str:
+  """The preset `name` means: a preset name, or the same with hyphens or in any case (`llama3-8b`,
+  `Llama-3-8B`), or a Hugging Face id or its tail (`meta-llama/Meta-Llama-3-8B`,
+  `Qwen/Qwen3-0.6B`, `mistralai/Mistral-7B-Instruct-v0.1`); a ValueError listing the presets else."""
+  if name in PRESETS:
+    return name
+  tail = name.rstrip('/').rsplit('/', 1)[-1]
+  while (shorter := _VARIANT.sub('', tail)) != tail:
+    tail = shorter
+  by_key = {_key(p): p for p in PRESETS}
+  vendor_dropped = re.split(r'[-_]', tail, maxsplit=1)[-1]  # Meta-Llama-3-8B -> Llama-3-8B
+  for candidate in (tail, vendor_dropped):
+    if _key(candidate) in by_key:
+      return by_key[_key(candidate)]
+  raise ValueError(f'Unknown model preset {name!r}; choose one of {sorted(PRESETS)} (hyphens, any case '
+                   'and Hugging Face ids work too: llama3-8b, meta-llama/Meta-Llama-3-8B).')
+
+
 def preset(name: str, **overrides) -> ModelConfig:
-  """Returns the preset `name`, with any ModelConfig field replaced by `overrides`."""
-  if name not in PRESETS:
-    raise ValueError(f'Unknown model preset {name!r}; choose one of {sorted(PRESETS)}.')
+  """Returns the preset `name` (see `resolve` for the names it accepts), with any ModelConfig field
+  replaced by `overrides`."""
+  name = resolve(name)
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = set(overrides) - fields
   if unknown:
