@@ -18,6 +18,14 @@ class AttentionImpl(str, enum.Enum):
 # Names accepted by ModelConfig.remat; each maps to a jax.checkpoint policy (None: no remat).
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 
+# Mixture-of-experts routers (models/moe.py): 'topk_softmax' (Mixtral) takes the top k router logits
+# and softmaxes them; 'softmax_topk' (Qwen-MoE) softmaxes over all experts and keeps the top k
+# probabilities, renormalised to sum to 1 if router_renormalize (Qwen3-MoE's norm_topk_prob).
+ROUTERS = ('topk_softmax', 'softmax_topk')
+# How the experts' matmuls run: 'auto' (ragged_dot on TPU, 'tiled' elsewhere: XLA:CPU lowers
+# ragged_dot to one dense matmul over every expert), 'ragged_dot', 'tiled' (see models/moe.py).
+GROUPED_MATMULS = ('auto', 'ragged_dot', 'tiled')
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -51,6 +59,17 @@ class ModelConfig:
   attention: AttentionImpl = AttentionImpl.AUTO
   param_dtype: str = 'float32'
   dtype: str = 'auto'  # compute dtype; 'auto' is float32 on CPU and bfloat16 on TPU/GPU
+  # Mixture of experts (models/moe.py); num_experts 0: every MLP is dense (mlp_dim wide).
+  num_experts: int = 0  # E
+  experts_per_token: int = 0  # k
+  moe_mlp_dim: int = 0  # each expert's width; 0: mlp_dim
+  shared_mlp_dim: int = 0  # width of the shared experts (one SwiGLU MLP every token runs); 0: none
+  router: str = 'topk_softmax'
+  router_renormalize: bool = False
+  load_balance_loss: float = 0.0  # weight of the load-balancing loss in the training objective
+  router_z_loss: float = 0.0  # weight of the router z-loss (mean squared router logsumexp)
+  capacity_factor: float = 0.0  # 0: dropless; > 0: each expert takes ceil(cf * T * k / E) tokens
+  grouped_matmul: str = 'auto'
 
   def __post_init__(self):
     object.__setattr__(self, 'attention', AttentionImpl(self.attention))
@@ -70,6 +89,40 @@ class ModelConfig:
                          "'bfloat16' or 'float16' ('auto' only for dtype).")
     if self.param_dtype == 'auto':
       raise ValueError("ModelConfig.param_dtype cannot be 'auto'; use 'float32' or 'bfloat16'.")
+    self._check_moe()
+
+  @property
+  def moe(self) -> bool:
+    return self.num_experts > 0
+
+  @property
+  def expert_mlp_dim(self) -> int:
+    return self.moe_mlp_dim or self.mlp_dim
+
+  def _check_moe(self):
+    for name in ('num_experts', 'experts_per_token', 'moe_mlp_dim', 'shared_mlp_dim',
+                 'load_balance_loss', 'router_z_loss', 'capacity_factor'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'ModelConfig.{name} must be >= 0, got {getattr(self, name)}.')
+    if not self.moe:
+      moe_only = [n for n in ('experts_per_token', 'moe_mlp_dim', 'shared_mlp_dim',
+                              'load_balance_loss', 'router_z_loss', 'capacity_factor')
+                  if getattr(self, n)]
+      if moe_only:
+        raise ValueError(f'ModelConfig sets {moe_only} but num_experts=0 (a dense model); set '
+                         'num_experts to make the MLPs mixtures of experts.')
+      return
+    if not 1 <= self.experts_per_token <= self.num_experts:
+      raise ValueError(f'ModelConfig.experts_per_token={self.experts_per_token} must be between 1 '
+                       f'and num_experts={self.num_experts}.')
+    if self.router not in ROUTERS:
+      raise ValueError(f'ModelConfig.router={self.router!r}; choose one of {ROUTERS}.')
+    if self.router_renormalize and self.router == 'topk_softmax':
+      raise ValueError("ModelConfig.router_renormalize applies to router='softmax_topk' only "
+                       "('topk_softmax' weights already sum to 1).")
+    if self.grouped_matmul not in GROUPED_MATMULS:
+      raise ValueError(f'ModelConfig.grouped_matmul={self.grouped_matmul!r}; choose one of '
+                       f'{GROUPED_MATMULS}.')
 
   def compute_dtype(self, platform: str) -> str:
     """The dtype matmuls run in on `platform` ('cpu', 'gpu', 'tpu')."""
@@ -84,16 +137,29 @@ class ModelConfig:
     attn = D * N * H + 2 * D * K * H + N * H * D
     attn += (N * H + 2 * K * H) if self.qkv_bias else 0
     attn += 2 * H if self.qk_norm else 0
-    per_layer = attn + 3 * D * F + 2 * D
+    per_layer = attn + self._mlp_params(active=False) + 2 * D
     return L * per_layer + V * D * (1 if self.tie_embeddings else 2) + D
+
+  def num_active_params(self) -> int:
+    """Parameters one token uses: num_params with each MoE layer's experts cut to k of E."""
+    L = self.num_layers
+    return self.num_params() - L * (self._mlp_params(False) - self._mlp_params(True))
+
+  def _mlp_params(self, active: bool) -> int:
+    D = self.d_model
+    if not self.moe:
+      return 3 * D * self.mlp_dim
+    experts = self.experts_per_token if active else self.num_experts
+    return D * self.num_experts + 3 * D * (experts * self.expert_mlp_dim + self.shared_mlp_dim)
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 x matmul params + causal attention.
 
+    Mixtures of experts count their active parameters (the k experts a token runs, and the router).
     Counts the LM head but not the embedding lookup (a gather), and the attention score and
     value matmuls (2 x 2 x T x N x H per layer forward, x3 for backward), as in the PaLM paper.
     """
-    matmul_params = self.num_params() - self.vocab_size * self.d_model * (
+    matmul_params = self.num_active_params() - self.vocab_size * self.d_model * (
         0 if self.tie_embeddings else 1)
     attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
     return 6 * matmul_params + attention

@@ -1,4 +1,4 @@
-"""Named model configurations. `tiny` and `small` run here; the rest are built abstractly only."""
+"""Named model configurations. `tiny`, `tiny_moe` and `small` run here; the rest are built abstractly only."""
 
 from __future__ import annotations
 
@@ -29,6 +29,21 @@ PRESETS: dict[str, ModelConfig] = {
                               head_dim=64, mlp_dim=4864, qkv_bias=True, **_QWEN),
     'qwen3_0_6b': ModelConfig(d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8,
                               head_dim=128, mlp_dim=3072, qk_norm=True, **_QWEN),
+    # Mixture of experts, ~9M parameters, ~4.5M active: `tiny` with 8 experts of width 256, top-2.
+    'tiny_moe': ModelConfig(vocab_size=4096, d_model=256, num_layers=4, num_heads=8,
+                            num_kv_heads=4, head_dim=32, mlp_dim=256, num_experts=8,
+                            experts_per_token=2, load_balance_loss=0.01, router_z_loss=1e-3),
+    # 46.7B parameters, 12.9B active (Mixtral of Experts, Jiang et al. 2024).
+    'mixtral_8x7b': ModelConfig(vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
+                                num_kv_heads=8, head_dim=128, mlp_dim=14_336,
+                                rope_theta=1_000_000.0, num_experts=8, experts_per_token=2,
+                                load_balance_loss=0.02),
+    # 30.5B parameters, 3.3B active (Qwen3 technical report); mlp_dim is its dense MLP width.
+    'qwen3_30b_a3b': ModelConfig(vocab_size=151_936, d_model=2048, num_layers=48, num_heads=32,
+                                 num_kv_heads=4, head_dim=128, mlp_dim=6144, moe_mlp_dim=768,
+                                 qk_norm=True, rope_theta=1_000_000.0, rms_eps=1e-6,
+                                 num_experts=128, experts_per_token=8, router='softmax_topk',
+                                 router_renormalize=True, load_balance_loss=0.001),
 }
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import attention
+from models import attention, moe
 from models.config import ModelConfig
 from models.layers import (MLP, RMSNorm, apply_rope, constrain, einsum, fan_in_init, param,
                            rope_inverse_frequencies, take_rows)
@@ -81,12 +81,20 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, 'embed', cfg.param_dtype, rngs)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, 'embed', cfg.param_dtype, rngs)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = moe.MoE(cfg, rngs) if cfg.moe else MLP(cfg, rngs)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+    return self.forward(x_BTD, positions_BT, segment_ids_BT, inv_freq)[0]
+
+  def forward(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+    """(x_BTD, aux): aux is the MoE MLP's (models/moe.py), {} for a dense block."""
     x_BTD += self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq)
-    x_BTD += self.mlp(self.mlp_norm(x_BTD))
-    return constrain(x_BTD, ('batch', 'length', 'act_embed'))
+    if isinstance(self.mlp, moe.MoE):
+      y_BTD, aux = self.mlp.with_aux(self.mlp_norm(x_BTD))
+    else:
+      y_BTD, aux = self.mlp(self.mlp_norm(x_BTD)), {}
+    x_BTD += y_BTD
+    return constrain(x_BTD, ('batch', 'length', 'act_embed')), aux
 
 
 class Transformer(nnx.Module):
@@ -132,6 +140,13 @@ class Transformer(nnx.Module):
     return constrain(logits_BTV, ('batch', 'length', 'vocab'))
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
+    return self.forward(tokens_BT, positions_BT, segment_ids_BT)[0]
+
+  def forward(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    """(logits, aux). Dense models: aux is {}. Mixtures of experts: 'moe_loss' (the weighted
+    load-balancing + z-loss, mean over layers: what training adds to the objective per token),
+    'load_balance' and 'router_z' (unweighted, mean over layers) and 'expert_tokens' ([L, E]
+    float32, the assignments each layer's experts received)."""
     cfg = self.cfg
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
@@ -142,15 +157,27 @@ class Transformer(nnx.Module):
 
     def run_block(x_BTD, block_state, graphdef):
       block = nnx.merge(graphdef, block_state)
-      return block(x_BTD, positions_BT, segment_ids_BT, inv_freq)
+      return block.forward(x_BTD, positions_BT, segment_ids_BT, inv_freq)
 
     if cfg.remat != 'none':
       run_block = jax.checkpoint(run_block, policy=_REMAT[cfg.remat], static_argnums=(2,))
     if cfg.scan_layers:
       graphdef, state = nnx.split(self.layers)
-      x_BTD, _ = jax.lax.scan(lambda x, s: (run_block(x, s, graphdef), None), x_BTD, state)
+      x_BTD, aux = jax.lax.scan(lambda x, s: run_block(x, s, graphdef), x_BTD, state)
     else:
+      auxes = []
       for block in self.layers:
         graphdef, state = nnx.split(block)
-        x_BTD = run_block(x_BTD, state, graphdef)
-    return self.logits(x_BTD)
+        x_BTD, layer_aux = run_block(x_BTD, state, graphdef)
+        auxes.append(layer_aux)
+      aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+    return self.logits(x_BTD), _moe_aux(cfg, aux)
+
+
+def _moe_aux(cfg: ModelConfig, aux_L: dict) -> dict:
+  """The layers' router statistics ([L] / [L, E]) as Transformer.forward returns them."""
+  if not aux_L:
+    return {}
+  lb, z = jnp.mean(aux_L['load_balance']), jnp.mean(aux_L['router_z'])
+  return {'moe_loss': cfg.load_balance_loss * lb + cfg.router_z_loss * z, 'load_balance': lb,
+          'router_z': z, 'expert_tokens': aux_L['expert_tokens']}
