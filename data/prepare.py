@@ -78,8 +78,9 @@ class PrepareConfig:
     if self.train_on not in chat.TRAIN_ON:
       raise ValueError(f'--train-on must be one of {", ".join(chat.TRAIN_ON)}, got {self.train_on!r}')
     if self.output_format not in shards.OUTPUT_FORMATS:
-      raise ValueError(f'unknown --output-format {self.output_format!r}: choose one of '
-                       f'{", ".join(shards.OUTPUT_FORMATS)}')
+      raise ValueError(f'--output-format {self.output_format!r}: only parquet is written, the format the '
+                       'training pipeline reads (data/source.py); ArrayRecord output is gone, as nothing '
+                       'could train on it. Drop the flag.')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,7 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--seed', type=int, default=0, help='Seed of the train/validation split (default 0).')
   p.add_argument('--shard-max-tokens', type=int, default=2**20, help='Tokens per shard at most (default 2^20).')
   p.add_argument('--row-group-size', type=int, default=256, help='Parquet rows per row group (default 256).')
-  p.add_argument('--output-format', default='parquet', choices=['parquet', 'arrayrecord'])
+  p.add_argument('--output-format', default='parquet', help='parquet, the only format (and the default).')
 
 
 def prepare_command(flags: dict, out: str, argv: Sequence[str] | None = None) -> int:

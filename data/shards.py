@@ -1,8 +1,8 @@
 """Token shards: a split's documents, in order, in files of at most `max_tokens` tokens.
 
 Parquet (primary): one row per document, columns `tokens` (list<int32>, EOS included) and `doc_id` (int64),
-zstd, row groups of at most `row_group_size` rows. ArrayRecord (option): one record per document, its tokens as
-little-endian int32 bytes. Writer options are pinned so that the same input gives byte-identical files.
+zstd, row groups of at most `row_group_size` rows: what the training pipeline reads (data/source.py). Writer
+options are pinned so that the same input gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ import tqdm
 
 FORMAT = 'stoker-tokens-v1'  # manifest.json 'format'
 MANIFEST = 'manifest.json'
-OUTPUT_FORMATS = ('parquet', 'arrayrecord')
-_EXTENSION = {'parquet': 'parquet', 'arrayrecord': 'array_record'}
+OUTPUT_FORMATS = ('parquet',)
 PARQUET_OPTIONS = dict(compression='zstd', compression_level=3, use_dictionary=False, write_statistics=True,
                        version='2.6', data_page_version='1.0', store_schema=True)
-# group_size:1 makes every record randomly readable (what Grain's ArrayRecordDataSource wants).
-ARRAY_RECORD_OPTIONS = 'group_size:1,zstd:3'
 SCHEMA = pa.schema([('tokens', pa.list_(pa.int32())), ('doc_id', pa.int64())])
 
 
@@ -55,13 +52,10 @@ def write_split(directory: str, split: str, docs: Sequence[np.ndarray], doc_ids:
   shards = []
   for index, (start, end) in enumerate(tqdm.tqdm(ranges, desc=f'write {split}', unit='shard',
                                                  disable=not sys.stderr.isatty())):
-    rel = f'{split}/shard-{index:05d}-of-{len(ranges):05d}.{_EXTENSION[output_format]}'
+    rel = f'{split}/shard-{index:05d}-of-{len(ranges):05d}.parquet'
     path = os.path.join(directory, rel)
     entry = {'path': rel, 'rows': end - start, 'tokens': int(sum(len(d) for d in docs[start:end]))}
-    if output_format == 'parquet':
-      entry['row_groups'] = _write_parquet(path, docs[start:end], doc_ids[start:end], row_group_size)
-    else:
-      _write_array_record(path, docs[start:end])
+    entry['row_groups'] = _write_parquet(path, docs[start:end], doc_ids[start:end], row_group_size)
     entry['sha256'] = sha256_file(path)
     shards.append(entry)
   return shards
@@ -77,14 +71,6 @@ def _write_parquet(path: str, docs: Sequence[np.ndarray], doc_ids: Sequence[int]
   table = pa.Table.from_arrays([tokens, pa.array(np.asarray(doc_ids, np.int64))], schema=SCHEMA)
   pq.write_table(table, path, row_group_size=row_group_size, **PARQUET_OPTIONS)
   return pq.ParquetFile(path).metadata.num_row_groups
-
-
-def _write_array_record(path: str, docs: Sequence[np.ndarray]) -> None:
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top  (optional format)
-  writer = array_record_module.ArrayRecordWriter(path, ARRAY_RECORD_OPTIONS)
-  for doc in docs:
-    writer.write(doc.astype('<i4').tobytes())
-  writer.close()
 
 
 def sha256_file(path: str) -> str:
