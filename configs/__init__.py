@@ -10,6 +10,7 @@ gin binds only these top-level constructors; library code takes the resulting fr
   fault(...)      -> train.config.FaultConfig (fault injection for tests and drills)
   distill(...)    -> train.config.DistillConfig (distillation from a teacher; train/distill.py)
   lora(...)       -> models.lora.LoRAConfig (LoRA fine-tuning of lora.base; train/finetune.py)
+  dpo(...)        -> train.config.DPOConfig (preference optimisation; train/dpo.py)
   engine(...)     -> serve.engine.EngineConfig (`stoker serve`: pages, slots, token budget, buckets)
   server(...)     -> serve.server.ServerConfig (`stoker serve`: host, port, queue bound, deadlines)
 """
@@ -26,8 +27,8 @@ from models.presets import preset
 from parallelism.mesh import MeshConfig
 from serve.engine import EngineConfig
 from serve.server import ServerConfig
-from train.config import (CheckpointConfig, DataConfig, DistillConfig, FaultConfig, OptimizerConfig,
-                          TrainConfig)
+from train.config import (CheckpointConfig, DataConfig, DistillConfig, DPOConfig, FaultConfig,
+                          OptimizerConfig, TrainConfig)
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,6 +41,7 @@ checkpoint = gin.external_configurable(CheckpointConfig, 'checkpoint')
 fault = gin.external_configurable(FaultConfig, 'fault')
 distill = gin.external_configurable(DistillConfig, 'distill')
 lora = gin.external_configurable(LoRAConfig, 'lora')
+dpo = gin.external_configurable(DPOConfig, 'dpo')
 engine = gin.external_configurable(EngineConfig, 'engine')
 server = gin.external_configurable(ServerConfig, 'server')
 
@@ -65,7 +67,7 @@ def load_train_config(gin_files: Sequence[str] = (), gin_params: Sequence[str] =
   """Parses gin files and bindings (later ones win) and builds the TrainConfig they describe."""
   gin.clear_config()
   # Sections a gin file leaves out still read their own bindings (`checkpoint.every_steps = 10`).
-  gin.parse_config([f'train.{name} = @{name}()' for name in ('checkpoint', 'fault', 'distill', 'lora')])
+  gin.parse_config([f'train.{name} = @{name}()' for name in ('checkpoint', 'fault', 'distill', 'lora', 'dpo')])
   gin.parse_config_files_and_bindings([resolve(f) for f in gin_files], list(gin_params),
                                       finalize_config=False)
   return train()

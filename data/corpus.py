@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tqdm
 
-from data import chat
+from data import chat, preference
 
 STDLIB = 'stdlib'
-FORMATS = ('auto', 'text', 'jsonl', 'csv', 'parquet', 'chat')
+FORMATS = ('auto', 'text', 'jsonl', 'csv', 'parquet', 'chat', 'preference')
 EXTENSIONS = {'.txt': 'text', '.md': 'text', '.jsonl': 'jsonl', '.csv': 'csv', '.parquet': 'parquet'}
 _STDLIB_EXCLUDED_DIRS = {'site-packages', 'dist-packages', '__pycache__'}
 
@@ -153,10 +153,8 @@ def _read_jsonl(path: str, data: bytes, field: str) -> Iterator[str]:
     yield _as_text(record[field], f'{path}:{number}: field {field!r}')
 
 
-def _read_chat(path: str, data: bytes, field: str) -> Iterator[str]:
-  """JSONL of conversations (OpenAI-style `messages`; --field names another key): each one as its
-  canonical JSON text, the document that cleaning, deduplication and splitting see."""
-  field = 'messages' if field == 'text' else field
+def _json_lines(path: str, data: bytes) -> Iterator[tuple[str, dict]]:
+  """('path:line', object) of each non-empty JSONL line."""
   for number, line in enumerate(_decode(path, data).split('\n'), 1):
     if not line.strip():
       continue
@@ -165,10 +163,25 @@ def _read_chat(path: str, data: bytes, field: str) -> Iterator[str]:
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}:{number}: not valid JSON ({e.msg} at column {e.colno}): fix or remove the '
                        f'line') from e
+    yield f'{path}:{number}', record
+
+
+def _read_chat(path: str, data: bytes, field: str) -> Iterator[str]:
+  """JSONL of conversations (OpenAI-style `messages`; --field names another key): each one as its
+  canonical JSON text, the document that cleaning, deduplication and splitting see."""
+  field = 'messages' if field == 'text' else field
+  for where, record in _json_lines(path, data):
     if not isinstance(record, dict) or field not in record:
-      raise ValueError(f'{path}:{number}: expected a JSON object with a {field!r} list of messages')
-    messages = chat.check_conversation(record[field], f'{path}:{number}')
+      raise ValueError(f'{where}: expected a JSON object with a {field!r} list of messages')
+    messages = chat.check_conversation(record[field], where)
     yield json.dumps(messages, ensure_ascii=False, sort_keys=True)
+
+
+def _read_preference(path: str, data: bytes, field: str) -> Iterator[str]:
+  """JSONL of preference pairs (data/preference.py), each as its canonical JSON text."""
+  del field
+  for where, record in _json_lines(path, data):
+    yield preference.rows_text(preference.check_row(record, where))
 
 
 def _read_csv(path: str, data: bytes, field: str) -> Iterator[str]:
@@ -220,4 +233,4 @@ def _as_text(value, where: str) -> str:
 
 
 _READERS = {'text': _read_text, 'jsonl': _read_jsonl, 'csv': _read_csv, 'parquet': _read_parquet,
-            'chat': _read_chat}
+            'chat': _read_chat, 'preference': _read_preference}

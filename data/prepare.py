@@ -27,7 +27,7 @@ import shutil
 import unicodedata
 from typing import Sequence
 
-from data import chat
+from data import chat, preference
 from data import shards
 from data import corpus
 from data import tokenizer as tok
@@ -88,10 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--source', default='stdlib',
                  help="'stdlib' (the running Python's standard library *.py files; default), or a file, "
                       'directory or glob of .txt/.md/.jsonl/.csv/.parquet files.')
-  p.add_argument('--format', default='auto', choices=['auto', 'text', 'jsonl', 'csv', 'parquet', 'chat'],
+  p.add_argument('--format', default='auto',
+                 choices=['auto', 'text', 'jsonl', 'csv', 'parquet', 'chat', 'preference'],
                  help='Input format (default: from each file extension). chat: JSONL of OpenAI-style '
                       '"messages", rendered with the chat template of --tokenizer\'s directory (or the '
-                      'default) and trained on the assistant turns only (see --train-on).')
+                      'default) and trained on the assistant turns only (see --train-on). preference: '
+                      'JSONL of {"prompt", "chosen", "rejected"} (text or chat) for DPO (data/preference.py).')
   p.add_argument('--train-on', default='assistant', choices=chat.TRAIN_ON,
                  help="--format chat: the tokens the loss counts (default: the assistant's turns).")
   p.add_argument('--field', '--column', dest='field', default='text',
@@ -199,19 +201,23 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
              'validation': [i for i, v in enumerate(in_validation) if v]}
 
   template = None
-  if cfg.format == 'chat':
+  if cfg.format in ('chat', 'preference'):
     template = chat.ChatTemplate(chat.load_template(os.path.dirname(tok.load_path(cfg.tokenizer))
                                                     if cfg.tokenizer else None))
-    conversations = [json.loads(t) for t in texts]
-  corpus_texts = texts if template is None else [template.render(c, False) for c in conversations]
+    records = [json.loads(t) for t in texts]
+  corpus_texts = texts if template is None else [_rendered(template, r, cfg.format) for r in records]
   tokenizer = loaded or tok.train_bpe([corpus_texts[i] for i in members['train']], cfg.vocab_size)
   vocab = tok.vocab_size(tokenizer)
   tok.check_vocab_size(vocab, cfg.max_vocab)
   eos_token, eos_id = tok.eos(tokenizer, cfg.eos_token)
   if template is None:
     docs = tok.encode(tokenizer, texts, eos_id)
-  else:
-    docs = [chat.encode_conversation(tokenizer, template, c, eos_id, cfg.train_on) for c in conversations]
+  elif cfg.format == 'chat':
+    docs = [chat.encode_conversation(tokenizer, template, c, eos_id, cfg.train_on) for c in records]
+  else:  # a row's two sequences become documents 2i and 2i + 1 (data/preference.py)
+    docs = [preference.encode_pair(tokenizer, template, r, eos_id) for r in records]
+    members = {split: [2 * i + k for i in ids for k in (0, 1)] for split, ids in members.items()}
+    docs = [d for pair in docs for d in pair]
 
   tmp = f'{os.path.normpath(out)}.tmp-{os.getpid()}'
   os.makedirs(tmp)
@@ -247,6 +253,9 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
     if template is not None:  # tokens the loss skips are stored as -1 - id (data/chat.py)
       manifest['chat'] = {'template': 'default' if template.is_default else 'tokenizer_config.json',
                           'train_on': cfg.train_on, 'skipped_tokens': 'stored as -1 - id'}
+    if cfg.format == 'preference':
+      manifest['preference'] = {'pairs': {k: v['documents'] // 2 for k, v in splits.items()},
+                                'layout': 'document 2i: prompt + chosen; 2i + 1: prompt + rejected'}
     with open(os.path.join(tmp, MANIFEST), 'w', encoding='utf-8') as f:
       f.write(json.dumps(manifest, sort_keys=True, indent=2) + '\n')
     _replace(tmp, out)
@@ -254,6 +263,15 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return manifest
+
+
+def _rendered(template, record, fmt: str) -> str:
+  """The text a record puts in front of the tokenizer (what a trained BPE learns from)."""
+  if fmt == 'chat':
+    return template.render(record, False)
+  if isinstance(record['prompt'], str):
+    return '\n'.join(record[k] for k in preference.KEYS)
+  return '\n'.join([template.render(record['prompt'], True), record['chosen'], record['rejected']])
 
 
 def read_manifest(directory: str) -> dict:

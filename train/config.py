@@ -94,6 +94,21 @@ class DistillConfig:
       raise ValueError(f'distill: need 0 <= alpha <= 1, temperature > 0 and top_k >= 0; got {self}.')
 
 
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """Direct preference optimisation (train/dpo.py) on a `stoker prepare --format preference` dataset;
+  off while beta is 0. The reference is the LoRA base with the adapters off (lora.base), or with
+  full fine-tuning a frozen copy read from `reference` (a workdir or a Hugging Face directory)."""
+
+  beta: float = 0.0
+  label_smoothing: float = 0.0
+  reference: str = ''
+
+  def __post_init__(self):
+    if self.beta < 0 or not 0 <= self.label_smoothing < 0.5:
+      raise ValueError(f'dpo: need beta >= 0 (0: off) and 0 <= label_smoothing < 0.5; got {self}.')
+
+
 FAULT_KINDS = ('none', 'exception', 'sigterm', 'sigkill', 'hang', 'nonfinite', 'kill_in_save')
 
 
@@ -133,6 +148,7 @@ class TrainConfig:
   fault: FaultConfig = FaultConfig()
   distill: DistillConfig = DistillConfig()
   lora: LoRAConfig = LoRAConfig()  # with lora.base set: LoRA fine-tuning (train/finetune.py)
+  dpo: DPOConfig = DPOConfig()  # with dpo.beta > 0: DPO on preference pairs (train/dpo.py)
   steps: int = 100
   batch_size: int = 16
   seq_len: int = 128
@@ -152,6 +168,13 @@ class TrainConfig:
     if self.batch_size % self.microbatches:
       raise ValueError(f'train.batch_size ({self.batch_size}) must be a multiple of '
                        f'train.microbatches ({self.microbatches}).')
+    if self.dpo.beta and self.batch_size % (2 * self.microbatches):
+      raise ValueError(f'with DPO, train.batch_size ({self.batch_size}) counts the chosen and the '
+                       'rejected sequence of each pair: it must be a multiple of 2 x train.microbatches '
+                       f'({self.microbatches}), so that every microbatch holds whole pairs.')
+    if self.dpo.beta and not (self.lora.base or self.dpo.reference):
+      raise ValueError('DPO needs a reference model: fine-tune with LoRA (lora.base; the reference is '
+                       'the base) or name a frozen copy with dpo.reference.')
 
   @property
   def tokens_per_step(self) -> int:

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import jax
 
-from data import pipeline, prepare
+from data import pipeline, preference, prepare, source
 from data.synthetic import Batch, SyntheticData, SyntheticIterator
 from train.config import TrainConfig
 
@@ -40,6 +40,16 @@ def train_batches(cfg: TrainConfig, directory: str | None) -> Iterator[Batch]:
       raise ValueError("data.source='synthetic' is single-process; use a prepared dataset.")
     return SyntheticIterator(SyntheticData(cfg.model.vocab_size, cfg.seq_len, cfg.batch_size,
                                            seed=cfg.seed))
+  pairs = 'preference' in prepare.read_manifest(directory)
+  if pairs != bool(cfg.dpo.beta):
+    raise ValueError(f'{directory} holds preference pairs: train on it with DPO (dpo.beta, e.g. 0.1).'
+                     if pairs else f'DPO (dpo.beta={cfg.dpo.beta}) trains on preference pairs; '
+                     f'{directory} holds documents: prepare one with stoker prepare --format preference.')
+  if pairs:
+    if jax.process_count() > 1:
+      raise ValueError('DPO reads its pairs in one process for now; run it single-process.')
+    return preference.PreferenceBatches(source.open_split(directory, 'train'), seq_len=cfg.seq_len,
+                                        pairs=cfg.batch_size // 2, seed=cfg.seed)
   return pipeline.make_iterator(directory, 'train', seq_len=cfg.seq_len,
                                 global_batch_size=cfg.batch_size, seed=cfg.seed,
                                 worker_count=cfg.data.worker_count)

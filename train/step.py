@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from models import transformer
 from parallelism import sharding
 from parallelism.rules import DEFAULT_RULES, Rules
-from train import distill, finetune
+from train import distill, dpo, finetune
 from train.config import TrainConfig
 from train.optimizer import schedule
 
@@ -50,20 +50,51 @@ def _ce_sums(logits_BTV, batch, z_loss: float):
 
 
 def objective_sums(params, graphdef, batch, cfg: TrainConfig, teacher=None, base=None,
-                   dropout_key=None):
+                   dropout_key=None, reference=None):
   """The training objective and the sums the metrics need: 'nll', 'tokens' and, when distilling
   from `teacher` ((graphdef, params), train/distill.py), 'kl'. With a LoRA `base`, `params` are
-  the adapters (train/finetune.py)."""
-  params = finetune.attach(cfg, params, base, dropout_key)
-  if teacher is None:
-    objective, (nll, tokens) = loss_sums(params, graphdef, batch, cfg.z_loss)
-    return objective, {'nll': nll, 'tokens': tokens}
+  the adapters (train/finetune.py). With DPO the objective is dpo_sums'."""
+  policy = finetune.attach(cfg, params, base, dropout_key)
+  if cfg.dpo.beta:
+    return dpo_sums(policy, base if reference is None else reference, graphdef, batch, cfg)
+  params = policy
   model = nnx.merge(graphdef, params)
-  logits_BTV = model(batch['inputs'], batch['positions'], batch['segment_ids'])
-  ce, (nll, tokens) = _ce_sums(logits_BTV, batch, cfg.z_loss)
-  kl = distill.kl_sum(distill.teacher_logits(*teacher, batch), logits_BTV,
-                      batch['loss_mask'].astype(jnp.float32), cfg.distill)
-  return distill.objective(ce, kl, cfg.distill), {'nll': nll, 'tokens': tokens, 'kl': kl}
+  logits_BTV, aux = model.forward(batch['inputs'], batch['positions'], batch['segment_ids'])
+  objective, (nll, tokens) = _ce_sums(logits_BTV, batch, cfg.z_loss)
+  sums = {'nll': nll, 'tokens': tokens}
+  if teacher is not None:
+    sums['kl'] = distill.kl_sum(distill.teacher_logits(*teacher, batch), logits_BTV,
+                                batch['loss_mask'].astype(jnp.float32), cfg.distill)
+    objective = distill.objective(objective, sums['kl'], cfg.distill)
+  if aux:  # a mixture of experts: the router's losses join per target token, like the rest
+    sums.update(moe_loss=aux['moe_loss'] * tokens, expert_tokens_LE=aux['expert_tokens'])
+    objective = objective + sums['moe_loss']
+  return objective, sums
+
+
+def dpo_sums(policy, reference, graphdef, batch, cfg: TrainConfig):
+  """DPO over a batch of P pairs, rows [0, P) chosen and [P, 2P) rejected (data/preference.py),
+  log-probabilities summed over each response's tokens (the loss mask). The summed loss, and sums
+  for the metrics: 'nll' (the DPO loss), 'tokens' (the pairs: what grad_step divides by) and
+  'dpo_*' (means over the pairs once divided)."""
+  def logprobs(params):
+    logits_BTV = nnx.merge(graphdef, params)(batch['inputs'], batch['positions'],
+                                             batch['segment_ids'])
+    return dpo.sequence_logprobs(logits_BTV, batch['targets'], batch['loss_mask'])
+  policy_B = logprobs(policy)
+  reference_B = jax.lax.stop_gradient(logprobs(jax.lax.stop_gradient(reference)))
+  P = policy_B.shape[0] // 2
+  loss, chosen, rejected = dpo.losses(policy_B[:P], policy_B[P:], reference_B[:P], reference_B[P:],
+                                      cfg.dpo.beta, cfg.dpo.label_smoothing)
+  sums = {'nll': jnp.sum(loss), 'tokens': jnp.asarray(P, jnp.float32),
+          'dpo_reward_accuracy': jnp.sum((chosen > rejected).astype(jnp.float32)),
+          'dpo_reward_margin': jnp.sum(chosen - rejected),
+          'dpo_logp_chosen': jnp.sum(policy_B[:P]), 'dpo_logp_rejected': jnp.sum(policy_B[P:])}
+  assert set(sums) == {'nll', 'tokens', *DPO_SUMS}
+  return jnp.sum(loss), sums
+
+
+DPO_SUMS = ('dpo_reward_accuracy', 'dpo_reward_margin', 'dpo_logp_chosen', 'dpo_logp_rejected')
 
 
 def _microbatches(batch, k: int):
@@ -83,7 +114,8 @@ def grad_step(state: TrainState, batch, frozen=None, *, graphdef, cfg: TrainConf
   if 'base' in frozen and cfg.lora.dropout > 0:
     key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
   grad_fn = jax.grad(functools.partial(objective_sums, graphdef=graphdef, cfg=cfg, teacher=teacher,
-                                       base=frozen.get('base')), has_aux=True)
+                                       base=frozen.get('base'), reference=frozen.get('reference')),
+                     has_aux=True)
   if cfg.microbatches == 1:
     grads, sums = grad_fn(state.params, batch=batch, dropout_key=key)
   else:
@@ -95,7 +127,11 @@ def grad_step(state: TrainState, batch, frozen=None, *, graphdef, cfg: TrainConf
       acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
       return (acc_g, jax.tree.map(jnp.add, acc_s, s)), None
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    sums0 = {k: jnp.zeros((), jnp.float32) for k in ('nll', 'tokens', 'kl')[:2 + bool(teacher)]}
+    names = ('nll', 'tokens') + ('kl',) * bool(teacher) + DPO_SUMS * bool(cfg.dpo.beta)
+    sums0 = {k: jnp.zeros((), jnp.float32) for k in names}
+    if cfg.model.moe:
+      sums0.update(moe_loss=jnp.zeros((), jnp.float32), expert_tokens_LE=jnp.zeros(
+          (cfg.model.num_layers, cfg.model.num_experts), jnp.float32))
     (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0),
                                     (_microbatches(batch, cfg.microbatches),
                                      jnp.arange(cfg.microbatches)))
@@ -113,6 +149,11 @@ def grad_step(state: TrainState, batch, frozen=None, *, graphdef, cfg: TrainConf
   }
   if 'kl' in sums:  # distilling: the two terms of the objective apart (per target token)
     metrics.update(kl=sums['kl'] / denom, ce=nll / denom)
+  if 'expert_tokens_LE' in sums:  # mixture of experts: router loss; busiest, idlest expert / mean
+    load_LE = sums['expert_tokens_LE'] / jnp.mean(sums['expert_tokens_LE'], -1, keepdims=True)
+    metrics.update(moe_loss=sums['moe_loss'] / denom, expert_load_max=jnp.max(load_LE),
+                   expert_load_min=jnp.min(load_LE))
+  metrics.update({k[len('dpo_'):]: v / denom for k, v in sums.items() if k.startswith('dpo_')})
   return grads, metrics
 
 
@@ -214,6 +255,8 @@ def frozen_args(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     frozen['teacher'], kw['teacher_graphdef'] = teacher.params, teacher.graphdef
   if finetune.enabled(cfg):
     frozen['base'] = finetune.load_base(cfg.lora.base, cfg.model, mesh, rules)
+  elif cfg.dpo.beta:  # full fine-tuning: a frozen copy is the reference
+    frozen['reference'] = finetune.load_base(cfg.dpo.reference, cfg.model, mesh, rules)
   if not frozen:
     return (), (), kw
   return (frozen,), (jax.tree.map(lambda x: x.sharding, frozen),), kw
