@@ -11,13 +11,16 @@ import pytest
 from flax import nnx
 
 from models import transformer
-from serve.engine import Engine
+from serve.engine import Engine, EngineConfig
 from serve.sampling import SamplingParams
 from tests.serve.server_fixtures import MODEL, random_params
-from tests.serve.test_grammar import ENGINE  # the same compiled step (JAX's persistent cache)
 
 pytestmark = pytest.mark.xdist_group('grammar')
 
+# test_grammar.py's engine: the same compiled step (JAX's persistent cache), 159 pages of 8 tokens
+# for 16 sequences of 120: preemptions.
+ENGINE = EngineConfig(num_pages=160, page_size=8, max_seqs=16, max_pages_per_seq=16,
+                      token_budget=64, min_bucket=64)
 TOL = 1e-4
 PROMPT, OUT, K = 60, 60, 3
 
