@@ -53,7 +53,7 @@
    probes (decode-sized steps by the decode probe, larger ones by the prefill probe; the geometric mean of before
    and after; the median over the runs of each quantile), the errors in 'speed_adjusted'. The probes time the
    engine alone in this process, never the server's runs, so this leaves the simulator's own error without the
-   machine's drift since it was profiled: over runs 14-24 of benchmarks/README.md the raw worst error was
+   machine's drift since it was profiled: over runs 14-24 (benchmarks/README.md at c09f6b2) the raw worst error was
    4.7-28.0%, the adjusted one 5.3-17.5% (run 15, whose calibration the check in 4 now catches, aside); on a
    second VM (runs 26-27) 11.7% and 11.6% against raw 9.8% and 8.3%. A diagnostic: the verdict stays the raw one.
 """
