@@ -197,6 +197,10 @@ COMMANDS = {
     'k8s': (None, None, _k8s),
     'plan': ('Find the cheapest serving configuration meeting a latency SLO by simulation (device, tensor '
              'parallelism, batch cap, chunk, replicas).', 'serve.sim.plan_report', _plan),
+    'prune': ('Prune a checkpoint by activation importance into a smaller step-0 workdir.', 'train.compress',
+              lambda args, argv: importlib.import_module('train.compress').command(args, argv)),
+    'distill': ('Train a student workdir by distillation from a teacher.', 'train.distill',
+                lambda args, argv: importlib.import_module('train.distill').command(args, _run_training)),
 }
 
 

@@ -244,7 +244,7 @@ def add_arguments(p) -> None:
                  type=int, default=8, help='Validation batches (of the recipe\'s shape) to rank on.')
 
 
-def prune_command(args, argv: Sequence[str]) -> int:
+def command(args, argv: Sequence[str]) -> int:
   """Runs `stoker prune` from its parsed flags; prints the chosen sizes and what to run next."""
   fractions = prune.KeepFractions(**{k: getattr(args, k) for k in prune.FRACTIONS})
   record = prune_checkpoint(args.out, fractions, checkpoint=args.checkpoint, hf_dir=args.hf_dir,

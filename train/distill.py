@@ -171,7 +171,9 @@ def add_arguments(p) -> None:
                  help="A binding such as 'distill.alpha=0.5' or 'distill.top_k=64'; repeatable.")
 
 
-def command_gin(teacher: str, student: str, gin_files, gin_params) -> tuple[list[str], list[str]]:
-  """(gin files, bindings) of `stoker distill`: the student's recipe with the teacher bound."""
-  return ([os.path.join(student, 'train.gin'), *gin_files],
-          [f'distill.teacher={os.path.abspath(teacher)!r}', *gin_params])
+def command(args, run_training) -> int:
+  """`stoker distill`: `run_training(gin files, bindings, workdir)` (the `stoker train` path) on the
+  student's train.gin with distill.teacher bound; the flags' other gin files and bindings after."""
+  return run_training([os.path.join(args.student, 'train.gin'), *args.gin_file],
+                      [f'distill.teacher={os.path.abspath(args.teacher)!r}', *args.gin_param],
+                      args.student)

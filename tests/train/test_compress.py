@@ -3,8 +3,10 @@ ranking beats random and least-important choices; the pruned workdir serves, exp
 `transformers` with equal logits, trains on, and distils with a bitwise resume after a just-in-time
 checkpoint; bad input is refused before anything is written."""
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -15,7 +17,7 @@ from flax import nnx
 
 import configs
 from models import checkpoint_io
-from train import compress, faults, prune
+from train import faults, prune
 from train.checkpoint import restore_arrays
 from train.loop import train
 from train.metrics import read_metrics
@@ -35,6 +37,11 @@ def assert_bitwise_equal(a, b):
     assert x.dtype == y.dtype and np.array_equal(x, y)
 
 
+def stoker(*argv) -> int:
+  import cli
+  return cli.main(list(argv))
+
+
 @pytest.fixture(scope='module')
 def teacher(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('teacher') / 'w')
@@ -46,10 +53,10 @@ def teacher(tmp_path_factory):
 @pytest.fixture(scope='module')
 def pruned(teacher, tmp_path_factory):
   out = str(tmp_path_factory.mktemp('pruned') / 'w2')
-  record = compress.prune_checkpoint(out, prune.KeepFractions(0.5, 0.5, 0.5, 1.0),
-                                     checkpoint=teacher[0], calibration_batches=4,
-                                     command=['prune', '--checkpoint', teacher[0]])
-  return out, record
+  assert stoker('prune', '--checkpoint', teacher[0], '--out', out, '--layers-keep', '0.5',
+                '--calibration-batches', '4') == 0
+  with open(os.path.join(out, 'prune.json')) as f:
+    return out, json.load(f)
 
 
 def _perplexity(cfg, params, batches):
@@ -89,12 +96,11 @@ def test_keeping_the_important_half_of_the_mlp_beats_random_and_least_important(
 
 
 def test_pruning_writes_an_ordinary_step0_workdir(teacher, pruned):
-  out, record = pruned
-  assert record['sizes'] == {'num_layers': [2, 1], 'num_heads': [4, 2], 'num_kv_heads': [2, 1],
-                             'mlp_dim': [256, 128], 'd_model': [64, 64]}
-  with open(os.path.join(out, 'prune.json')) as f:
-    saved = json.load(f)
-  assert saved['command'] == f'stoker prune --checkpoint {teacher[0]}'
+  out, saved = pruned
+  assert saved['sizes'] == {'num_layers': [2, 1], 'num_heads': [4, 2], 'num_kv_heads': [2, 1],
+                            'mlp_dim': [256, 128], 'd_model': [64, 64]}
+  assert saved['command'] == (f'stoker prune --checkpoint {teacher[0]} --out {out} --layers-keep 0.5 '
+                              '--calibration-batches 4')
   assert len(saved['removed']['layers']) == 1 and len(saved['scores']['blocks']) == 2
   kept = [i for i in range(2) if i not in saved['removed']['layers']][0]
   assert len(saved['removed']['mlp_neurons'][str(kept)]) == 128
@@ -170,3 +176,33 @@ def test_a_teacher_of_another_vocabulary_is_refused_before_training(pruned, tmp_
   with pytest.raises(ValueError, match='has vocab_size 4096, the student 512'):
     train(cfg, str(tmp_path / 'student'), progress=False)
   assert not os.listdir(os.path.join(tmp_path, 'student', 'checkpoints'))  # nothing saved
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--mlp-keep', '0'], r'--mlp-keep 0.0: a keep fraction must be in \(0, 1\]'),
+    (['--layers-keep', '1.5'], r'--layers-keep 1.5: a keep fraction must be in \(0, 1\]'),
+    (['--heads-keep', '0.2'], r'--heads-keep 0.2 keeps 0.40 of 2 key/value-head groups'),
+    (['--calibration', '/nonexistent/data'], r"calibration set '/nonexistent/data' has no manifest"),
+])
+def test_bad_prune_input_exits_2_naming_the_value_and_writes_nothing(teacher, tmp_path, capsys,
+                                                                     flags, message):
+  out = str(tmp_path / 'out')
+  assert stoker('prune', '--checkpoint', teacher[0], '--out', out, *flags) == 2
+  assert re.search(message, capsys.readouterr().err)
+  assert not os.path.exists(out)
+
+
+def test_prune_and_distill_commands(teacher, pruned, tmp_path, capsys):
+  assert stoker('prune', '--checkpoint', teacher[0], '--out', pruned[0]) == 2  # an existing --out
+  assert f'--out {pruned[0]} exists; prune into a new directory' in capsys.readouterr().err
+  # A teacher of another vocabulary: a Hugging Face directory whose config.json says 128.
+  from models import hf
+  other = tmp_path / 'other'
+  other.mkdir()
+  small = dataclasses.replace(configs.load_train_config([os.path.join(pruned[0], 'train.gin')]).model,
+                              vocab_size=128)
+  (other / 'config.json').write_text(json.dumps(hf.config_to_hf(small)))
+  before = sorted(os.listdir(pruned[0]))
+  assert stoker('distill', '--teacher', str(other), '--student', pruned[0]) == 2
+  assert 'has vocab_size 128, the student 4096' in capsys.readouterr().err
+  assert sorted(os.listdir(pruned[0])) == before and restore_arrays(pruned[0])[0] == 0
