@@ -113,7 +113,8 @@ def load_checkpoint(path: str, engine_cfg: EngineConfig, *, step: int | None = N
     raise FileNotFoundError(f'{directory} was trained on data without a tokenizer (synthetic, or '
                             f'its data directory is gone); pass --tokenizer PATH/tokenizer.json.')
   codec, chat = _codec_and_chat(tokenizer, model_cfg)
-  params = model_checkpoint.restore_params(directory, abstract_params(model_cfg, mesh))
+  # Through checkpoint_io, which also reads a LoRA run's workdir (its base with the adapters merged).
+  _, params = checkpoint_io.read_params(directory, shardings_for=lambda a: shardings(a, mesh))
   logging.info('Restored %s (%d params) from %s', model_cfg, model_cfg.num_params(), directory)
   engine = Engine(model_cfg, params, engine_cfg, mesh, detokenize=codec.decode)
   if name is None:
