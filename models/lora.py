@@ -11,6 +11,14 @@ weight's (the rank axis unsharded): they shard by the same rule table, and train
 optimises them alone while the base stays a frozen input. `attach` makes the params the model runs
 with: each adapted Variable holds a `LoRA(base, a, b)` instead of an array, and models/layers.einsum
 hands it the product (two thin matmuls beside the base one; the [I, O] update is never formed).
+
+Why not qwix's LoRA (qwix 0.1.8, read for this): it intercepts jnp.einsum inside a module's method,
+finds the weight operand by identity and creates the adapter params inside that call on first use.
+Here the blocks run under lax.scan over split state (params created inside the scan body do not
+persist), weights are cast to the compute dtype before their einsum (the identity is lost), and the
+paged serving forward calls each projection outside any intercepted method. The same math fits in
+the einsum hook the int8 weights already use, with the adapters as explicit state that training,
+checkpoints and PEFT export handle like any other.
 """
 
 from __future__ import annotations
