@@ -18,6 +18,8 @@ class MeshConfig:
 
   `ici` splits the devices of one slice (or one host, for GPUs/CPU); `dcn` splits slices
   (or hosts) across the data-centre network. One entry of each may be -1: "whatever is left".
+  Mixtures of experts add an 'expert' axis (e.g. axes=('data', 'fsdp', 'expert', 'tensor')):
+  it splits the experts, and the batch everywhere else (parallelism/rules.py).
   """
 
   axes: tuple[str, ...] = ('data', 'fsdp', 'tensor')
