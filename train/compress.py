@@ -14,7 +14,10 @@ params, fresh optimizer state) and the data iterator's initial state in W2/check
                    --student W2`);
   W2/hf/           the tokenizer files (and an HF source's config.json, for `stoker convert --to-hf`);
   W2/prune.json    the command, the sizes before and after, the units removed and every score.
-Everything is checked before anything is written; a failure leaves no W2.
+Everything is checked before anything is written; a failure leaves no W2. The source and the
+calibration forward passes live on one device (fine for the models this machine trains; a model
+larger than one device's memory needs them sharded, which is not written yet); W2 is written onto the
+recipe's mesh. An HF source trains on with TrainConfig's defaults and the calibration set as its data.
 """
 
 from __future__ import annotations
