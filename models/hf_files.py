@@ -94,7 +94,7 @@ def load_params(hf_dir: str, cfg: ModelConfig | None = None, *,
   out: dict = {}
   for key, specs in hf.leaf_specs(cfg).items():
     parts = [s.to_stoker(reader[s.name]).astype(dtype) for s in specs]
-    host = np.stack(parts) if specs[0].layer is not None and cfg.scan_layers else parts[0]
+    host = hf.assemble(cfg, specs, parts)
     del parts
     sharding = hf.get_path(shardings, key) if shardings is not None else None
     hf.set_path(out, key, _place(host, sharding))
