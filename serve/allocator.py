@@ -36,11 +36,13 @@ def hash_block(parent_hash: bytes, token_ids: Sequence[int]) -> bytes:
   return hashlib.sha256(parent_hash + array.array('q', token_ids).tobytes()).digest()
 
 
-def hash_blocks(token_ids: Sequence[int], page_size: int, hashes: Sequence[bytes] = ()) -> list[bytes]:
-  """Chained hashes of every full page-size block of token_ids, extending the already known leading `hashes`."""
+def hash_blocks(token_ids: Sequence[int], page_size: int, hashes: Sequence[bytes] = (),
+                root: bytes = ROOT_HASH) -> list[bytes]:
+  """Chained hashes of every full page-size block of token_ids, extending the already known leading `hashes`.
+  `root`: the first block's parent (another root, e.g. a LoRA adapter's, keys the same tokens apart)."""
   out = list(hashes)
   for i in range(len(out), len(token_ids) // page_size):
-    out.append(hash_block(out[-1] if out else ROOT_HASH, token_ids[i * page_size:(i + 1) * page_size]))
+    out.append(hash_block(out[-1] if out else root, token_ids[i * page_size:(i + 1) * page_size]))
   return out
 
 

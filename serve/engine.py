@@ -40,6 +40,13 @@ request ends, reason 'stop', when the grammar is complete); the next step's bitm
 filled from the matchers while the step is built. Their stepping is synchronous, so a mask
 cannot overlap its own request's device step.
 
+Multi-LoRA (serve/lora.py): with EngineConfig.max_loras > 0 the step takes the adapter slot stacks
+as its last input and each token's slot id in the packed ints (0: the base). A request names its
+adapter in SamplingParams.lora; before a step is dispatched the adapters its plan needs are copied
+into slots (least recently used out, a jitted in-place write). The scheduler admits requests so
+that the running ones use at most max_loras adapters, and roots their prefix-cache hashes at their
+adapter's key (keys and values depend on it).
+
 Tensor parallelism: with a mesh whose 'tensor' axis is > 1, params are sharded by the rule table
 (heads, kv heads, MLP and vocabulary over 'tensor') and the pools on kv heads; XLA partitions the
 step. Outputs equal the unsharded engine.
@@ -67,6 +74,7 @@ from parallelism import sharding as sharding_lib
 from parallelism.rules import DEFAULT_RULES, Rules
 from serve import forward as forward_lib
 from serve import kv_cache, quant, sampling
+from serve import lora as lora_lib
 from serve.attention import AttentionBackend, resolve
 from serve.sampling import SamplingParams
 from serve.scheduler import PLACEHOLDER, Policy, Scheduler, SchedulerConfig, StepPlan
@@ -106,6 +114,8 @@ class EngineConfig:
   seed: int = 0  # draws the seeds of requests that bring none
   async_scheduling: bool = True  # plan step n+1 while step n runs (see the module docstring)
   layer_loop: str = 'auto'  # 'scan' | 'unroll' | 'auto': scan on CPU, unrolled on GPU and TPU
+  max_loras: int = 0  # LoRA adapter slots in device memory (0: no adapters); see serve/lora.py
+  max_lora_rank: int = 16  # the slots' rank: adapters of lower rank are zero-padded (exact)
 
   def __post_init__(self):
     object.__setattr__(self, 'policy', Policy(self.policy))
@@ -115,6 +125,11 @@ class EngineConfig:
                        f'one of {quant.WEIGHT_DTYPES}.')
     if self.layer_loop not in LAYER_LOOPS:
       raise ValueError(f'EngineConfig.layer_loop={self.layer_loop!r}; use one of {LAYER_LOOPS}.')
+    for name in ('max_loras', 'max_lora_rank'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < (name == 'max_lora_rank'):
+        raise ValueError(f'EngineConfig.{name}={value!r}; use an integer >= '
+                         f'{int(name == "max_lora_rank")}.')
     if self.min_bucket < 1:
       raise ValueError(f'EngineConfig.min_bucket={self.min_bucket}; use a positive token count.')
     if self.max_seqs > self.token_budget:
@@ -124,7 +139,8 @@ class EngineConfig:
 
   def scheduler_config(self) -> SchedulerConfig:
     return SchedulerConfig(self.num_pages, self.page_size, self.max_seqs, self.max_pages_per_seq,
-                           self.token_budget, self.policy, self.watermark, self.prefix_caching)
+                           self.token_budget, self.policy, self.watermark, self.prefix_caching,
+                           self.max_loras)
 
   def buckets(self) -> tuple[int, ...]:
     """Token counts a step is padded to: min_bucket, 2 * min_bucket, ... and token_budget."""
@@ -166,6 +182,7 @@ class _Request:
   prompt_lp: list | None = None  # TokenLogprob per prompt position, filled by the prefill steps
   matcher: object = None  # the grammar's matcher (serve/grammar.py)
   stop_stream: TextStream | None = None  # incremental detokenization for stop strings
+  adapter: lora_lib.HostAdapter | None = None  # its LoRA adapter (None: the base)
 
 
 class _InFlight(NamedTuple):
@@ -178,12 +195,13 @@ class _InFlight(NamedTuple):
 
 
 def _pack(batch: forward_lib.StepBatch, feed_T: np.ndarray, targets_T: np.ndarray,
-          flags_2: np.ndarray, sampling_batch: sampling.SamplingBatch):
-  """One int32 and one float32 host buffer for a step's inputs: two transfers instead of twelve."""
+          flags_2: np.ndarray, sampling_batch: sampling.SamplingBatch, lora_slots_T: np.ndarray):
+  """One int32 and one float32 host buffer for a step's inputs: two transfers instead of twelve.
+  The LoRA slot ids come last (`_lora_slots`)."""
   seeds = sampling_batch.seeds_B.astype(np.uint32).view(np.int32)
   ints = np.concatenate([np.ravel(x) for x in batch] + [
       feed_T, targets_T, flags_2, sampling_batch.top_k_B, seeds,
-      sampling_batch.positions_B]).astype(np.int32)
+      sampling_batch.positions_B, lora_slots_T]).astype(np.int32)
   floats = np.concatenate([sampling_batch.temperature_B, sampling_batch.top_p_B]).astype(np.float32)
   return ints, floats
 
@@ -204,16 +222,27 @@ def _unpack(ints_I, floats_F, T: int, B: int, M: int):
                                                              seeds, sample_pos)
 
 
+def _lora_slots(ints_I, T: int):
+  """Each token's LoRA slot id (0: the base): the packed ints' last T."""
+  return ints_I[ints_I.shape[0] - T:]
+
+
 def _step(graphdef, backend, mesh, unroll, shape, params, pages, ints_I, floats_F, prev_tokens_B,
-          mask_BW):
+          mask_BW, lora_stacks=None):
   """One step. Tokens with feed_T >= 0 are the previous step's sampled token in that row (a
   decode planned before its input was known on the host); the rest come from the host.
-  flags: [some row wants its sampled token's logprobs, some row is grammar-masked]."""
+  flags: [some row wants its sampled token's logprobs, some row is grammar-masked].
+  lora_stacks: the adapter slots (serve/lora.py), given when the engine has any."""
   batch, feed_T, targets_T, flags, sampling_batch = _unpack(ints_I, floats_F, *shape)
   fed_T = jax.numpy.take(prev_tokens_B, jax.numpy.maximum(feed_T, 0))
   batch = batch._replace(token_ids_T=jax.numpy.where(feed_T >= 0, fed_T, batch.token_ids_T))
+  slots_T = None
+  if lora_stacks:
+    params = lora_lib.attach(params, lora_stacks)
+    slots_T = _lora_slots(ints_I, shape[0])
   logits_BV, token_lp, pages = forward_lib.forward_with_token_logprobs(
-      graphdef, params, pages, batch, targets_T, backend=backend, mesh=mesh, unroll=unroll)
+      graphdef, params, pages, batch, targets_T, backend=backend, mesh=mesh, unroll=unroll,
+      lora_slots_T=slots_T)
   tokens_B = sampling.sample(sampling.apply_mask(logits_BV, mask_BW, flags[1] > 0), sampling_batch)
   row_lp = sampling.logprobs(logits_BV, tokens_B, flags[0] > 0, logits_BV.shape[-1])
   return (tokens_B, row_lp, token_lp), pages
@@ -245,6 +274,8 @@ class Engine:
       raise ValueError(f'params do not match ModelConfig {model_cfg}: expected the state of '
                        f'models.transformer.Transformer (scan_layers={model_cfg.scan_layers}), '
                        f'shapes {jax.tree.leaves(expected)[:4]}...; got {jax.tree.leaves(got)[:4]}...')
+    self.adapters = lora_lib.AdapterStore(model_cfg, abstract_params, engine_cfg.max_loras,
+                                          engine_cfg.max_lora_rank)
     self.backend = resolve(engine_cfg.attention)
     spec = kv_cache.KVCacheSpec.for_model(model_cfg, engine_cfg.num_pages, engine_cfg.page_size,
                                           engine_cfg.kv_dtype)
@@ -262,6 +293,9 @@ class Engine:
       self.params = params
       self.pages = kv_cache.init_pages(spec)
       jitted = {T: jax.jit(f, donate_argnums=(1,)) for T, f in steps.items()}
+      self._stacks = jax.device_put(lora_lib.init_stacks(self.adapters.targets,
+                                                         engine_cfg.max_loras,
+                                                         engine_cfg.max_lora_rank))
     else:
       param_shardings = (quant.logical_shardings(abstract_params, mesh, rules)
                          if engine_cfg.weight_dtype else
@@ -271,10 +305,17 @@ class Engine:
       self.pages = kv_cache.init_pages(spec, pool)
       replicated = NamedSharding(mesh, PartitionSpec())
       pools = kv_cache.pages_sharding(spec, pool)
+      lora_in = (replicated,) if engine_cfg.max_loras else ()
       jitted = {T: jax.jit(f, donate_argnums=(1,),
                            in_shardings=(param_shardings, pools, replicated, replicated,
-                                         replicated, replicated),
+                                         replicated, replicated) + lora_in,
                            out_shardings=(replicated, pools)) for T, f in steps.items()}
+      self._stacks = jax.device_put(lora_lib.init_stacks(self.adapters.targets,
+                                                         engine_cfg.max_loras,
+                                                         engine_cfg.max_lora_rank), replicated)
+    axes = {lora_lib.path_name(t.path): len(t.lead) for t in self.adapters.targets}
+    self._write_slot = jax.jit(functools.partial(lora_lib.write_slot, axes), donate_argnums=(0,))
+    self._slot_of: dict[bytes, int] = {}  # adapter key -> slot id, for the step being built
     self.scheduler = Scheduler(engine_cfg.scheduler_config())
     self._requests: dict[str, _Request] = {}
     self._inflight: _InFlight | None = None
@@ -286,7 +327,7 @@ class Engine:
     # build_s). overlapped_steps: async ones.
     self.stats = dict(steps=0, overlapped_steps=0, tokens=0, padded_tokens=0, preemptions=0,
                       compile_s=0.0, host_s=0.0, plan_s=0.0, build_s=0.0, wait_s=0.0,
-                      update_s=0.0, output_s=0.0, mask_s=0.0)
+                      update_s=0.0, output_s=0.0, mask_s=0.0, lora_swaps=0)
     self._no_tokens = jax.device_put(np.zeros(B, np.int32), self._replicated)
     self._mask_words = -(-model_cfg.vocab_size // 32)
     self._all_allowed = jax.device_put(np.full((B, self._mask_words), -1, np.int32),
@@ -326,10 +367,23 @@ class Engine:
                          f'{self.model_cfg.vocab_size}; compile it with the model\'s vocab_size.')
       matcher = params.grammar.matcher()
     wants_prompt = params.prompt_logprobs is not None
-    self.scheduler.add(request_id, prompt_ids, params.max_tokens, params.stop_token_ids,
-                       use_prefix_cache=not wants_prompt)
+    adapter = None
+    if params.lora is not None:
+      try:
+        adapter = self.adapters.acquire(params.lora)
+      except KeyError:
+        raise ValueError(f'request {request_id!r}: no LoRA adapter named {params.lora!r} is loaded '
+                         f'(loaded: {self.adapters.names()}).') from None
+    try:
+      self.scheduler.add(request_id, prompt_ids, params.max_tokens, params.stop_token_ids,
+                         use_prefix_cache=not wants_prompt,
+                         adapter=None if adapter is None else adapter.key)
+    except ValueError:
+      if adapter is not None:
+        self.adapters.release(adapter)
+      raise
     seed = params.seed if params.seed is not None else int(self._seeds.integers(2 ** 32))
-    request = _Request(params, seed, matcher=matcher)
+    request = _Request(params, seed, matcher=matcher, adapter=adapter)
     if wants_prompt:
       request.prompt_ids = tuple(int(t) for t in prompt_ids)
       request.prompt_lp = [None] * len(request.prompt_ids)
@@ -346,6 +400,8 @@ class Engine:
     request = self._requests.pop(request_id, None)
     if request is not None:
       self._track(request, -1)
+      if request.adapter is not None:
+        self.adapters.release(request.adapter)
 
   def abort(self, request_id: str) -> RequestOutput | None:
     """Ends a request now and frees its pages; None for an unknown (or finished) id."""
@@ -507,6 +563,8 @@ class Engine:
                          f'waiting and {self.scheduler.num_running} running requests; the pool '
                          f'({self.config.num_pages} pages) or slots may be too small.')
     T = next(b for b in self.config.buckets() if b >= plan.num_tokens)
+    if self.config.max_loras:
+      self._place_adapters(plan)
     arrays = self._host_arrays(plan, T, prev)
     if self._replicated is not None:
       arrays = jax.device_put(arrays, self._replicated)
@@ -524,6 +582,15 @@ class Engine:
     self.stats['tokens'] += plan.num_tokens
     self.stats['padded_tokens'] += T
 
+  def _place_adapters(self, plan: StepPlan) -> None:
+    """Copies the adapters `plan` needs into device slots (LRU) and records their slot ids."""
+    needed = [r.adapter for r in (self._requests.get(s.request_id) for s in plan.seqs)
+              if r is not None and r.adapter is not None]
+    self._slot_of, writes = self.adapters.assign(needed)
+    for slot, adapter in writes:
+      self._stacks = self._write_slot(self._stacks, np.int32(slot - 1), adapter.factors)
+    self.stats['lora_swaps'] += len(writes)
+
   def _host_arrays(self, plan: StepPlan, T: int, prev: _InFlight | None = None):
     """The step's inputs after params and pages: the plan as packed numpy buffers (see _pack),
     padded to T tokens and max_seqs rows, the tokens of `prev` (the step in flight) that
@@ -536,6 +603,7 @@ class Engine:
     prev_rows = {} if prev is None else {s.request_id: b for b, s in enumerate(prev.plan.seqs)
                                          if s.sample}
     targets = np.full(T, -1, np.int32)
+    lora_slots = np.zeros(T, np.int32)
     flags = np.zeros(2, np.int32)
     mask = None
     rows = []
@@ -553,6 +621,8 @@ class Engine:
       t += n
       cu[b + 1] = t
       request = self._requests.get(seq.request_id)
+      if request is not None and request.adapter is not None:
+        lora_slots[t - n:t] = self._slot_of.get(request.adapter.key, 0)
       if request is not None and request.prompt_lp is not None:
         # Token start + i predicts the prompt token at start + i + 1 (the prompt's last token
         # predicts the first output: the sampled row's logprob).
@@ -574,9 +644,10 @@ class Engine:
     flags[1] = mask is not None
     batch = forward_lib.StepBatch(tokens, positions, tables, kv_lens, cu,
                                   np.array([len(plan.seqs)], np.int32), last)
-    ints, floats = _pack(batch, feed, targets, flags, sampling.host_batch(rows, B))
+    ints, floats = _pack(batch, feed, targets, flags, sampling.host_batch(rows, B), lora_slots)
     return (ints, floats, self._no_tokens if prev is None else prev.tokens_B,
-            self._all_allowed if mask is None else mask)
+            self._all_allowed if mask is None else mask) + (
+                (self._stacks,) if self.config.max_loras else ())
 
   # ---- offline use.
 

@@ -10,6 +10,9 @@ Quantized serving (serve/quant.py): params whose weights are Int8 stay int8 thro
 model's matmuls hand them to quant.einsum: int8 x int8 products; the embedding gathers int8 rows);
 int8 pools are written quantized and read through kv_cache.layer_pages.
 
+Multi-LoRA (serve/lora.py): adapted weights hold MultiLoRA objects (the same einsum hook); each
+layer binds the step's per-token slot ids `lora_slots_T` to them before projecting.
+
 Prompt logprobs (`forward_with_token_logprobs`): each token's logits predict the token after it, so
 the step's every token (a prefill chunk's included) can score the next one, given as `targets_T`.
 That needs the LM head on all T tokens, so it runs in a branch taken only when some token has a
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from serve import attention, kv_cache, sampling
+from serve import attention, kv_cache, lora, sampling
 from serve.kv_cache import KVPages
 
 
@@ -60,18 +63,18 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
 def forward_with_token_logprobs(
     graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: StepBatch,
     targets_T: jax.Array, *, backend: attention.AttentionBackend | str = attention.AttentionBackend.REFERENCE,
-    mesh: Mesh | None = None, unroll: bool = False
+    mesh: Mesh | None = None, unroll: bool = False, lora_slots_T: jax.Array | None = None
 ) -> tuple[jax.Array, sampling.Logprobs, KVPages]:
   """`forward`, plus per token t the logprob of targets_T[t] (the token after it; -1: none) and
   the top MAX_LOGPROBS, under the model's distribution at t: all zeros when no target is set."""
-  model, x_1TD, pages = _layers(graphdef, params, pages, batch, backend, mesh, unroll)
+  model, x_1TD, pages = _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T)
   x_1BD = jnp.take(x_1TD, batch.logits_indices_B, axis=1)
   scored = sampling.logprobs(lambda: model.logits(x_1TD)[0], targets_T, jnp.any(targets_T >= 0),
                              model.cfg.vocab_size)
   return model.logits(x_1BD)[0], scored, pages
 
 
-def _layers(graphdef, params, pages, batch, backend, mesh, unroll):
+def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=None):
   """The model, the last layer's activations x_1TD (before the final norm) and the pools."""
   model = nnx.merge(graphdef, params)
   L, P, G, K, H = pages.k_LPGKH.shape
@@ -84,6 +87,8 @@ def _layers(graphdef, params, pages, batch, backend, mesh, unroll):
   cache = kv_cache.fold(pages)
 
   def layer(block_def, block_state, l, x_1TD, cache):
+    if lora_slots_T is not None:
+      block_state = lora.bind(block_state, lora_slots_T)
     block = nnx.merge(block_def, block_state)
     q_1TNH, k_1TKH, v_1TKH = block.attn.project_qkv(block.attn_norm(x_1TD), positions_1T, inv_freq)
     cache = kv_cache.write_step(cache, k_1TKH[0], v_1TKH[0], slots_T + l * P * G)

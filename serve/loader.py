@@ -19,13 +19,16 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from models import checkpoint as model_checkpoint
-from models import checkpoint_io, transformer
+from models import checkpoint_io, peft_files, transformer
+from models import lora as lora_lib
 from models.config import ModelConfig
 from parallelism import sharding as sharding_lib
 from parallelism.mesh import MeshConfig, make_mesh
 from data.chat import ChatTemplate, load_template
 from serve.engine import Engine, EngineConfig
 from serve.text import Codec
+
+# `loras`: (name, path) pairs served beside the base (serve/lora.py); see read_adapter.
 
 
 @dataclasses.dataclass
@@ -101,9 +104,43 @@ def training_tokenizer(saved: dict, model_cfg: ModelConfig) -> str | None:
   return path if os.path.isfile(path) else None
 
 
+_ARCHITECTURE = ('num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
+                 'vocab_size', 'scan_layers')
+
+
+def read_adapter(path: str, cfg: ModelConfig) -> tuple[nnx.State, lora_lib.LoRAConfig]:
+  """(adapters, LoRAConfig) of a PEFT adapter directory or a LoRA run's workdir, for the served
+  model `cfg`. ValueError (FileNotFoundError for no adapter there), naming the problem, for an
+  adapter of another base."""
+  if os.path.isfile(os.path.join(path, peft_files.CONFIG)):
+    return peft_files.read(path, cfg)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'LoRA adapter {path!r}: no such directory; give a PEFT adapter '
+                            'directory or a LoRA training run\'s workdir.')
+  directory = model_checkpoint.step_dir(path)
+  config = checkpoint_io.lora_config(directory)
+  if config is None:
+    raise ValueError(f'{path} is neither a PEFT adapter directory ({peft_files.CONFIG}) nor a '
+                     'LoRA training run (train config with lora.base set).')
+  run_cfg = model_checkpoint.model_config(model_checkpoint.saved_config(directory))
+  wrong = [f'{k} {getattr(run_cfg, k)} (served: {getattr(cfg, k)})' for k in _ARCHITECTURE
+           if getattr(run_cfg, k) != getattr(cfg, k)]
+  if wrong:
+    raise ValueError(f'LoRA run {path} adapts another base ({config.base}): {", ".join(wrong)}.')
+  return checkpoint_io.restore_adapters(directory, run_cfg, config), config
+
+
+def add_adapters(engine: Engine, loras) -> None:
+  """Registers (name, path) adapters in `engine` (whose EngineConfig has max_loras > 0)."""
+  for name, path in loras:
+    adapters, config = read_adapter(path, engine.model_cfg)
+    engine.adapters.register(name, adapters, config, source=path)
+    logging.info('LoRA adapter %r (rank %d) from %s', name, config.rank, path)
+
+
 def load_checkpoint(path: str, engine_cfg: EngineConfig, *, step: int | None = None,
                     mesh: Mesh | None = None, tokenizer: str | None = None,
-                    name: str | None = None) -> Loaded:
+                    name: str | None = None, loras=()) -> Loaded:
   """Serves the newest (or `step`) checkpoint of a training workdir."""
   directory = model_checkpoint.step_dir(path, step)
   saved = model_checkpoint.saved_config(directory)
@@ -117,6 +154,7 @@ def load_checkpoint(path: str, engine_cfg: EngineConfig, *, step: int | None = N
   _, params = checkpoint_io.read_params(directory, shardings_for=lambda a: shardings(a, mesh))
   logging.info('Restored %s (%d params) from %s', model_cfg, model_cfg.num_params(), directory)
   engine = Engine(model_cfg, params, engine_cfg, mesh, detokenize=codec.decode)
+  add_adapters(engine, loras)
   if name is None:
     workdir = os.path.dirname(os.path.dirname(directory))
     name = os.path.basename(workdir if os.path.basename(os.path.dirname(directory)) == 'checkpoints'
@@ -135,11 +173,12 @@ def check_source(checkpoint: str | None = None, hf_dir: str | None = None,
 
 
 def load_hf(directory: str, engine_cfg: EngineConfig, *, mesh: Mesh | None = None,
-            tokenizer: str | None = None, name: str | None = None) -> Loaded:
+            tokenizer: str | None = None, name: str | None = None, loras=()) -> Loaded:
   """Serves a Hugging Face model directory (config.json, *.safetensors, tokenizer.json); each tensor
   is read and placed on its serving devices in turn (models/checkpoint_io.py)."""
   check_source(hf_dir=directory)
   model_cfg, params = checkpoint_io.load(directory, shardings_for=lambda a: shardings(a, mesh))
   codec, chat = _codec_and_chat(tokenizer or directory, model_cfg)
   engine = Engine(model_cfg, params, engine_cfg, mesh, detokenize=codec.decode)
+  add_adapters(engine, loras)
   return Loaded(name or os.path.basename(os.path.abspath(directory)), engine, codec, chat, directory)

@@ -63,6 +63,7 @@ REASONS = {
          'cap (ServerConfig.max_connections, plain text from uvicorn).',
 }
 COMPLETION_ROUTES = ('/v1/completions', '/v1/chat/completions')
+LORA_ROUTES = ('/v1/load_lora_adapter', '/v1/unload_lora_adapter')
 
 
 def _ref(name: str) -> dict:
@@ -87,6 +88,8 @@ def statuses(path: str, method: str, operation: dict) -> dict[int, dict]:
       out.update({400: error, 404: error})
     if method == 'post' and path in COMPLETION_ROUTES:
       out[429] = error
+    if path in LORA_ROUTES:  # vLLM's plain-text success message
+      out[200] = plain
   return out
 
 

@@ -2,6 +2,11 @@
 vLLM's /tokenize and /detokenize, with GET /tokenizer.json (the server's tokenizer, for `stoker
 bench`).
 
+LoRA adapters (serve/lora.py): `model` names the base or a loaded adapter (any other name: 404 in
+OpenAI's shape); /v1/models lists the adapters with `parent` = the base, as vLLM does; vLLM's
+POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} add and
+remove them while serving (a bad adapter: 400 naming the problem; unloading an unknown one: 404).
+
 A request becomes one engine sequence per (prompt, choice): choice c of prompt p is index
 p * n + c in `choices`, and with a `seed` it samples with seed + c (so n > 1 gives n different
 draws, each reproducible). Outputs come back from the driver thread onto this request's asyncio
@@ -29,6 +34,7 @@ import pydantic
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve import choices as choices_lib
+from serve import loader
 from serve import grammar as grammar_lib
 from serve.api import (MAX_SEED, APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
                        error_body)
@@ -69,6 +75,22 @@ class TokenizeRequest(pydantic.BaseModel):
     return self
 
 
+class LoadLoRARequest(pydantic.BaseModel):
+  """POST /v1/load_lora_adapter (vLLM's shape): a PEFT adapter directory or a LoRA run's workdir."""
+
+  model_config = pydantic.ConfigDict(extra='forbid')
+  lora_name: str
+  lora_path: str
+
+
+class UnloadLoRARequest(pydantic.BaseModel):
+  """POST /v1/unload_lora_adapter (vLLM's shape)."""
+
+  model_config = pydantic.ConfigDict(extra='forbid')
+  lora_name: str
+  lora_int_id: int | None = None  # vLLM's; unused
+
+
 class DetokenizeRequest(pydantic.BaseModel):
   """POST /detokenize (vLLM's shape)."""
 
@@ -95,30 +117,66 @@ TOKENIZER_RESPONSES = {
     400: {'description': 'The request is invalid; the message names the field.', 'content': _ERROR},
     404: {'description': 'No such model.', 'content': _ERROR},
 }
+LORA_RESPONSES = {
+    400: {'description': 'The adapter cannot be served; the message says why.', 'content': _ERROR},
+    404: {'description': 'No such adapter.', 'content': _ERROR},
+}
 
 
 def add_v1_routes(app: fastapi.FastAPI, service: Service) -> None:
 
-  def model_card():
-    return {'id': service.name, 'object': 'model', 'created': service.created,
-            'owned_by': 'stoker', 'max_model_len': context_len(service)}
+  def model_card(adapter: str | None = None):
+    card = {'id': service.name, 'object': 'model', 'created': service.created,
+            'owned_by': 'stoker', 'root': service.name, 'parent': None,
+            'max_model_len': context_len(service)}
+    if adapter is not None:
+      card.update(id=adapter, root=service.loaded.engine.adapters.get(adapter).source,
+                  parent=service.name)
+    return card
 
   @app.get('/v1/models')
   async def list_models():
     service.require_ready()
-    return {'object': 'list', 'data': [model_card()]}
+    names = service.loaded.engine.adapters.names()
+    return {'object': 'list', 'data': [model_card()] + [model_card(n) for n in names]}
 
   @app.get('/v1/models/{model:path}')
   async def get_model(model: str):
     service.require_ready()
-    check_model(service, model)
-    return model_card()
+    return model_card(check_model(service, model))
+
+  @app.post('/v1/load_lora_adapter', responses=LORA_RESPONSES)
+  async def load_lora_adapter(body: LoadLoRARequest):
+    service.require_ready()
+    engine = service.loaded.engine
+    if body.lora_name == service.name:
+      raise APIError(400, f'lora_name {body.lora_name!r} is the base model\'s name; pick another.',
+                     param='lora_name')
+    try:
+      adapters, config = await off_loop(loader.read_adapter, body.lora_path, engine.model_cfg)
+      engine.adapters.register(body.lora_name, adapters, config, source=body.lora_path)
+    except (ValueError, FileNotFoundError) as e:
+      raise APIError(400, f'LoRA adapter {body.lora_name!r} from {body.lora_path!r}: {e}',
+                     param='lora_path') from e
+    return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.",
+                    media_type='text/plain')
+
+  @app.post('/v1/unload_lora_adapter', responses=LORA_RESPONSES)
+  async def unload_lora_adapter(body: UnloadLoRARequest):
+    service.require_ready()
+    try:
+      service.loaded.engine.adapters.unregister(body.lora_name)
+    except KeyError:
+      raise APIError(404, f'The LoRA adapter {body.lora_name!r} is not loaded (GET /v1/models).',
+                     type='not_found_error', param='lora_name', code='lora_not_found') from None
+    return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
+                    media_type='text/plain')
 
   @app.post('/v1/completions')
   async def completions(request: fastapi.Request, body: CompletionRequest):
     arrival = time.perf_counter()
     service.require_ready()
-    check_model(service, body.model)
+    adapter = check_model(service, body.model)
     codec = service.loaded.codec
     given = body.prompts()
     prompts = await off_loop(lambda: [codec.encode(p) if isinstance(p, str) else list(p)
@@ -127,18 +185,19 @@ def add_v1_routes(app: fastapi.FastAPI, service: Service) -> None:
     if body.echo:
       echoes = await off_loop(lambda: [p if isinstance(p, str) else codec.decode(p) for p in given])
     return await generate(request, service, body, prompts, body.max_tokens, arrival, chat=False,
-                          echoes=echoes)
+                          echoes=echoes, adapter=adapter)
 
   @app.post('/v1/chat/completions')
   async def chat_completions(request: fastapi.Request, body: ChatCompletionRequest):
     arrival = time.perf_counter()
     service.require_ready()
-    check_model(service, body.model)
+    adapter = check_model(service, body.model)
     try:
       prompt = await off_loop(render_and_encode, service.loaded, _messages(body))
     except ChatTemplateError as e:
       raise APIError(400, f'messages: {e}', param='messages') from e
-    return await generate(request, service, body, [prompt], body.token_limit, arrival, chat=True)
+    return await generate(request, service, body, [prompt], body.token_limit, arrival, chat=True,
+                          adapter=adapter)
 
   @app.post('/tokenize', responses=TOKENIZER_RESPONSES)
   async def tokenize(body: TokenizeRequest):
@@ -187,10 +246,16 @@ def context_len(service: Service) -> int:
   return min(c.max_pages_per_seq, c.num_pages - 1) * c.page_size
 
 
-def check_model(service: Service, model: str) -> None:
-  if model != service.name:
-    raise APIError(404, f'The model {model!r} does not exist: this server serves {service.name!r} '
-                   '(GET /v1/models).', param='model', code='model_not_found')
+def check_model(service: Service, model: str) -> str | None:
+  """The LoRA adapter `model` names (None: the base); 404 for a name this server does not serve."""
+  if model == service.name:
+    return None
+  adapters = service.loaded.engine.adapters
+  if adapters.get(model) is not None:
+    return model
+  served = ', '.join(repr(n) for n in [service.name] + adapters.names())
+  raise APIError(404, f'The model {model!r} does not exist: this server serves {served} '
+                 '(GET /v1/models).', param='model', code='model_not_found')
 
 
 def _max_tokens(service, prompts, limit, chat: bool) -> list[int]:
@@ -222,7 +287,7 @@ def _max_tokens(service, prompts, limit, chat: bool) -> list[int]:
 
 
 async def generate(request, service: Service, body, prompts: list[list[int]], limit, arrival: float,
-                   chat: bool, echoes: list[str] | None = None):
+                   chat: bool, echoes: list[str] | None = None, adapter: str | None = None):
   driver, codec = service.driver, service.loaded.codec
   max_tokens = _max_tokens(service, prompts, limit, chat)
   count = len(prompts) * body.n
@@ -248,7 +313,7 @@ async def generate(request, service: Service, body, prompts: list[list[int]], li
             max_tokens=max_tokens[p], temperature=body.temperature, top_k=max(body.top_k, 0),
             top_p=body.top_p, seed=None if body.seed is None else (body.seed + c) % MAX_SEED,
             stop_token_ids=() if body.ignore_eos else codec.stop_token_ids, stop=body.stop_strings(),
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar, lora=adapter)
       except ValueError as e:  # the schema's ranges should already have caught it
         raise APIError(400, str(e)) from e
       out = choices_lib.Choice(codec, body.stop_strings(), chat, logprobs,
@@ -272,6 +337,7 @@ async def generate(request, service: Service, body, prompts: list[list[int]], li
                    code='rate_limit_exceeded',
                    headers={'Retry-After': str(service.config.retry_after_s)})
   reply = _Reply(service, base, chat, seqs, prompts)
+  reply.model = adapter or service.name
   if body.stream:
     return StreamingResponse(reply.stream(queue, body.include_usage), media_type='text/event-stream',
                              headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})

@@ -37,6 +37,7 @@ class SamplingParams:
   logprobs: int | None = None  # None: off; k: each token's logprob and the top k (<= MAX_LOGPROBS)
   prompt_logprobs: int | None = None  # None: off; k: the prompt's logprobs and top k, from the prefill
   grammar: Any = None  # a serve.grammar.Grammar: decoding constrained to it (token bitmasks)
+  lora: str | None = None  # the name of a LoRA adapter loaded in the engine (None: the base model)
 
   def __post_init__(self):
     object.__setattr__(self, 'stop_token_ids', tuple(int(t) for t in self.stop_token_ids))

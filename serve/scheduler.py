@@ -29,6 +29,10 @@ Request state (`_Request`), explicit: token_ids (prompt + outputs), num_computed
 its pages; the next token to compute is token_ids[num_computed]), prefill_len (tokens to prefill since the last
 admission: decoding once num_computed reaches it), pages, slot, num_committed (leading pages whose block hash is
 in the prefix cache, shared or committed by this request), block_hashes (chained hashes of its full blocks).
+
+LoRA adapters (serve/lora.py): a request's `adapter` key is the root of its block hashes, so pages are shared only
+between requests of the same adapter (keys and values depend on it); with max_adapters > 0, a waiting request is
+admitted only if the running requests then use at most max_adapters distinct adapters (the device's slots).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import heapq
 import itertools
 from collections.abc import Collection, Mapping, Sequence
 
-from serve.allocator import PageAllocator, hash_blocks
+from serve.allocator import ROOT_HASH, PageAllocator, hash_blocks
 
 
 PLACEHOLDER = -1  # a sampled token not yet known on the host (see advance/resolve)
@@ -69,6 +73,7 @@ class SchedulerConfig:
   policy: Policy = Policy.CHUNKED
   watermark: float = 0.01
   prefix_caching: bool = True
+  max_adapters: int = 0  # distinct LoRA adapters among running requests (0: no limit)
 
   def __post_init__(self):
     _check_int('num_pages', self.num_pages, 2, 'Page 0 is the null page; give the pool at least one more.')
@@ -76,6 +81,7 @@ class SchedulerConfig:
     _check_int('max_seqs', self.max_seqs, 1, 'Set the number of sequence slots (rows of the block table).')
     _check_int('max_pages_per_seq', self.max_pages_per_seq, 1, 'Set the block-table width M.')
     _check_int('token_budget', self.token_budget, 1, 'Set the tokens one step computes (e.g. 512).')
+    _check_int('max_adapters', self.max_adapters, 0, 'Use the LoRA slots of the device (0: no limit).')
     if isinstance(self.policy, str):
       try:
         object.__setattr__(self, 'policy', Policy(self.policy))
@@ -137,6 +143,7 @@ class _Request:
   num_committed: int = 0
   block_hashes: list[bytes] = dataclasses.field(default_factory=list)
   use_prefix_cache: bool = True  # False: its prompt is computed whole (e.g. for prompt logprobs)
+  adapter: bytes | None = None  # its LoRA adapter's key (None: the base): the root of its block hashes
 
   @property
   def output_ids(self) -> tuple[int, ...]:
@@ -170,11 +177,12 @@ class Scheduler:
   # ---- requests in and out.
 
   def add(self, request_id: str, prompt_ids: Sequence[int], max_tokens: int,
-          stop_token_ids: Collection[int] = (), use_prefix_cache: bool = True) -> None:
+          stop_token_ids: Collection[int] = (), use_prefix_cache: bool = True,
+          adapter: bytes | None = None) -> None:
     """Queues a request. ValueError for an empty prompt, a taken id, max_tokens < 1, or a request too long for the
     block table (max_pages_per_seq * page_size tokens) or the pool ((num_pages - 1) * page_size tokens).
     use_prefix_cache=False: its prompt is not matched against the prefix cache (every token is computed); its
-    pages still enter the cache for later requests."""
+    pages still enter the cache for later requests. `adapter`: the key of its LoRA adapter (see the module doc)."""
     c = self.config
     if request_id in self._requests:
       raise ValueError(f'request id {request_id!r} is already queued or running; use a unique id per request.')
@@ -195,7 +203,7 @@ class Scheduler:
                        f'{c.page_size} = {self.allocator.total * c.page_size}; shorten the request or raise '
                        f'num_pages.')
     request = _Request(request_id, next(self._arrivals), len(prompt), max_tokens, frozenset(stop_token_ids),
-                       prompt, use_prefix_cache=use_prefix_cache)
+                       prompt, use_prefix_cache=use_prefix_cache, adapter=adapter)
     self._requests[request_id] = request
     self._waiting.append(request)
 
@@ -366,7 +374,8 @@ class Scheduler:
     """Cached pages matching the request's leading full blocks, leaving at least its last token to compute."""
     if not self.config.prefix_caching or not request.use_prefix_cache:
       return []
-    request.block_hashes = hash_blocks(request.token_ids, self.config.page_size, request.block_hashes)
+    request.block_hashes = hash_blocks(request.token_ids, self.config.page_size, request.block_hashes,
+                                       request.adapter or ROOT_HASH)
     return self.allocator.match(request.block_hashes[:(len(request.token_ids) - 1) // self.config.page_size])
 
   def _take(self, request: _Request, shared: list[int], num_new_pages: int) -> None:
@@ -390,6 +399,8 @@ class Scheduler:
     G = self.config.page_size
     while self._waiting and step.budget > 0 and self._free_slots and not step.preempted:
       request = self._waiting[0]
+      if not self._adapter_fits(request):
+        return
       shared = self._prefix(request)
       remaining = len(request.token_ids) - len(shared) * G
       chunk = min(remaining, step.budget)
@@ -401,11 +412,20 @@ class Scheduler:
       self._take(request, shared, num_new_pages)
       self._emit(request, chunk, step)
 
+  def _adapter_fits(self, request: _Request) -> bool:
+    """Whether admitting `request` keeps the running requests' distinct adapters within max_adapters."""
+    if not self.config.max_adapters or request.adapter is None:
+      return True
+    running = {r.adapter for r in self._running if r.adapter is not None}
+    return request.adapter in running or len(running) < self.config.max_adapters
+
   def _admit_batch(self) -> None:
     """STATIC: admit up to max_seqs waiting requests FCFS, granting the pages of their whole prompts now."""
     G = self.config.page_size
     while self._waiting and self._free_slots:
       request = self._waiting[0]
+      if not self._adapter_fits(request):
+        return
       shared = self._prefix(request)
       num_new_pages = -(-len(request.token_ids) // G) - len(shared)
       if not self._fits(shared, num_new_pages):
@@ -457,7 +477,8 @@ class Scheduler:
       if self.config.prefix_caching:
         full = request.num_computed // G
         if full > request.num_committed:
-          request.block_hashes = hash_blocks(request.token_ids[:full * G], G, request.block_hashes)
+          request.block_hashes = hash_blocks(request.token_ids[:full * G], G, request.block_hashes,
+                                             request.adapter or ROOT_HASH)
           for i in range(request.num_committed, full):
             self.allocator.commit(request.pages[i], request.block_hashes[i])
           request.num_committed = full
