@@ -1,8 +1,8 @@
 """The `stoker` command: parses flags and gin files, then calls one library function per subcommand.
 
 Each subcommand is its flags (a `_<name>_flags(parser)`, or a library's `add_arguments`) and a
-`_<name>(args, argv)` that calls its library; COMMANDS lists them. Libraries are imported inside the functions: JAX must start
-after XLA_FLAGS is set, and commands that need no JAX start fast.
+`_<name>(args, argv)` that calls its library; COMMANDS lists them. Libraries are imported inside the
+functions: JAX must start after XLA_FLAGS is set, and commands that need no JAX start fast.
 """
 
 from __future__ import annotations
@@ -165,16 +165,6 @@ def _plan(args, argv) -> int:
   return plan_report.plan_command(model, objective, args)
 
 
-def _bench(args, argv) -> int:
-  from serve.bench import flags
-  return flags.main(args)
-
-
-def _k8s(args, argv) -> int:
-  from deploy import command
-  return command.run(args)
-
-
 # name: (help, flags, run). `flags` declares the subcommand's flags: a function, or the module whose
 # add_arguments(parser) does (imported only when that subcommand runs). deploy/command.py declares `k8s`.
 COMMANDS = {
@@ -193,8 +183,8 @@ COMMANDS = {
                 'mixed) for the simulator: steps.csv, host.csv, meta.json; prints the fitted step-time model '
                 'and its cross-validated error.', 'serve.sim.profile', _profile),
     'bench': ('Load an OpenAI-compatible server: TTFT, TBT, fluidity-index, plots, capacity search.',
-              'serve.bench.flags', _bench),
-    'k8s': (None, None, _k8s),
+              'serve.bench.flags', lambda args, argv: importlib.import_module('serve.bench.flags').main(args)),
+    'k8s': (None, None, lambda args, argv: importlib.import_module('deploy.command').run(args)),
     'plan': ('Find the cheapest serving configuration meeting a latency SLO by simulation (device, tensor '
              'parallelism, batch cap, chunk, replicas).', 'serve.sim.plan_report', _plan),
     'prune': ('Prune a checkpoint by activation importance into a smaller step-0 workdir.', 'train.compress',
@@ -230,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args = parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
   from parallelism import logs  # no JAX
-  log_file = (logs.process_log_file(args.workdir) if args.command in ('train', 'quickstart')
-              else os.path.expanduser(args.log_file) if getattr(args, 'log_file', None) else None)
-  logs.setup(log_file, getattr(args, 'verbose', False))
+  workdir = {'train': 'workdir', 'quickstart': 'workdir'}.get(args.command)  # the flag naming the log's folder
+  log_file = logs.process_log_file(getattr(args, workdir)) if workdir else getattr(args, 'log_file', None)
+  logs.setup(log_file and os.path.expanduser(log_file), getattr(args, 'verbose', False))
   if args.host_devices is None:  # a step on one of 8 host devices took 30 ms where it took 23 ms on 1 of 1
     args.host_devices = min(getattr(args, 'tensor_parallel', 8), 8)
   _use_host_devices(args.host_devices)
