@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Callable
 
-from serve.allocator import hash_blocks
+from serve.allocator import ROOT_HASH, hash_blocks
 from serve.engine import Engine, RequestOutput
 from serve.metrics import Metrics
 from serve.sampling import SamplingParams
@@ -174,7 +174,9 @@ class EngineDriver:
     engine = self.engine
     G = engine.config.page_size
     if engine.config.prefix_caching:
-      hashes = hash_blocks(seq.prompt_ids, G)[:(len(seq.prompt_ids) - 1) // G]
+      adapter = seq.params.lora and engine.adapters.get(seq.params.lora)
+      root = adapter.key if adapter else ROOT_HASH  # pages are cached per LoRA adapter
+      hashes = hash_blocks(seq.prompt_ids, G, root=root)[:(len(seq.prompt_ids) - 1) // G]
       self._prefix[0] += len(engine.scheduler.allocator.match(hashes)) * G
     self._prefix[1] += len(seq.prompt_ids)
     try:
@@ -236,4 +238,5 @@ class EngineDriver:
         step_seconds=self.engine.stats['host_s'],
         tokens_per_second=sum(n for _, n in self._rate) / RATE_WINDOW_S,
         rate_window_s=RATE_WINDOW_S, prefix_hit_tokens=self._prefix[0],
-        prefix_query_tokens=self._prefix[1])
+        prefix_query_tokens=self._prefix[1], lora_adapters=len(self.engine.adapters.names()),
+        lora_resident=self.engine.adapters.resident, lora_swaps=self.engine.stats['lora_swaps'])

@@ -121,6 +121,10 @@ class _EngineCollector:
     yield _counter('stoker_preemptions', 'Sequences preempted (recomputed later) by the scheduler.',
                    s.get('preemptions', 0))
     yield _counter('stoker_engine_steps', 'Device steps dispatched.', s.get('steps', 0))
+    yield _gauge('stoker_lora_adapters', 'LoRA adapters loaded (served beside the base).',
+                 s.get('lora_adapters', 0))
+    yield _gauge('stoker_lora_resident', 'LoRA adapters in device slots.', s.get('lora_resident', 0))
+    yield _counter('stoker_lora_swaps', 'LoRA adapters copied into a device slot.', s.get('lora_swaps', 0))
     yield _counter('stoker_engine_step_seconds', 'Seconds spent in Engine.step, waiting for the device '
                    'included (its rate: the engine\'s busy fraction).', s.get('step_seconds', 0.0))
     fluidity = self._metrics.rolling_fluidity()

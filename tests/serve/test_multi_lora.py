@@ -3,8 +3,9 @@ and each request's greedy output equals that of an engine whose params have only
 (models/lora.merge); the prefix cache keys pages by adapter; the server selects adapters by `model`,
 lists them, loads and unloads them (vLLM's routes) and refuses bad ones clearly.
 
-One LoRA engine (3 slots, served from PEFT directories through serve/loader.py) and one plain
-reference engine, compiled once for the module; the server tests then serve the same engine."""
+One LoRA engine (3 slots, served from PEFT directories through serve/loader.py; a 4th adapter is
+loaded over HTTP from a LoRA run's workdir) and one plain reference engine, compiled once for the
+module; the server test then serves the same engine."""
 
 import dataclasses
 import threading
@@ -25,6 +26,8 @@ from serve.scheduler import Scheduler, SchedulerConfig
 from serve.server import BackgroundServer, ServerConfig, Service
 from tests.serve.openapi_check import assert_declared
 from tests.serve.server_fixtures import ENGINE, MODEL
+from train import from_hf
+from train.config import TrainConfig
 
 pytestmark = pytest.mark.xdist_group('server')
 
@@ -62,6 +65,14 @@ def peft_dirs(tmp_path_factory):
   out['too_big'] = str(root / 'too_big')
   peft_files.write(out['too_big'], MODEL, *random_adapters(MODEL, 10, 16))
   return out
+
+
+@pytest.fixture(scope='module')
+def lora_workdir(server_workdir, peft_dirs, tmp_path_factory):
+  """A LoRA run's workdir (step 0, train/from_hf.from_peft) holding the 'extra' adapter."""
+  workdir = str(tmp_path_factory.mktemp('lora_run') / 'run')
+  from_hf.from_peft(peft_dirs['extra'], server_workdir, workdir, TrainConfig(model=MODEL, steps=8))
+  return workdir
 
 
 @pytest.fixture(scope='module')
@@ -165,7 +176,8 @@ def server(loaded):
   background.stop()
 
 
-def test_server_selects_lists_loads_and_unloads_adapters(server, loaded, reference, peft_dirs):
+def test_server_selects_lists_loads_and_unloads_adapters(server, loaded, reference, peft_dirs,
+                                                         lora_workdir):
   client = openai.OpenAI(base_url=server.url + '/v1', api_key='none', max_retries=0)
   models = {m.id: m for m in client.models.list().data}
   assert set(models) == {'base', 'sql', 'poem', 'math'}
@@ -178,13 +190,15 @@ def test_server_selects_lists_loads_and_unloads_adapters(server, loaded, referen
   assert error['type'] == 'invalid_request_error' and error['param'] == 'model'
 
   r = httpx.post(server.url + '/v1/load_lora_adapter',
-                 json={'lora_name': 'extra', 'lora_path': peft_dirs['extra']}, timeout=60)
+                 json={'lora_name': 'extra', 'lora_path': lora_workdir}, timeout=60)
   assert r.status_code == 200 and 'extra' in r.text
   for bad, words in (('other_base', 'another base'), ('too_big', 'max_lora_rank=8')):
     r = httpx.post(server.url + '/v1/load_lora_adapter',
                    json={'lora_name': bad, 'lora_path': peft_dirs[bad]}, timeout=60)
     assert r.status_code == 400 and words in r.json()['error']['message'], r.text
-  assert {m.id for m in client.models.list().data} == {'base', 'sql', 'poem', 'math', 'extra'}
+  models = {m.id: m for m in client.models.list().data}
+  assert set(models) == {'base', 'sql', 'poem', 'math', 'extra'}
+  assert models['extra'].root == lora_workdir  # a LoRA run's workdir, the others PEFT directories
 
   # Four adapters and the base at once over 3 slots: the scheduler holds one back, slots swap.
   names = ['base', 'sql', 'poem', 'math', 'extra']
@@ -201,6 +215,9 @@ def test_server_selects_lists_loads_and_unloads_adapters(server, loaded, referen
   for t in threads:
     t.join(120)
   assert loaded.engine.adapters.swaps > swaps
+  metrics = httpx.get(server.url + '/metrics').text
+  assert 'stoker_lora_adapters 4.0' in metrics and 'stoker_lora_resident 3.0' in metrics, metrics
+  assert f'stoker_lora_swaps_total {float(loaded.engine.adapters.swaps)}' in metrics
   for name in names:
     want = merged_greedy(reference, loaded.engine.params,
                          None if name == 'base' else peft_dirs[name], PROMPT, 5)
