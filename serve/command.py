@@ -24,6 +24,7 @@ def serve_command(engine_cfg: EngineConfig, server_cfg: server.ServerConfig, *,
     use_compilation_cache()
   mesh = loader.serving_mesh(tensor_parallel)
   loader.check_source(checkpoint, hf_dir, step)
+  loader.check_adapters(loras, server_cfg.model_name)
   if checkpoint:
     load = lambda: loader.load_checkpoint(checkpoint, engine_cfg, step=step, mesh=mesh,
                                           tokenizer=tokenizer, loras=loras)

@@ -130,6 +130,19 @@ def read_adapter(path: str, cfg: ModelConfig) -> tuple[nnx.State, lora_lib.LoRAC
   return checkpoint_io.restore_adapters(directory, run_cfg, config), config
 
 
+def check_adapters(loras, model_name: str | None = None) -> None:
+  """Fails now, naming the problem, for a --lora whose directory is missing or whose name repeats
+  (or is the base's), before a port is bound; the adapter files are read when the model loads."""
+  names = [name for name, _ in loras]
+  for name, path in loras:
+    if names.count(name) > 1 or name == model_name:
+      raise ValueError(f'--lora {name}={path}: the name {name!r} is taken'
+                       f'{" by the base" if name == model_name else " twice"}; give each its own.')
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f'--lora {name}={path}: no such directory; give a PEFT adapter '
+                              "directory or a LoRA training run's workdir.")
+
+
 def add_adapters(engine: Engine, loras) -> None:
   """Registers (name, path) adapters in `engine` (whose EngineConfig has max_loras > 0)."""
   for name, path in loras:

@@ -8,6 +8,9 @@ loaded over HTTP from a LoRA run's workdir) and one plain reference engine, comp
 module; the server test then serves the same engine."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 
 import httpx2 as httpx
@@ -31,6 +34,7 @@ from train.config import TrainConfig
 
 pytestmark = pytest.mark.xdist_group('server')
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LORA_ENGINE = dataclasses.replace(ENGINE, max_loras=3, max_lora_rank=8)
 RANKS = {'sql': 4, 'poem': 8, 'math': 2, 'extra': 8}  # 'extra' is loaded over HTTP: a 4th adapter
 PROMPT = list(range(40, 60))  # 20 tokens: two full pages of 8, then 4 more
@@ -233,3 +237,13 @@ def test_server_selects_lists_loads_and_unloads_adapters(server, loaded, referen
       ('post', '/v1/load_lora_adapter', 200, 'text/plain'),
       ('post', '/v1/load_lora_adapter', 400, 'application/json'),
       ('post', '/v1/unload_lora_adapter', 404, 'application/json')])
+
+
+def test_serve_refuses_bad_lora_flags_before_binding(server_workdir, tmp_path):
+  cli = [sys.executable, os.path.join(REPO, 'cli.py'), 'serve', '--checkpoint', server_workdir]
+  for flags, words in ((['--lora', 'sql'], 'use NAME=PATH'),
+                       (['--lora', f'sql={tmp_path}/none'], 'no such directory'),
+                       (['--lora', f'a={tmp_path}', '--lora', f'a={tmp_path}'], 'taken twice')):
+    result = subprocess.run(cli + flags, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and words in result.stderr, result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr and 'Listening' not in result.stdout
