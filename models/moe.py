@@ -14,6 +14,9 @@ Capacity-factor mode (capacity_factor > 0) gives each expert C = ceil(cf * X / E
 drops the assignments past them (the token keeps its other experts and the residual); the
 experts then run as one batched [E, C, D] matmul (GShard/Switch).
 
+Expert weights may be objects that multiply themselves (serving's int8, serve/quant.py): the tiled
+and capacity paths hand them to models/layers.einsum.
+
 Auxiliary losses: the load-balancing loss E * sum_e f_e * P_e (f_e: the fraction of tokens that
 chose expert e, P_e: the mean router probability of e; Switch Transformer, and Hugging Face's
 Mixtral `load_balancing_loss_func` for one layer), k when balanced; and the router z-loss, the
@@ -100,6 +103,10 @@ def _to_tiles(x_XD: jax.Array, t: _Tiles) -> jax.Array:
 
 
 def _tile_matmul(x_nbD, w_EDF, t: _Tiles):
+  """Each tile times its expert's weights. A weight object (serving's int8) gathers its experts
+  itself (`take`) and multiplies through layers.einsum, staying int8."""
+  if hasattr(w_EDF, 'einsum'):
+    return einsum('nbD,nDF->nbF', x_nbD, w_EDF.take(t.expert_n))
   return jnp.einsum('nbD,nDF->nbF', x_nbD, jnp.take(w_EDF.astype(x_nbD.dtype), t.expert_n, axis=0))
 
 
@@ -173,6 +180,9 @@ class MoE(nnx.Module):
   def _dropless(self, xs_XD, sizes_E):
     gate, up, down = (w.get_value() for w in (self.gate_EDF, self.up_EDF, self.down_EFD))
     if self._impl() == 'ragged_dot':
+      if hasattr(gate, 'einsum'):
+        raise ValueError("Quantized expert weights run with grouped_matmul='tiled' or in "
+                         "capacity-factor mode, not with 'ragged_dot'.")
       h_XF = (jax.nn.silu(grouped_matmul(xs_XD, gate, sizes_E, 'ragged_dot')) *
               grouped_matmul(xs_XD, up, sizes_E, 'ragged_dot'))
       return grouped_matmul(h_XF, down, sizes_E, 'ragged_dot')

@@ -53,7 +53,10 @@ WEIGHT_DTYPES = ('int8',)
 # Weight name -> its input (contracted) axes, without the leading layer axis of stacked params.
 # The scale has one entry per remaining (output) axis element.
 CONTRACTED = {'q_DNH': (0,), 'k_DKH': (0,), 'v_DKH': (0,), 'o_NHD': (0, 1), 'gate_DF': (0,),
-              'up_DF': (0,), 'down_FD': (0,), 'lm_head_DV': (0,), 'embed_VD': (1,)}
+              'up_DF': (0,), 'down_FD': (0,), 'lm_head_DV': (0,), 'embed_VD': (1,),
+              # Mixture-of-experts weights, per expert and output channel (models/moe.py). The
+              # router stays in full precision: it is small and its top-k is a hard decision.
+              'gate_EDF': (1,), 'up_EDF': (1,), 'down_EFD': (1,)}
 
 
 class Int8(NamedTuple):
@@ -69,6 +72,10 @@ class Int8(NamedTuple):
   def einsum(self, spec: str, x: jax.Array, preferred_element_type=None) -> jax.Array:
     """jnp.einsum(spec, x, q * scale): see the module `einsum`. models/layers.einsum calls it."""
     return einsum(spec, x, self, preferred_element_type)
+
+  def take(self, ids: jax.Array) -> Int8:
+    """Entries `ids` of the leading axis (experts), still int8 with their scales."""
+    return Int8(jnp.take(self.q, ids, axis=0), jnp.take(self.scale, ids, axis=0))
 
   def take_rows(self, ids: jax.Array, dtype) -> jax.Array:
     """Rows `ids` of a [V, D] table quantized per row: only those rows are read and dequantized."""
@@ -112,13 +119,16 @@ def einsum(spec: str, x: jax.Array, w: Int8, preferred_element_type=None) -> jax
   x is quantized per index of its non-contracted axes (per token) and the product summed in int32.
 
   Returns preferred_element_type, else x's dtype. A single row is padded to two: XLA:CPU hands
-  int8 matrix-vector products to no library and would widen all of w to int32 first.
+  int8 matrix-vector products to no library and would widen all of w to int32 first. Letters in
+  x, w and the output are batch dims (the experts of a grouped matmul: 'ECD,EDF->ECF').
   """
   inputs, out = spec.replace(' ', '').split('->')
   x_axes, w_axes = inputs.split(',')
-  if sorted(x_axes + w_axes) != sorted(out + 2 * ''.join(c for c in x_axes if c not in out)):
+  batch = ''.join(c for c in x_axes if c in w_axes and c in out)
+  summed = ''.join(c for c in x_axes if c not in out)
+  if not summed or sorted(x_axes + w_axes) != sorted(out + batch + 2 * summed):
     raise ValueError(f'quant.einsum({spec!r}): use one input and one weight whose shared letters '
-                     'are all contracted (no batch dims shared with the weight, no repeats).')
+                     'are all contracted or batch dims of the output (no repeats).')
   contracted = tuple(i for i, c in enumerate(x_axes) if c not in out)
   x32 = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True)
