@@ -77,8 +77,8 @@ def path_name(path) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """One adapted weight of the slot stacks: its path, stacked layer axes (0 or 1), input and output
-  shapes (after the layer axis)."""
+  """One adapted weight of the slot stacks: its path, the shape of its stacked layer axis (() or
+  (L,)), its input and output shapes (after that axis), its dtype."""
 
   path: tuple
   lead: tuple[int, ...]
@@ -89,10 +89,10 @@ class Target:
 
 def targets(cfg: ModelConfig, abstract_params: nnx.State) -> list[Target]:
   """The weights every slot adapts: those of models/lora.DEFAULT_TARGETS (attention and MLP)."""
-  dims = lora_lib.input_dims(cfg)
+  dims, flat = lora_lib.input_dims(cfg), dict(nnx.to_flat_state(abstract_params))
   out = []
   for path in lora_lib.targets(cfg, abstract_params, lora_lib.LoRAConfig()):
-    v = dict(nnx.to_flat_state(abstract_params))[path]
+    v = flat[path]
     lead = 1 if cfg.scan_layers and path[0] == 'layers' else 0
     n_in = dims[path[-1]]
     out.append(Target(path, tuple(v.shape[:lead]), tuple(v.shape[lead:lead + n_in]),
@@ -103,7 +103,7 @@ def targets(cfg: ModelConfig, abstract_params: nnx.State) -> list[Target]:
 def init_stacks(targets_: list[Target], slots: int, rank: int) -> dict:
   """Zero slot stacks {path name: (a, b)} (numpy: the engine places them)."""
   return {path_name(t.path): (np.zeros(t.lead + (slots,) + t.in_shape + (rank,), t.dtype),
-                          np.zeros(t.lead + (slots,) + (rank,) + t.out_shape, t.dtype))
+                              np.zeros(t.lead + (slots,) + (rank,) + t.out_shape, t.dtype))
           for t in targets_}
 
 
@@ -153,7 +153,7 @@ class AdapterStore:
     self.targets = targets(cfg, abstract_params) if slots else []
     self._by_path = {t.path: t for t in self.targets}
     self._adapters: dict[str, HostAdapter] = {}
-    self._slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
+    self._slot_of: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # key -> slot, LRU first
     self._lock = threading.Lock()
     self._keys = itertools.count()
     self.swaps = 0  # adapters copied into a slot
