@@ -94,6 +94,8 @@ class Progress(contextlib.ExitStack):
         **{k: values[k] for k in ('kl', 'ce') if k in values},  # distilling (train/distill.py)
         **{k: values[k] for k in ('reward_accuracy', 'reward_margin', 'logp_chosen', 'logp_rejected')
            if k in values},  # DPO (train/dpo.py)
+        **{k: values[k] for k in ('moe_loss', 'expert_load_max', 'expert_load_min')
+           if k in values},  # mixtures of experts (models/moe.py)
         'step_time': step_time,
         'tokens_per_sec': self.cfg.tokens_per_step / step_time,
         'mfu': self.flops_per_step / step_time / self.peak_flops,
