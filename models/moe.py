@@ -8,11 +8,17 @@ are one contiguous run, and the experts' matmuls are grouped matmuls over those 
   times the work (measured, jax 0.10.2).
 - 'tiled': each expert's run is padded to a multiple of a tile of rows, so every tile belongs to
   one expert, and one batched matmul multiplies each tile by its expert's weights. Exact and
-  dropless; at most E - 1 padding rows per expert, a bounded overhead (`tile_rows`).
+  dropless; under one tile of padding rows per expert, a bounded overhead (`tile_rows`).
 
 Capacity-factor mode (capacity_factor > 0) gives each expert C = ceil(cf * X / E) slots and
 drops the assignments past them (the token keeps its other experts and the residual); the
 experts then run as one batched [E, C, D] matmul (GShard/Switch).
+
+Expert parallelism: expert weights carry the logical axis 'expert' (parallelism/rules.py maps it
+to the 'expert' mesh axis) and the partitioner does the rest: the sort over the batch's tokens
+gathers them over the axis and the experts' outputs come back through all-reduces (compiled on
+the 8-device CPU mesh: all-gathers and all-reduces, no all-to-all). Dispatch by all-to-all under
+shard_map is not built yet.
 
 Expert weights may be objects that multiply themselves (serving's int8, serve/quant.py): the tiled
 and capacity paths hand them to models/layers.einsum.
