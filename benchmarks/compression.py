@@ -73,6 +73,9 @@ def train_run(name, workdir, gin_files, params) -> float:
   import configs  # pylint: disable=g-import-not-at-top
   from train.loop import train  # pylint: disable=g-import-not-at-top
   cfg = configs.load_train_config(gin_files, params)
+  if os.path.isdir(os.path.join(workdir, 'checkpoints', str(cfg.steps))):
+    log(f'{name}: {workdir} holds its final step already; not trained again')
+    return 0.0
   start = time.perf_counter()
   logged = train(cfg, workdir, progress=False)
   seconds = time.perf_counter() - start
