@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from data.checkpoint import PipelineRestore, PipelineSave
+from models.config import ModelConfig
 from train.config import CheckpointConfig, TrainConfig
 
 
@@ -87,6 +88,10 @@ class Checkpoints:
     with open(path) as f:
       saved = json.load(f)['train']['model']
     saved = json.loads(json.dumps(saved, default=str))
+    # A field added to ModelConfig after the save is absent from it: the save had its default.
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(ModelConfig)
+                                      if f.default is not dataclasses.MISSING}, default=str))
+    saved = {**defaults, **saved}
     diff = {k: (saved.get(k), v) for k, v in self._model.items() if saved.get(k) != v}
     if diff:
       raise ValueError(

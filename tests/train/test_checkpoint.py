@@ -89,6 +89,31 @@ def test_keep_and_resume_without_a_flag(reference, tmp_path):
   assert [r['step'] for r in read_metrics(workdir)] == list(range(1, 17))
 
 
+def test_a_checkpoint_from_before_a_new_model_field_resumes(reference, tmp_path):
+  """A ModelConfig field added after a save (at its default) is no reason to refuse the save; a
+  field that differs is."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'old')
+  shutil.copytree(reference[0], workdir)
+  path = os.path.join(checkpoint_dir(workdir), '12', 'config', 'metadata')
+  with open(path) as f:
+    saved = json.load(f)
+  del saved['train']['model']['qk_norm']  # as if qk_norm (default False) came after this save
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  cfg = config(f'train.steps={STEPS}')
+  ckpts = Checkpoints(workdir, cfg.checkpoint, cfg)
+  try:
+    ckpts._check_model(12)  # pylint: disable=protected-access
+    saved['train']['model']['rms_eps'] = 1e-3
+    with open(path, 'w') as f:
+      json.dump(saved, f)
+    with pytest.raises(ValueError, match=r'another model.*rms_eps 0.001 vs 1e-05'):
+      ckpts._check_model(12)  # pylint: disable=protected-access
+  finally:
+    ckpts.close()
+
+
 @pytest.mark.parametrize('kind', ['exception', 'sigterm'])
 def test_failure_in_a_step_saves_and_resumes_bitwise(reference, tmp_path, kind):
   _, expected = reference
