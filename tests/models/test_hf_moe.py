@@ -82,18 +82,27 @@ def test_round_trip_is_bit_exact(saved, tmp_path):
 def test_served_greedy_generations_match_transformers_generate(saved):
   from serve.engine import Engine, EngineConfig
   from serve.sampling import SamplingParams
+  import jax
+  from parallelism.mesh import MeshConfig, make_mesh
   model, directory = saved
-  cfg, params, _ = _stoker(directory)
-  engine = Engine(cfg, params, EngineConfig(num_pages=32, page_size=8, max_seqs=2,
-                                            max_pages_per_seq=4, token_budget=16, min_bucket=16))
+  cfg, _, ours = _stoker(directory)
+  params = nnx.state(ours)
   # Prompts longer than the token budget: chunked prefill, then decodes of both sequences.
   prompts = [np.random.default_rng(n).integers(0, 128, n).tolist() for n in (5, 21)]
-  got = engine.generate(prompts, SamplingParams(max_tokens=8))
-  for prompt, out in zip(prompts, got):
+  refs = []
+  for prompt in prompts:
     with torch.no_grad():
       ref = model.generate(torch.as_tensor([prompt]), max_new_tokens=8, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
-    assert out == ref[0, len(prompt):].tolist()
+    refs.append(ref[0, len(prompt):].tolist())
+  # Mixtral also on a 2-way tensor-parallel mesh (experts split over their width).
+  meshes = [None] + ([make_mesh(MeshConfig(ici=(1, 1, 2)), jax.devices()[:2])]
+                     if model.config.model_type == 'mixtral' else [])
+  for mesh in meshes:
+    engine = Engine(cfg, params, EngineConfig(num_pages=32, page_size=8, max_seqs=2,
+                                              max_pages_per_seq=4, token_budget=16,
+                                              min_bucket=16), mesh)
+    assert engine.generate(prompts, SamplingParams(max_tokens=8)) == refs, mesh
 
 
 def test_unsupported_moe_layouts_are_refused():
