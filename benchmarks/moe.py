@@ -1,6 +1,6 @@
 """Mixture-of-experts training throughput: tiny_moe (8 experts, top-2) against a dense peer.
 
-  python benchmarks/moe.py                          # ~3 min on 2 CPU cores
+  python benchmarks/moe.py                          # ~1 min on 2 CPU cores
   python benchmarks/moe.py --runs 7 --steps 4 --batch_size 8 --seq_len 128
 
 Every row trains on the same batches with Stoker's compiled train step (one device):
