@@ -137,20 +137,13 @@ def _read_text(path: str, data: bytes, field: str) -> Iterator[str]:
 
 
 def _read_jsonl(path: str, data: bytes, field: str) -> Iterator[str]:
-  for number, line in enumerate(_decode(path, data).split('\n'), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path}:{number}: not valid JSON ({e.msg} at column {e.colno}): fix or remove the '
-                       f'line') from e
+  for where, record in _json_lines(path, data):
     if not isinstance(record, dict):
-      raise ValueError(f'{path}:{number}: expected a JSON object per line, got {type(record).__name__}')
+      raise ValueError(f'{where}: expected a JSON object per line, got {type(record).__name__}')
     if field not in record:
-      raise ValueError(f'{path}:{number}: no field {field!r} (fields: {", ".join(map(repr, record)) or "none"}): '
+      raise ValueError(f'{where}: no field {field!r} (fields: {", ".join(map(repr, record)) or "none"}): '
                        f'choose one with --field')
-    yield _as_text(record[field], f'{path}:{number}: field {field!r}')
+    yield _as_text(record[field], f'{where}: field {field!r}')
 
 
 def _json_lines(path: str, data: bytes) -> Iterator[tuple[str, dict]]:

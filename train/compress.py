@@ -23,7 +23,6 @@ recipe's mesh. An HF source trains on with TrainConfig's defaults and the calibr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import os
@@ -38,13 +37,9 @@ from flax import nnx
 from models import checkpoint as model_checkpoint
 from models import checkpoint_io, hf, hf_files
 from models.config import ModelConfig
-from parallelism import sharding
 from parallelism.mesh import MeshConfig, make_mesh
-from train import datasets, prune
-from train.checkpoint import Checkpoints
+from train import datasets, from_hf, prune
 from train.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
-from train.optimizer import make_optimizer
-from train.step import TrainState, fresh_state
 
 _SECTIONS = {'mesh': MeshConfig, 'optimizer': OptimizerConfig, 'data': DataConfig,
              'checkpoint': CheckpointConfig}
@@ -170,33 +165,14 @@ def prune_checkpoint(out: str, fractions: prune.KeepFractions, *, checkpoint: st
 
 
 def _write_workdir(out: str, cfg: TrainConfig, params: dict, text: str, mesh) -> None:
-  """TrainState of step 0 with `params`, placed on the recipe's mesh, saved with the data state."""
-  tx = make_optimizer(cfg.optimizer, cfg.steps)
-  abstract = jax.eval_shape(functools.partial(fresh_state, cfg, tx))
-  shardings = sharding.logical_shardings(abstract, mesh)
+  """TrainState of step 0 with `params` (host arrays), placed on `mesh`, saved with the data state."""
   dtype = jnp.dtype(cfg.model.param_dtype)
-  placed = jax.tree.map(
-      lambda host, s: jax.make_array_from_callback(host.shape, s,
-                                                   lambda i, h=host.astype(dtype): h[i]),
-      params, nnx.to_pure_dict(shardings.params))
-  state_params = jax.tree.map(lambda x: x, abstract.params)
-  nnx.replace_by_pure_dict(state_params, placed)
-  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(state_params)
-  state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), state_params,
-                     opt_state)
-  data = datasets.train_batches(cfg, datasets.data_dir(cfg))
-  try:
-    data_state = data.get_state()
-  finally:
-    if hasattr(data, 'close'):
-      data.close()
-  ckpts = Checkpoints(out, cfg.checkpoint, cfg, text)
-  try:
-    ckpts.save(0, state, data_state, wait=True)
-  finally:
-    ckpts.close()
-  with open(os.path.join(out, 'train.gin'), 'w') as f:
-    f.write(text)
+
+  def place(shardings):
+    return jax.tree.map(lambda host, s: jax.make_array_from_callback(
+        host.shape, s, lambda i, h=host.astype(dtype): h[i]), params, nnx.to_pure_dict(shardings))
+
+  from_hf.write_step0(out, cfg, place, text, mesh)
 
 
 def _record(before: ModelConfig, after: ModelConfig, keep: prune.Keep, stats: dict,

@@ -90,7 +90,7 @@ def from_hf(hf_dir: str, workdir: str, cfg: TrainConfig, recipe_files: Sequence[
   """
   _check_new(workdir)
   cfg = dataclasses.replace(cfg, model=model_config(hf_dir, cfg.model))
-  _write_step0(workdir, cfg, lambda shardings: hf_files.load_params(
+  write_step0(workdir, cfg, lambda shardings: hf_files.load_params(
       hf_dir, cfg.model, shardings=nnx.to_pure_dict(shardings))[1],
       train_gin(cfg.model, recipe_files, recipe_params))
   sidecar = os.path.join(workdir, checkpoint_io.HF_SUBDIR)
@@ -120,7 +120,7 @@ def from_peft(peft_dir: str, base: str, workdir: str, cfg: TrainConfig,
   text = train_gin(cfg.model, recipe_files, recipe_params)
   text += ''.join(f'lora.{f.name} = {getattr(cfg.lora, f.name)!r}\n'
                   for f in dataclasses.fields(cfg.lora))
-  _write_step0(workdir, cfg, params, text)
+  write_step0(workdir, cfg, params, text)
   return cfg
 
 
@@ -129,10 +129,11 @@ def _check_new(workdir: str) -> None:
     raise ValueError(f'{workdir} already holds checkpoints; convert into a new workdir.')
 
 
-def _write_step0(workdir: str, cfg: TrainConfig, load_params, text: str) -> None:
-  """Saves the TrainState of step 0 with the params `load_params(shardings)` gives (a nested dict),
-  a fresh optimizer state, the data iterator's initial state and train.gin."""
-  mesh = make_mesh(cfg.mesh)
+def write_step0(workdir: str, cfg: TrainConfig, load_params, text: str, mesh=None) -> None:
+  """Saves the TrainState of step 0 with the params `load_params(shardings)` gives (a nested dict
+  of arrays placed on those shardings), a fresh optimizer state, the data iterator's initial
+  state and train.gin. `mesh` defaults to the recipe's."""
+  mesh = mesh or make_mesh(cfg.mesh)
   tx = make_optimizer(cfg.optimizer, cfg.steps)
   abstract = jax.eval_shape(functools.partial(fresh_state, cfg, tx))
   shardings = sharding.logical_shardings(abstract, mesh)
