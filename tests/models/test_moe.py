@@ -79,6 +79,16 @@ def test_router_and_aux_losses_equal_numpy(router, renormalize):
   np.testing.assert_allclose(moe.router_z_loss(jnp.asarray(logits)), np.mean(lse**2), rtol=RTOL)
 
 
+def test_load_balance_loss_equals_transformers_mixtral_for_one_layer():
+  import torch
+  from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+  logits = np.random.default_rng(4).standard_normal((40, 6)).astype(np.float32)
+  _, experts = moe.route(jnp.asarray(logits), 2, 'topk_softmax', False)
+  expected = float(load_balancing_loss_func((torch.as_tensor(logits),), 6, 2))
+  np.testing.assert_allclose(moe.load_balance_loss(jnp.asarray(logits), experts), expected,
+                             rtol=RTOL)
+
+
 def test_load_balance_loss_is_k_when_balanced():
   T, E, k = 8, 4, 2
   experts = jnp.asarray([[t % E, (t + 1) % E] for t in range(T)])
