@@ -408,8 +408,11 @@ class _Reply:
     try:
       while self.pending:
         try:
-          index, item = await asyncio.wait_for(queue.get(), timeout=1.0)
-        except asyncio.TimeoutError:
+          # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+          # arrives as the item does (bpo-42130), and the Guard cancels this handler on a disconnect.
+          async with asyncio.timeout(1.0):
+            index, item = await queue.get()
+        except TimeoutError:
           if await request.is_disconnected():
             return Response(status_code=499)  # nobody reads it; counted as 'client closed'
           continue
