@@ -165,7 +165,9 @@ def load_checkpoint(path: str, engine_cfg: EngineConfig, *, step: int | None = N
   codec, chat = _codec_and_chat(tokenizer, model_cfg)
   # Through checkpoint_io, which also reads a LoRA run's workdir (its base with the adapters merged).
   _, params = checkpoint_io.read_params(directory, shardings_for=lambda a: shardings(a, mesh))
-  logging.info('Restored %s (%d params) from %s', model_cfg, model_cfg.num_params(), directory)
+  logging.info('Restored %s params (%d layers, width %d, vocabulary %d) from %s',
+               f'{model_cfg.num_params():,}', model_cfg.num_layers, model_cfg.d_model,
+               model_cfg.vocab_size, directory)
   engine = Engine(model_cfg, params, engine_cfg, mesh, detokenize=codec.decode)
   add_adapters(engine, loras)
   if name is None:
