@@ -149,6 +149,16 @@ class PageAllocator:
     self.hash_to_page[block_hash] = page
     return True
 
+  def flush(self) -> int:
+    """Forgets every cached block (new weights make their KV stale): unreferenced cached pages go to the free list,
+    pages in use keep their data but can no longer be matched. Returns the number of pages forgotten."""
+    forgotten = len(self.page_hash)
+    self.free.extend(self.lru)
+    self.lru.clear()
+    self.page_hash.clear()
+    self.hash_to_page.clear()
+    return forgotten
+
   def check(self) -> None:
     """Asserts the invariants in the module docstring; raises AssertionError naming the broken one."""
     free, cached = list(self.free), list(self.lru)

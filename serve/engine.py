@@ -285,7 +285,8 @@ class Engine:
     steps = {T: functools.partial(_step, graphdef, self.backend, mesh, unroll, (T, B, M))
              for T in engine_cfg.buckets()}
     if engine_cfg.weight_dtype == 'int8':
-      params = jax.jit(quant.quantize_params)(params)
+      self._quantize = jax.jit(quant.quantize_params)
+      params = self._quantize(params)
       abstract_params = quant.abstract(abstract_params)
     self.weight_bytes = quant.nbytes(params)
     self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -414,6 +415,26 @@ class Engine:
   @property
   def has_work(self) -> bool:
     return self.scheduler.has_work or self._inflight is not None
+
+  def update_params(self, params: nnx.State | nnx.Module) -> None:
+    """Samples with new weights from the next step on (an RL trainer's, say), and flushes the prefix cache,
+    whose pages hold KV computed with the old ones. The arrays stay on device: each leaf is put where the
+    engine's copy lives, a no-op where the shardings agree and one on-device re-lay where they differ.
+    Between rollouts only: live requests' KV would mix the two weights."""
+    if self.has_work:
+      raise RuntimeError(f'update_params with {len(self._requests)} live requests: their cached KV was '
+                         f'computed with the old weights; finish or abort them first.')
+    if isinstance(params, nnx.Module):
+      params = nnx.state(params)
+    if self.config.weight_dtype == 'int8':
+      params = self._quantize(params)
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), tree)
+    if shapes(params) != shapes(self.params):
+      raise ValueError('update_params: the new params differ in structure, shape or dtype from the '
+                       'engine\'s; pass the state of the same ModelConfig (cast to the engine\'s dtype).')
+    self.params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), params, self.params)
+    self.stats['prefix_flushes'] = self.stats.get('prefix_flushes', 0) + 1
+    self.scheduler.allocator.flush()
 
   # ---- steps.
 
