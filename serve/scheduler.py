@@ -25,6 +25,16 @@ in, commits prefix-cache hashes and ends requests on a stop token or max_tokens.
 max_tokens is not planned again while its last token is a placeholder. `update(plan, sampled)` is advance + resolve:
 the synchronous step. At most one advanced plan is unresolved at a time.
 
+Speculative decoding (serve/speculative.py): `schedule(drafts)` takes draft tokens per request id. A decoding
+request with a draft is planned as its last token followed by up to k draft tokens (ScheduledSeq.num_draft),
+capped by max_tokens (at most max_tokens - outputs - 1 drafts: the verification always adds one token), by the
+budget (one token kept for each decode planned after it) and by the pages the pool can grant without preempting
+anyone (a draft never preempts; it shrinks). `update(plan, sampled)` then takes the verified tokens of such a
+sequence (its accepted drafts and one more) and rolls back: num_computed keeps the keys/values of the last token and
+the accepted drafts only, pages left holding none of them return to the pool, and prefix-cache hashes are committed
+only over verified tokens (a page with a rejected draft token is rewritten later, so it must never be matchable).
+Plans with drafts are synchronous: advance() refuses them.
+
 Request state (`_Request`), explicit: token_ids (prompt + outputs), num_computed (tokens whose keys/values are in
 its pages; the next token to compute is token_ids[num_computed]), prefill_len (tokens to prefill since the last
 admission: decoding once num_computed reaches it), pages, slot, num_committed (leading pages whose block hash is
@@ -109,6 +119,7 @@ class ScheduledSeq:
   start_pos: int
   block_table: tuple[int, ...]  # the sequence's pages only; the engine pads the row with the null page 0
   sample: bool
+  num_draft: int = 0  # the last num_draft of token_ids are draft tokens to verify (speculative decoding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +184,7 @@ class Scheduler:
     self._arrivals = itertools.count()
     self._pending: tuple[StepPlan, dict[str, _Request]] | None = None  # the last non-empty plan, until advance()
     self._advanced: tuple[StepPlan, dict[str, _Request]] | None = None  # advanced, until resolve()
+    self._drafts: Mapping[str, Sequence[int]] = {}  # the draft tokens given to the schedule() in progress
 
   # ---- requests in and out.
 
@@ -266,11 +278,13 @@ class Scheduler:
 
   # ---- planning.
 
-  def schedule(self) -> StepPlan:
-    """Plans the next device step under the configured policy."""
+  def schedule(self, drafts: Mapping[str, Sequence[int]] | None = None) -> StepPlan:
+    """Plans the next device step under the configured policy; `drafts`: draft tokens to verify, by request id
+    (see the module docstring)."""
     if self._pending is not None:
       raise RuntimeError('schedule() called twice without update() or advance(): pass each non-empty plan to '
                          'update() (or advance()) before planning the next step.')
+    self._drafts = drafts or {}
     step = _Step(self.config.token_budget)
     policy = self.config.policy
     if policy == Policy.CHUNKED:
@@ -287,20 +301,34 @@ class Scheduler:
         self._admit_batch()
       self._plan_decodes(step)
       self._plan_prefills(step)
+    self._drafts = {}
     plan = StepPlan(tuple(step.seqs), tuple(step.preempted))
     if plan.seqs:
       self._pending = plan, {s.request_id: self._requests[s.request_id] for s in plan.seqs}
     return plan
 
   def _plan_decodes(self, step: _Step) -> None:
+    ready = lambda r: (r.slot is not None and r.decoding and not r.done and r.request_id not in step.scheduled)
+    later = sum(map(ready, self._running)) if self._drafts else 0  # decodes still to plan, one token each
     for request in list(self._running):
       if step.budget == 0:
         break
-      if (request.slot is None or not request.decoding or request.done
-          or request.request_id in step.scheduled):
+      if not ready(request):
         continue
-      if self._grow(request, 1, step, shrink=False):
-        self._emit(request, 1, step)
+      later -= 1
+      draft = self._draft(request, step, max(later, 0)) if self._drafts else ()
+      if self._grow(request, 1 + len(draft), step, shrink=False):
+        self._emit(request, 1 + len(draft), step, draft)
+
+  def _draft(self, request: _Request, step: _Step, reserve: int) -> tuple[int, ...]:
+    """The request's draft tokens, capped by max_tokens, the budget less `reserve` and the pages grantable now."""
+    draft = self._drafts.get(request.request_id, ())
+    if not draft or request.token_ids[-1] == PLACEHOLDER:
+      return ()
+    room = (len(request.pages) + self.allocator.num_available) * self.config.page_size - request.num_computed - 1
+    outputs = len(request.token_ids) - request.num_prompt
+    cap = min(len(draft), request.max_tokens - outputs - 1, step.budget - 1 - reserve, room)
+    return tuple(int(t) for t in draft[:max(cap, 0)])
 
   def _plan_prefills(self, step: _Step) -> None:
     for request in list(self._running):
@@ -346,14 +374,15 @@ class Scheduler:
         return other
     return None
 
-  def _emit(self, request: _Request, num_tokens: int, step: _Step) -> None:
+  def _emit(self, request: _Request, num_tokens: int, step: _Step, draft: tuple[int, ...] = ()) -> None:
     start = request.num_computed
     request.num_computed += num_tokens
     step.budget -= num_tokens
     step.scheduled.add(request.request_id)
+    own = num_tokens - len(draft)
     step.seqs.append(ScheduledSeq(
-        request.request_id, request.slot, tuple(request.token_ids[start:start + num_tokens]), start,
-        tuple(request.pages), sample=request.num_computed == len(request.token_ids)))
+        request.request_id, request.slot, tuple(request.token_ids[start:start + own]) + draft, start,
+        tuple(request.pages), sample=start + own == len(request.token_ids), num_draft=len(draft)))
 
   def _preempt(self, request: _Request, step: _Step) -> None:
     self._running.remove(request)
@@ -437,16 +466,23 @@ class Scheduler:
   def update(self, plan: StepPlan, sampled: Mapping[str, int]) -> list[Finished]:
     """Applies a step's results: commits the prefix-cache hashes of pages filled by the step, appends each sampled
     token, and ends requests on a stop token or max_tokens. Requests aborted or finished since `schedule()` are
-    skipped. Returns the requests that finished."""
+    skipped. Returns the requests that finished. A sequence with drafts takes its verified tokens (a sequence:
+    accepted drafts, then one more) and is rolled back to them (module docstring)."""
     if not plan.seqs:
       return []
     self._check_sampled(plan, self._take_pending(plan, 'update'), sampled)
-    self.advance(plan)
+    self._advance(plan)
     return self.resolve(plan, sampled)
 
   def advance(self, plan: StepPlan) -> None:
     """Applies a dispatched step before its tokens are known: PLACEHOLDER for each token it samples. The next step
     may then be planned; resolve(plan, sampled) must follow before the one after it."""
+    if any(s.num_draft for s in plan.seqs):
+      raise ValueError('advance() got a plan with draft tokens: how many are accepted is known only with the '
+                       'results; apply it with update(plan, sampled).')
+    self._advance(plan)
+
+  def _advance(self, plan: StepPlan) -> None:
     if not plan.seqs:
       return
     if self._advanced is not None:
@@ -473,7 +509,11 @@ class Scheduler:
     for seq, request in live:
       if seq.sample:
         index = len(request.token_ids) - 1 - request.token_ids[::-1].index(PLACEHOLDER)
-        request.token_ids[index] = int(sampled[seq.request_id])
+        got = sampled[seq.request_id]
+        if seq.num_draft:
+          index = self._verified(seq, request, index, got)
+        else:
+          request.token_ids[index] = int(got[0] if isinstance(got, (tuple, list)) else got)
       if self.config.prefix_caching:
         full = request.num_computed // G
         if full > request.num_committed:
@@ -488,6 +528,24 @@ class Scheduler:
       if token in request.stop_token_ids or request.done:
         finished.append(self.finish(request.request_id, 'stop' if token in request.stop_token_ids else 'length'))
     return finished
+
+  def _verified(self, seq: ScheduledSeq, request: _Request, index: int, tokens) -> int:
+    """Puts a verified draft's tokens in place (cut after a stop token or at max_tokens), rolls num_computed and
+    the pages back to them, and returns the index of the last one."""
+    tokens = _verified_tokens(seq, tokens)
+    kept = []
+    for token in tokens:
+      kept.append(token)
+      if token in request.stop_token_ids or len(request.token_ids) - request.num_prompt + len(kept) - 1 >= (
+          request.max_tokens):
+        break
+    request.token_ids[index:] = kept
+    request.num_computed = seq.start_pos + len(kept)  # the last token's and the accepted drafts' keys/values
+    need = -(-request.num_computed // self.config.page_size)
+    if len(request.pages) > need:
+      extra, request.pages = request.pages[need:], request.pages[:need]
+      self.allocator.release(reversed(extra))
+    return len(request.token_ids) - 1
 
   def _take_pending(self, plan: StepPlan, caller: str) -> dict[str, _Request]:
     if self._pending is None or self._pending[0] != plan:
@@ -505,7 +563,19 @@ class Scheduler:
     if missing:  # checked before any change, so the caller can retry with the full mapping
       raise ValueError(f'no sampled token for requests {missing}, whose ScheduledSeqs have sample=True; pass one '
                        f'token for every such sequence.')
+    for s, _ in live:
+      if s.num_draft:
+        _verified_tokens(s, sampled[s.request_id])
     return live
+
+
+def _verified_tokens(seq: ScheduledSeq, tokens) -> list[int]:
+  """A drafted sequence's verified tokens as a list; ValueError unless they are accepted drafts and one more."""
+  tokens = [int(t) for t in (tokens if isinstance(tokens, (tuple, list)) else (tokens,))]
+  if not 1 <= len(tokens) <= seq.num_draft + 1 or tokens[:-1] != list(seq.token_ids[1:len(tokens)]):
+    raise ValueError(f'request {seq.request_id!r}: verified tokens {tokens} are not accepted drafts of '
+                     f'{seq.token_ids[1:]} followed by one token; pass 1 to num_draft + 1 tokens.')
+  return tokens
 
 
 @dataclasses.dataclass
