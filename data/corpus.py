@@ -18,7 +18,7 @@ import os
 import platform
 import sys
 import sysconfig
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,52 +36,76 @@ def _progress(iterable, **kwargs):
   return tqdm.tqdm(iterable, disable=not sys.stderr.isatty(), **kwargs)
 
 
+class SourceFile(NamedTuple):
+  """One file of a source: `path` to open, `name` in the manifest's fingerprint, `format` its reader."""
+
+  path: str
+  name: str
+  format: str  # a _READERS key, or STDLIB (UTF-8 text; a file that is not is skipped, not an error)
+
+
 def read_source(source: str, fmt: str = 'auto', field: str = 'text',
                 limit_files: int | None = None) -> tuple[list[str], dict]:
   """Reads every document of `source` ('stdlib', a file, a directory or a glob), in order.
 
   Returns the documents' texts and the manifest's description of the source.
   """
+  texts, reads = [], []
+  for file in _progress(source_files(source, fmt, limit_files), desc='read', unit='file'):
+    file_texts, read = read_file(file, field)
+    texts.extend(file_texts)
+    reads.append(read)
+  return texts, describe(source, fmt, field, limit_files, reads)
+
+
+def source_files(source: str, fmt: str = 'auto', limit_files: int | None = None) -> list[SourceFile]:
+  """The files of `source`, in reading order (the order of the documents)."""
   if fmt not in FORMATS:
     raise ValueError(f'unknown --format {fmt!r}: choose one of {", ".join(FORMATS)}')
   if source == STDLIB:
-    return _read_stdlib(limit_files)
-  paths = _expand(source, fmt)[:limit_files]
-  texts, digest, total_bytes = [], hashlib.sha256(), 0
-  for path in _progress(paths, desc='read', unit='file'):
-    data = _read_bytes(path)
-    total_bytes += len(data)
-    digest.update(f'{path}\0{len(data)}\0'.encode() + data)
-    file_format = fmt if fmt != 'auto' else EXTENSIONS[os.path.splitext(path)[1].lower()]
-    texts.extend(_READERS[file_format](path, data, field))
-  info = {'kind': 'files', 'pattern': source, 'format': fmt, 'field': field, 'files': len(paths),
-          'bytes': total_bytes, 'sha256': digest.hexdigest()}
-  return texts, info
+    root = sysconfig.get_paths()['stdlib']
+    paths = []
+    for directory, dirs, names in os.walk(root):
+      dirs[:] = sorted(d for d in dirs if d not in _STDLIB_EXCLUDED_DIRS)
+      paths += [os.path.relpath(os.path.join(directory, n), root) for n in names if n.endswith('.py')]
+    if not paths:
+      raise FileNotFoundError(f'no *.py files under the standard library at {root}: pass --source PATH instead')
+    paths = sorted(p.replace(os.sep, '/') for p in paths)[:limit_files]
+    return [SourceFile(os.path.join(root, rel), rel, STDLIB) for rel in paths]
+  return [SourceFile(path, path, fmt if fmt != 'auto' else EXTENSIONS[os.path.splitext(path)[1].lower()])
+          for path in _expand(source, fmt)[:limit_files]]
 
 
-def _read_stdlib(limit_files: int | None) -> tuple[list[str], dict]:
-  root = sysconfig.get_paths()['stdlib']
-  paths = []
-  for directory, dirs, names in os.walk(root):
-    dirs[:] = sorted(d for d in dirs if d not in _STDLIB_EXCLUDED_DIRS)
-    paths += [os.path.relpath(os.path.join(directory, n), root) for n in names if n.endswith('.py')]
-  paths = sorted(p.replace(os.sep, '/') for p in paths)[:limit_files]
-  texts, skipped, digest, total_bytes = [], [], hashlib.sha256(), 0
-  for rel in _progress(paths, desc='read stdlib', unit='file'):
-    data = _read_bytes(os.path.join(root, rel))
-    try:
-      text = data.decode('utf-8')
-    except UnicodeDecodeError as e:
-      skipped.append({'path': rel, 'reason': f'not UTF-8 (byte {e.start})'})
-      continue
-    total_bytes += len(data)
-    digest.update(f'{rel}\0{len(data)}\0'.encode() + data)
-    texts.append(text)
-  if not paths:
-    raise FileNotFoundError(f'no *.py files under the standard library at {root}: pass --source PATH instead')
-  info = {'kind': STDLIB, 'python': platform.python_version(), 'root': root, 'limit_files': limit_files,
-          'files': len(texts), 'bytes': total_bytes, 'sha256': digest.hexdigest(), 'skipped': skipped}
-  return texts, info
+def read_file(file: SourceFile, field: str = 'text') -> tuple[list[str], dict]:
+  """The documents of one file, and what `describe` needs of it: its name, size and sha256, or why it was
+  skipped (a standard-library file that is not UTF-8)."""
+  data = _read_bytes(file.path)
+  read = {'name': file.name, 'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+  if file.format != STDLIB:
+    return list(_READERS[file.format](file.path, data, field)), read
+  try:
+    return [data.decode('utf-8')], read
+  except UnicodeDecodeError as e:
+    return [], {'name': file.name, 'skipped': f'not UTF-8 (byte {e.start})'}
+
+
+def describe(source: str, fmt: str, field: str, limit_files: int | None, reads: list[dict]) -> dict:
+  """The manifest's description of a source from `read_file`'s records, in reading order.
+
+  Its sha256 is over each file's name, size and sha256, so that files read in parallel give the same one.
+  """
+  digest, total_bytes = hashlib.sha256(), 0
+  for read in reads:
+    if 'skipped' not in read:
+      total_bytes += read['bytes']
+      digest.update(f'{read["name"]}\0{read["bytes"]}\0{read["sha256"]}\n'.encode())
+  if source != STDLIB:
+    return {'kind': 'files', 'pattern': source, 'format': fmt, 'field': field, 'files': len(reads),
+            'bytes': total_bytes, 'sha256': digest.hexdigest()}
+  skipped = [{'path': r['name'], 'reason': r['skipped']} for r in reads if 'skipped' in r]
+  return {'kind': STDLIB, 'python': platform.python_version(), 'root': sysconfig.get_paths()['stdlib'],
+          'limit_files': limit_files, 'files': len(reads) - len(skipped), 'bytes': total_bytes,
+          'sha256': digest.hexdigest(), 'skipped': skipped}
 
 
 def _expand(source: str, fmt: str) -> list[str]:

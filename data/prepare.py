@@ -9,9 +9,11 @@ Output directory (the contract the Grain pipeline reads):
 
 Steps: read (`corpus.py`) -> clean (line ends to \\n, control characters but \\n and \\t stripped, Unicode NFC)
 -> length filters -> drop exact duplicates (sha256 of the cleaned text; the first one stays) -> split by document
--> train or load the tokenizer (`tokenizer.py`; trained on the train split only) -> encode -> shards (`shards.py`).
-`doc_id` is a document's index among the kept documents. Everything is written to `OUT.tmp-<pid>` and renamed to
-OUT at the end, so an OUT with a manifest.json is always complete; the same inputs give byte-identical files.
+-> train or load the tokenizer (`tokenizer.py`; trained on the train split only, or on --tokenizer-sample of its
+documents) -> encode -> shards (`shards.py`). `doc_id` is a document's index among the kept documents. Everything is
+written to `OUT.tmp-<pid>` and renamed to OUT at the end, so an OUT with a manifest.json is always complete; the
+same inputs give byte-identical files. `--runner beam` runs the same stages, these functions, as an Apache Beam
+pipeline (`beam.py`) and writes the same bytes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from data import tokenizer as tok
 FORMAT, MANIFEST = shards.FORMAT, shards.MANIFEST
 TOKENIZER = 'tokenizer.json'
 SPLITS = ('train', 'validation')
+TOKENIZER_SALT = b'tokenizer'
 _CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]')  # C0/C1 controls but \t and \n; the BOM
 
 
@@ -49,6 +52,7 @@ class PrepareConfig:
   tokenizer: str | None = None
   train_tokenizer: bool = False
   vocab_size: int = 4096
+  tokenizer_sample: int | None = None
   max_vocab: int | None = None
   eos_token: str | None = None
   min_chars: int = 1
@@ -65,9 +69,12 @@ class PrepareConfig:
     if bool(self.tokenizer) == self.train_tokenizer:
       raise ValueError('give exactly one of --tokenizer PATH (load a tokenizer.json) and --train-tokenizer '
                        '(train a byte-level BPE of --vocab-size entries)')
-    for name in ('shard_max_tokens', 'row_group_size', 'vocab_size'):
-      if getattr(self, name) < 1:
+    for name in ('shard_max_tokens', 'row_group_size', 'vocab_size', 'tokenizer_sample'):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f'--{name.replace("_", "-")} must be positive, got {getattr(self, name)}')
+    if self.tokenizer_sample is not None and self.tokenizer:
+      raise ValueError('--tokenizer-sample picks the documents a BPE is trained on: drop it, or use '
+                       '--train-tokenizer instead of --tokenizer')
     if self.limit_files is not None and self.limit_files < 1:
       raise ValueError(f'--limit-files must be positive, got {self.limit_files}')
     if self.min_chars < 0 or (self.max_chars is not None and self.max_chars < max(self.min_chars, 1)):
@@ -105,6 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--train-tokenizer', action='store_true',
                  help='Train a byte-level BPE on the train split instead, saved as <out>/tokenizer.json.')
   p.add_argument('--vocab-size', type=int, default=4096, help='Vocabulary of the trained BPE (default 4096).')
+  p.add_argument('--tokenizer-sample', type=int, default=None,
+                 help='Train the BPE on at most N train documents (default: all): those first by '
+                      'sha256("tokenizer", seed, content), in document order; the same with --runner beam.')
   p.add_argument('--max-vocab', type=int, default=None,
                  help="Fail if the tokenizer's vocabulary exceeds this (the model's vocab_size).")
   p.add_argument('--eos-token', default=None,
@@ -136,6 +146,16 @@ def clean(text: str) -> str:
   return unicodedata.normalize('NFC', text)
 
 
+def within_bounds(text: str, min_chars: int = 1, max_chars: int | None = None) -> bool:
+  """Whether a cleaned text passes the length filters (an empty document never does)."""
+  return len(text) >= max(min_chars, 1) and (max_chars is None or len(text) <= max_chars)
+
+
+def content_digest(text: str) -> bytes:
+  """The sha256 of a cleaned text: what exact deduplication compares."""
+  return hashlib.sha256(text.encode('utf-8')).digest()
+
+
 def dedup_and_filter(texts: Sequence[str], min_chars: int = 1,
                      max_chars: int | None = None) -> tuple[list[str], list[bytes], dict]:
   """Cleans `texts`, drops those outside the length bounds, then all but the first of exact duplicates.
@@ -145,10 +165,10 @@ def dedup_and_filter(texts: Sequence[str], min_chars: int = 1,
   seen, kept, digests, duplicates, filtered = set(), [], [], 0, 0
   for text in texts:
     text = clean(text)
-    if len(text) < max(min_chars, 1) or (max_chars is not None and len(text) > max_chars):
-      filtered += 1  # an empty document is always dropped
+    if not within_bounds(text, min_chars, max_chars):
+      filtered += 1
       continue
-    digest = hashlib.sha256(text.encode('utf-8')).digest()
+    digest = content_digest(text)
     if digest in seen:
       duplicates += 1
       continue
@@ -165,14 +185,45 @@ def split_validation(digests: Sequence[bytes], fraction: float, seed: int) -> li
   Documents are ranked by sha256(seed, content digest); the first round(fraction * n) go to validation (at least
   one when fraction > 0 and n >= 2, and never all). A document's rank depends only on its content and the seed.
   """
-  n = len(digests)
-  n_val = 0
-  if fraction > 0 and n >= 2:
-    n_val = min(max(1, round(fraction * n)), n - 1)
-  seed_bytes = seed.to_bytes(8, 'little', signed=True)
-  ranked = sorted(range(n), key=lambda i: hashlib.sha256(seed_bytes + digests[i]).digest())
-  chosen = set(ranked[:n_val])
-  return [i in chosen for i in range(n)]
+  ranked = sorted(range(len(digests)), key=lambda i: rank_key(digests[i], seed))
+  chosen = set(ranked[:validation_count(len(digests), fraction)])
+  return [i in chosen for i in range(len(digests))]
+
+
+def validation_count(n: int, fraction: float) -> int:
+  """How many of `n` documents go to validation: round(fraction * n), at least 1 if fraction > 0 and n >= 2,
+  never all."""
+  return min(max(1, round(fraction * n)), n - 1) if fraction > 0 and n >= 2 else 0
+
+
+def rank_key(digest: bytes, seed: int, salt: bytes = b'') -> bytes:
+  """A document's place in a seeded random order: sha256(salt, seed, content digest)."""
+  return hashlib.sha256(salt + seed.to_bytes(8, 'little', signed=True) + digest).digest()
+
+
+def tokenizer_sample(train_ids: Sequence[int], digests: Sequence[bytes], cap: int | None, seed: int) -> list[int]:
+  """The train documents a BPE is trained on, in document order: all of them, or the `cap` first by
+  rank_key(digest, seed, TOKENIZER_SALT)."""
+  if cap is None or len(train_ids) <= cap:
+    return list(train_ids)
+  return sorted(sorted(train_ids, key=lambda i: rank_key(digests[i], seed, TOKENIZER_SALT))[:cap])
+
+
+def load_tokenizer(cfg: PrepareConfig):
+  """The --tokenizer given (None when one is to be trained), its vocabulary checked against --max-vocab."""
+  if not cfg.tokenizer:
+    tok.check_vocab_size(cfg.vocab_size, cfg.max_vocab)
+    return None
+  loaded = tok.load(cfg.tokenizer)
+  tok.check_vocab_size(tok.vocab_size(loaded), cfg.max_vocab)
+  return loaded
+
+
+def check_not_empty(cfg: PrepareConfig, counts: dict) -> None:
+  if not counts['kept']:
+    raise ValueError(f'empty corpus: {counts["read"]} documents read from {cfg.source!r}, {counts["duplicates"]} '
+                     f'duplicates, {counts["filtered"]} outside --min-chars {cfg.min_chars} / --max-chars '
+                     f'{cfg.max_chars}: check --source/--field, or widen the length filters')
 
 
 def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> dict:
@@ -182,20 +233,11 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
   command rebuilt from `cfg`.
   """
   _check_out(out, cfg.overwrite)
-  loaded = None
-  if cfg.tokenizer:
-    loaded = tok.load(cfg.tokenizer)
-    tok.check_vocab_size(tok.vocab_size(loaded), cfg.max_vocab)
-  else:
-    tok.check_vocab_size(cfg.vocab_size, cfg.max_vocab)
-
+  loaded = load_tokenizer(cfg)
   raw, source_info = corpus.read_source(cfg.source, cfg.format, cfg.field, cfg.limit_files)
   texts, digests, counts = dedup_and_filter(raw, cfg.min_chars, cfg.max_chars)
   del raw
-  if not texts:
-    raise ValueError(f'empty corpus: {counts["read"]} documents read from {cfg.source!r}, {counts["duplicates"]} '
-                     f'duplicates, {counts["filtered"]} outside --min-chars {cfg.min_chars} / --max-chars '
-                     f'{cfg.max_chars}: check --source/--field, or widen the length filters')
+  check_not_empty(cfg, counts)
   in_validation = split_validation(digests, cfg.validation_fraction, cfg.seed)
   members = {'train': [i for i, v in enumerate(in_validation) if not v],
              'validation': [i for i, v in enumerate(in_validation) if v]}
@@ -206,7 +248,8 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
                                                     if cfg.tokenizer else None))
     records = [json.loads(t) for t in texts]
   corpus_texts = texts if template is None else [_rendered(template, r, cfg.format) for r in records]
-  tokenizer = loaded or tok.train_bpe([corpus_texts[i] for i in members['train']], cfg.vocab_size)
+  tokenizer = loaded or tok.train_bpe([corpus_texts[i] for i in tokenizer_sample(
+      members['train'], digests, cfg.tokenizer_sample, cfg.seed)], cfg.vocab_size)
   vocab = tok.vocab_size(tokenizer)
   tok.check_vocab_size(vocab, cfg.max_vocab)
   eos_token, eos_id = tok.eos(tokenizer, cfg.eos_token)
@@ -219,50 +262,76 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
     members = {split: [2 * i + k for i in ids for k in (0, 1)] for split, ids in members.items()}
     docs = [d for pair in docs for d in pair]
 
-  tmp = f'{os.path.normpath(out)}.tmp-{os.getpid()}'
-  os.makedirs(tmp)
+  tmp = make_tmp(out)
   try:
-    if loaded is not None:
-      shutil.copyfile(tok.load_path(cfg.tokenizer), os.path.join(tmp, TOKENIZER))
-    else:
-      with open(os.path.join(tmp, TOKENIZER), 'w', encoding='utf-8') as f:
-        f.write(tokenizer.to_str(pretty=True))
+    save_tokenizer(tmp, cfg, tokenizer)
     splits = {}
     for split in SPLITS:
       ids = members[split]
       written = shards.write_split(tmp, split, [docs[i] for i in ids], ids, max_tokens=cfg.shard_max_tokens,
                                    row_group_size=cfg.row_group_size, output_format=cfg.output_format)
       splits[split] = {'documents': len(ids), 'tokens': sum(s['tokens'] for s in written), 'shards': written}
-    manifest = {
-        'format': FORMAT,
-        'command': recorded_command(argv if argv is not None else _argv_from_config(cfg, out), out),
-        'source': source_info,
-        'tokenizer': {'path': TOKENIZER, 'vocab_size': vocab, 'sha256': shards.sha256_file(
-            os.path.join(tmp, TOKENIZER)), 'trained': loaded is None, 'eos_token': eos_token},
-        'eos_id': eos_id,
-        'documents': counts,
-        'cleaning': {'normalization': 'NFC', 'min_chars': cfg.min_chars, 'max_chars': cfg.max_chars,
-                     'dedup': 'sha256 of the cleaned text'},
-        'splits': splits,
-        'validation_fraction': cfg.validation_fraction,
-        'seed': cfg.seed,
-        'output_format': cfg.output_format,
-        'shard_max_tokens': cfg.shard_max_tokens,
-        'row_group_size': cfg.row_group_size,
-    }
+    manifest = build_manifest(cfg, out, argv, tmp, source_info, counts, splits, vocab, eos_token, eos_id)
     if template is not None:  # tokens the loss skips are stored as -1 - id (data/chat.py)
       manifest['chat'] = {'template': 'default' if template.is_default else 'tokenizer_config.json',
                           'train_on': cfg.train_on, 'skipped_tokens': 'stored as -1 - id'}
     if cfg.format == 'preference':
       manifest['preference'] = {'pairs': {k: v['documents'] // 2 for k, v in splits.items()},
                                 'layout': 'document 2i: prompt + chosen; 2i + 1: prompt + rejected'}
-    with open(os.path.join(tmp, MANIFEST), 'w', encoding='utf-8') as f:
-      f.write(json.dumps(manifest, sort_keys=True, indent=2) + '\n')
-    _replace(tmp, out)
+    finish(tmp, out, manifest)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return manifest
+
+
+def make_tmp(out: str) -> str:
+  """The directory the output is written to before `finish` renames it to `out`."""
+  tmp = f'{os.path.normpath(out)}.tmp-{os.getpid()}'
+  os.makedirs(tmp)
+  return tmp
+
+
+def save_tokenizer(tmp: str, cfg: PrepareConfig, tokenizer) -> None:
+  """tokenizer.json: the --tokenizer file copied as it is, or the trained one."""
+  if cfg.tokenizer:
+    shutil.copyfile(tok.load_path(cfg.tokenizer), os.path.join(tmp, TOKENIZER))
+  else:
+    with open(os.path.join(tmp, TOKENIZER), 'w', encoding='utf-8') as f:
+      f.write(tokenizer.to_str(pretty=True))
+
+
+def build_manifest(cfg: PrepareConfig, out: str, argv: Sequence[str] | None, tmp: str, source_info: dict,
+                   counts: dict, splits: dict, vocab: int, eos_token: str, eos_id: int) -> dict:
+  """manifest.json for the files written under `tmp` (the chat and preference keys aside)."""
+  manifest = {
+      'format': FORMAT,
+      'command': recorded_command(argv if argv is not None else _argv_from_config(cfg, out), out),
+      'source': source_info,
+      'tokenizer': {'path': TOKENIZER, 'vocab_size': vocab, 'sha256': shards.sha256_file(
+          os.path.join(tmp, TOKENIZER)), 'trained': not cfg.tokenizer, 'eos_token': eos_token},
+      'eos_id': eos_id,
+      'documents': counts,
+      'cleaning': {'normalization': 'NFC', 'min_chars': cfg.min_chars, 'max_chars': cfg.max_chars,
+                   'dedup': 'sha256 of the cleaned text'},
+      'splits': splits,
+      'validation_fraction': cfg.validation_fraction,
+      'seed': cfg.seed,
+      'output_format': cfg.output_format,
+      'shard_max_tokens': cfg.shard_max_tokens,
+      'row_group_size': cfg.row_group_size,
+  }
+  if cfg.tokenizer_sample is not None and not cfg.tokenizer:
+    manifest['tokenizer']['sample'] = {'documents': cfg.tokenizer_sample,
+                                       'rule': 'first by sha256("tokenizer", seed, content), in document order'}
+  return manifest
+
+
+def finish(tmp: str, out: str, manifest: dict) -> None:
+  """Writes manifest.json last, then moves `tmp` to `out`."""
+  with open(os.path.join(tmp, MANIFEST), 'w', encoding='utf-8') as f:
+    f.write(json.dumps(manifest, sort_keys=True, indent=2) + '\n')
+  _replace(tmp, out)
 
 
 def _rendered(template, record, fmt: str) -> str:

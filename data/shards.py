@@ -49,16 +49,20 @@ def write_split(directory: str, split: str, docs: Sequence[np.ndarray], doc_ids:
     raise ValueError(f'unknown --output-format {output_format!r}: choose one of {", ".join(OUTPUT_FORMATS)}')
   os.makedirs(os.path.join(directory, split))
   ranges = plan_shards([len(d) for d in docs], max_tokens)
-  shards = []
-  for index, (start, end) in enumerate(tqdm.tqdm(ranges, desc=f'write {split}', unit='shard',
-                                                 disable=not sys.stderr.isatty())):
-    rel = f'{split}/shard-{index:05d}-of-{len(ranges):05d}.parquet'
-    path = os.path.join(directory, rel)
-    entry = {'path': rel, 'rows': end - start, 'tokens': int(sum(len(d) for d in docs[start:end]))}
-    entry['row_groups'] = _write_parquet(path, docs[start:end], doc_ids[start:end], row_group_size)
-    entry['sha256'] = sha256_file(path)
-    shards.append(entry)
-  return shards
+  return [write_shard(directory, split, index, len(ranges), docs[start:end], doc_ids[start:end], row_group_size)
+          for index, (start, end) in enumerate(tqdm.tqdm(ranges, desc=f'write {split}', unit='shard',
+                                                         disable=not sys.stderr.isatty()))]
+
+
+def write_shard(directory: str, split: str, index: int, num_shards: int, docs: Sequence[np.ndarray],
+                doc_ids: Sequence[int], row_group_size: int) -> dict:
+  """Writes shard `index` of `num_shards` of a split (its directory exists); returns its manifest entry."""
+  rel = f'{split}/shard-{index:05d}-of-{num_shards:05d}.parquet'
+  path = os.path.join(directory, rel)
+  entry = {'path': rel, 'rows': len(docs), 'tokens': int(sum(len(d) for d in docs))}
+  entry['row_groups'] = _write_parquet(path, docs, doc_ids, row_group_size)
+  entry['sha256'] = sha256_file(path)
+  return entry
 
 
 def _write_parquet(path: str, docs: Sequence[np.ndarray], doc_ids: Sequence[int], row_group_size: int) -> int:
