@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+import storage
+
 # Stoker's own code: records whose source file is in one of these directories (or cli.py).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OWN = tuple(os.path.join(_ROOT, p) for p in (
@@ -53,6 +55,7 @@ def process_log_file(directory: str, name: str = 'stoker') -> str:
   """<directory>/<name>.log, or <name>.process-<i>.log in process i > 0 of a multi-process job
   (parallelism/distributed.py's STOKER_PROCESS_ID, known before JAX starts)."""
   process = os.environ.get('STOKER_PROCESS_ID', '0')
+  directory = storage.local_mirror(directory)  # a bucket workdir: the log stays on this host (storage/)
   suffix = '' if process in ('', '0') else f'.process-{process}'
   return os.path.join(directory, f'{name}{suffix}.log')
 
