@@ -191,6 +191,8 @@ COMMANDS = {
               lambda args, argv: importlib.import_module('train.compress').command(args, argv)),
     'distill': ('Train a student workdir by distillation from a teacher.', 'train.distill',
                 lambda args, argv: importlib.import_module('train.distill').command(args, _run_training)),
+    'rl': ('GRPO with the serving engine in the loop: sample, score with rewards, step, swap weights.',
+           'rl.command', lambda args, argv: importlib.import_module('rl.command').command(args, argv)),
 }
 
 
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args = parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
   from parallelism import logs  # no JAX
-  workdir = {'train': 'workdir', 'quickstart': 'workdir', 'distill': 'student'}.get(args.command)  # log there
+  workdir = {'train': 'workdir', 'quickstart': 'workdir', 'distill': 'student', 'rl': 'workdir'}.get(
+      args.command)  # log there
   log_file = logs.process_log_file(getattr(args, workdir)) if workdir else getattr(args, 'log_file', None)
   logs.setup(log_file and os.path.expanduser(log_file), getattr(args, 'verbose', False))
   if args.host_devices is None:  # a step on one of 8 host devices took 30 ms where it took 23 ms on 1 of 1

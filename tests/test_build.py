@@ -22,7 +22,7 @@ TEST_HELPERS = 'tests'  # the py_library of conftest.py and test helpers; every 
 
 # DESIGN.md, "Layering": a library depends only on libraries of a lower layer, so train and serve never on each other.
 LAYERS = {'storage': 0, 'models': 1, 'data': 1, 'parallelism': 2, 'train': 3, 'serve': 3, 'configs': 4, 'deploy': 5,
-          'cli': 6}
+          'rl': 5, 'cli': 6}
 
 _SKIP_DIRS = {'__pycache__', 'build', 'dist', 'node_modules', 'runs'}
 

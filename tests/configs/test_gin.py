@@ -17,7 +17,11 @@ from train.step import fresh_state
 
 @pytest.mark.parametrize('path', configs.all_gin_files(), ids=lambda p: p.split('configs/')[-1])
 def test_every_gin_file_parses(path):
-  cfg = configs.load_train_config([path])
+  if '/rl/' in path:  # `stoker rl` recipes bind rl.* (rl/config.py)
+    from rl.config import load_rl_config  # pylint: disable=g-import-not-at-top
+    cfg = load_rl_config([path])
+  else:
+    cfg = configs.load_train_config([path])
   assert cfg.steps > 0 and cfg.model.num_layers > 0
 
 
