@@ -9,7 +9,9 @@
   config  the TrainConfig, the model config and the operative gin config, as JSON.
 Orbax writes each step into a temporary directory and renames it when every item is complete,
 so a save cut short (even by SIGKILL) leaves nothing a restore would pick up; leftover temporary
-directories are removed when the manager next opens.
+directories are removed when the manager next opens. A bucket workdir (gs://, s3://; storage/) has no
+atomic rename: there Orbax writes the step in place and its commit marker (commit_success.txt) last,
+and a step without the marker is not a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,19 +19,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from data.checkpoint import PipelineRestore, PipelineSave
+import storage
 from models.config import ModelConfig
 from train.config import CheckpointConfig, TrainConfig
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return storage.join(storage.absolute(workdir), 'checkpoints')
+
+
+def manager_options(workdir: str, **kwargs) -> ocp.CheckpointManagerOptions:
+  """Orbax options for `workdir`: in a bucket, the commit-file protocol (buckets have no rename)."""
+  if storage.is_bucket(workdir):
+    storage.configure_tensorstore()
+    kwargs['atomicity_options'] = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+  return ocp.CheckpointManagerOptions(**kwargs)
 
 
 class Checkpoints:
@@ -42,8 +52,8 @@ class Checkpoints:
     self._model = json.loads(json.dumps(dataclasses.asdict(train_cfg.model), default=str))
     self.manager = ocp.CheckpointManager(
         checkpoint_dir(workdir),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
+        options=manager_options(
+            workdir, max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
             cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
@@ -69,7 +79,7 @@ class Checkpoints:
     """
     self._check_model(step)
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    has_data = os.path.isdir(os.path.join(self._step_dir(step), 'data'))
+    has_data = storage.isdir(storage.join(self._step_dir(step), 'data'))
     wants_data = data_iterator is not None and hasattr(data_iterator, 'set_state')
     if has_data and wants_data:
       items['data'] = PipelineRestore(data_iterator)
@@ -82,11 +92,10 @@ class Checkpoints:
 
   def _check_model(self, step: int) -> None:
     """Restoring another model's arrays would fail deep inside Orbax; say what differs instead."""
-    path = os.path.join(self._step_dir(step), 'config', 'metadata')
-    if not os.path.exists(path):
+    path = storage.join(self._step_dir(step), 'config', 'metadata')
+    if not storage.exists(path):
       return
-    with open(path) as f:
-      saved = json.load(f)['train']['model']
+    saved = json.loads(storage.read_text(path))['train']['model']
     saved = json.loads(json.dumps(saved, default=str))
     # A field added to ModelConfig after the save is absent from it: the save had its default.
     defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(ModelConfig)
@@ -100,7 +109,7 @@ class Checkpoints:
           '. Use a new workdir, or the saved model config.')
 
   def _step_dir(self, step: int) -> str:
-    return os.path.join(str(self.manager.directory), str(step))
+    return storage.join(str(self.manager.directory), str(step))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -113,7 +122,7 @@ def restore_arrays(workdir: str, step: int | None = None) -> tuple[int, Any]:
   """(step, the saved TrainState as a tree of numpy arrays), for tests and tools."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir),
                                   item_handlers={'state': ocp.StandardCheckpointHandler()},
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=manager_options(workdir, read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no complete checkpoint in {checkpoint_dir(workdir)}.')

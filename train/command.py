@@ -9,6 +9,7 @@ import sys
 
 import jax
 
+import storage
 from parallelism import distributed
 from parallelism.compile_cache import use_compilation_cache
 from train import distill, faults, loop
@@ -45,6 +46,6 @@ def train_command(cfg: TrainConfig, workdir: str, config_text: str = '') -> int:
   validation = [r['val_perplexity'] for r in logged if 'val_perplexity' in r]
   summary = f', validation perplexity {validation[-1]:.2f}' if validation else ''
   print(f'Trained {cfg.steps} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}{summary}. '
-        f'Metrics: {os.path.join(workdir, "metrics.jsonl")}; '
-        f'TensorBoard: tensorboard --logdir {os.path.join(workdir, "tensorboard")}')
+        f'Metrics: {storage.join(workdir, "metrics.jsonl")}; '
+        f'TensorBoard: tensorboard --logdir {storage.join(workdir, "tensorboard")}')
   return 0

@@ -16,39 +16,38 @@ stuck in, the dead process's state for it is on disk.
 A restart assembles every array from the files of that step (any process's shards will do:
 replicas are equal), if together they cover it (a dead process takes its fsdp shards with it, and
 then the newest periodic checkpoint is used), and resumes from it when it is newer than the newest
-Orbax checkpoint. Files are written under temporary names and renamed, so a half-written file is
-never read.
+Orbax checkpoint. Each file is written whole (storage.open: a temporary file renamed locally, one
+upload to a bucket), the .json after its .npz, so a half-written file is never read.
 """
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import logging
-import os
+import re
 
 import jax
 import numpy as np
+
+import storage
 
 KEEP = 3  # data states per process: the steps a survivor can be stuck in are among the newest
 
 
 def _root(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'emergency')
+  return storage.join(storage.absolute(workdir), 'emergency')
 
 
 def _write_json(path: str, value) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f)
-  os.replace(path + '.tmp', path)
+  storage.write_text(path, json.dumps(value))
 
 
 class DataStates:
   """This process's data-iterator state before each of the next steps, on disk for survivors."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(_root(workdir), f'data_process_{jax.process_index()}.json')
+    self.path = storage.join(_root(workdir), f'data_process_{jax.process_index()}.json')
     self.states: dict[int, object] = {}
 
   def record(self, states: dict[int, object]) -> None:
@@ -60,8 +59,8 @@ class DataStates:
 
 def save(workdir: str, step: int, state) -> str:
   """Writes this process's shards of `state` and every process's data state before `step`."""
-  directory = os.path.join(_root(workdir), str(step))
-  name = os.path.join(directory, f'process_{jax.process_index()}')
+  directory = storage.join(_root(workdir), str(step))
+  name = storage.join(directory, f'process_{jax.process_index()}')
   arrays, places = {}, []
   for i, leaf in enumerate(jax.tree.leaves(state)):
     seen = set()
@@ -73,15 +72,12 @@ def save(workdir: str, step: int, state) -> str:
         arrays[f'a{len(places)}'] = value.view(f'u{value.dtype.itemsize}')
         places.append({'leaf': i, 'index': index})
   data = {}
-  for path in glob.glob(os.path.join(_root(workdir), 'data_process_*.json')):
-    with open(path) as f:
-      states = json.load(f)
+  for path in storage.glob(storage.join(_root(workdir), 'data_process_*.json')):
+    states = json.loads(storage.read_text(path))
     if str(step) in states:
       data[path.rsplit('_', 1)[1].split('.')[0]] = states[str(step)]
-  os.makedirs(directory, exist_ok=True)
-  with open(name + '.tmp.npz', 'wb') as f:
+  with storage.open(name + '.npz', 'wb') as f:
     np.savez(f, **arrays)
-  os.replace(name + '.tmp.npz', name + '.npz')
   _write_json(name + '.json', {'step': step, 'process_count': jax.process_count(),
                                'places': places, 'data': data})
   logging.warning('Emergency checkpoint of step %d: process %d wrote its %d shards to %s.', step,
@@ -90,27 +86,26 @@ def save(workdir: str, step: int, state) -> str:
 
 
 def latest(workdir: str) -> int | None:
-  steps = [int(os.path.basename(d)) for d in glob.glob(os.path.join(_root(workdir), '*'))
-           if os.path.basename(d).isdigit() and glob.glob(os.path.join(d, 'process_*.json'))]
+  steps = [int(m.group(1)) for p in storage.glob(storage.join(_root(workdir), '*', 'process_*.json'))
+           if (m := re.search(r'/(\d+)/process_\d+\.json$', p))]
   return max(steps, default=None)
 
 
 def restore(workdir: str, step: int, target):
   """(state with the target's shardings, this process's data state) of emergency step `step`;
   ValueError if the saved shards do not cover every array or the process count changed."""
-  directory = os.path.join(_root(workdir), str(step))
+  directory = storage.join(_root(workdir), str(step))
   targets = jax.tree.leaves(target)
   full = [None] * len(targets)
   covered = [None] * len(targets)
   data = {}
-  for meta_path in sorted(glob.glob(os.path.join(directory, 'process_*.json'))):
-    with open(meta_path) as f:
-      meta = json.load(f)
+  for meta_path in storage.glob(storage.join(directory, 'process_*.json')):
+    meta = json.loads(storage.read_text(meta_path))
     if meta['process_count'] != jax.process_count():
       raise ValueError(f'{directory} was saved by a {meta["process_count"]}-process job; this one '
                        f'has {jax.process_count()}, so the data order cannot be kept.')
     data.update(meta['data'])
-    arrays = np.load(meta_path[:-len('.json')] + '.npz')
+    arrays = np.load(io.BytesIO(storage.read_bytes(meta_path[:-len('.json')] + '.npz')))
     for k, place in enumerate(meta['places']):
       i, t = place['leaf'], targets[place['leaf']]
       if full[i] is None:

@@ -42,6 +42,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
+import storage
 from data.synthetic import Batch
 from parallelism import sharding
 from parallelism.mesh import make_mesh
@@ -67,11 +68,12 @@ def train(cfg: TrainConfig, workdir: str, batches: Iterable[Batch] | None = None
   config) is stored in each checkpoint. Raises faults.TrainingInterrupted after a just-in-time
   save (its exit_code says why).
   """
-  os.makedirs(workdir, exist_ok=True)
+  storage.check(workdir, write=True)  # an unusable bucket fails here, before anything is written
+  storage.makedirs(workdir)
   directory = datasets.data_dir(cfg) if batches is None else None
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
+    storage.write_text(storage.join(workdir, 'config.json'),
+                       json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
   mesh = make_mesh(cfg.mesh)
   tx = make_optimizer(cfg.optimizer, cfg.steps)
   state_shardings = sharding.logical_shardings(

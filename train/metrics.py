@@ -1,11 +1,21 @@
-"""Where training metrics go: <workdir>/metrics.jsonl (one object per logged step) and TensorBoard."""
+"""Where training metrics go: <workdir>/metrics.jsonl (one object per logged step) and TensorBoard.
+
+In a bucket workdir (gs://, s3://) objects cannot be appended to: both files are written to a local
+mirror (storage.local_mirror) and uploaded whole at most every UPLOAD_EVERY_S seconds and on close,
+so the bucket always holds complete files.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 from tensorboardX import SummaryWriter
+
+import storage
+
+UPLOAD_EVERY_S = 10.0
 
 
 class MetricsWriter:
@@ -18,15 +28,19 @@ class MetricsWriter:
     self.enabled = enabled
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.workdir = workdir
+    self.local = storage.local_mirror(workdir)
+    os.makedirs(self.local, exist_ok=True)
+    self.path = os.path.join(self.local, 'metrics.jsonl')
     kept = []
-    if resume_step and os.path.exists(self.path):
+    if resume_step and storage.exists(storage.join(workdir, 'metrics.jsonl')):
       kept = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
     self._jsonl = open(self.path, 'w', buffering=1)
     for record in kept:
       self._jsonl.write(json.dumps(record) + '\n')
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb_dir = os.path.join(self.local, 'tensorboard')
+    self._tb = SummaryWriter(self._tb_dir)
+    self._uploaded = time.monotonic()
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -35,12 +49,25 @@ class MetricsWriter:
     for name, value in scalars.items():
       if name != 'time':  # wall-clock time stamps the record; it is not a curve
         self._tb.add_scalar(name, value, step)
+    if time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
+      self.upload()
+
+  def upload(self) -> None:
+    """Copies metrics.jsonl and the TensorBoard event files to a bucket workdir (whole objects)."""
+    if not self.enabled or not storage.is_bucket(self.workdir):
+      return
+    self._tb.flush()
+    storage.put_file(self.path, storage.join(self.workdir, 'metrics.jsonl'))
+    for name in sorted(os.listdir(self._tb_dir)):
+      storage.put_file(os.path.join(self._tb_dir, name), storage.join(self.workdir, 'tensorboard', name))
+    self._uploaded = time.monotonic()
 
   def close(self) -> None:
     if not self.enabled:
       return
     self._jsonl.close()
     self._tb.close()
+    self.upload()
 
   def __enter__(self):
     return self
@@ -50,5 +77,5 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(storage.join(workdir, 'metrics.jsonl')).splitlines()
+          if line.strip()]
