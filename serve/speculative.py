@@ -1,0 +1,268 @@
+"""Speculative decoding: drafters propose k tokens per sequence; the target verifies them in one step.
+
+A speculating sequence contributes its last token and its k' <= k draft tokens to the target's step
+(serve/scheduler.py: `schedule(drafts)`); the step computes the target's logits at all k' + 1 positions
+(p_0 .. p_k'; p_j predicts the token after the sequence's j-th draft) and `verify` picks the tokens to
+keep, on device:
+
+  greedy (temperature 0)  the longest prefix of drafts equal to the target's argmax, then the argmax
+                          after it: exactly the tokens plain greedy decoding gives.
+  temperature > 0         exact rejection sampling (Leviathan et al. 2023; Chen et al. 2023): draft d_j
+                          drawn from q is accepted with probability min(1, p(d_j) / q(d_j)); at the first
+                          rejection a token is drawn from norm(max(0, p - q)); after k' acceptances one more
+                          from p. p and q are both the filtered distributions (temperature, then top-k,
+                          then top-p: sampling.filter_logits), so the output follows the target's filtered
+                          distribution exactly. Randomness is the request's own: key fold_in(key(seed),
+                          position) as in plain sampling (the bonus draw uses exactly that key: with no
+                          draft a row samples as it would without speculation), folded with 1 for the
+                          acceptance test and 2 for the residual draw.
+
+The scheduler then rolls back: only the accepted drafts' keys/values stay, pages left empty return to
+the pool (in the draft model's cache too: `DraftModel` rewinds its requests to the target's tokens).
+
+Drafters:
+  NgramDrafter  prompt lookup: the tokens that followed the most recent earlier occurrence of the
+                sequence's last n tokens (n = NGRAM_MAX down to NGRAM_MIN), in the prompt or the output.
+                A point mass: q(d) = 1, so d is accepted with probability p(d).
+  DraftModel    a small model of the same vocabulary run by its own Engine (own paged cache, no
+                prefix cache, synchronous steps): k steps per verification, each sampling with the
+                request's temperature/top-k/top-p and a seed derived from the request's; its logits
+                stay on device and are gathered into the target's step as q.
+
+Back-off: speculation runs in a step only while at most EngineConfig.speculative_max_batch sequences
+are running. A verification step computes (k + 1) tokens per sequence: while the step is bound by
+reading the weights (small batches) that costs little more than one token; at large batches it costs
+about k + 1 times more, more than the (1 - a^(k+1)) / (1 - a) tokens it yields for an acceptance rate
+a. Requests that ask for logprobs, use a grammar, or set SamplingParams.speculate=False never draft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from serve import sampling
+
+SPECULATIVE = ('ngram', 'draft')  # EngineConfig.speculative: prompt lookup, or a draft model
+NGRAM_MAX, NGRAM_MIN = 3, 1  # prompt lookup matches the last 3, then 2, then 1 tokens
+DRAFT_SEED_SALT = 0x9E3779B9  # a request's drafter seed: its seed xor this (drafts independent of verification)
+
+
+class Context(NamedTuple):
+  """What a drafter sees of one request: its tokens so far, its sampling, its seed, the outputs it may still add."""
+
+  tokens: Sequence[int]
+  params: sampling.SamplingParams
+  seed: int
+  remaining: int
+
+
+def expected_tokens(a: float, k: int) -> float:
+  """Tokens per verification for a per-token acceptance rate a and k drafts: (1 - a^(k+1)) / (1 - a)."""
+  return float(k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+
+
+def predicted_speedup(a: float, k: int, c: float, verify_cost: float = 1.0) -> float:
+  """Leviathan et al.'s speed-up over plain decoding: tokens per verification over the time of k drafter steps
+  (c: drafter/target step-time ratio) and one verification step (verify_cost: its time over a plain step's)."""
+  return expected_tokens(a, k) / (k * c + verify_cost)
+
+
+def verify(p_logits_RV: jax.Array, q_logits_RV: jax.Array | None, draft_R: jax.Array,
+           num_draft_B: jax.Array, batch: sampling.SamplingBatch) -> tuple[jax.Array, jax.Array]:
+  """Verifies each row's drafts (see the module docstring); rows r = b * K1 + j, K1 = k + 1.
+
+  p_logits_RV: the target's logits at row b's j-th verified position (j <= num_draft_B[b]; rows past
+  it are ignored). q_logits_RV: the drafter's logits when it drew draft_R[r] (None: a point mass on
+  the draft, prompt lookup). draft_R: the draft token following position j (-1: none).
+  batch.positions_B: the position of the token drawn after the last draft (a sequence of length N
+  with n drafts: N + n). Returns (tokens_BK1, accepted_B): row b keeps tokens_BK1[b, :accepted_B[b] + 1].
+  """
+  R, V = p_logits_RV.shape
+  B = num_draft_B.shape[0]
+  K1 = R // B
+  rep = lambda x_B: jnp.repeat(x_B, K1, total_repeat_length=R)
+  j_R = jnp.tile(jnp.arange(K1, dtype=jnp.int32), B)
+  has_draft_R = j_R < rep(num_draft_B)
+  temperature_R, top_k_R, top_p_R = rep(batch.temperature_B), rep(batch.top_k_B), rep(batch.top_p_B)
+  seeds_R = rep(batch.seeds_B)
+  positions_R = rep(batch.positions_B - num_draft_B) + j_R
+  draft_safe_R = jnp.maximum(draft_R, 0)
+  greedy_R = jnp.argmax(p_logits_RV, axis=-1).astype(jnp.int32)
+  random_R = temperature_R > 0
+  filtering = jnp.any(random_R & ((top_k_R > 0) | (top_p_R < 1.0)))
+
+  def filtered(logits_RV):
+    def on():
+      return sampling.filter_logits(logits_RV, temperature_R, top_k_R, top_p_R)
+
+    def off():
+      return logits_RV.astype(jnp.float32) / jnp.where(random_R, temperature_R, 1.0)[:, None]
+    return jax.lax.cond(filtering, on, off)
+
+  def sampled():
+    p_filtered_RV = filtered(p_logits_RV)
+    p_RV = jax.nn.softmax(p_filtered_RV, axis=-1)
+    if q_logits_RV is None:
+      q_RV = jax.nn.one_hot(draft_safe_R, V, dtype=jnp.float32)
+    else:
+      q_RV = jax.nn.softmax(filtered(q_logits_RV), axis=-1)
+    p_d_R = jnp.take_along_axis(p_RV, draft_safe_R[:, None], axis=-1)[:, 0]
+    q_d_R = jnp.take_along_axis(q_RV, draft_safe_R[:, None], axis=-1)[:, 0]
+    residual_RV = jnp.maximum(p_RV - q_RV, 0.0)
+    # p == q leaves no residual; a rejection then has probability 0, so any draw will do.
+    residual_RV = jnp.where(jnp.sum(residual_RV, axis=-1, keepdims=True) > 0, residual_RV, p_RV)
+
+    def one(seed, position, p_row_V, residual_V):
+      key = jax.random.fold_in(jax.random.key(seed), position)
+      u = jax.random.uniform(jax.random.fold_in(key, 1))
+      fix = jax.random.categorical(jax.random.fold_in(key, 2), jnp.log(residual_V))
+      bonus = jax.random.categorical(key, p_row_V)  # as sampling.sample draws at this position
+      return u, fix.astype(jnp.int32), bonus.astype(jnp.int32)
+
+    u_R, fix_R, bonus_R = jax.vmap(one)(seeds_R, positions_R, p_filtered_RV, residual_RV)
+    accept_R = u_R * q_d_R < p_d_R  # u < p / q without dividing by a q of 0
+    return accept_R, jnp.where(has_draft_R, jnp.where(accept_R, draft_safe_R, fix_R), bonus_R)
+
+  def greedy():
+    return jnp.zeros(R, bool), greedy_R
+
+  accept_s_R, tokens_s_R = jax.lax.cond(jnp.any(random_R), sampled, greedy)
+  accept_R = has_draft_R & jnp.where(random_R, accept_s_R, draft_R == greedy_R)
+  tokens_R = jnp.where(random_R, tokens_s_R, greedy_R)
+  accepted_B = jnp.sum(jnp.cumprod(accept_R.reshape(B, K1).astype(jnp.int32), axis=1), axis=1)
+  return tokens_R.reshape(B, K1), accepted_B
+
+
+def ngram_draft(tokens: Sequence[int] | np.ndarray, k: int, max_n: int = NGRAM_MAX,
+                min_n: int = NGRAM_MIN) -> list[int]:
+  """Prompt lookup: up to k tokens that followed the most recent earlier occurrence of the last n tokens
+  (longest n first); [] when none recurs."""
+  seq = np.asarray(tokens, dtype=np.int64)
+  L = len(seq)
+  for n in range(min(max_n, L - 1), min_n - 1, -1):
+    windows = np.lib.stride_tricks.sliding_window_view(seq[:L - 1], n)  # starts 0 .. L - 1 - n
+    hits = np.flatnonzero(np.all(windows == seq[L - n:], axis=1))
+    if hits.size:
+      start = int(hits[-1]) + n
+      return seq[start:start + k].tolist()
+  return []
+
+
+class NgramDrafter:
+  """Prompt lookup drafts; no model, q a point mass (see the module docstring)."""
+
+  point_mass = True
+
+  def propose(self, contexts: Mapping[str, Context], k: int) -> dict[str, list[int]]:
+    return {rid: ngram_draft(c.tokens, k) for rid, c in contexts.items()}
+
+  def forget(self, request_id: str) -> None:
+    pass
+
+  def q_rows(self, rows, R: int):
+    return None
+
+
+class DraftModel:
+  """A draft model on its own Engine (see the module docstring). `engine`: built with
+  draft_engine_config(target config); propose() rewinds each request to the target's tokens first."""
+
+  point_mass = False
+
+  def __init__(self, engine, target_cfg):
+    cfg = engine.config
+    if cfg.prefix_caching or cfg.async_scheduling or cfg.speculative:
+      raise ValueError('the draft model\'s EngineConfig must have prefix_caching=False (its requests roll back '
+                       'over their pages), async_scheduling=False and speculative=None; build it with '
+                       'serve.speculative.draft_engine_config(target_config).')
+    if cfg.max_seqs < target_cfg.max_seqs or cfg.max_pages_per_seq < draft_engine_config(
+        target_cfg).max_pages_per_seq:
+      raise ValueError(f'the draft engine holds {cfg.max_seqs} sequences of {cfg.max_pages_per_seq} pages; the '
+                       'target needs draft_engine_config(target_config)\'s; build it with that.')
+    self.engine = engine
+    self._live: set[str] = set()
+    self._logits: list[jax.Array] = []
+    self._rows: dict[str, list[int]] = {}  # per request, its draft tokens' rows in the stacked logits
+    B, V = cfg.max_seqs, engine.model_cfg.vocab_size
+    self._gather = jax.jit(lambda stack, idx_R: jnp.take(jnp.stack(stack).reshape(-1, V), idx_R, axis=0))
+    self._num_rows, self._k = B, 0
+
+  def propose(self, contexts: Mapping[str, Context], k: int) -> dict[str, list[int]]:
+    """Up to k draft tokens per request id."""
+    engine = self.engine
+    for rid in list(self._live):
+      if rid not in contexts:
+        self.forget(rid)
+    for rid, c in contexts.items():
+      if rid in self._live:
+        engine.scheduler.rewind(rid, c.tokens)
+      else:
+        # Its outputs count from these tokens: the target's remaining ones and k drafts past them.
+        engine.add_request(rid, c.tokens, sampling.SamplingParams(
+            max_tokens=max(c.remaining, 1) + k + 1, temperature=c.params.temperature, top_k=c.params.top_k,
+            top_p=c.params.top_p, seed=(c.seed ^ DRAFT_SEED_SALT) % 2 ** 32))
+        self._live.add(rid)
+    self._k = k
+    drafts = {rid: [] for rid in contexts}
+    self._rows = {rid: [] for rid in contexts}
+    self._logits = []
+    for j in range(k):
+      if not engine.scheduler.has_work:
+        break
+      sampled, logits_BV, finished = engine.sync_step()
+      self._logits.append(logits_BV)
+      for rid, (token, b) in sampled.items():
+        if rid in drafts:
+          drafts[rid].append(token)
+          self._rows[rid].append(j * self._num_rows + b)
+      for rid in finished:
+        self._live.discard(rid)
+    return drafts
+
+  def q_rows(self, rows: Sequence[tuple[str, int, int]], R: int):
+    """The drafter's logits [R, V] in the target step's verification rows: (request id, first row, drafts)."""
+    idx_R = np.zeros(R, np.int32)
+    for rid, r, n in rows:
+      idx_R[r:r + n] = self._rows[rid][:n]
+    stack = self._logits + [self._logits[-1]] * (self._k - len(self._logits))  # one compiled gather
+    return self._gather(tuple(stack), idx_R)
+
+  def forget(self, request_id: str) -> None:
+    if request_id in self._live:
+      self._live.discard(request_id)
+      self.engine.abort(request_id)
+
+
+def draft_engine_config(target_cfg):
+  """The draft model's EngineConfig for a target's: the same slots and budget, block tables k + 1 tokens
+  longer (drafts run past the target's tokens), no prefix cache, synchronous steps, no speculation."""
+  k = target_cfg.num_speculative_tokens
+  extra = -(-(k + 1) // target_cfg.page_size)
+  return dataclasses.replace(
+      target_cfg, max_pages_per_seq=target_cfg.max_pages_per_seq + extra,
+      num_pages=target_cfg.num_pages + target_cfg.max_seqs * extra, prefix_caching=False,
+      async_scheduling=False, speculative=None, num_speculative_tokens=0, max_loras=0,
+      weight_dtype=target_cfg.weight_dtype, compilation_cache_dir=None)
+
+
+@dataclasses.dataclass
+class SpecStats:
+  """Counters for /metrics: verifications (sequences verified), drafted and accepted tokens, drafter seconds,
+  steps that speculated and steps that backed off."""
+
+  verifications: int = 0
+  drafted: int = 0
+  accepted: int = 0
+  draft_s: float = 0.0
+  steps: int = 0
+  backoffs: int = 0
+
+  def as_dict(self) -> dict:
+    return {f'spec_{k}': v for k, v in dataclasses.asdict(self).items()}
