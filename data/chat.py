@@ -28,12 +28,13 @@ conversation ends with the assistant.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
 
 import jinja2
 import numpy as np
 from jinja2 import sandbox
+
+import storage
 
 ROLES = ('system', 'user', 'assistant')
 TRAIN_ON = ('assistant', 'all')  # which tokens of a conversation the loss counts
@@ -51,11 +52,10 @@ def load_template(tokenizer_dir: str | None) -> str | None:
   """`chat_template` from <tokenizer_dir>/tokenizer_config.json, if there is one."""
   if not tokenizer_dir:
     return None
-  path = os.path.join(tokenizer_dir, 'tokenizer_config.json')
-  if not os.path.isfile(path):
+  path = storage.join(tokenizer_dir, 'tokenizer_config.json')
+  if not storage.isfile(path):
     return None
-  with open(path) as f:
-    template = json.load(f).get('chat_template')
+  template = json.loads(storage.read_text(path)).get('chat_template')
   if isinstance(template, list):  # named templates: [{'name': 'default', 'template': ...}, ...]
     named = {t.get('name'): t.get('template') for t in template if isinstance(t, dict)}
     template = named.get('default')

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tqdm
 
+import storage
 from data import chat, preference
 
 STDLIB = 'stdlib'
@@ -111,7 +112,9 @@ def describe(source: str, fmt: str, field: str, limit_files: int | None, reads: 
 def _expand(source: str, fmt: str) -> list[str]:
   """The files `source` names, sorted; a directory is searched recursively for the format's extensions."""
   wanted = tuple(e for e, f in EXTENSIONS.items() if fmt in ('auto', f))
-  if os.path.isdir(source):
+  if storage.is_bucket(source):
+    paths, what = _expand_bucket(source, wanted), f'--source {source!r} matched no {"/".join(wanted)} objects'
+  elif os.path.isdir(source):
     paths = []
     for directory, dirs, names in os.walk(source):
       dirs[:] = sorted(dirs)
@@ -137,8 +140,20 @@ def _expand(source: str, fmt: str) -> list[str]:
   return paths
 
 
+def _expand_bucket(source: str, wanted: tuple[str, ...]) -> list[str]:
+  """The objects a bucket --source names: a glob, an object, or every object of the format under a prefix."""
+  storage.check(source)
+  if glob.has_magic(source):
+    return storage.glob(source)
+  if storage.isfile(source):
+    return [source]
+  return [p for p in storage.glob(storage.join(source, '**')) if p.lower().endswith(wanted)]
+
+
 def _read_bytes(path: str) -> bytes:
   try:
+    if storage.is_bucket(path):
+      return storage.with_retries(lambda: storage.read_bytes(path), f'reading {path}')
     with open(path, 'rb') as f:
       return f.read()
   except OSError as e:

@@ -26,9 +26,11 @@ import os
 import re
 import shlex
 import shutil
+import tempfile
 import unicodedata
 from typing import Sequence
 
+import storage
 from data import chat, preference
 from data import shards
 from data import corpus
@@ -136,7 +138,7 @@ def prepare_command(flags: dict, out: str, argv: Sequence[str] | None = None) ->
   print(f'Prepared {out}: {manifest["documents"]["kept"]} documents '
         f'(train {train["documents"]}, validation {val["documents"]}), '
         f'{train["tokens"] + val["tokens"]} tokens in {len(train["shards"]) + len(val["shards"])} shards, '
-        f'vocabulary {manifest["tokenizer"]["vocab_size"]}. Manifest: {os.path.join(out, "manifest.json")}')
+        f'vocabulary {manifest["tokenizer"]["vocab_size"]}. Manifest: {storage.join(out, "manifest.json")}')
   return 0
 
 
@@ -244,7 +246,7 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
 
   template = None
   if cfg.format in ('chat', 'preference'):
-    template = chat.ChatTemplate(chat.load_template(os.path.dirname(tok.load_path(cfg.tokenizer))
+    template = chat.ChatTemplate(chat.load_template(storage.dirname(tok.load_path(cfg.tokenizer))
                                                     if cfg.tokenizer else None))
     records = [json.loads(t) for t in texts]
   corpus_texts = texts if template is None else [_rendered(template, r, cfg.format) for r in records]
@@ -286,7 +288,9 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
 
 
 def make_tmp(out: str) -> str:
-  """The directory the output is written to before `finish` renames it to `out`."""
+  """The local directory the output is written to before `finish` moves (or uploads) it to `out`."""
+  if storage.is_bucket(out):
+    return tempfile.mkdtemp(prefix='stoker-prepare-')
   tmp = f'{os.path.normpath(out)}.tmp-{os.getpid()}'
   os.makedirs(tmp)
   return tmp
@@ -295,7 +299,7 @@ def make_tmp(out: str) -> str:
 def save_tokenizer(tmp: str, cfg: PrepareConfig, tokenizer) -> None:
   """tokenizer.json: the --tokenizer file copied as it is, or the trained one."""
   if cfg.tokenizer:
-    shutil.copyfile(tok.load_path(cfg.tokenizer), os.path.join(tmp, TOKENIZER))
+    storage.get_file(tok.load_path(cfg.tokenizer), os.path.join(tmp, TOKENIZER))
   else:
     with open(os.path.join(tmp, TOKENIZER), 'w', encoding='utf-8') as f:
       f.write(tokenizer.to_str(pretty=True))
@@ -344,12 +348,11 @@ def _rendered(template, record, fmt: str) -> str:
 
 
 def read_manifest(directory: str) -> dict:
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
+  path = storage.join(directory, MANIFEST)
+  if not storage.isfile(path):
     raise FileNotFoundError(f'{path} not found: {directory!r} is not a `stoker prepare` output (run stoker prepare '
                             f'--out {directory})')
-  with open(path, encoding='utf-8') as f:
-    manifest = json.load(f)
+  manifest = json.loads(storage.read_text(path))
   if manifest.get('format') != FORMAT:
     raise ValueError(f'{path}: format {manifest.get("format")!r}, expected {FORMAT!r}: re-run stoker prepare')
   return manifest
@@ -385,21 +388,25 @@ def _argv_from_config(cfg: PrepareConfig, out: str) -> list[str]:
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-  if not os.path.exists(out):
+  storage.check(out, write=True)  # an unusable bucket fails before any work
+  if not storage.exists(out):
     return
-  if not os.path.isdir(out):
+  if not storage.isdir(out):
     raise ValueError(f'--out {out!r} exists and is not a directory: choose another --out')
-  if os.path.isfile(os.path.join(out, MANIFEST)):
+  if storage.isfile(storage.join(out, MANIFEST)):
     if not overwrite:
       raise ValueError(f'--out {out!r} already holds a prepared dataset ({MANIFEST}): pass --overwrite to '
                        f'replace it, or choose another --out')
-  elif os.listdir(out):
+  elif storage.listdir(out):
     raise ValueError(f'--out {out!r} exists, is not empty and is not a `stoker prepare` output: choose another '
                      f'--out (it is never overwritten)')
 
 
 def _replace(tmp: str, out: str) -> None:
   """Moves the finished `tmp` to `out`, replacing an earlier output (checked by _check_out) only at the end."""
+  if storage.is_bucket(out):
+    _upload(tmp, out)
+    return
   old = None
   if os.path.exists(out):
     old = f'{os.path.normpath(out)}.old-{os.getpid()}'
@@ -407,3 +414,16 @@ def _replace(tmp: str, out: str) -> None:
   os.rename(tmp, out)
   if old:
     shutil.rmtree(old)
+
+
+def _upload(tmp: str, out: str) -> None:
+  """Uploads the finished local `tmp` to the bucket prefix `out`, manifest.json last: a bucket has no rename,
+  so the manifest is the commit marker (readers need it; an upload cut short leaves a prefix without one). An
+  earlier output loses its manifest first, then its objects."""
+  if storage.exists(storage.join(out, MANIFEST)):
+    storage.remove(storage.join(out, MANIFEST))
+    storage.rmtree(out)
+  names = sorted(os.path.relpath(os.path.join(d, n), tmp) for d, _, files in os.walk(tmp) for n in files)
+  for name in [n for n in names if n != MANIFEST] + [MANIFEST]:
+    storage.put_file(os.path.join(tmp, name), storage.join(out, *name.split(os.sep)))
+  shutil.rmtree(tmp)

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tqdm
 
+import storage
+
 FORMAT = 'stoker-tokens-v1'  # manifest.json 'format'
 MANIFEST = 'manifest.json'
 OUTPUT_FORMATS = ('parquet',)
@@ -79,7 +81,7 @@ def _write_parquet(path: str, docs: Sequence[np.ndarray], doc_ids: Sequence[int]
 
 def sha256_file(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with storage.open(path, 'rb') as f:  # local, or a bucket object read in 1 MiB ranges
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()

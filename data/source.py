@@ -7,7 +7,8 @@ rows, zstd. The manifest lists every shard with its rows, tokens, row groups and
 `open_split` checks every shard cheaply (the file exists, its footer parses, its row and row-group
 counts and `tokens` type match the manifest); `verify_checksums=True` also hashes every file.
 Record i of the split is found through the manifest order and the row-group sizes in the footers,
-and is read one row group at a time: `read_row_group(k, columns=['tokens'])`, never the whole file.
+and is read one row group at a time: `read_row_group(k, columns=['tokens'])`, never the whole file. A data_dir
+in a bucket (gs://, s3://; storage/) is read the same way, by ranged reads, retried with backoff on transient errors.
 Decoded row groups stay in a per-process LRU cache of `cache_bytes` (each grain worker has its
 own). Under a global shuffle a document's row group is in the cache only if the cache holds a good
 share of the split: a corpus much larger than the cache costs one row-group decode per document.
@@ -18,13 +19,13 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import storage
 from data import shards
 
 FORMAT, MANIFEST = shards.FORMAT, shards.MANIFEST
@@ -40,10 +41,9 @@ def _redo(data_dir: str) -> str:
 
 def read_manifest(data_dir: str) -> dict[str, Any]:
   """The manifest of a prepared data directory, checked for the fields the pipeline needs."""
-  path = os.path.join(data_dir, MANIFEST)
+  path = storage.join(data_dir, MANIFEST)
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(storage.read_text(path))
   except FileNotFoundError:
     raise ShardError(f'{path} does not exist: {data_dir} is not a prepared data directory. '
                      f'Run `stoker prepare` first.') from None
@@ -74,7 +74,7 @@ class ParquetTokenSource:
       raise ValueError(f'cache_bytes must be >= 0, got {cache_bytes}.')
     manifest = read_manifest(data_dir)
     if split not in manifest['splits']:
-      raise ShardError(f'{os.path.join(data_dir, MANIFEST)} has no split {split!r} (it has '
+      raise ShardError(f'{storage.join(data_dir, MANIFEST)} has no split {split!r} (it has '
                        f'{sorted(manifest["splits"])}).')
     entry = manifest['splits'][split]
     if not entry.get('documents'):
@@ -90,7 +90,7 @@ class ParquetTokenSource:
     self._paths, starts, shard_of, group_of = [], [], [], []
     row = 0
     for s, shard in enumerate(entry['shards']):
-      path = os.path.join(data_dir, shard['path'])
+      path = storage.join(data_dir, shard['path'])
       self._paths.append(path)
       metadata = self._check_shard(path, shard, verify_checksums)
       for g in range(metadata.num_row_groups):
@@ -108,11 +108,11 @@ class ParquetTokenSource:
     self._reset()
 
   def _check_shard(self, path: str, shard: dict, verify_checksums: bool) -> pq.FileMetaData:
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       raise ShardError(f'{path} is missing. {_redo(self.data_dir)}')
     try:
-      metadata = pq.read_metadata(path)
-      schema = pq.read_schema(path)
+      with _parquet(path) as parquet:
+        metadata, schema = parquet.metadata, parquet.schema_arrow
     except (OSError, pa.ArrowException) as e:
       raise ShardError(f'{path} is not a readable Parquet file ({e}); it is truncated or corrupt. '
                        f'{_redo(self.data_dir)}') from e
@@ -171,7 +171,8 @@ class ParquetTokenSource:
     s, g = int(self._shard_of[k]), int(self._group_of[k])
     path, rows = self._paths[s], int(self._starts[k + 1] - self._starts[k])
     try:
-      column = self._file(s).read_row_group(g, columns=['tokens']).column('tokens')
+      column = storage.with_retries(lambda: self._file(s).read_row_group(g, columns=['tokens']),
+                                    f'reading row group {g} of {path}').column('tokens')
       array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
       offsets = array.offsets.to_numpy().astype(np.int64)
       values = array.values.to_numpy()
@@ -197,10 +198,18 @@ class ParquetTokenSource:
     if s in self._files:
       self._files.move_to_end(s)
     else:
-      self._files[s] = pq.ParquetFile(self._paths[s])
+      self._files[s] = _parquet(self._paths[s])
       if len(self._files) > 8:  # bound open file handles for corpora with many shards
         self._files.popitem(last=False)[1].close()
     return self._files[s]
+
+
+def _parquet(path: str) -> pq.ParquetFile:
+  """`path` opened for row-group reads: in a bucket, each read is a ranged GET (the footer, then one row
+  group's column chunks), never a download of the whole shard."""
+  if not storage.is_bucket(path):
+    return pq.ParquetFile(path)
+  return pq.ParquetFile(storage.with_retries(lambda: storage.open(path, 'rb'), f'opening {path}'))
 
 
 def open_split(data_dir: str, split: str, **kwargs) -> ParquetTokenSource:

@@ -7,7 +7,6 @@ Rust (Rayon) threads.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Sequence
 
@@ -15,6 +14,8 @@ import numpy as np
 import tokenizers
 import tqdm
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+import storage
 
 EOS_TOKEN = '<|endoftext|>'
 # Looked for, in order, in a loaded tokenizer when --eos-token is not given.
@@ -40,17 +41,17 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
 
 def load_path(path: str) -> str:
   """`path` itself, or the tokenizer.json inside it if it is a directory."""
-  return os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
+  return storage.join(path, 'tokenizer.json') if storage.isdir(path) else path
 
 
 def load(path: str) -> tokenizers.Tokenizer:
   """Loads `path`, a tokenizer.json or a directory holding one."""
   path = load_path(path)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f'--tokenizer {path!r}: no such file: give a Hugging Face tokenizer.json, '
                             f'or use --train-tokenizer --vocab-size N')
   try:
-    return tokenizers.Tokenizer.from_file(path)
+    return tokenizers.Tokenizer.from_str(storage.read_text(path))
   except Exception as e:  # tokenizers raises a bare Exception for any parse error
     raise ValueError(f'--tokenizer {path!r} is not a valid tokenizer.json ({e}): give a Hugging Face '
                      f'tokenizer.json, or use --train-tokenizer') from e

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+import storage
 from models.config import ModelConfig, RopeScaling
 
 
@@ -26,18 +27,21 @@ def step_dir(path: str, step: int | None = None) -> str:
 
   The newest complete step unless `step` is given. FileNotFoundError names what was looked for.
   """
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, 'state')) and os.path.isdir(os.path.join(path, 'config')):
-    if step is not None and os.path.basename(path) != str(step):
-      raise ValueError(f'{path} is the checkpoint of step {os.path.basename(path)}, not {step}.')
+  path = storage.absolute(path)
+  if storage.isdir(storage.join(path, 'state')) and storage.isdir(storage.join(path, 'config')):
+    if step is not None and storage.basename(path) != str(step):
+      raise ValueError(f'{path} is the checkpoint of step {storage.basename(path)}, not {step}.')
     return path
-  root = os.path.join(path, 'checkpoints') if os.path.isdir(os.path.join(path, 'checkpoints')) else path
-  if not os.path.isdir(root):
+  storage.check(path)  # an unusable bucket: a StorageError naming the fix, not "no such directory"
+  root = storage.join(path, 'checkpoints') if storage.isdir(storage.join(path, 'checkpoints')) else path
+  if not storage.isdir(root):
     raise FileNotFoundError(f'checkpoint {path!r}: no such directory; give a training workdir, its '
                             f'checkpoints/ folder or one step folder in it.')
-  # A step folder counts once Orbax finished it (renamed from its temporary name).
-  steps = sorted(int(n) for n in os.listdir(root)
-                 if n.isdigit() and os.path.isdir(os.path.join(root, n, 'state')))
+  # A step folder counts once Orbax finished it: renamed from its temporary name, or in a bucket (no
+  # rename) once it holds Orbax's commit marker.
+  done = (lambda n: storage.isfile(storage.join(root, n, 'commit_success.txt'))) if storage.is_bucket(root) else (
+      lambda n: os.path.isdir(os.path.join(root, n, 'state')))
+  steps = sorted(int(n) for n in storage.listdir(root) if n.isdigit() and done(n))
   if not steps:
     raise FileNotFoundError(f'no complete checkpoint in {root!r} (expected <step>/state and '
                             f'<step>/config folders, as `stoker train` writes them).')
@@ -45,17 +49,16 @@ def step_dir(path: str, step: int | None = None) -> str:
     step = steps[-1]
   elif step not in steps:
     raise FileNotFoundError(f'no checkpoint of step {step} in {root!r}; it holds steps {steps}.')
-  return os.path.join(root, str(step))
+  return storage.join(root, str(step))
 
 
 def saved_config(directory: str) -> dict[str, Any]:
   """The 'config' item of a step's checkpoint: {'train': {...}, 'gin': '...'}."""
-  path = os.path.join(directory, 'config', 'metadata')
-  if not os.path.isfile(path):
+  path = storage.join(directory, 'config', 'metadata')
+  if not storage.isfile(path):
     raise FileNotFoundError(f'{directory} has no config item ({path}); it was not written by '
                             f'`stoker train`, so its model config is unknown.')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def model_config(saved: dict[str, Any]) -> ModelConfig:
@@ -86,8 +89,10 @@ def restore_params(directory: str, abstract_params: Any) -> Any:
                               abstract_params)
   args = ocp.args.PyTreeRestore(item={'params': abstract_params},
                                 restore_args={'params': restore_args}, partial_restore=True)
+  if storage.is_bucket(directory):
+    storage.configure_tensorstore()
   try:
-    restored = ocp.PyTreeCheckpointer().restore(os.path.join(directory, 'state'), args=args)
+    restored = ocp.PyTreeCheckpointer().restore(storage.join(directory, 'state'), args=args)
   except (ValueError, KeyError) as e:
     raise ValueError(f'the params in {directory} do not match the model config it records ({e}); '
                      f'the checkpoint may be damaged or written by another Stoker version.') from e

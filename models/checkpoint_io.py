@@ -10,13 +10,16 @@ tokenizer files, carried back out by `to_hf`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import tempfile
 from typing import Any, Callable
 
 import jax
 from flax import nnx
 
+import storage
 from models import checkpoint as model_checkpoint
 from models import hf, hf_files, lora, peft_files, transformer
 from models.config import ModelConfig
@@ -27,8 +30,8 @@ ShardingsFor = Callable[[nnx.State], Any]  # abstract params -> a matching tree 
 
 
 def is_hf_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, 'config.json')) and not os.path.isdir(
-      os.path.join(path, 'checkpoints'))
+  return storage.isfile(storage.join(path, 'config.json')) and not storage.isdir(
+      storage.join(path, 'checkpoints'))
 
 
 def read_model_config(path: str, step: int | None = None) -> ModelConfig:
@@ -40,7 +43,7 @@ def read_model_config(path: str, step: int | None = None) -> ModelConfig:
 def read_config(path: str) -> ModelConfig:
   """The ModelConfig of a Hugging Face directory or of a training workdir's newest checkpoint."""
   if is_hf_dir(path):
-    return hf.config_from_hf(hf_files.read_config(path))
+    return hf.config_from_hf(hf_files.read_config(storage.local_copy(path)))
   return read_model_config(path)
 
 
@@ -100,6 +103,7 @@ def load(path: str, *, shardings_for: ShardingsFor | None = None,
   """(ModelConfig, params) from a Hugging Face directory or a Stoker training checkpoint."""
   if not is_hf_dir(path):
     return read_params(path, shardings_for=shardings_for, **overrides)
+  path = storage.local_copy(path)  # a bucket HF directory is downloaded once (safetensors reads local files)
   cfg = hf.config_from_hf(hf_files.read_config(path), **overrides)
   state = abstract_params(cfg)
   shardings = nnx.to_pure_dict(shardings_for(state)) if shardings_for else None
@@ -124,11 +128,27 @@ def to_hf(path: str, out_dir: str, *, step: int | None = None, dtype: str | None
                      'base with the adapters merged in, or use --to-peft to export the adapters alone.')
   cfg, params = read_params(directory)
   sidecar = _sidecar(adapter.base if adapter else directory)
-  base = hf_files.read_config(sidecar) if os.path.isfile(
-      os.path.join(sidecar, 'config.json')) else None
-  sources = [d for d in (tokenizer_dir, sidecar) if d]
-  return hf_files.write(out_dir, cfg, nnx.to_pure_dict(params), base_config=base, dtype=dtype,
-                        max_shard_bytes=max_shard_bytes, files_from=sources)
+  base = hf_files.read_config(storage.local_copy(sidecar)) if storage.isfile(
+      storage.join(sidecar, 'config.json')) else None
+  sources = [storage.local_copy(d) if storage.is_bucket(d) else d for d in (tokenizer_dir, sidecar) if d]
+  with _output_dir(out_dir) as local:
+    return hf_files.write(local, cfg, nnx.to_pure_dict(params), base_config=base, dtype=dtype,
+                          max_shard_bytes=max_shard_bytes, files_from=sources)
+
+
+@contextlib.contextmanager
+def _output_dir(out_dir: str):
+  """A local directory to write `out_dir`'s files into: `out_dir` itself, or for a bucket a temporary one
+  uploaded when the block succeeds, config.json last (a directory without it is not a model)."""
+  if not storage.is_bucket(out_dir):
+    yield out_dir
+    return
+  storage.check(out_dir, write=True)
+  with tempfile.TemporaryDirectory(prefix='stoker-convert-') as local:
+    yield local
+    names = sorted(os.path.relpath(os.path.join(d, n), local) for d, _, files in os.walk(local) for n in files)
+    for name in sorted(names, key=lambda n: n == 'config.json'):
+      storage.put_file(os.path.join(local, name), storage.join(out_dir, *name.split(os.sep)))
 
 
 def _sidecar(path: str) -> str:
@@ -137,7 +157,7 @@ def _sidecar(path: str) -> str:
   if is_hf_dir(path):
     return path
   directory = model_checkpoint.step_dir(path)
-  return os.path.join(os.path.dirname(os.path.dirname(directory)), HF_SUBDIR)
+  return storage.join(storage.dirname(storage.dirname(directory)), HF_SUBDIR)
 
 
 def to_peft(path: str, out_dir: str, *, step: int | None = None) -> list[str]:
@@ -149,4 +169,5 @@ def to_peft(path: str, out_dir: str, *, step: int | None = None) -> list[str]:
                      'model with --to-hf instead.')
   cfg = model_checkpoint.model_config(model_checkpoint.saved_config(directory))
   adapters = restore_adapters(directory, cfg, adapter)
-  return peft_files.write(out_dir, cfg, adapters, adapter, base_model=adapter.base)
+  with _output_dir(out_dir) as local:
+    return peft_files.write(local, cfg, adapters, adapter, base_model=adapter.base)
