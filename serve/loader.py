@@ -18,6 +18,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+import storage
 from models import checkpoint as model_checkpoint
 from models import checkpoint_io, peft_files, transformer
 from models import lora as lora_lib
@@ -80,7 +81,23 @@ def _special_tokens(tokenizer_dir: str | None) -> tuple[str | None, str | None]:
   return text(cfg.get('bos_token')), text(cfg.get('eos_token'))
 
 
+def _local_tokenizer(tokenizer: str) -> str:
+  """`tokenizer` (a tokenizer.json or a directory holding one), with a bucket's copied to the local cache:
+  tokenizer.json and tokenizer_config.json only (a data directory's shards stay where they are)."""
+  if not storage.is_bucket(tokenizer):
+    return tokenizer
+  is_dir = storage.isdir(tokenizer)
+  directory = tokenizer if is_dir else storage.dirname(tokenizer)
+  names = ['tokenizer.json' if is_dir else storage.basename(tokenizer), 'tokenizer_config.json']
+  for name in names:
+    if storage.isfile(storage.join(directory, name)):
+      storage.get_file(storage.join(directory, name), os.path.join(storage.local_mirror(directory), name))
+  local = storage.local_mirror(directory)
+  return local if is_dir else os.path.join(local, names[0])
+
+
 def _codec_and_chat(tokenizer: str, model_cfg: ModelConfig) -> tuple[Codec, ChatTemplate]:
+  tokenizer = _local_tokenizer(tokenizer)
   directory = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
   bos, eos = _special_tokens(directory)
   codec = Codec.from_file(tokenizer, eos_token=eos)
@@ -100,8 +117,8 @@ def training_tokenizer(saved: dict, model_cfg: ModelConfig) -> str | None:
   if source == 'stdlib':
     source = os.path.join(os.path.expanduser(data.get('cache_dir', '~/.cache/stoker/data')),
                           f'stdlib-v{model_cfg.vocab_size}')
-  path = os.path.join(source, 'tokenizer.json')
-  return path if os.path.isfile(path) else None
+  path = storage.join(source, 'tokenizer.json')
+  return path if storage.isfile(path) else None
 
 
 _ARCHITECTURE = ('num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
@@ -171,9 +188,9 @@ def load_checkpoint(path: str, engine_cfg: EngineConfig, *, step: int | None = N
   engine = Engine(model_cfg, params, engine_cfg, mesh, detokenize=codec.decode)
   add_adapters(engine, loras)
   if name is None:
-    workdir = os.path.dirname(os.path.dirname(directory))
-    name = os.path.basename(workdir if os.path.basename(os.path.dirname(directory)) == 'checkpoints'
-                            else os.path.dirname(directory))
+    workdir = storage.dirname(storage.dirname(directory))
+    name = storage.basename(workdir if storage.basename(storage.dirname(directory)) == 'checkpoints'
+                            else storage.dirname(directory))
   return Loaded(name, engine, codec, chat, directory)
 
 
@@ -182,7 +199,7 @@ def check_source(checkpoint: str | None = None, hf_dir: str | None = None,
   """Fails now, naming the problem, if the model to serve is not there (before a port is bound)."""
   if checkpoint is not None:
     model_checkpoint.step_dir(checkpoint, step)
-  elif not os.path.isfile(os.path.join(hf_dir, 'config.json')):
+  elif not storage.isfile(storage.join(hf_dir, 'config.json')):
     raise FileNotFoundError(f'--hf-dir {hf_dir!r} has no config.json; give a Hugging Face model '
                             'directory (config.json, *.safetensors, tokenizer.json).')
 
@@ -196,4 +213,4 @@ def load_hf(directory: str, engine_cfg: EngineConfig, *, mesh: Mesh | None = Non
   codec, chat = _codec_and_chat(tokenizer or directory, model_cfg)
   engine = Engine(model_cfg, params, engine_cfg, mesh, detokenize=codec.decode)
   add_adapters(engine, loras)
-  return Loaded(name or os.path.basename(os.path.abspath(directory)), engine, codec, chat, directory)
+  return Loaded(name or storage.basename(storage.absolute(directory)), engine, codec, chat, directory)
