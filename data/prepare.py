@@ -128,12 +128,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--shard-max-tokens', type=int, default=2**20, help='Tokens per shard at most (default 2^20).')
   p.add_argument('--row-group-size', type=int, default=256, help='Parquet rows per row group (default 256).')
   p.add_argument('--output-format', default='parquet', help='parquet, the only format (and the default).')
+  p.add_argument('--runner', default='local', choices=['local', 'beam'],
+                 help='local: in this process (default); beam: as an Apache Beam pipeline (data/beam.py, the '
+                      "optional extra 'beam'), the same output byte for byte.")
+  p.add_argument('--direct_num_workers', '--direct-num-workers', dest='direct_num_workers', type=int, default=0,
+                 help="--runner beam on Beam's DirectRunner: worker processes (default 0: one per core).")
+  p.add_argument('--beam_options', '--beam-options', dest='beam_options', default='',
+                 help='--runner beam: Apache Beam pipeline options passed through, e.g. "--runner=DataflowRunner '
+                      '--project=P --region=R --temp_location=gs://B/tmp" (default: the DirectRunner, '
+                      'multi-process).')
 
 
 def prepare_command(flags: dict, out: str, argv: Sequence[str] | None = None) -> int:
   """`stoker prepare`: PrepareConfig from the parsed `flags` (other keys ignored), prepare, and a summary."""
   fields = {f.name for f in dataclasses.fields(PrepareConfig)}
-  manifest = prepare(PrepareConfig(**{k: v for k, v in flags.items() if k in fields}), out, argv)
+  cfg = PrepareConfig(**{k: v for k, v in flags.items() if k in fields})
+  if flags.get('runner', 'local') == 'beam':
+    from data import beam  # pylint: disable=g-import-not-at-top
+    report = {}
+    manifest = beam.prepare(cfg, out, argv, num_workers=flags.get('direct_num_workers') or 0,
+                            beam_options=flags.get('beam_options') or '', report=report)
+    print(f'Beam read {len(report["readers"])} files in {len(set(report["readers"]))} worker processes.')
+  else:
+    manifest = prepare(cfg, out, argv)
   train, val = manifest['splits']['train'], manifest['splits']['validation']
   print(f'Prepared {out}: {manifest["documents"]["kept"]} documents '
         f'(train {train["documents"]}, validation {val["documents"]}), '

@@ -1,0 +1,161 @@
+"""`stoker prepare --runner beam` (data/beam.py) writes what the in-process path writes, byte for byte.
+
+The pipeline tests need Apache Beam, the optional extra that CI's `pip install -e '.[dev]'` leaves out (Beam 2.77
+needs pyarrow < 26 and protobuf < 7, below the versions Stoker pins and installs); they skip without it. Run them
+in an environment with Beam: pip install 'apache-beam==2.77.0' 'pyarrow==25.0.1' 'protobuf==6.33.6'.
+"""
+
+import hashlib
+import json
+import os
+import random
+
+import pytest
+
+import cli
+from data import beam as data_beam
+from data import prepare
+from data import shards
+from data import tokenizer as tok
+
+WORDS = ('the', 'stoker', 'feeds', 'coal', 'into', 'a', 'furnace', 'while', 'train', 'runs', 'north', 'café',
+         'naïve', '東京', '🚂', 'fire', 'steam', 'def', 'return', '(x)', '+=', '\n', '\t')
+needs_beam = pytest.mark.skipif(data_beam.beam is None, reason=(
+    "Apache Beam is not installed: CI's pip install -e '.[dev]' leaves it out, as Beam 2.77 needs pyarrow < 26 "
+    "and protobuf < 7; install apache-beam==2.77.0 pyarrow==25.0.1 protobuf==6.33.6 in a separate environment"))
+
+
+def _documents(n, seed=0):
+  rng = random.Random(seed)
+  return [' '.join(rng.choice(WORDS) for _ in range(rng.randint(5, 50))) for _ in range(n)]
+
+
+def _corpus(directory):
+  """Three files (two JSONL, one CSV) whose duplicates cross files, and the counts they must give."""
+  docs = _documents(70)
+  os.makedirs(directory)
+  files = {'a.jsonl': docs[:30] + [docs[3], 'x', ''],  # docs[3] twice in one file; 'x' and '' filtered
+           'b.jsonl': docs[30:55] + [docs[7], docs[40].replace('\n', '\r\n'), docs[10]],  # 3 from other files
+           'c.csv': docs[55:] + [docs[31], docs[0]]}
+  for name, texts in files.items():
+    with open(os.path.join(directory, name), 'w', encoding='utf-8', newline='') as f:
+      if name.endswith('.jsonl'):
+        f.writelines(json.dumps({'text': t}) + '\n' for t in texts)
+      else:
+        f.write('text\n' + ''.join('"' + t.replace('"', '""') + '"\n' for t in texts))
+  read = sum(map(len, files.values()))
+  return os.path.join(directory, '*'), {'read': read, 'duplicates': 6, 'filtered': 2, 'kept': 70}
+
+
+def _hashes(directory):
+  return {os.path.relpath(os.path.join(root, name), directory): shards.sha256_file(os.path.join(root, name))
+          for root, _, names in os.walk(directory) for name in names}
+
+
+def _same_output(local, beam):
+  """Every file byte-identical, manifest.json apart from the recorded command; returns the beam manifest."""
+  local_files, beam_files = _hashes(local), _hashes(beam)
+  assert sorted(local_files) == sorted(beam_files)
+  assert {k: v for k, v in local_files.items() if k != 'manifest.json'} == {
+      k: v for k, v in beam_files.items() if k != 'manifest.json'}
+  manifests = []
+  for directory in (local, beam):
+    with open(os.path.join(directory, 'manifest.json'), encoding='utf-8') as f:
+      manifests.append(json.load(f))
+  commands = [m.pop('command') for m in manifests]
+  assert manifests[0] == manifests[1]
+  return {**manifests[1], 'command': commands[1]}
+
+
+@needs_beam
+def test_beam_with_two_workers_writes_the_in_process_bytes(tmp_path, capsys):
+  src, counts = _corpus(tmp_path / 'src')
+  flags = ['--source', src, '--train-tokenizer', '--vocab-size', '300', '--validation-fraction', '0.2',
+           '--shard-max-tokens', '400', '--row-group-size', '4', '--min-chars', '2', '--seed', '3']
+  assert cli.main(['prepare', '--out', str(tmp_path / 'local'), *flags]) == 0
+  assert cli.main(['prepare', '--out', str(tmp_path / 'beam'), '--runner', 'beam', '--direct_num_workers', '2',
+                   *flags]) == 0
+  assert 'Beam read 3 files in 2 worker processes.' in capsys.readouterr().out  # duplicates crossed workers
+  manifest = _same_output(tmp_path / 'local', tmp_path / 'beam')
+  assert '--runner beam --direct_num_workers 2' in manifest['command']
+  assert manifest['documents'] == counts
+  assert manifest['splits']['validation']['documents'] == round(0.2 * 70)
+  assert len(manifest['splits']['train']['shards']) > 2
+  assert sorted(os.listdir(tmp_path)) == ['beam', 'local', 'src']  # no OUT.tmp-* left behind
+
+
+@needs_beam
+def test_tokenizer_sample_and_a_given_tokenizer_agree_too(tmp_path):
+  src, _ = _corpus(tmp_path / 'src')
+  cfg = prepare.PrepareConfig(source=src, train_tokenizer=True, vocab_size=300, tokenizer_sample=25,
+                              shard_max_tokens=10**6)
+  local = prepare.prepare(cfg, str(tmp_path / 'local'))
+  report = {}
+  data_beam.prepare(cfg, str(tmp_path / 'beam'), num_workers=2, report=report)
+  assert _same_output(tmp_path / 'local', tmp_path / 'beam')['tokenizer']['sample']['documents'] == 25
+  assert len(set(report['readers'])) == 2 and len(local['splits']['train']['shards']) == 1
+
+  given = prepare.PrepareConfig(source=src, tokenizer=str(tmp_path / 'local'), validation_fraction=0,
+                                shard_max_tokens=300)
+  prepare.prepare(given, str(tmp_path / 'local-given'))
+  data_beam.prepare(given, str(tmp_path / 'beam-given'), num_workers=2)
+  manifest = _same_output(tmp_path / 'local-given', tmp_path / 'beam-given')
+  assert manifest['splits']['validation'] == {'documents': 0, 'tokens': 0, 'shards': []}
+
+
+@needs_beam
+def test_a_worker_error_names_the_file_exits_2_and_leaves_nothing(tmp_path, capsys):
+  src = tmp_path / 'src'
+  src.mkdir()
+  (src / 'good.txt').write_text('fine text')
+  (src / 'latin1.txt').write_bytes('ok\nna\xefve'.encode('latin-1'))
+  out = tmp_path / 'out'
+  code = cli.main(['prepare', '--source', str(src), '--out', str(out), '--train-tokenizer', '--runner', 'beam',
+                   '--direct_num_workers', '2'])
+  err = capsys.readouterr().err
+  assert code == 2 and 'stoker prepare: error: ' in err and 'latin1.txt:2: not valid UTF-8' in err
+  assert sorted(os.listdir(tmp_path)) == ['src']
+
+
+def test_tokenizer_sample_is_the_cap_first_by_salted_hash_in_document_order(tmp_path):
+  """In process (no Beam needed): the BPE is the one trained on the sample picked by hand with hashlib."""
+  docs = _documents(40)
+  os.makedirs(tmp_path / 'src')
+  for i, doc in enumerate(docs):
+    (tmp_path / 'src' / f'{i:02d}.txt').write_text(doc, encoding='utf-8')
+  manifest = prepare.prepare(prepare.PrepareConfig(source=str(tmp_path / 'src'), train_tokenizer=True,
+                                                   vocab_size=280, tokenizer_sample=12, seed=5,
+                                                   validation_fraction=0.25), str(tmp_path / 'out'))
+  digest = [hashlib.sha256(prepare.clean(d).encode()).digest() for d in docs]
+  seed = (5).to_bytes(8, 'little', signed=True)
+  by_split = sorted(range(40), key=lambda i: hashlib.sha256(seed + digest[i]).digest())
+  train = sorted(by_split[10:])  # round(0.25 * 40) go to validation
+  sample = sorted(sorted(train, key=lambda i: hashlib.sha256(b'tokenizer' + seed + digest[i]).digest())[:12])
+  expected = tok.train_bpe([prepare.clean(docs[i]) for i in sample], 280).to_str(pretty=True)
+  with open(tmp_path / 'out' / 'tokenizer.json', encoding='utf-8') as f:
+    assert f.read() == expected
+  assert manifest['tokenizer']['sample']['documents'] == 12
+  with pytest.raises(ValueError, match='--tokenizer-sample picks the documents a BPE is trained on'):
+    prepare.PrepareConfig(tokenizer=str(tmp_path / 'out'), tokenizer_sample=5)
+
+
+@needs_beam
+def test_largest_of_smallest_combine_against_sorting():
+  rng = random.Random(1)
+  keys = [rng.randbytes(8) for _ in range(200)]
+  fn = data_beam._LargestOfSmallest()  # pylint: disable=protected-access
+  for k in (0, 1, 7, 199, 200, 500):
+    parts = [fn.create_accumulator(k) for _ in range(3)]
+    for i, key in enumerate(keys):
+      parts[i % 3] = fn.add_input(parts[i % 3], key, k)
+    expected = sorted(keys)[min(k, 200) - 1] if k else None
+    assert fn.extract_output(fn.merge_accumulators(parts, k), k) == expected
+
+
+def test_without_beam_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+  monkeypatch.setattr(data_beam, 'beam', None)
+  code = cli.main(['prepare', '--source', str(tmp_path), '--out', str(tmp_path / 'out'), '--train-tokenizer',
+                   '--runner', 'beam'])
+  assert code == 2 and not os.path.exists(tmp_path / 'out')
+  with pytest.raises(ValueError, match=r"--runner beam needs Apache Beam: pip install 'apache-beam==2\.77\.0'"):
+    data_beam.prepare(prepare.PrepareConfig(source=str(tmp_path), train_tokenizer=True), str(tmp_path / 'out'))
