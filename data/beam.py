@@ -20,10 +20,12 @@ share one definition of each step:
   shard     shards.plan_shards over each split's lengths in doc_id order (one worker per split holds two integers
             per document), then one group per shard, written by shards.write_shard
 
-Workers write into OUT.tmp-<pid> (the shards, a trained tokenizer.json, and small records under .beam/: each file's
-fingerprint, the counts, the shard entries); the driver then writes manifest.json and renames the directory as the
-in-process path does. OUT.tmp-<pid> must be a directory every worker reaches: local for the DirectRunner, a shared
-file system for a cluster runner until the storage layer brings buckets.
+Workers write into prepare.make_tmp's staging directory (the shards, a trained tokenizer.json, and small records
+under .beam/: each file's fingerprint, the counts, the shard entries); the driver then writes manifest.json and
+moves or uploads the directory as the in-process path does. Workers read gs:// and s3:// sources through storage/.
+The staging directory is on this machine (OUT.tmp-<pid>, or a local temporary one for a bucket --out), so a cluster
+runner (Dataflow, Flink, Spark) needs an --out on a file system all its workers mount; a bucket --out is refused
+there, and workers that wrote elsewhere are reported, never taken for an empty output.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import shlex
 import shutil
 from typing import Sequence
 
+import storage
 from data import corpus
 from data import prepare as prep
 from data import shards
@@ -50,6 +53,8 @@ except ImportError:  # optional: check_beam() says how to install it
   beam = PipelineOptions = None
 _CombineFn, _DoFn = (beam.CombineFn, beam.DoFn) if beam else (object, object)
 
+# Runners whose workers are processes of this machine, which reach the driver's local staging directory.
+LOCAL_RUNNERS = ('DirectRunner', 'SwitchingDirectRunner', 'BundleBasedDirectRunner', 'FnApiRunner', 'PrismRunner')
 WORK = '.beam'  # under OUT.tmp-<pid>: the workers' records for the manifest, removed before the rename
 _ENCODE_BATCH = 64
 _WORKER_ERROR = re.compile(r'^(ValueError|FileNotFoundError): (.+)$', re.M)
@@ -92,12 +97,18 @@ def prepare(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None = None
     raise ValueError(f'--runner beam does not prepare --format {cfg.format} yet: drop --runner beam (the '
                      f'in-process path handles it)')
   options = pipeline_options(num_workers, beam_options)
+  runner = str(options.get_all_options().get('runner'))
+  local = runner.split('.')[-1] in LOCAL_RUNNERS or runner.lower() in ('direct', 'prism')
+  if not local and storage.is_bucket(out):
+    raise ValueError(f'--out {out!r} with the {runner} runner: a bucket output is staged on this machine, '
+                     f'which {runner} workers cannot reach: use the DirectRunner (no --runner in --beam_options), '
+                     f'or an --out on a file system every worker mounts')
   prep._check_out(out, cfg.overwrite)  # pylint: disable=protected-access
   loaded = prep.load_tokenizer(cfg)
   if loaded is not None:
     tok.eos(loaded, cfg.eos_token)  # a bad --eos-token fails here, not in a worker
   files = corpus.source_files(cfg.source, cfg.format, cfg.limit_files)
-  if 'DirectRunner' in str(options.get_all_options().get('runner')):
+  if local:
     logging.getLogger('apache_beam').setLevel(logging.ERROR)  # each worker's start-up chatter otherwise
   tmp = prep.make_tmp(out)
   try:
@@ -118,7 +129,7 @@ def prepare(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None = None
         raise
       kind, message = found[-1]
       raise (ValueError if kind == 'ValueError' else FileNotFoundError)(message) from e
-    manifest = _manifest(cfg, out, argv, tmp, report if report is not None else {})
+    manifest = _manifest(cfg, out, argv, tmp, report if report is not None else {}, runner)
     shutil.rmtree(os.path.join(tmp, WORK))
     prep.finish(tmp, out, manifest)
   except BaseException:
@@ -127,11 +138,16 @@ def prepare(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None = None
   return manifest
 
 
-def _manifest(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None, tmp: str, report: dict) -> dict:
+def _manifest(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None, tmp: str, report: dict,
+              runner: str) -> dict:
   """manifest.json from the workers' records, as prepare.prepare builds it."""
   records = {}
   for name in ('reads', 'kept', 'shards'):
-    with open(os.path.join(tmp, WORK, f'{name}.json'), encoding='utf-8') as f:
+    path = os.path.join(tmp, WORK, f'{name}.json')
+    if not os.path.isfile(path):
+      raise ValueError(f'the {runner} workers left no {path}: they do not share this file system with this '
+                       f'machine; put --out on a file system every worker mounts, or use the DirectRunner')
+    with open(path, encoding='utf-8') as f:
       records[name] = json.load(f)
   reads = sorted(records['reads'], key=lambda r: r[0])
   report['readers'] = [r[4] for r in reads]

@@ -85,22 +85,17 @@ def test_beam_with_two_workers_writes_the_in_process_bytes(tmp_path, capsys):
 
 
 @needs_beam
-def test_tokenizer_sample_and_a_given_tokenizer_agree_too(tmp_path):
+def test_a_given_tokenizer_and_no_validation_agree_too(tmp_path):
   src, _ = _corpus(tmp_path / 'src')
-  cfg = prepare.PrepareConfig(source=src, train_tokenizer=True, vocab_size=300, tokenizer_sample=25,
-                              shard_max_tokens=10**6)
-  local = prepare.prepare(cfg, str(tmp_path / 'local'))
+  prepare.prepare(prepare.PrepareConfig(source=src, train_tokenizer=True, vocab_size=300), str(tmp_path / 'bpe'))
+  cfg = prepare.PrepareConfig(source=src, tokenizer=str(tmp_path / 'bpe'), validation_fraction=0,
+                              shard_max_tokens=300)
+  prepare.prepare(cfg, str(tmp_path / 'local'))
   report = {}
   data_beam.prepare(cfg, str(tmp_path / 'beam'), num_workers=2, report=report)
-  assert _same_output(tmp_path / 'local', tmp_path / 'beam')['tokenizer']['sample']['documents'] == 25
-  assert len(set(report['readers'])) == 2 and len(local['splits']['train']['shards']) == 1
-
-  given = prepare.PrepareConfig(source=src, tokenizer=str(tmp_path / 'local'), validation_fraction=0,
-                                shard_max_tokens=300)
-  prepare.prepare(given, str(tmp_path / 'local-given'))
-  data_beam.prepare(given, str(tmp_path / 'beam-given'), num_workers=2)
-  manifest = _same_output(tmp_path / 'local-given', tmp_path / 'beam-given')
+  manifest = _same_output(tmp_path / 'local', tmp_path / 'beam')
   assert manifest['splits']['validation'] == {'documents': 0, 'tokens': 0, 'shards': []}
+  assert manifest['tokenizer']['trained'] is False and len(set(report['readers'])) == 2
 
 
 @needs_beam
@@ -115,6 +110,41 @@ def test_a_worker_error_names_the_file_exits_2_and_leaves_nothing(tmp_path, caps
   err = capsys.readouterr().err
   assert code == 2 and 'stoker prepare: error: ' in err and 'latin1.txt:2: not valid UTF-8' in err
   assert sorted(os.listdir(tmp_path)) == ['src']
+
+
+@needs_beam
+def test_buckets_in_and_out_and_a_tokenizer_sample(tmp_path, monkeypatch):
+  """--source and --out in a GCS emulator's bucket, the BPE trained on --tokenizer-sample 25 documents: the
+  shards and manifest of the local in-process run."""
+  from tests.storage import servers  # pylint: disable=g-import-not-at-top
+  import storage  # pylint: disable=g-import-not-at-top
+  src, _ = _corpus(tmp_path / 'src')
+  process, url = servers.start('gcs', str(tmp_path / 'gcs.log'))
+  try:
+    monkeypatch.setenv('STORAGE_EMULATOR_HOST', url)  # the workers inherit it
+    servers.make_bucket('gs', url, 'corpus')
+    for name in sorted(os.listdir(tmp_path / 'src')):
+      storage.put_file(str(tmp_path / 'src' / name), f'gs://corpus/src/{name}')
+    kwargs = dict(train_tokenizer=True, vocab_size=300, tokenizer_sample=25, shard_max_tokens=400)
+    local = prepare.prepare(prepare.PrepareConfig(source=os.path.dirname(src), **kwargs), str(tmp_path / 'local'))
+    in_bucket = data_beam.prepare(prepare.PrepareConfig(source='gs://corpus/src', **kwargs), 'gs://corpus/data',
+                                  num_workers=2)
+    for split in prepare.SPLITS:
+      for entry in in_bucket['splits'][split]['shards']:
+        data = storage.read_bytes(f'gs://corpus/data/{entry["path"]}')
+        assert hashlib.sha256(data).hexdigest() == entry['sha256'] == shards.sha256_file(
+            str(tmp_path / 'local' / entry['path']))
+    assert json.loads(storage.read_text('gs://corpus/data/manifest.json')) == in_bucket
+    for manifest in (local, in_bucket):
+      del manifest['command'], manifest['source']  # the paths differ
+    assert local == in_bucket and in_bucket['tokenizer']['sample']['documents'] == 25
+    assert not os.path.exists('gs:') and not os.path.exists(tmp_path / 'gs:')
+  finally:
+    process.kill()
+    process.wait()
+  with pytest.raises(ValueError, match='a bucket output is staged on this machine, which FlinkRunner workers'):
+    data_beam.prepare(prepare.PrepareConfig(source=src, train_tokenizer=True), 'gs://corpus/other',
+                      beam_options='--runner=FlinkRunner')
 
 
 def test_tokenizer_sample_is_the_cap_first_by_salted_hash_in_document_order(tmp_path):
