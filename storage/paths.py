@@ -168,9 +168,10 @@ def check(path, *, write: bool = False) -> None:
   if not is_bucket(path):
     return
   scheme, bucket, key = split(path)
+  with _errors(path):
+    fs, _ = filesystem(path)  # gcsfs resolves Google credentials here
   if (why := endpoints.reachable(scheme)) is not None:
     raise StorageError(f'{path}: {_fix(scheme, bucket, "unreachable")} ({why})')
-  fs, _ = filesystem(path)
   with _errors(path):
     try:
       fs.ls(join(bucket, key) if key and not write else bucket, detail=False, refresh=True)

@@ -18,6 +18,7 @@ from train.config import TrainConfig
 
 def train_command(cfg: TrainConfig, workdir: str, config_text: str = '') -> int:
   """Trains `cfg` in `workdir` (resuming it) and prints the outcome; returns the exit code."""
+  storage.check(workdir, write=True)  # an unusable bucket fails at once, before JAX starts its devices
   # Before anything touches a device. The coordination service ends every process some time after
   # one dies; give the survivors' watchdog time to notice the stall (even in a save) and save first.
   # (It ended them 55-90 s after a death with the default 100 s.)
