@@ -261,12 +261,10 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
   members = {'train': [i for i, v in enumerate(in_validation) if not v],
              'validation': [i for i, v in enumerate(in_validation) if v]}
 
-  template = None
-  if cfg.format in ('chat', 'preference'):
-    template = chat.ChatTemplate(chat.load_template(storage.dirname(tok.load_path(cfg.tokenizer))
-                                                    if cfg.tokenizer else None))
+  template = chat_template(cfg)
+  if template is not None:
     records = [json.loads(t) for t in texts]
-  corpus_texts = texts if template is None else [_rendered(template, r, cfg.format) for r in records]
+  corpus_texts = texts if template is None else [rendered(template, r, cfg.format) for r in records]
   tokenizer = loaded or tok.train_bpe([corpus_texts[i] for i in tokenizer_sample(
       members['train'], digests, cfg.tokenizer_sample, cfg.seed)], cfg.vocab_size)
   vocab = tok.vocab_size(tokenizer)
@@ -290,13 +288,7 @@ def prepare(cfg: PrepareConfig, out: str, argv: Sequence[str] | None = None) -> 
       written = shards.write_split(tmp, split, [docs[i] for i in ids], ids, max_tokens=cfg.shard_max_tokens,
                                    row_group_size=cfg.row_group_size, output_format=cfg.output_format)
       splits[split] = {'documents': len(ids), 'tokens': sum(s['tokens'] for s in written), 'shards': written}
-    manifest = build_manifest(cfg, out, argv, tmp, source_info, counts, splits, vocab, eos_token, eos_id)
-    if template is not None:  # tokens the loss skips are stored as -1 - id (data/chat.py)
-      manifest['chat'] = {'template': 'default' if template.is_default else 'tokenizer_config.json',
-                          'train_on': cfg.train_on, 'skipped_tokens': 'stored as -1 - id'}
-    if cfg.format == 'preference':
-      manifest['preference'] = {'pairs': {k: v['documents'] // 2 for k, v in splits.items()},
-                                'layout': 'document 2i: prompt + chosen; 2i + 1: prompt + rejected'}
+    manifest = build_manifest(cfg, out, argv, tmp, source_info, counts, splits, vocab, eos_token, eos_id, template)
     finish(tmp, out, manifest)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -323,8 +315,9 @@ def save_tokenizer(tmp: str, cfg: PrepareConfig, tokenizer) -> None:
 
 
 def build_manifest(cfg: PrepareConfig, out: str, argv: Sequence[str] | None, tmp: str, source_info: dict,
-                   counts: dict, splits: dict, vocab: int, eos_token: str, eos_id: int) -> dict:
-  """manifest.json for the files written under `tmp` (the chat and preference keys aside)."""
+                   counts: dict, splits: dict, vocab: int, eos_token: str, eos_id: int,
+                   template: chat.ChatTemplate | None = None) -> dict:
+  """manifest.json for the files written under `tmp`; `template` renders --format chat and preference."""
   manifest = {
       'format': FORMAT,
       'command': recorded_command(argv if argv is not None else _argv_from_config(cfg, out), out),
@@ -345,6 +338,12 @@ def build_manifest(cfg: PrepareConfig, out: str, argv: Sequence[str] | None, tmp
   if cfg.tokenizer_sample is not None and not cfg.tokenizer:
     manifest['tokenizer']['sample'] = {'documents': cfg.tokenizer_sample,
                                        'rule': 'first by sha256("tokenizer", seed, content), in document order'}
+  if template is not None:  # tokens the loss skips are stored as -1 - id (data/chat.py)
+    manifest['chat'] = {'template': 'default' if template.is_default else 'tokenizer_config.json',
+                        'train_on': cfg.train_on, 'skipped_tokens': 'stored as -1 - id'}
+  if cfg.format == 'preference':
+    manifest['preference'] = {'pairs': {k: v['documents'] // 2 for k, v in splits.items()},
+                              'layout': 'document 2i: prompt + chosen; 2i + 1: prompt + rejected'}
   return manifest
 
 
@@ -355,7 +354,15 @@ def finish(tmp: str, out: str, manifest: dict) -> None:
   _replace(tmp, out)
 
 
-def _rendered(template, record, fmt: str) -> str:
+def chat_template(cfg: PrepareConfig) -> chat.ChatTemplate | None:
+  """--format chat and preference: the chat template of --tokenizer's directory, or the default."""
+  if cfg.format not in ('chat', 'preference'):
+    return None
+  return chat.ChatTemplate(chat.load_template(storage.dirname(tok.load_path(cfg.tokenizer))
+                                              if cfg.tokenizer else None))
+
+
+def rendered(template, record, fmt: str) -> str:
   """The text a record puts in front of the tokenizer (what a trained BPE learns from)."""
   if fmt == 'chat':
     return template.render(record, False)
