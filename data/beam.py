@@ -16,7 +16,7 @@ share one definition of each step:
   split     the validation_count(n) documents smallest by rank_key(digest, seed): a heap combine finds the
             largest of those keys, which every worker compares against
   tokenizer --tokenizer, or a BPE trained in one worker on prepare.tokenizer_sample's documents in doc_id order
-  encode    tokenizer.encode in batches
+  encode    tokenizer.encode in batches; chat conversations and preference pairs as prepare.py encodes them
   shard     shards.plan_shards over each split's lengths in doc_id order (one worker per split holds two integers
             per document), then one group per shard, written by shards.write_shard
 
@@ -31,6 +31,7 @@ there, and workers that wrote elsewhere are reported, never taken for an empty o
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import json
 import logging
@@ -41,7 +42,9 @@ import shutil
 from typing import Sequence
 
 import storage
+from data import chat
 from data import corpus
+from data import preference
 from data import prepare as prep
 from data import shards
 from data import tokenizer as tok
@@ -93,9 +96,6 @@ def prepare(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None = None
   `report`, if given, receives 'readers': the id of the worker process that read each file, in file order.
   """
   check_beam()
-  if cfg.format in ('chat', 'preference'):
-    raise ValueError(f'--runner beam does not prepare --format {cfg.format} yet: drop --runner beam (the '
-                     f'in-process path handles it)')
   options = pipeline_options(num_workers, beam_options)
   runner = str(options.get_all_options().get('runner'))
   local = runner.split('.')[-1] in LOCAL_RUNNERS or runner.lower() in ('direct', 'prism')
@@ -107,6 +107,7 @@ def prepare(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None = None
   loaded = prep.load_tokenizer(cfg)
   if loaded is not None:
     tok.eos(loaded, cfg.eos_token)  # a bad --eos-token fails here, not in a worker
+  template = prep.chat_template(cfg)  # a broken template too
   files = corpus.source_files(cfg.source, cfg.format, cfg.limit_files)
   if local:
     logging.getLogger('apache_beam').setLevel(logging.ERROR)  # each worker's start-up chatter otherwise
@@ -122,14 +123,14 @@ def prepare(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None = None
         tokenizer_json = f.read()
     try:
       with beam.Pipeline(options=options) as pipeline:
-        _build(pipeline, cfg, files, tmp, tokenizer_json)
+        _build(pipeline, cfg, files, tmp, tokenizer_json, template and template.source)
     except Exception as e:  # a worker's error arrives as the runner's exception, its traceback in the text
       found = _WORKER_ERROR.findall(str(e))
       if not found:
         raise
       kind, message = found[-1]
       raise (ValueError if kind == 'ValueError' else FileNotFoundError)(message) from e
-    manifest = _manifest(cfg, out, argv, tmp, report if report is not None else {}, runner)
+    manifest = _manifest(cfg, out, argv, tmp, report if report is not None else {}, runner, template)
     shutil.rmtree(os.path.join(tmp, WORK))
     prep.finish(tmp, out, manifest)
   except BaseException:
@@ -139,7 +140,7 @@ def prepare(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None = None
 
 
 def _manifest(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None, tmp: str, report: dict,
-              runner: str) -> dict:
+              runner: str, template) -> dict:
   """manifest.json from the workers' records, as prepare.prepare builds it."""
   records = {}
   for name in ('reads', 'kept', 'shards'):
@@ -165,12 +166,12 @@ def _manifest(cfg: prep.PrepareConfig, out: str, argv: Sequence[str] | None, tmp
     entries = [e for s, i, e in sorted(records['shards'], key=lambda r: (r[0], r[1])) if s == split]
     splits[split] = {'documents': sum(e['rows'] for e in entries), 'tokens': sum(e['tokens'] for e in entries),
                      'shards': entries}
-  return prep.build_manifest(cfg, out, argv, tmp, source_info, counts, splits, vocab, eos_token, eos_id)
+  return prep.build_manifest(cfg, out, argv, tmp, source_info, counts, splits, vocab, eos_token, eos_id, template)
 
 
 def _build(pipeline, cfg: prep.PrepareConfig, files: list[corpus.SourceFile], tmp: str,
-           tokenizer_json: str | None) -> None:
-  """The pipeline's stages (see the module docstring)."""
+           tokenizer_json: str | None, template: str | None) -> None:
+  """The pipeline's stages (see the module docstring); `template` is the chat template's source."""
   singleton = beam.pvalue.AsSingleton
   work = os.path.join(tmp, WORK)
 
@@ -209,7 +210,7 @@ def _build(pipeline, cfg: prep.PrepareConfig, files: list[corpus.SourceFile], tm
   else:
     sample = (split_docs
               | 'train docs' >> beam.Filter(lambda d: d[0] == 'train')
-              | 'sample keys' >> beam.Map(lambda d: (prep.rank_key(d[2], cfg.seed, prep.TOKENIZER_SALT), d[1], d[3])))
+              | 'sample keys' >> beam.Map(_sample_key, cfg.seed, cfg.format, template))
     sample = (sample | 'sample' >> beam.combiners.Top.Smallest(cfg.tokenizer_sample)
               if cfg.tokenizer_sample is not None else sample | 'sample' >> beam.combiners.ToList())
     tokenizer = sample | 'train tokenizer' >> beam.FlatMap(_train, cfg.vocab_size, tmp)
@@ -218,7 +219,8 @@ def _build(pipeline, cfg: prep.PrepareConfig, files: list[corpus.SourceFile], tm
   tokens = (split_docs
             | 'texts' >> beam.Map(lambda d: (d[0], d[1], d[3]))
             | 'batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=_ENCODE_BATCH)
-            | 'encode' >> beam.ParDo(_Encode(cfg.eos_token), singleton(tokenizer, default_value=None)))
+            | 'encode' >> beam.ParDo(_Encode(cfg.eos_token, cfg.format, cfg.train_on, template),
+                                     singleton(tokenizer, default_value=None)))
 
   # shard: plan each split in doc_id order, then one group per shard
   plans = (tokens
@@ -288,6 +290,20 @@ class _LargestOfSmallest(_CombineFn):
     return smallest[-1] if smallest else None
 
 
+def _sample_key(doc, seed: int, fmt: str, template: str | None) -> tuple[bytes, int, str]:
+  """(tokenizer-sample key, doc_id, the text a BPE learns from: a chat or preference record rendered)."""
+  _, doc_id, digest, text = doc
+  if template is not None:
+    text = prep.rendered(_template(template), json.loads(text), fmt)
+  return prep.rank_key(digest, seed, prep.TOKENIZER_SALT), doc_id, text
+
+
+@functools.lru_cache(maxsize=4)
+def _template(source: str) -> chat.ChatTemplate:
+  """A worker's ChatTemplate, made once per source (prepare.chat_template's, sent as text)."""
+  return chat.ChatTemplate(source)
+
+
 def _train(sample: list[tuple[bytes, int, str]], vocab_size: int, tmp: str):
   """The BPE trained on `sample` in doc_id order, saved as tmp/tokenizer.json; yields its JSON."""
   if not sample:
@@ -300,12 +316,13 @@ def _train(sample: list[tuple[bytes, int, str]], vocab_size: int, tmp: str):
 
 
 class _Encode(_DoFn):
-  """A batch of (split, doc_id, text) -> (split, doc_id, tokens) with tokenizer.encode; the tokenizer arrives as
-  its JSON (a side input) and is parsed once per worker."""
+  """A batch of (split, doc_id, text) -> (split, doc_id, tokens) as prepare.prepare encodes each format; the
+  tokenizer arrives as its JSON (a side input) and is parsed once per worker. A preference row's two sequences
+  become documents 2 doc_id and 2 doc_id + 1."""
 
-  def __init__(self, eos_token: str | None):
+  def __init__(self, eos_token: str | None, fmt: str, train_on: str, template: str | None):
     super().__init__()
-    self._eos_token = eos_token
+    self._eos_token, self._format, self._train_on, self._template = eos_token, fmt, train_on, template
     self._json = self._tokenizer = self._eos_id = None
 
   def process(self, batch, tokenizer_json: str):
@@ -313,9 +330,20 @@ class _Encode(_DoFn):
       import tokenizers  # pylint: disable=g-import-not-at-top
       self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
       self._json, self._eos_id = tokenizer_json, tok.eos(self._tokenizer, self._eos_token)[1]
-    encoded = tok.encode(self._tokenizer, [text for _, _, text in batch], self._eos_id)
-    for (split, doc_id, _), tokens in zip(batch, encoded):
-      yield split, doc_id, tokens
+    if self._template is None:
+      encoded = tok.encode(self._tokenizer, [text for _, _, text in batch], self._eos_id)
+      for (split, doc_id, _), tokens in zip(batch, encoded):
+        yield split, doc_id, tokens
+      return
+    template = _template(self._template)
+    for split, doc_id, text in batch:
+      if self._format == 'chat':
+        yield split, doc_id, chat.encode_conversation(self._tokenizer, template, json.loads(text), self._eos_id,
+                                                      self._train_on)
+      else:
+        pair = preference.encode_pair(self._tokenizer, template, json.loads(text), self._eos_id)
+        yield split, 2 * doc_id, pair[0]
+        yield split, 2 * doc_id + 1, pair[1]
 
 
 def _plan(group, max_tokens: int) -> tuple[str, list[int]]:

@@ -99,6 +99,32 @@ def test_a_given_tokenizer_and_no_validation_agree_too(tmp_path):
 
 
 @needs_beam
+@pytest.mark.parametrize('fmt', ['chat', 'preference'])
+def test_chat_and_preference_data_agree_too(tmp_path, fmt):
+  docs = _documents(24, seed=4)
+  rows = []
+  for i in range(24):
+    if fmt == 'chat':
+      rows.append({'messages': [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': docs[i]},
+                                {'role': 'assistant', 'content': docs[(i + 1) % 24]}]})
+    else:
+      prompt = docs[i] if i % 2 else [{'role': 'user', 'content': docs[i]}]
+      rows.append({'prompt': prompt, 'chosen': docs[(i + 1) % 24], 'rejected': docs[(i + 5) % 24]})
+  os.makedirs(tmp_path / 'src')
+  for name, part in (('a.jsonl', rows[:14]), ('b.jsonl', rows[14:] + rows[2:4])):  # two rows in both files
+    with open(tmp_path / 'src' / name, 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps(r) + '\n' for r in part)
+  cfg = prepare.PrepareConfig(source=str(tmp_path / 'src' / '*.jsonl'), format=fmt, train_tokenizer=True, vocab_size=300,
+                              validation_fraction=0.2, shard_max_tokens=500, train_on='assistant')
+  prepare.prepare(cfg, str(tmp_path / 'local'))
+  data_beam.prepare(cfg, str(tmp_path / 'beam'), num_workers=2)
+  manifest = _same_output(tmp_path / 'local', tmp_path / 'beam')
+  assert manifest['documents']['duplicates'] == 2 and manifest['documents']['kept'] == 24
+  assert ('chat' in manifest) and (fmt != 'preference' or manifest['preference']['pairs'] == {
+      'train': 24 - round(0.2 * 24), 'validation': round(0.2 * 24)})
+
+
+@needs_beam
 def test_a_worker_error_names_the_file_exits_2_and_leaves_nothing(tmp_path, capsys):
   src = tmp_path / 'src'
   src.mkdir()
