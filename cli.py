@@ -99,17 +99,20 @@ def _serve_flags(p) -> None:
   p.add_argument('--log-file', '--log_file', dest='log_file', default=SERVE_LOG,
                  help=f"Libraries' detailed logs (appended; default {SERVE_LOG}).")
   importlib.import_module('serve.lora_flags').add_arguments(p)
+  importlib.import_module('serve.spec_flags').add_arguments(p)
 
 
 def _serve(args, argv) -> int:
   import configs
   from serve.command import lora_flags, serve_command
+  from serve import spec_flags
   engine_cfg, server_cfg = configs.load_serve_config(args.gin_file, args.gin_param)
   given = {k: v for k, v in (('host', args.host), ('port', args.port), ('api_key', args.api_key),
                              ('model_name', args.served_model_name)) if v is not None}
   return serve_command(engine_cfg, dataclasses.replace(server_cfg, **given), checkpoint=args.checkpoint,
                        hf_dir=args.hf_dir, step=args.step, tokenizer=args.tokenizer,
-                       tensor_parallel=args.tensor_parallel, **lora_flags.values(args))
+                       tensor_parallel=args.tensor_parallel, **lora_flags.values(args),
+                       **spec_flags.values(args))
 
 
 def _prepare(args, argv) -> int:

@@ -239,4 +239,5 @@ class EngineDriver:
         tokens_per_second=sum(n for _, n in self._rate) / RATE_WINDOW_S,
         rate_window_s=RATE_WINDOW_S, prefix_hit_tokens=self._prefix[0],
         prefix_query_tokens=self._prefix[1], lora_adapters=len(self.engine.adapters.names()),
-        lora_resident=self.engine.adapters.resident, lora_swaps=self.engine.stats['lora_swaps'])
+        lora_resident=self.engine.adapters.resident, lora_swaps=self.engine.stats['lora_swaps'],
+        **self.engine.spec_stats.as_dict())

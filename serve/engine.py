@@ -18,7 +18,17 @@ code with advance and resolve fused. Which features use which path:
                computed and discarded), aborts (their in-flight token is dropped).
   synchronous  EngineConfig.async_scheduling=False; and steps after one that sampled for a
                grammar-constrained request (its next token bitmask needs the token before on
-               the host; see Engine._overlaps). Speculative decoding will join them.
+               the host; see Engine._overlaps); steps that speculate (their drafts need the tokens
+               before them on the host; serve/speculative.py).
+
+Speculative decoding (EngineConfig.speculative, serve/speculative.py): before planning, a drafter
+proposes up to k tokens per decoding request (prompt lookup, or a draft model on its own Engine,
+attach_drafter); the scheduler plans each as its last token + its drafts; the step computes the
+target's logits at every drafted position and verifies on device (greedy: longest matching prefix;
+sampling: exact rejection sampling), and the scheduler rolls rejected tokens back. Always-present
+step inputs when speculation is configured: per verification row its token index and draft token,
+per sequence its draft count (and, with a draft model, the drafter's logits [B (k + 1), V]); the
+verification runs in a branch taken only when some row has drafts.
 
 Always-present step inputs and outputs, so that no feature compiles a variant of the step:
   - a token bitmask [B, ceil(V / 32)] applied to the logits before sampling (a device-resident
@@ -73,11 +83,11 @@ from models.config import ModelConfig
 from parallelism import sharding as sharding_lib
 from parallelism.rules import DEFAULT_RULES, Rules
 from serve import forward as forward_lib
-from serve import kv_cache, quant, sampling
+from serve import kv_cache, quant, sampling, speculative
 from serve import lora as lora_lib
 from serve.attention import AttentionBackend, resolve
 from serve.sampling import SamplingParams
-from serve.scheduler import PLACEHOLDER, Policy, Scheduler, SchedulerConfig, StepPlan
+from serve.scheduler import PLACEHOLDER, Finished, Policy, Scheduler, SchedulerConfig, StepPlan
 from serve.text import TextStream
 
 
@@ -116,6 +126,9 @@ class EngineConfig:
   layer_loop: str = 'auto'  # 'scan' | 'unroll' | 'auto': scan on CPU, unrolled on GPU and TPU
   max_loras: int = 0  # LoRA adapter slots in device memory (0: no adapters); see serve/lora.py
   max_lora_rank: int = 16  # the slots' rank: adapters of lower rank are zero-padded (exact)
+  speculative: str | None = None  # None: off; 'ngram': prompt lookup; 'draft': a draft model (attach_drafter)
+  num_speculative_tokens: int = 0  # k: drafts per verification (>= 1 when speculative is set)
+  speculative_max_batch: int = 4  # back-off: speculate only while at most this many sequences run
 
   def __post_init__(self):
     object.__setattr__(self, 'policy', Policy(self.policy))
@@ -130,12 +143,40 @@ class EngineConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value < (name == 'max_lora_rank'):
         raise ValueError(f'EngineConfig.{name}={value!r}; use an integer >= '
                          f'{int(name == "max_lora_rank")}.')
+    self._check_speculative()
     if self.min_bucket < 1:
       raise ValueError(f'EngineConfig.min_bucket={self.min_bucket}; use a positive token count.')
     if self.max_seqs > self.token_budget:
       raise ValueError(f'EngineConfig.max_seqs={self.max_seqs} > token_budget={self.token_budget}: '
                        'a step could not decode every running sequence; raise token_budget.')
     self.scheduler_config()  # validates the shared fields, naming them
+
+  def _check_speculative(self) -> None:
+    k = self.num_speculative_tokens
+    if self.speculative not in (None, *speculative.SPECULATIVE):
+      raise ValueError(f'EngineConfig.speculative={self.speculative!r}; use None (off), \'ngram\' (prompt '
+                       'lookup) or \'draft\' (a draft model).')
+    if not isinstance(k, int) or isinstance(k, bool) or k < (1 if self.speculative else 0):
+      raise ValueError(f'EngineConfig.num_speculative_tokens={k!r}; use an integer >= 1 with speculative='
+                       f'{self.speculative!r} (--num-speculative-tokens, e.g. 4).')
+    if k and not self.speculative:
+      raise ValueError(f'EngineConfig.num_speculative_tokens={k} without a drafter; set speculative '
+                       '(--speculative ngram, --draft-checkpoint or --draft-hf-dir) or use 0.')
+    if k and k + 1 > self.token_budget:
+      raise ValueError(f'EngineConfig.num_speculative_tokens={k}: a verification computes k + 1 = {k + 1} '
+                       f'tokens of one sequence in one step, more than token_budget={self.token_budget}; '
+                       'lower k or raise token_budget.')
+    if k and k + 1 > self.max_pages_per_seq * self.page_size:
+      raise ValueError(f'EngineConfig.num_speculative_tokens={k} exceeds a sequence\'s block table '
+                       f'({self.max_pages_per_seq} pages of {self.page_size}); lower k.')
+    if not isinstance(self.speculative_max_batch, int) or self.speculative_max_batch < 1:
+      raise ValueError(f'EngineConfig.speculative_max_batch={self.speculative_max_batch!r}; use an integer '
+                       '>= 1 (speculate while at most that many sequences run).')
+
+  @property
+  def verify_width(self) -> int:
+    """Verification rows per sequence slot, k + 1 (0: speculation off)."""
+    return self.num_speculative_tokens + 1 if self.speculative else 0
 
   def scheduler_config(self) -> SchedulerConfig:
     return SchedulerConfig(self.num_pages, self.page_size, self.max_seqs, self.max_pages_per_seq,
@@ -183,6 +224,7 @@ class _Request:
   matcher: object = None  # the grammar's matcher (serve/grammar.py)
   stop_stream: TextStream | None = None  # incremental detokenization for stop strings
   adapter: lora_lib.HostAdapter | None = None  # its LoRA adapter (None: the base)
+  speculate: bool = False  # drafts may be proposed for it (serve/speculative.py)
 
 
 class _InFlight(NamedTuple):
@@ -192,34 +234,40 @@ class _InFlight(NamedTuple):
   advanced: bool = False  # scheduler.advance(plan) ran: resolve, not update, applies the tokens
   row_lp: sampling.Logprobs | None = None  # device arrays; fetched only when someone asked
   token_lp: sampling.Logprobs | None = None
+  logits_BV: jax.Array | None = None  # each row's logits (a draft model's q), on device
+  verified: tuple[jax.Array, jax.Array] | None = None  # (tokens_BK1, accepted_B) when the plan has drafts
 
 
 def _pack(batch: forward_lib.StepBatch, feed_T: np.ndarray, targets_T: np.ndarray,
-          flags_2: np.ndarray, sampling_batch: sampling.SamplingBatch, lora_slots_T: np.ndarray):
+          flags_3: np.ndarray, sampling_batch: sampling.SamplingBatch, lora_slots_T: np.ndarray,
+          spec: tuple[np.ndarray, ...] = ()):
   """One int32 and one float32 host buffer for a step's inputs: two transfers instead of twelve.
-  The LoRA slot ids come last (`_lora_slots`)."""
+  `spec`: the verification inputs (see _unpack), when speculation is configured. The LoRA slot ids
+  come last (`_lora_slots`)."""
   seeds = sampling_batch.seeds_B.astype(np.uint32).view(np.int32)
   ints = np.concatenate([np.ravel(x) for x in batch] + [
-      feed_T, targets_T, flags_2, sampling_batch.top_k_B, seeds,
-      sampling_batch.positions_B, lora_slots_T]).astype(np.int32)
+      feed_T, targets_T, flags_3, sampling_batch.top_k_B, seeds,
+      sampling_batch.positions_B, *spec, lora_slots_T]).astype(np.int32)
   floats = np.concatenate([sampling_batch.temperature_B, sampling_batch.top_p_B]).astype(np.float32)
   return ints, floats
 
 
-def _unpack(ints_I, floats_F, T: int, B: int, M: int):
-  """The inverse of _pack (on device): static slices of the two buffers."""
-  sizes = (T, T, B * M, B, B + 1, 1, B, T, T, 2, B, B, B)
+def _unpack(ints_I, floats_F, T: int, B: int, M: int, R: int):
+  """The inverse of _pack (on device): static slices of the two buffers. With R > 0 (speculation:
+  R = B (k + 1) verification rows) also (verify_indices_R, draft_R, num_draft_B), else None."""
+  sizes = (T, T, B * M, B, B + 1, 1, B, T, T, 3, B, B, B) + ((R, R, B) if R else ())
   parts, start = [], 0
   for n in sizes:
     parts.append(ints_I[start:start + n])
     start += n
   (tokens, positions, tables, kv_lens, cu, num_seqs, last, feed, targets, flags, top_k, seeds,
-   sample_pos) = parts
+   sample_pos) = parts[:13]
+  spec = tuple(parts[13:]) or None
   batch = forward_lib.StepBatch(tokens, positions, tables.reshape(B, M), kv_lens, cu, num_seqs,
                                 last)
   seeds = jax.lax.bitcast_convert_type(seeds, jax.numpy.uint32)
   return batch, feed, targets, flags, sampling.SamplingBatch(floats_F[:B], top_k, floats_F[B:],
-                                                             seeds, sample_pos)
+                                                             seeds, sample_pos), spec
 
 
 def _lora_slots(ints_I, T: int):
@@ -227,30 +275,46 @@ def _lora_slots(ints_I, T: int):
   return ints_I[ints_I.shape[0] - T:]
 
 
-def _step(graphdef, backend, mesh, unroll, shape, params, pages, ints_I, floats_F, prev_tokens_B,
-          mask_BW, lora_stacks=None):
+def _step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, floats_F,
+          prev_tokens_B, mask_BW, *extra):
   """One step. Tokens with feed_T >= 0 are the previous step's sampled token in that row (a
   decode planned before its input was known on the host); the rest come from the host.
-  flags: [some row wants its sampled token's logprobs, some row is grammar-masked].
-  lora_stacks: the adapter slots (serve/lora.py), given when the engine has any."""
-  batch, feed_T, targets_T, flags, sampling_batch = _unpack(ints_I, floats_F, *shape)
+  flags: [some row wants its sampled token's logprobs, some row is grammar-masked, some row has
+  drafts to verify]. shape: (T, B, M, R), R the verification rows (0: no speculation).
+  inputs: (a draft model's logits q_RV come first in `extra`, the LoRA adapter slots come last).
+  Returns ((tokens_B, row_lp, token_lp, logits_BV, verified), pages); verified: (tokens_BK1,
+  accepted_B) with R > 0 (serve/speculative.py: verify), else None."""
+  has_q, has_lora = inputs
+  T, B, _, R = shape
+  batch, feed_T, targets_T, flags, sampling_batch, spec = _unpack(ints_I, floats_F, *shape)
   fed_T = jax.numpy.take(prev_tokens_B, jax.numpy.maximum(feed_T, 0))
   batch = batch._replace(token_ids_T=jax.numpy.where(feed_T >= 0, fed_T, batch.token_ids_T))
   slots_T = None
-  if lora_stacks:
-    params = lora_lib.attach(params, lora_stacks)
-    slots_T = _lora_slots(ints_I, shape[0])
-  logits_BV, token_lp, pages = forward_lib.forward_with_token_logprobs(
+  if has_lora:
+    params = lora_lib.attach(params, extra[-1])
+    slots_T = _lora_slots(ints_I, T)
+  with_head = None
+  if spec is not None:
+    verify_indices_R, draft_R, num_draft_B = spec
+    q_RV = extra[0] if has_q else None
+
+    def with_head(head):
+      zeros = lambda: (jax.numpy.zeros((B, R // B), jax.numpy.int32), jax.numpy.zeros(B, jax.numpy.int32))
+      return jax.lax.cond(flags[2] > 0, lambda: speculative.verify(
+          head(verify_indices_R), q_RV, draft_R, num_draft_B, sampling_batch), zeros)
+  out = forward_lib.forward_with_token_logprobs(
       graphdef, params, pages, batch, targets_T, backend=backend, mesh=mesh, unroll=unroll,
-      lora_slots_T=slots_T)
+      lora_slots_T=slots_T, with_head=with_head)
+  logits_BV, token_lp, pages = out[:3]
+  verified = out[3] if spec is not None else None
   tokens_B = sampling.sample(sampling.apply_mask(logits_BV, mask_BW, flags[1] > 0), sampling_batch)
   row_lp = sampling.logprobs(logits_BV, tokens_B, flags[0] > 0, logits_BV.shape[-1])
-  return (tokens_B, row_lp, token_lp), pages
+  return (tokens_B, row_lp, token_lp, logits_BV, verified), pages
 
 
 def _tokens_only(executable, *args):
   """The compiled step as (tokens_B, pages): what serve/sim/probe.py times."""
-  (tokens_B, _, _), pages = executable(*args)
+  (tokens_B, *_), pages = executable(*args)
   return tokens_B, pages
 
 
@@ -281,8 +345,12 @@ class Engine:
                                           engine_cfg.kv_dtype)
     self.kv_spec = spec
     B, M = engine_cfg.max_seqs, engine_cfg.max_pages_per_seq
+    self._K1 = engine_cfg.verify_width
+    R = B * self._K1
+    self._has_q = engine_cfg.speculative == 'draft'
     unroll = unrolls(engine_cfg.layer_loop, jax.default_backend())
-    steps = {T: functools.partial(_step, graphdef, self.backend, mesh, unroll, (T, B, M))
+    steps = {T: functools.partial(_step, graphdef, self.backend, mesh, unroll, (T, B, M, R),
+                                  (self._has_q, bool(engine_cfg.max_loras)))
              for T in engine_cfg.buckets()}
     if engine_cfg.weight_dtype == 'int8':
       self._quantize = jax.jit(quant.quantize_params)
@@ -307,9 +375,10 @@ class Engine:
       replicated = NamedSharding(mesh, PartitionSpec())
       pools = kv_cache.pages_sharding(spec, pool)
       lora_in = (replicated,) if engine_cfg.max_loras else ()
+      q_in = (replicated,) if self._has_q else ()
       jitted = {T: jax.jit(f, donate_argnums=(1,),
                            in_shardings=(param_shardings, pools, replicated, replicated,
-                                         replicated, replicated) + lora_in,
+                                         replicated, replicated) + q_in + lora_in,
                            out_shardings=(replicated, pools)) for T, f in steps.items()}
       self._stacks = jax.device_put(lora_lib.init_stacks(self.adapters.targets,
                                                          engine_cfg.max_loras,
@@ -335,6 +404,11 @@ class Engine:
                                        self._replicated)
     self._num_prompt_lp = 0  # live requests that want prompt logprobs
     self._num_grammar = 0  # live requests with a grammar
+    self._num_speculative = 0  # live requests that may draft
+    self._no_q = (jax.device_put(np.zeros((R, model_cfg.vocab_size), np.float32), self._replicated)
+                  if self._has_q else None)
+    self._drafter = speculative.NgramDrafter() if engine_cfg.speculative == 'ngram' else None
+    self.spec_stats = speculative.SpecStats()
     start = time.perf_counter()
     self._steps, self._compiled = {}, {}
     with self._rules(rules):
@@ -384,7 +458,9 @@ class Engine:
         self.adapters.release(adapter)
       raise
     seed = params.seed if params.seed is not None else int(self._seeds.integers(2 ** 32))
-    request = _Request(params, seed, matcher=matcher, adapter=adapter)
+    request = _Request(params, seed, matcher=matcher, adapter=adapter,
+                       speculate=bool(self._K1) and params.speculate and params.logprobs is None
+                       and matcher is None)
     if wants_prompt:
       request.prompt_ids = tuple(int(t) for t in prompt_ids)
       request.prompt_lp = [None] * len(request.prompt_ids)
@@ -396,10 +472,13 @@ class Engine:
   def _track(self, request: _Request, sign: int) -> None:
     self._num_prompt_lp += sign * (request.prompt_lp is not None)
     self._num_grammar += sign * (request.matcher is not None)
+    self._num_speculative += sign * request.speculate
 
   def _drop(self, request_id: str) -> None:
     request = self._requests.pop(request_id, None)
     if request is not None:
+      if request.speculate and self._drafter is not None:
+        self._drafter.forget(request_id)
       self._track(request, -1)
       if request.adapter is not None:
         self.adapters.release(request.adapter)
@@ -458,40 +537,61 @@ class Engine:
     # Host work below overlaps the device step just dispatched.
     clock = time.perf_counter()
     done = {f.request_id: f for f in finished}
-    for request_id, token, _ in new:
+    for i, (request_id, tokens, lp) in enumerate(new):
       request = self._requests[request_id]
-      if request_id not in done and request.stop_stream is not None and self._hits_stop(
-          request, token):
-        done[request_id] = self.scheduler.finish(request_id, 'stop')
+      if request.stop_stream is not None and (request_id not in done or len(tokens) > 1):
+        new[i] = (request_id, self._stop_strings(request_id, request, tokens, done), lp)
     outputs = []
-    for request_id, token, lp in new:
+    for request_id, tokens, lp in new:
       request = self._requests[request_id]
       extra = {}
       if lp is not None:
         extra['logprobs'] = (lp,)
       if request.prompt_lp is not None:  # sent once, with the first token
         extra['prompt_logprobs'] = tuple(request.prompt_lp)
-        self._track(request, -1)
+        self._num_prompt_lp -= 1
         request.prompt_lp = None
       f = done.get(request_id)
       if f is None:
-        outputs.append(RequestOutput(request_id, (token,), **extra))
+        outputs.append(RequestOutput(request_id, tokens, **extra))
       else:
         self._drop(request_id)
-        outputs.append(RequestOutput(request_id, (token,), True, f.reason, f.output_ids, **extra))
+        outputs.append(RequestOutput(request_id, tokens, True, f.reason, f.output_ids, **extra))
     now = time.perf_counter()
     self.stats['output_s'] += now - clock
     self.stats['host_s'] += now - start
     return outputs
 
+  def _stop_strings(self, request_id: str, request: _Request, tokens: tuple[int, ...],
+                    done: dict) -> tuple[int, ...]:
+    """Pushes a step's new tokens through the request's stop strings; on a hit the request ends
+    there ('stop'; tokens verified past it are dropped) and the tokens up to it are returned."""
+    for i, token in enumerate(tokens):
+      if self._hits_stop(request, token):
+        if i == len(tokens) - 1 and request_id in done:
+          break  # it ended on this very token anyway (stop token or max_tokens): keep that reason
+        f = done.get(request_id) or self.scheduler.finish(request_id, 'stop')
+        cut = len(tokens) - 1 - i
+        done[request_id] = Finished(request_id, f.output_ids[:len(f.output_ids) - cut], 'stop')
+        return tokens[:i + 1]
+    return tokens
+
   def _overlaps(self, prev: _InFlight) -> bool:
     """Whether the step after `prev` may be planned before prev's tokens reach the host: not when
-    prev sampled for a grammar-constrained request (its next bitmask needs that token); a
-    speculative draft will join it."""
+    prev sampled for a grammar-constrained request (its next bitmask needs that token), nor when
+    prev verified drafts or the next step may draft (drafts need the tokens before them)."""
     if self._num_grammar and any(r is not None and r.matcher is not None and s.sample
                                  for s, r in zip(prev.plan.seqs, prev.requests)):
       return False
+    if self._K1 and (self._speculating() or any(s.num_draft for s in prev.plan.seqs)):
+      return False
     return self.config.async_scheduling
+
+  def _speculating(self) -> bool:
+    """Whether the next step drafts: some live request may, and at most speculative_max_batch run
+    (the back-off: serve/speculative.py says why)."""
+    return (self._drafter is not None and self._num_speculative > 0
+            and self.scheduler.num_running <= self.config.speculative_max_batch)
 
   def _collect(self, prev: _InFlight) -> tuple[list[tuple[str, int, TokenLogprob | None]], list]:
     """Waits for prev's tokens and applies them; (request id, token, logprob or None) of live
@@ -501,8 +601,20 @@ class Engine:
     now = time.perf_counter()
     self.stats['wait_s'] += now - clock
     sampled = {s.request_id: int(tokens[b]) for b, s in enumerate(prev.plan.seqs) if s.sample}
+    before = {}  # outputs before this step, of requests that verified drafts
+    if prev.verified is not None:
+      tokens_BK1, accepted_B = (np.asarray(x) for x in prev.verified)
+      for b, s in enumerate(prev.plan.seqs):
+        if s.num_draft and self._requests.get(s.request_id) is prev.requests[b]:
+          m = int(accepted_B[b])
+          sampled[s.request_id] = tuple(tokens_BK1[b, :m + 1].tolist())
+          before[s.request_id] = len(self.scheduler.output_ids(s.request_id))
+          self.spec_stats.verifications += 1
+          self.spec_stats.drafted += s.num_draft
+          self.spec_stats.accepted += m
     apply = self.scheduler.resolve if prev.advanced else self.scheduler.update
     finished = apply(prev.plan, sampled)
+    ended = {f.request_id: f for f in finished}
     self.stats['update_s'] += time.perf_counter() - now
     # Requests aborted since dispatch are skipped by the scheduler; report nothing for them.
     live = [(b, s, r, t) for b, s, r, t in self._spans(prev.plan, prev.requests)
@@ -514,12 +626,17 @@ class Engine:
     for b, s, r, _ in live:
       if not s.sample:
         continue
+      if s.request_id in before:  # verified drafts: the tokens the scheduler kept
+        f = ended.get(s.request_id)
+        outputs = f.output_ids if f is not None else self.scheduler.output_ids(s.request_id)
+        new.append((s.request_id, tuple(outputs[before[s.request_id]:]), None))
+        continue
       token, lp = sampled[s.request_id], None
       if row_lp is not None and r.params.logprobs is not None:
         k = r.params.logprobs
         lp = TokenLogprob(token, float(row_lp[0][b]),
                           tuple(zip(row_lp[1][b, :k].tolist(), row_lp[2][b, :k].tolist())))
-      new.append((s.request_id, token, lp))
+      new.append((s.request_id, (token,), lp))
     if self._num_grammar:
       ended = {f.request_id for f in finished}
       finished += self._advance_grammars([n for n in new if n[0] not in ended])
@@ -530,7 +647,7 @@ class Engine:
     (or, never expected under the mask, rejected the token) end now, before the next step is
     planned."""
     ended = []
-    for request_id, token, _ in new:
+    for request_id, (token,), _ in new:  # constrained requests never draft: one token each
       matcher = self._requests[request_id].matcher
       if matcher is not None and (not matcher.consume_token(token) or matcher.is_stopped()):
         ended.append(self.scheduler.finish(request_id, 'stop'))
@@ -572,8 +689,9 @@ class Engine:
     tokens feed this step's decodes of them."""
     if not self.scheduler.has_work:
       return
+    drafts = self._propose(prev) if self._K1 else None
     clock = time.perf_counter()
-    plan = self.scheduler.schedule()
+    plan = self.scheduler.schedule(drafts)
     now = time.perf_counter()
     self.stats['plan_s'] += now - clock
     self.stats['preemptions'] += len(plan.preempted)
@@ -586,22 +704,84 @@ class Engine:
     T = next(b for b in self.config.buckets() if b >= plan.num_tokens)
     if self.config.max_loras:
       self._place_adapters(plan)
-    arrays = self._host_arrays(plan, T, prev)
+    q_RV = None
+    if drafts:
+      self.spec_stats.steps += 1
+      if self._has_q:
+        rows = [(s.request_id, b * self._K1, s.num_draft) for b, s in enumerate(plan.seqs) if s.num_draft]
+        q_RV = self._drafter.q_rows(rows, self.config.max_seqs * self._K1) if rows else None
+    arrays = self._host_arrays(plan, T, prev, q_RV)
     if self._replicated is not None:
       arrays = jax.device_put(arrays, self._replicated)
-    (tokens_B, row_lp, token_lp), self.pages = self._steps[T](self.params, self.pages, *arrays)
+    (tokens_B, row_lp, token_lp, logits_BV, verified), self.pages = self._steps[T](
+        self.params, self.pages, *arrays)
     requests = tuple(self._requests.get(s.request_id) for s in plan.seqs)
     wants_rows = any(r is not None and r.params.logprobs is not None and s.sample
                      for s, r in zip(plan.seqs, requests))
     wants_prompt = self._num_prompt_lp and any(r is not None and r.prompt_lp is not None
                                                for r in requests)
     self._inflight = _InFlight(plan, requests, tokens_B, row_lp=row_lp if wants_rows else None,
-                               token_lp=token_lp if wants_prompt else None)
+                               token_lp=token_lp if wants_prompt else None, logits_BV=logits_BV,
+                               verified=verified if any(s.num_draft for s in plan.seqs) else None)
     self.stats['build_s'] += time.perf_counter() - now
     self.stats['steps'] += 1
     self.stats['overlapped_steps'] += prev is not None
     self.stats['tokens'] += plan.num_tokens
     self.stats['padded_tokens'] += T
+
+  def _propose(self, prev: _InFlight | None) -> dict[str, list[int]] | None:
+    """Drafts for the decoding requests that may speculate; None when this step backs off, or plans
+    ahead of `prev` (its tokens are not on the host yet; the step after it drafts)."""
+    if self._drafter is None:
+      if self._num_speculative:
+        raise RuntimeError('EngineConfig.speculative=\'draft\' but no draft model is attached; call '
+                           'engine.attach_drafter(draft_engine) before stepping.')
+      return None
+    if not self._speculating():
+      self.spec_stats.backoffs += self._num_speculative > 0
+      return None
+    if prev is not None:
+      return None
+    contexts = {}
+    for request_id, tokens, remaining in self.scheduler.decoding():
+      request = self._requests.get(request_id)
+      if request is not None and request.speculate and remaining > 1:
+        contexts[request_id] = speculative.Context(tokens, request.params, request.seed, remaining)
+    if not contexts:
+      return None
+    clock = time.perf_counter()
+    drafts = self._drafter.propose(contexts, self.config.num_speculative_tokens)
+    self.spec_stats.draft_s += time.perf_counter() - clock
+    return {rid: d for rid, d in drafts.items() if d} or None
+
+  def attach_drafter(self, draft: Engine) -> None:
+    """Drafts with `draft`, an Engine over a small model of the same vocabulary built with
+    speculative.draft_engine_config(this engine's config); EngineConfig.speculative must be 'draft'."""
+    if self.config.speculative != 'draft':
+      raise ValueError(f'attach_drafter: this engine has speculative={self.config.speculative!r}; build it '
+                       'with EngineConfig(speculative=\'draft\', num_speculative_tokens=k).')
+    if draft.model_cfg.vocab_size != self.model_cfg.vocab_size:
+      raise ValueError(f'the draft model has a vocabulary of {draft.model_cfg.vocab_size} tokens, the target '
+                       f'{self.model_cfg.vocab_size}: a drafter must share the target\'s tokenizer (e.g. a '
+                       'student distilled from it: stoker distill).')
+    self._drafter = speculative.DraftModel(draft, self.config)
+
+  def sync_step(self) -> tuple[dict[str, tuple[int, int]], jax.Array | None, list[str]]:
+    """Plans, runs and applies one step at once (a draft model's): ({request id: (sampled token, its
+    row)}, the step's logits [B, V] on device, ids of requests that ended)."""
+    if self._inflight is not None:
+      raise RuntimeError('sync_step() with a step in flight; drive an engine with step() or sync_step(), '
+                         'not both.')
+    self._dispatch(None)
+    prev, self._inflight = self._inflight, None
+    if prev is None:
+      return {}, None, []
+    new, finished = self._collect(prev)
+    rows = {s.request_id: b for b, s in enumerate(prev.plan.seqs) if s.sample}
+    for f in finished:
+      self._drop(f.request_id)
+    return ({rid: (tokens[0], rows[rid]) for rid, tokens, _ in new}, prev.logits_BV,
+            [f.request_id for f in finished])
 
   def _place_adapters(self, plan: StepPlan) -> None:
     """Copies the adapters `plan` needs into device slots (LRU) and records their slot ids."""
@@ -612,10 +792,12 @@ class Engine:
       self._stacks = self._write_slot(self._stacks, np.int32(slot - 1), adapter.factors)
     self.stats['lora_swaps'] += len(writes)
 
-  def _host_arrays(self, plan: StepPlan, T: int, prev: _InFlight | None = None):
+  def _host_arrays(self, plan: StepPlan, T: int, prev: _InFlight | None = None,
+                   q_RV: jax.Array | None = None):
     """The step's inputs after params and pages: the plan as packed numpy buffers (see _pack),
     padded to T tokens and max_seqs rows, the tokens of `prev` (the step in flight) that
-    placeholders in the plan stand for, and the grammar bitmask [B, ceil(V / 32)]."""
+    placeholders in the plan stand for, the grammar bitmask [B, ceil(V / 32)], and with a draft
+    model its logits in the verification rows (q_RV; zeros when none)."""
     B, M = self.config.max_seqs, self.config.max_pages_per_seq
     tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
     tables, kv_lens = np.zeros((B, M), np.int32), np.zeros(B, np.int32)
@@ -625,7 +807,10 @@ class Engine:
                                          if s.sample}
     targets = np.full(T, -1, np.int32)
     lora_slots = np.zeros(T, np.int32)
-    flags = np.zeros(2, np.int32)
+    flags = np.zeros(3, np.int32)
+    K1 = self._K1
+    verify_idx, drafts = np.zeros(B * K1, np.int32), np.full(B * K1, -1, np.int32)
+    num_draft = np.zeros(B if K1 else 0, np.int32)
     mask = None
     rows = []
     t = 0
@@ -641,6 +826,12 @@ class Engine:
       kv_lens[b], last[b] = start + n, t + n - 1
       t += n
       cu[b + 1] = t
+      if seq.num_draft:  # verification rows: the last token, then each draft
+        d = seq.num_draft
+        verify_idx[b * K1:b * K1 + d + 1] = np.arange(t - d - 1, t)
+        drafts[b * K1:b * K1 + d] = seq.token_ids[n - d:]
+        num_draft[b] = d
+        flags[2] = 1
       request = self._requests.get(seq.request_id)
       if request is not None and request.adapter is not None:
         lora_slots[t - n:t] = self._slot_of.get(request.adapter.key, 0)
@@ -665,9 +856,11 @@ class Engine:
     flags[1] = mask is not None
     batch = forward_lib.StepBatch(tokens, positions, tables, kv_lens, cu,
                                   np.array([len(plan.seqs)], np.int32), last)
-    ints, floats = _pack(batch, feed, targets, flags, sampling.host_batch(rows, B), lora_slots)
+    spec = (verify_idx, drafts, num_draft) if K1 else ()
+    ints, floats = _pack(batch, feed, targets, flags, sampling.host_batch(rows, B), lora_slots, spec)
     return (ints, floats, self._no_tokens if prev is None else prev.tokens_B,
             self._all_allowed if mask is None else mask) + (
+                (self._no_q if q_RV is None else q_RV,) if self._has_q else ()) + (
                 (self._stacks,) if self.config.max_loras else ())
 
   # ---- offline use.

@@ -21,7 +21,7 @@ target; [T, V] never leaves the device (the target's logprob and a top-k come ba
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,15 +63,23 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
 def forward_with_token_logprobs(
     graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: StepBatch,
     targets_T: jax.Array, *, backend: attention.AttentionBackend | str = attention.AttentionBackend.REFERENCE,
-    mesh: Mesh | None = None, unroll: bool = False, lora_slots_T: jax.Array | None = None
-) -> tuple[jax.Array, sampling.Logprobs, KVPages]:
+    mesh: Mesh | None = None, unroll: bool = False, lora_slots_T: jax.Array | None = None,
+    with_head: Callable | None = None):
   """`forward`, plus per token t the logprob of targets_T[t] (the token after it; -1: none) and
-  the top MAX_LOGPROBS, under the model's distribution at t: all zeros when no target is set."""
+  the top MAX_LOGPROBS, under the model's distribution at t: all zeros when no target is set.
+
+  with_head: called with head(indices_R) -> float32 logits [R, V] at those token indices (speculative
+  verification: every drafted position); its result is returned fourth. The caller decides when the
+  head runs (inside its own lax.cond), so a step that verifies nothing computes no [R, V] logits."""
   model, x_1TD, pages = _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T)
   x_1BD = jnp.take(x_1TD, batch.logits_indices_B, axis=1)
   scored = sampling.logprobs(lambda: model.logits(x_1TD)[0], targets_T, jnp.any(targets_T >= 0),
                              model.cfg.vocab_size)
-  return model.logits(x_1BD)[0], scored, pages
+  logits_BV = model.logits(x_1BD)[0]
+  if with_head is None:
+    return logits_BV, scored, pages
+  head = lambda indices_R: model.logits(jnp.take(x_1TD, indices_R, axis=1))[0].astype(jnp.float32)
+  return logits_BV, scored, pages, with_head(head)
 
 
 def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=None):

@@ -3,7 +3,8 @@
 Request-level series are observed as things happen: HTTP requests by route and status, time to
 first token (from the request's arrival), time between tokens, tokens in and out. Engine state
 (queue length, running sequences, KV pages used/free/cached, preemptions, prefix-cache hits,
-tokens per second, steps and the seconds spent in them, the rolling fluidity-index) is read at
+tokens per second, steps and the seconds spent in them, the rolling fluidity-index, speculative
+decoding's acceptance rate, accepted tokens per verification and drafter time) is read at
 scrape time from the snapshot the engine driver publishes after every step, so a scrape never
 touches the engine's own state.
 
@@ -125,6 +126,21 @@ class _EngineCollector:
                  s.get('lora_adapters', 0))
     yield _gauge('stoker_lora_resident', 'LoRA adapters in device slots.', s.get('lora_resident', 0))
     yield _counter('stoker_lora_swaps', 'LoRA adapters copied into a device slot.', s.get('lora_swaps', 0))
+    drafted, accepted = s.get('spec_drafted', 0), s.get('spec_accepted', 0)
+    verifications = s.get('spec_verifications', 0)
+    yield _gauge('stoker_spec_decode_acceptance_rate', 'Speculative decoding: share of draft tokens the '
+                 'target accepted (0 before any).', accepted / drafted if drafted else 0.0)
+    yield _gauge('stoker_spec_decode_mean_accepted_tokens', 'Speculative decoding: draft tokens accepted per '
+                 'verification (each also yields one token of the target\'s own).',
+                 accepted / verifications if verifications else 0.0)
+    yield _counter('stoker_spec_decode_draft_tokens', 'Draft tokens verified.', drafted)
+    yield _counter('stoker_spec_decode_accepted_tokens', 'Draft tokens accepted.', accepted)
+    yield _counter('stoker_spec_decode_verifications', 'Sequences verified (one per speculating sequence and '
+                   'step).', verifications)
+    yield _counter('stoker_spec_decode_drafter_seconds', 'Seconds spent drafting (prompt lookup or the draft '
+                   'model\'s steps).', s.get('spec_draft_s', 0.0))
+    yield _counter('stoker_spec_decode_backoff_steps', 'Steps that did not speculate because more than '
+                   'speculative_max_batch sequences ran.', s.get('spec_backoffs', 0))
     yield _counter('stoker_engine_step_seconds', 'Seconds spent in Engine.step, waiting for the device '
                    'included (its rate: the engine\'s busy fraction).', s.get('step_seconds', 0.0))
     fluidity = self._metrics.rolling_fluidity()

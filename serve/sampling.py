@@ -38,6 +38,7 @@ class SamplingParams:
   prompt_logprobs: int | None = None  # None: off; k: the prompt's logprobs and top k, from the prefill
   grammar: Any = None  # a serve.grammar.Grammar: decoding constrained to it (token bitmasks)
   lora: str | None = None  # the name of a LoRA adapter loaded in the engine (None: the base model)
+  speculate: bool = True  # False: never draft for it (an engine with speculative decoding; serve/speculative.py)
 
   def __post_init__(self):
     object.__setattr__(self, 'stop_token_ids', tuple(int(t) for t in self.stop_token_ids))

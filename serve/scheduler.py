@@ -263,6 +263,37 @@ class Scheduler:
   def running_ids(self) -> tuple[str, ...]:
     return tuple(r.request_id for r in self._running)
 
+  def decoding(self) -> list[tuple[str, list[int], int]]:
+    """(id, tokens so far, outputs it may still add) of each running request that decodes next step with its
+    last token known: those a drafter may draft for. The token lists are the scheduler's own; do not change them."""
+    return [(r.request_id, r.token_ids, r.max_tokens - (len(r.token_ids) - r.num_prompt)) for r in self._running
+            if r.decoding and not r.done and r.token_ids[-1] != PLACEHOLDER]
+
+  def rewind(self, request_id: str, token_ids: Sequence[int]) -> None:
+    """Replaces a request's tokens (a draft model following its target's verified tokens): keys/values of the
+    common prefix stay (all but the last token at most), pages past them return to the pool, and the request
+    prefills the rest and samples at its end. Needs prefix caching off: a page it rewrites may have been hashed."""
+    if self.config.prefix_caching:
+      raise ValueError('rewind() needs SchedulerConfig.prefix_caching=False: a rewound page may be in the prefix '
+                       'cache, and rewriting it would corrupt the cache for every request that matches it.')
+    if self._pending is not None or self._advanced is not None:
+      raise RuntimeError('rewind() between schedule() and update(); apply the step first.')
+    request = self._requests[request_id]
+    tokens = [int(t) for t in token_ids]
+    if not tokens:
+      raise ValueError(f'rewind({request_id!r}) to no tokens; give at least one.')
+    common = min(request.num_computed, len(tokens) - 1, len(request.token_ids))
+    if request.token_ids[:common] != tokens[:common]:
+      common = next(i for i, (a, b) in enumerate(zip(request.token_ids, tokens)) if a != b)
+    request.token_ids = tokens
+    request.prefill_len = len(tokens)
+    if request.slot is not None:
+      request.num_computed = common
+      need = -(-common // self.config.page_size)
+      if len(request.pages) > need:
+        extra, request.pages = request.pages[need:], request.pages[:need]
+        self.allocator.release(reversed(extra))
+
   def check(self) -> None:
     """Asserts the allocator's invariants and that used pages are exactly those running requests reference."""
     self.allocator.check()

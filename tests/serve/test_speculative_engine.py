@@ -1,0 +1,164 @@
+"""Speculative decoding in the engine: greedy outputs equal the naive decode (and speculation off).
+
+Covered (acceptance 1, engine side): prompt lookup and a draft model, mixed prompt lengths, a pool
+small enough to force preemption, prefix sharing, tensor parallelism 2, stop tokens, stop strings
+and max_tokens; every page of both caches returns (acceptance 3); seeded sampling reproducible;
+bad configurations fail at start-up (acceptance 5).
+"""
+
+import dataclasses
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from parallelism.mesh import MeshConfig, make_mesh
+from serve import speculative
+from serve.engine import Engine, EngineConfig
+from serve.sampling import SamplingParams
+from tests.serve.test_engine import (CFG, ONE_BUCKET, PARAMS, SMALL_POOL, assert_idle_and_clean,
+                                     mixed_prompts, naive_greedy)
+
+NGRAM = dataclasses.replace(SMALL_POOL, speculative='ngram', num_speculative_tokens=3,
+                            speculative_max_batch=4)
+DRAFT = dataclasses.replace(NGRAM, speculative='draft')
+
+
+def perturbed(params, scale, seed=1):
+  """The target's weights plus noise: a drafter that agrees often, not always."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape).astype(np.float32) * np.std(x),
+                      params)
+
+
+def prompts_and_limits():
+  """Mixed lengths; two share a 12-token prefix (3 full pages of 4); one repeats itself (lookup hits)."""
+  prompts, max_tokens = mixed_prompts()
+  rng = np.random.default_rng(7)
+  prefix = rng.integers(0, CFG.vocab_size, 12).tolist()
+  prompts += [prefix + [5, 6], prefix + [7], [11, 12, 13, 14] * 4]
+  return prompts, max_tokens + [9, 10, 12]
+
+
+def check_drafter_clean(engine):
+  draft = engine._drafter.engine  # pylint: disable=protected-access
+  assert not draft.scheduler.has_work
+  assert_idle_and_clean(draft)
+
+
+@pytest.fixture(scope='module')
+def ngram_engine():
+  return Engine(CFG, PARAMS, NGRAM)
+
+
+@pytest.fixture(scope='module')
+def draft_engine():
+  engine = Engine(CFG, PARAMS, DRAFT)
+  engine.attach_drafter(Engine(CFG, perturbed(PARAMS, 0.3), speculative.draft_engine_config(DRAFT)))
+  return engine
+
+
+@pytest.mark.parametrize('which', ['ngram', 'draft'])
+def test_greedy_equals_naive_with_preemption_and_prefix_sharing(which, request):
+  engine = request.getfixturevalue(f'{which}_engine')
+  prompts, max_tokens = prompts_and_limits()
+  before = dict(engine.stats), dataclasses.replace(engine.spec_stats)
+  got = engine.generate(prompts, [SamplingParams(max_tokens=m) for m in max_tokens])
+  assert got == [naive_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+  stats = engine.spec_stats
+  assert stats.verifications > before[1].verifications and stats.accepted > before[1].accepted
+  assert stats.accepted < stats.drafted  # some drafts were rejected and rolled back
+  assert engine.stats['preemptions'] > before[0]['preemptions'], 'the pool should force a preemption'
+  assert_idle_and_clean(engine)
+  if which == 'draft':
+    check_drafter_clean(engine)
+
+
+@pytest.mark.parametrize('which', ['ngram', 'draft'])
+def test_stop_tokens_stop_strings_and_max_tokens(which, request):
+  engine = request.getfixturevalue(f'{which}_engine')
+  prompt = [11, 12, 13, 14] * 4
+  full = naive_greedy(prompt, 12)
+  stop_token = full[5]
+  got = engine.generate([prompt], SamplingParams(max_tokens=12, stop_token_ids=(stop_token,)))
+  assert got == [full[:full.index(stop_token) + 1]]
+  engine.detokenize = lambda ids: ' '.join(f'<{t}>' for t in ids)
+  try:
+    for i in (1, 4, 7):
+      got = engine.generate([prompt], SamplingParams(max_tokens=12, stop=(f'<{full[i]}>',)))
+      assert got == [full[:full.index(full[i]) + 1]], i
+  finally:
+    engine.detokenize = None
+  for m in (1, 2, 3, 5):
+    assert engine.generate([prompt], SamplingParams(max_tokens=m)) == [full[:m]]
+  assert_idle_and_clean(engine)
+  if which == 'draft':
+    check_drafter_clean(engine)
+
+
+def test_seeded_sampling_is_reproducible_and_opt_out_is_plain(ngram_engine, draft_engine):
+  prompts, _ = prompts_and_limits()
+  params = [SamplingParams(max_tokens=10, temperature=0.8, seed=s) for s in range(4)]
+  for engine in (ngram_engine, draft_engine):
+    # The same requests on the same configuration and starting state (an empty prefix cache): the
+    # same samples. (A warm cache changes the steps' layout, hence how many drafts each verification
+    # covers, hence the draw: README, speculative decoding.)
+    engine.scheduler.allocator.flush()
+    first = engine.generate(prompts[-4:], params)
+    engine.scheduler.allocator.flush()
+    assert engine.generate(prompts[-4:], params) == first
+  plain = Engine(CFG, PARAMS, dataclasses.replace(SMALL_POOL, async_scheduling=False))
+  opted_out = [dataclasses.replace(p, speculate=False) for p in params]
+  verifications = ngram_engine.spec_stats.verifications
+  assert ngram_engine.generate(prompts[-4:], opted_out) == plain.generate(prompts[-4:], params)
+  assert ngram_engine.spec_stats.verifications == verifications
+  assert_idle_and_clean(ngram_engine)
+  check_drafter_clean(draft_engine)
+
+
+def test_backs_off_at_large_batch():
+  engine = Engine(CFG, PARAMS, dataclasses.replace(NGRAM, speculative_max_batch=1))
+  prompts, max_tokens = prompts_and_limits()
+  got = engine.generate(prompts[:3], [SamplingParams(max_tokens=m) for m in max_tokens[:3]])
+  assert got == [naive_greedy(p, m) for p, m in zip(prompts[:3], max_tokens[:3])]
+  assert engine.spec_stats.backoffs > 0 and engine.stats['overlapped_steps'] > 0
+  assert_idle_and_clean(engine)
+
+
+def test_tensor_parallel_2_with_a_draft_model():
+  mesh = make_mesh(MeshConfig(ici=(1, 1, 2)), jax.devices()[:2])
+  cfg = dataclasses.replace(ONE_BUCKET, speculative='draft', num_speculative_tokens=3,
+                            speculative_max_batch=4)
+  engine = Engine(CFG, PARAMS, cfg, mesh)
+  engine.attach_drafter(Engine(CFG, perturbed(PARAMS, 0.3), speculative.draft_engine_config(cfg), mesh))
+  prompts, max_tokens = prompts_and_limits()
+  got = engine.generate(prompts, [SamplingParams(max_tokens=m) for m in max_tokens])
+  assert got == [naive_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+  assert engine.spec_stats.accepted > 0 and engine.stats['preemptions'] > 0
+  assert_idle_and_clean(engine)
+  check_drafter_clean(engine)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(speculative='ngram', num_speculative_tokens=0), 'num_speculative_tokens=0'),
+    (dict(speculative='ngram', num_speculative_tokens=16), 'token_budget=16'),
+    (dict(speculative='eagle', num_speculative_tokens=2), "speculative='eagle'"),
+    (dict(num_speculative_tokens=2), 'without a drafter'),
+    (dict(speculative='ngram', num_speculative_tokens=2, speculative_max_batch=0), 'speculative_max_batch'),
+])
+def test_bad_configuration_fails_at_start_up(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    dataclasses.replace(SMALL_POOL, **kwargs)
+
+
+def test_a_drafter_of_another_vocabulary_is_refused(draft_engine, ngram_engine):
+  # Checked before anything of the drafter is used: a stand-in with another vocabulary will do.
+  small = types.SimpleNamespace(model_cfg=dataclasses.replace(CFG, vocab_size=128),
+                                config=speculative.draft_engine_config(DRAFT))
+  with pytest.raises(ValueError, match='vocabulary of 128 tokens, the target 256'):
+    draft_engine.attach_drafter(small)
+  with pytest.raises(ValueError, match="speculative='ngram'"):
+    ngram_engine.attach_drafter(small)
+  with pytest.raises(ValueError, match='prefix_caching=False'):
+    draft_engine.attach_drafter(types.SimpleNamespace(model_cfg=CFG, config=DRAFT))
