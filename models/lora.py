@@ -32,9 +32,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import hf
+from models import hf, quant
 from models.config import ModelConfig
 from models.layers import einsum
+
+# The weights QLoRA holds in int8, as bitsandbytes' QLoRA quantizes every Linear of the decoder
+# layers and leaves the embedding and LM head as they are.
+QUANTIZED_BASE = tuple(n for n in quant.CONTRACTED if n not in ('embed_VD', 'lm_head_DV'))
 
 # Attention q/k/v/o and the MLP, as PEFT's usual `target_modules` for Llama.
 DEFAULT_TARGETS = r'(attn/(q_DNH|k_DKH|v_DKH|o_NHD)|mlp/(gate_DF|up_DF|down_FD))$'
@@ -45,9 +49,12 @@ class LoRAConfig:
   """rank r, alpha (scale = alpha / r), dropout on the adapter's input while training, and a regular
   expression searched in each parameter's path ('layers/attn/q_DNH'; unrolled layers:
   'layers/3/attn/q_DNH') choosing the weights to adapt. `base`: the model the adapters adapt (a
-  Stoker workdir or a Hugging Face directory); training with a base set trains adapters only."""
+  Stoker workdir or a Hugging Face directory); training with a base set trains adapters only.
+  `base_dtype='int8'`: QLoRA, the frozen base's decoder matrices held as int8 (models/quant.py,
+  per output channel; the embedding and LM head stay as stored), a quarter of float32's bytes."""
 
   base: str = ''
+  base_dtype: str = ''
   rank: int = 8
   alpha: float = 16.0
   dropout: float = 0.0
@@ -59,6 +66,9 @@ class LoRAConfig:
       raise ValueError(f'lora.rank must be an integer >= 1; got {self.rank!r}.')
     if not self.alpha > 0:
       raise ValueError(f'lora.alpha must be > 0; got {self.alpha!r}.')
+    if self.base_dtype not in ('',) + quant.WEIGHT_DTYPES:
+      raise ValueError(f"lora.base_dtype must be '' (the base as stored) or one of {quant.WEIGHT_DTYPES} "
+                       f'(QLoRA); got {self.base_dtype!r}.')
     if not 0 <= self.dropout < 1:
       raise ValueError(f'lora.dropout must be in [0, 1); got {self.dropout!r}.')
     try:
@@ -198,14 +208,28 @@ def delta(a: jax.Array, b: jax.Array, lead: int, scale: float) -> jax.Array:
   return (scale * (a2 @ b2)).reshape(a.shape[:-1] + b.shape[lead + 1:])
 
 
+def quantize_base(params: nnx.State, lora: LoRAConfig) -> nnx.State:
+  """The base as a run with `lora` trains over it: with base_dtype='int8' its decoder matrices as
+  quant.WeightOnly (differentiable in the activations); otherwise `params` itself. Jit it to
+  quantize on device."""
+  if not lora.base_dtype:
+    return params
+  return quant.quantize_params(params, QUANTIZED_BASE, quant.WeightOnly)
+
+
 def merge(cfg: ModelConfig, params: nnx.State, adapters: nnx.State, lora: LoRAConfig) -> nnx.State:
-  """Params with every adapter folded in (W + scale a b, in W's dtype): a plain model again."""
+  """Params with every adapter folded in (W + scale a b, in W's dtype): a plain model again. Over
+  an int8 base (QLoRA) W is the base the adapters were trained with: the int8 one, dequantized."""
   pairs = _pairs(adapters)
+  trained = dict(nnx.to_flat_state(quantize_base(params, lora)))
   out = []
   for path, v in nnx.to_flat_state(params):
+    w = v.get_value()
+    base = trained[path].get_value()
+    if isinstance(base, quant.Int8):
+      v = v.replace(quant.dequantize_array(base, w.dtype))
     if path in pairs:
-      w = v.get_value()
-      v = v.replace((w.astype(jnp.float32) + delta(*pairs[path], _stacked(cfg, path), lora.scale)
-                     ).astype(w.dtype))
+      v = v.replace((v.get_value().astype(jnp.float32)
+                     + delta(*pairs[path], _stacked(cfg, path), lora.scale)).astype(w.dtype))
     out.append((path, v))
   return nnx.from_flat_state(out)

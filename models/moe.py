@@ -20,7 +20,7 @@ gathers them over the axis and the experts' outputs come back through all-reduce
 the 8-device CPU mesh: all-gathers and all-reduces, no all-to-all). Dispatch by all-to-all under
 shard_map is not built yet.
 
-Expert weights may be objects that multiply themselves (serving's int8, serve/quant.py): the tiled
+Expert weights may be objects that multiply themselves (int8, models/quant.py): the tiled
 and capacity paths hand them to models/layers.einsum.
 
 Auxiliary losses: the load-balancing loss E * sum_e f_e * P_e (f_e: the fraction of tokens that

@@ -21,8 +21,10 @@ def logical_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> An
   """A NamedSharding for every array leaf of `tree` (concrete or abstract).
 
   Leaves inside an `nnx.Variable` with `out_sharding` metadata are sharded by the rules; this
-  covers parameters and optimizer moments (optax maps Variables structure-preservingly).
-  Every other leaf (step counters, scalars) is replicated.
+  covers parameters and optimizer moments (optax maps Variables structure-preservingly), and a
+  Variable whose value is itself a pytree of arrays (int8 weights: q and a scale with size-1 axes
+  where q is contracted, each sharded by the same names). Every other leaf (step counters,
+  scalars) is replicated.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -30,8 +32,9 @@ def logical_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> An
     if _is_variable(x):
       axes = x.get_metadata().get('out_sharding')
       if axes:
-        return x.replace(NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
-      return x.replace(replicated)
+        return x.replace(jax.tree.map(
+            lambda a: NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh, rules)), x.get_value()))
+      return x.replace(jax.tree.map(lambda _: replicated, x.get_value()))
     return replicated
 
   return jax.tree.map(one, tree, is_leaf=_is_variable)

@@ -1,200 +1,30 @@
-"""Int8 for serving: int8 weights (per output channel) and the int8 KV cache (per token, per head).
+"""Int8 for serving: the int8 KV cache (per token, per head), and the int8 weights' shardings.
 
-Weights. Each weight matrix W is stored as int8 q with a float32 scale per output channel:
-  scale = max |W| over the input (contracted) axes / 127,   q = round(W / scale),   W ~ q * scale.
-Norm scales and biases stay in full precision (they are tiny). The quantized params keep the model's
-nnx.State layout; a quantized Variable holds an `Int8(q, scale)` instead of an array, with scale's
-contracted axes of size 1 (so it carries the same logical axis names and shards like its weight).
-The embedding table is quantized per row (a row is a token's vector, and a channel of the tied LM
-head).
-
-Matmuls. The model's products go through models/layers.einsum, which hands an Int8 weight its own
-`einsum`: int8 x int8 -> int32 (W8A8). x is rounded per token (x_scale = max |x| over the
-contracted axes / 127, computed on the fly), the products summed in int32 (XLA:CPU runs the dot in
-YNNPACK; GPUs and TPUs have int8 units) and scaled by x_scale * scale. Weights stay int8 in memory
-through the step; the embedding lookup gathers int8 rows and dequantizes only those.
-Measured on a 2-core AVX-512 CPU (small preset, 16-row projections as in a decode step): 1.3-2x
-the speed of float32 per matmul, decode steps 1.6-1.7x as fast at batch 1 and 16
-(benchmarks/int8_decode.py). Weight-only int8 was no faster than float32 there: XLA:CPU fuses an
-int8 -> float convert into no dot, so x @ q.astype(f32) and a mixed-type dot_general write each
-weight out in float32 first (the LM head 3.4x slower than float32; so did the first version here,
-which dequantized a layer before it ran), and a multiply-and-reduce fusion reads int8 but runs up
-to 4x slower than the float32 dot. Rounding the activations adds an error of the size of the
-weights' own: validation perplexity within 0.02% of full precision on the trained tiny preset
-(benchmarks/quantized_serving.py); a model with outlier activation channels (large LLMs) loses
-more than it would to weight-only int8.
+The int8 weights themselves (Int8, the W8A8 product, quantize_params) live in models/quant.py, below
+train/ and serve/, since QLoRA trains over an int8 base; serve/ reaches them through this module.
 
 KV cache. Keys and values are written as int8 with a float32 scale per (token, kv head):
   scale = max |k| over the head dim / 127. Pages [L, P, G, K, H] int8 + scales [L, P, G, K].
-
-Why not qwix (Google's JAX quantization library, used by MaxText): qwix 0.1.8 installs with the
-pinned jax 0.10.2 and its PTQ provider quantizes this model's params on CPU, but running the
-quantized model failed: our layers cast weights to the compute dtype before each einsum
-(`w[...].astype(dt)`), which qwix's quantized arrays do not support, and qwix intercepts one method
-of an NNX model while the paged forward calls the projections of each layer itself, inside a scan.
-Using it would mean rewriting the model's matmuls around qwix; it also has no KV-cache quantization.
-The math needed here is a few lines, written out below.
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from parallelism.rules import DEFAULT_RULES, Rules, logical_to_spec
-
-WEIGHT_DTYPES = ('int8',)
-
-# Weight name -> its input (contracted) axes, without the leading layer axis of stacked params.
-# The scale has one entry per remaining (output) axis element.
-CONTRACTED = {'q_DNH': (0,), 'k_DKH': (0,), 'v_DKH': (0,), 'o_NHD': (0, 1), 'gate_DF': (0,),
-              'up_DF': (0,), 'down_FD': (0,), 'lm_head_DV': (0,), 'embed_VD': (1,),
-              # Mixture-of-experts weights, per expert and output channel (models/moe.py). The
-              # router stays in full precision: it is small and its top-k is a hard decision.
-              'gate_EDF': (1,), 'up_EDF': (1,), 'down_EFD': (1,)}
-
-
-class Int8(NamedTuple):
-  """A quantized array: q (int8) times scale (float32, broadcastable to q)."""
-
-  q: jax.Array
-  scale: jax.Array
-
-  @property
-  def T(self) -> Int8:  # pylint: disable=invalid-name
-    return Int8(self.q.T, self.scale.T)
-
-  def einsum(self, spec: str, x: jax.Array, preferred_element_type=None) -> jax.Array:
-    """jnp.einsum(spec, x, q * scale): see the module `einsum`. models/layers.einsum calls it."""
-    return einsum(spec, x, self, preferred_element_type)
-
-  def take(self, ids: jax.Array) -> Int8:
-    """Entries `ids` of the leading axis (experts), still int8 with their scales."""
-    return Int8(jnp.take(self.q, ids, axis=0), jnp.take(self.scale, ids, axis=0))
-
-  def take_rows(self, ids: jax.Array, dtype) -> jax.Array:
-    """Rows `ids` of a [V, D] table quantized per row: only those rows are read and dequantized."""
-    q_XD = jnp.take(self.q, ids, axis=0)
-    scale_X1 = jnp.take(self.scale, ids, axis=0)
-    return (q_XD.astype(jnp.float32) * scale_X1).astype(dtype)
-
-
-def _is_int8(x) -> bool:
-  return isinstance(x, Int8)
-
-
-def _is_variable(x) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def quantize(w: jax.Array, axes: tuple[int, ...]) -> Int8:
-  """Symmetric int8 with one scale per index of the axes not in `axes`."""
-  w32 = w.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(w32), axis=axes, keepdims=True)
-  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-  q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
-  return Int8(q, scale)
-
-
-def dequantize_array(x: Int8, dtype) -> jax.Array:
-  return (x.q.astype(jnp.float32) * x.scale).astype(dtype)
-
-
-def _expand(a: jax.Array, axes: str, out: str) -> jax.Array:
-  """`a` (one dim per letter of `axes`; size 1 where the letter is not in `out`) transposed and
-  expanded to broadcast against an array whose dims are the letters of `out`."""
-  kept = ''.join(c for c in axes if c in out)
-  a = a.reshape([n for c, n in zip(axes, a.shape) if c in out])
-  a = jnp.einsum(f'{kept}->{"".join(c for c in out if c in kept)}', a)
-  return jnp.expand_dims(a, [i for i, c in enumerate(out) if c not in kept])
-
-
-def einsum(spec: str, x: jax.Array, w: Int8, preferred_element_type=None) -> jax.Array:
-  """jnp.einsum(spec, x, w.q * w.scale) (w's scale one per output channel), computed int8 x int8:
-  x is quantized per index of its non-contracted axes (per token) and the product summed in int32.
-
-  Returns preferred_element_type, else x's dtype. A single row is padded to two: XLA:CPU hands
-  int8 matrix-vector products to no library and would widen all of w to int32 first. Letters in
-  x, w and the output are batch dims (the experts of a grouped matmul: 'ECD,EDF->ECF').
-  """
-  inputs, out = spec.replace(' ', '').split('->')
-  x_axes, w_axes = inputs.split(',')
-  batch = ''.join(c for c in x_axes if c in w_axes and c in out)
-  summed = ''.join(c for c in x_axes if c not in out)
-  if not summed or sorted(x_axes + w_axes) != sorted(out + batch + 2 * summed):
-    raise ValueError(f'quant.einsum({spec!r}): use one input and one weight whose shared letters '
-                     'are all contracted or batch dims of the output (no repeats).')
-  contracted = tuple(i for i, c in enumerate(x_axes) if c not in out)
-  x32 = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True)
-  x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-  xq = jnp.clip(jnp.round(x32 / x_scale), -127, 127).astype(jnp.int8)
-  rows = x.size // max(1, math.prod(x.shape[i] for i in contracted))
-  pad = rows == 1 and len(contracted) < len(x_axes)
-  if pad:  # along x's first non-contracted axis, sliced off again below
-    axis = next(i for i in range(len(x_axes)) if i not in contracted)
-    xq = jnp.concatenate([xq, jnp.zeros_like(xq)], axis=axis)
-  acc = jnp.einsum(spec, xq, w.q, preferred_element_type=jnp.int32)
-  if pad:
-    acc = jax.lax.slice_in_dim(acc, 0, 1, axis=out.index(x_axes[axis]))
-  y = acc.astype(jnp.float32) * _expand(x_scale, x_axes, out) * _expand(w.scale, w_axes, out)
-  return y.astype(preferred_element_type or x.dtype)
-
-
-def _contracted(name: str, ndim: int) -> tuple[int, ...]:
-  letters = len(name.split('_')[-1])
-  return tuple(a + ndim - letters for a in CONTRACTED[name])  # shift past a stacked layer axis
-
-
-def _name(path) -> str:
-  keys = [getattr(k, 'key', None) for k in path]
-  return next((k for k in reversed(keys) if isinstance(k, str) and k != 'value'), '')
-
-
-def quantize_params(params: nnx.State) -> nnx.State:
-  """The weight matrices of a Transformer's params as Int8 (jit it to quantize on device)."""
-  def one(path, v):
-    name = _name(path)
-    value = v.get_value()
-    if name not in CONTRACTED or _is_int8(value):
-      return v
-    return v.replace(quantize(value, _contracted(name, value.ndim)))
-  return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
-
-
-def dequantize(params, dtype):
-  """Every Int8 in `params` (a State, or any pytree) as an array of `dtype`; the rest unchanged."""
-  return jax.tree.map(lambda x: dequantize_array(x, dtype) if _is_int8(x) else x, params,
-                      is_leaf=_is_int8)
-
-
-def abstract(abstract_params: nnx.State) -> nnx.State:
-  """The ShapeDtypeStructs quantize_params produces from these."""
-  return jax.eval_shape(quantize_params, abstract_params)
+from models.quant import (CONTRACTED, WEIGHT_DTYPES, Int8, abstract, dequantize,  # noqa: F401
+                          dequantize_array, einsum, nbytes, quantize, quantize_params)
+from parallelism import sharding
+from parallelism.rules import DEFAULT_RULES, Rules
 
 
 def logical_shardings(abstract_quantized: nnx.State, mesh: Mesh,
                       rules: Rules = DEFAULT_RULES) -> nnx.State:
   """Shardings by the Variables' logical axes, for q and scale alike (a size-1 scale axis is
-  replicated); parallelism.sharding.logical_shardings, extended to Int8 values."""
-  def one(v):
-    axes = v.get_metadata().get('out_sharding')
-
-    def spec(x):
-      return NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules) if axes else
-                           jax.sharding.PartitionSpec())
-    return v.replace(jax.tree.map(spec, v.get_value()))
-  return jax.tree.map(one, abstract_quantized, is_leaf=_is_variable)
-
-
-def nbytes(params) -> int:
-  """Bytes of every array in `params` (q and scales included)."""
-  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+  replicated): parallelism.sharding.logical_shardings, which maps a Variable's value leaf by leaf."""
+  return sharding.logical_shardings(abstract_quantized, mesh, rules)
 
 
 # ---- KV cache.

@@ -85,6 +85,7 @@ class DistillConfig:
   """
 
   teacher: str = ''  # a Stoker training workdir (its newest checkpoint) or a Hugging Face directory
+  teacher_dtype: str = ''  # '' as stored; 'int8': int8 weights, W8A8 products (models/quant.py)
   alpha: float = 0.5
   temperature: float = 1.0
   top_k: int = 0
@@ -92,6 +93,9 @@ class DistillConfig:
   def __post_init__(self):
     if not 0 <= self.alpha <= 1 or self.temperature <= 0 or self.top_k < 0:
       raise ValueError(f'distill: need 0 <= alpha <= 1, temperature > 0 and top_k >= 0; got {self}.')
+    if self.teacher_dtype not in ('', 'int8'):
+      raise ValueError(f"distill.teacher_dtype must be '' (the teacher as stored) or 'int8'; got "
+                       f'{self.teacher_dtype!r}.')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,8 +15,10 @@ the training mesh by the same logical-axis rules as the student and passed to th
 an argument (never a constant folded into it); its logits are under stop_gradient. It must share
 the student's vocabulary and tokenizer: the KL compares distributions token id by token id.
 
-Int8 teachers are not offered: serve/quant.Int8 is serving code, which train/ may not import
-(DESIGN.md layering), and moving it below both layers is a change of its own.
+`distill.teacher_dtype='int8'` holds the teacher as int8 weights with W8A8 products (models/quant.py,
+as `stoker serve --weight-dtype int8` runs them): a quarter of its float32 bytes. No gradient passes
+through the teacher, so its rounded activations cost only the int8 model's own small error
+(validation perplexity within 0.02% of float on the tiny preset, benchmarks/quantized_serving.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import checkpoint as model_checkpoint
-from models import checkpoint_io, hf, hf_files, transformer
+from models import checkpoint_io, hf, hf_files, quant, transformer
 from models.config import ModelConfig
 from parallelism import sharding
 from parallelism.rules import DEFAULT_RULES, Rules
@@ -153,8 +155,11 @@ def load_teacher(cfg: TrainConfig, mesh, rules: Rules = DEFAULT_RULES) -> Teache
   if not path:
     return None
   validate(cfg)
-  model_cfg, params = checkpoint_io.load(
-      path, shardings_for=lambda a: sharding.logical_shardings(a, mesh, rules), remat='none')
+  shardings_for = lambda a: sharding.logical_shardings(a, mesh, rules)
+  model_cfg, params = checkpoint_io.load(path, shardings_for=shardings_for, remat='none')
+  if cfg.distill.teacher_dtype == 'int8':
+    params = jax.jit(quant.quantize_params, donate_argnums=0, out_shardings=shardings_for(
+        jax.eval_shape(quant.quantize_params, params)))(params)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: transformer.Transformer(model_cfg, nnx.Rngs(0))))
   return Teacher(graphdef, params, model_cfg)
 

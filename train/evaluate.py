@@ -32,7 +32,7 @@ def compile_eval_step(cfg: TrainConfig, mesh: Mesh, param_shardings, rules: Rule
   graphdef, abstract_params = abstract_model(cfg)
   if finetune.enabled(cfg):
     abstract_params = jax.eval_shape(functools.partial(finetune.fresh_adapters, cfg))
-  extra = ({'base': finetune.load_base(cfg.lora.base, cfg.model, mesh, rules)},
+  extra = ({'base': finetune.load_base(cfg.lora.base, cfg.model, mesh, rules, cfg.lora)},
            ) if finetune.enabled(cfg) else ()
   batch = batch_spec(cfg, mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())

@@ -6,6 +6,12 @@ directory) is restored onto the mesh once, by the same logical-axis rules, and p
 compiled steps as an argument: never donated and never differentiated, so no gradient of a base
 weight is ever formed. The saved config names the base, so serving, export and `stoker train`
 read a LoRA workdir as the merged model (models/checkpoint_io.py).
+
+QLoRA (`lora.base_dtype='int8'`): the base's decoder matrices are quantized on device after the
+restore (models/quant.py, per output channel) and held as int8, a quarter of float32's bytes; their
+products widen the weight on the fly in the compute dtype, so gradients flow through them to the
+adapters of earlier layers exactly as over a float base that equals the int8 one. A merged
+export folds the adapters into that dequantized base.
 """
 
 from __future__ import annotations
@@ -49,17 +55,22 @@ def check_base(base: ModelConfig, model: ModelConfig, path: str) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def load_base(path: str, model: ModelConfig, mesh: Mesh, rules: Rules) -> nnx.State:
+def load_base(path: str, model: ModelConfig, mesh: Mesh, rules: Rules,
+              adapters: lora.LoRAConfig | None = None) -> nnx.State:
   """The base's params on `mesh`, checked against `model` (cached: the train and eval steps share
-  one copy)."""
+  one copy); with `adapters.base_dtype='int8'` its decoder matrices quantized in place (QLoRA)."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f'lora.base={path!r}: no such directory; give a Stoker training workdir '
                             'or a Hugging Face model directory.')
   base_cfg = checkpoint_io.read_config(path)
   check_base(base_cfg, model, path)
   overrides = {f: getattr(model, f) for f in EXECUTION_FIELDS}
-  _, params = checkpoint_io.load(
-      path, shardings_for=lambda a: sharding.logical_shardings(a, mesh, rules), **overrides)
+  shardings_for = lambda a: sharding.logical_shardings(a, mesh, rules)
+  _, params = checkpoint_io.load(path, shardings_for=shardings_for, **overrides)
+  if adapters is not None and adapters.base_dtype:
+    quantize = functools.partial(lora.quantize_base, lora=adapters)
+    params = jax.jit(quantize, donate_argnums=0,
+                     out_shardings=shardings_for(jax.eval_shape(quantize, params)))(params)
   return params
 
 

@@ -254,7 +254,7 @@ def frozen_args(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
   if teacher is not None:
     frozen['teacher'], kw['teacher_graphdef'] = teacher.params, teacher.graphdef
   if finetune.enabled(cfg):
-    frozen['base'] = finetune.load_base(cfg.lora.base, cfg.model, mesh, rules)
+    frozen['base'] = finetune.load_base(cfg.lora.base, cfg.model, mesh, rules, cfg.lora)
   elif cfg.dpo.beta:  # full fine-tuning: a frozen copy is the reference
     frozen['reference'] = finetune.load_base(cfg.dpo.reference, cfg.model, mesh, rules)
   if not frozen:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from models import hf, lora, peft_files
+from models import hf, lora, peft_files, quant
 from models.presets import preset
 from models.transformer import Transformer
 from tests.models.hf_reference import hf_logits, stoker_model, tiny_hf_model
@@ -65,6 +65,31 @@ def test_gradients_reach_every_adapter_and_follow_the_merged_model():
   # Through the merged weights the same function, so the same gradients (float32 rounding apart).
   jax.tree.map(lambda g, m: np.testing.assert_allclose(g, m, atol=1e-6, rtol=1e-4),
                grads, jax.grad(loss)(adapters, True))
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_qlora_over_an_int8_base_is_lora_over_the_float_base_it_stores(scan_layers):
+  cfg, (graphdef, params) = _model(scan_layers)
+  config = lora.LoRAConfig(rank=4, alpha=8.0, base_dtype='int8')
+  adapters = _perturbed(lora.init_adapters(cfg, params, config, jax.random.key(1)))
+  int8 = jax.jit(lambda p: lora.quantize_base(p, config))(params)
+  kinds = {'/'.join(map(str, p)): type(v.get_value()) for p, v in nnx.to_flat_state(int8)}
+  assert {n for n, k in kinds.items() if k is quant.WeightOnly} == {
+      n for n in kinds if n.split('/')[-1] in lora.QUANTIZED_BASE}  # embedding, LM head, norms as stored
+  stored = quant.dequantize(int8, jnp.float32)  # the float base the int8 one stands for
+
+  def loss(adapters, base):
+    logits = nnx.merge(graphdef, lora.attach(cfg, base, adapters, config))(TOKENS)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  (got, grads), (want, ref) = (jax.value_and_grad(loss)(adapters, b) for b in (int8, stored))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-4), grads, ref)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))  # every layer's adapters learn
+  # Merged, the adapters fold into that same base (not the float one the int8 was made from).
+  merged = nnx.merge(graphdef, lora.merge(cfg, params, adapters, config))(TOKENS)
+  np.testing.assert_allclose(merged, nnx.merge(graphdef, lora.attach(cfg, int8, adapters, config))(TOKENS),
+                             atol=2e-5, rtol=1e-5)
 
 
 def test_dropout_is_unbiased_and_off_without_a_key():

@@ -21,6 +21,7 @@ from flax import nnx
 
 from models import attention as model_attention
 from models import presets, transformer
+from models import quant as model_quant
 from parallelism.mesh import MeshConfig, make_mesh
 from serve import forward, kv_cache, quant
 from serve.engine import Engine, EngineConfig
@@ -187,7 +188,7 @@ def weight_shapes(params) -> set[str]:
   """HLO spellings of the weight matrices as float32 or int32: stacked, one layer's, and 2-D."""
   out = set()
   for path, v in jax.tree_util.tree_leaves_with_path(params):
-    name = quant._name(path)
+    name = model_quant._name(path)
     if name in quant.CONTRACTED:
       one = v.shape[v.ndim - len(name.split('_')[-1]):]
       rows = math.prod(one[a] for a in quant.CONTRACTED[name])

@@ -16,8 +16,9 @@ import pytest
 from flax import nnx
 
 import configs
-from models import checkpoint_io
-from train import faults, prune
+from models import checkpoint_io, quant
+from parallelism.mesh import make_mesh
+from train import distill, faults, prune
 from train.checkpoint import restore_arrays
 from train.loop import train
 from train.metrics import read_metrics
@@ -166,6 +167,26 @@ def test_distillation_logs_kl_and_ce_and_resumes_bitwise_after_a_failure(teacher
   logged = train(cfg, runs['interrupted'], progress=False)
   assert logged[0]['step'] == 3
   assert_bitwise_equal(restore_arrays(runs['interrupted'])[1], restore_arrays(runs['reference'])[1])
+
+
+def test_an_int8_teacher_is_a_quarter_of_the_bytes_and_distils_like_its_float_self(teacher, pruned, tmp_path):
+  out, _ = pruned
+  gin, params = [os.path.join(out, 'train.gin')], SHORT + [f"distill.teacher='{teacher[0]}'"]
+  cfg = configs.load_train_config(gin, params + ["distill.teacher_dtype='int8'", 'train.steps=2'])
+  mesh = make_mesh(cfg.mesh)
+  floats, int8 = (distill.load_teacher(c, mesh) for c in (configs.load_train_config(gin, params), cfg))
+  assert quant.nbytes(int8.params) < 0.27 * quant.nbytes(floats.params)
+  assert sum(isinstance(x, quant.Int8) for x in jax.tree.leaves(
+      int8.params, is_leaf=lambda x: isinstance(x, quant.Int8))) == 9  # 7 stacked matrices, embedding, LM head
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 4096, (2, 64)), jnp.int32)
+  batch = {'inputs': tokens, 'positions': jnp.broadcast_to(jnp.arange(64), (2, 64)),
+           'segment_ids': jnp.ones_like(tokens)}
+  p, q = (jax.nn.log_softmax(distill.teacher_logits(t.graphdef, t.params, batch).astype(jnp.float32))
+          for t in (floats, int8))
+  kl = float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))  # per token, nats
+  assert 0 < kl < 5e-3, kl  # int8's own small error (the float teacher's entropy is ~5 nats here)
+  logged = train(cfg, str(tmp_path / 'student'), progress=False)
+  assert [r['step'] for r in logged] == [1, 2] and all(r['kl'] > 0 for r in logged)
 
 
 def test_a_teacher_of_another_vocabulary_is_refused_before_training(pruned, tmp_path):

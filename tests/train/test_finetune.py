@@ -16,7 +16,7 @@ import transformers
 from flax import nnx
 
 import configs
-from models import checkpoint_io, lora
+from models import checkpoint_io, lora, quant
 from parallelism.mesh import make_mesh
 from parallelism.rules import DEFAULT_RULES
 from parallelism.sharding import logical_shardings
@@ -85,6 +85,31 @@ def test_lora_trains_adapters_only_and_reads_back_merged(base, lora_run):
   expect = lora.merge(model_cfg, base_params, adapters, cfg.lora)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), merged, expect)
   assert checkpoint_io.lora_config(workdir) == cfg.lora
+
+
+def test_qlora_trains_over_an_int8_base_and_reads_back_merged_into_it(base, tmp_path):
+  cfg = config('train.steps=6', f"lora.base='{base}'", "lora.base_dtype='int8'", 'lora.rank=4',
+               'lora.alpha=8.0', 'optimizer.learning_rate=0.01', 'optimizer.warmup_steps=0')
+  batch = next(iter(datasets.train_batches(config('train.seed=7'), None)))
+  logged = train(cfg, str(tmp_path), itertools.repeat(batch), progress=False)
+  losses = [r['loss'] for r in logged if 'loss' in r]
+  assert losses[-1] < losses[0] - 0.5, losses
+  # The run held the base's decoder matrices as int8: a quarter of their float32 bytes, and a
+  # float32 scale per output channel.
+  _, floats = checkpoint_io.load(base)
+  held = finetune.load_base(base, cfg.model, make_mesh(cfg.mesh), DEFAULT_RULES, cfg.lora)
+  pairs = [(f.get_value(), h.get_value()) for (_, f), (_, h) in
+           zip(nnx.to_flat_state(floats), nnx.to_flat_state(held))]
+  quantized = [(f, h) for f, h in pairs if isinstance(h, quant.WeightOnly)]
+  assert len(quantized) == 7 and all(h.q.dtype == jnp.int8 for _, h in quantized)
+  assert quant.nbytes([h for _, h in quantized]) < 0.27 * quant.nbytes([f for f, _ in quantized])
+  # Read back, the workdir is its adapters merged into the int8 base they were trained over.
+  model_cfg, merged = checkpoint_io.load(str(tmp_path))
+  adapters = checkpoint_io.restore_adapters(
+      checkpoint_io.model_checkpoint.step_dir(str(tmp_path)), model_cfg, cfg.lora)
+  expect = lora.merge(model_cfg, floats, adapters, cfg.lora)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), merged, expect)
+  assert checkpoint_io.lora_config(str(tmp_path)).base_dtype == 'int8'
 
 
 def peak_bytes(cfg, base=False) -> int:
