@@ -201,8 +201,9 @@ def _build(pipeline, cfg: prep.PrepareConfig, files: list[corpus.SourceFile], tm
   n_val = n_kept | 'validation count' >> beam.Map(prep.validation_count, cfg.validation_fraction)
   threshold = (docs
                | 'keys' >> beam.Map(lambda d: d[2])
-               | 'threshold' >> beam.CombineGlobally(_LargestOfSmallest(), singleton(n_val)))
-  split_docs = docs | 'split' >> beam.Map(_split, singleton(threshold))  # (split, doc_id, digest, text)
+               | 'threshold' >> beam.CombineGlobally(_LargestOfSmallest(), singleton(n_val)).without_defaults())
+  split_docs = docs | 'split' >> beam.Map(  # (split, doc_id, digest, text)
+      _split, singleton(threshold, default_value=None))  # no default: Beam's would not see the side input
 
   # tokenizer: the given one, or a BPE trained on the sample in doc_id order
   if tokenizer_json is not None:

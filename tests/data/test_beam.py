@@ -114,8 +114,8 @@ def test_chat_and_preference_data_agree_too(tmp_path, fmt):
   for name, part in (('a.jsonl', rows[:14]), ('b.jsonl', rows[14:] + rows[2:4])):  # two rows in both files
     with open(tmp_path / 'src' / name, 'w', encoding='utf-8') as f:
       f.writelines(json.dumps(r) + '\n' for r in part)
-  cfg = prepare.PrepareConfig(source=str(tmp_path / 'src' / '*.jsonl'), format=fmt, train_tokenizer=True, vocab_size=300,
-                              validation_fraction=0.2, shard_max_tokens=500, train_on='assistant')
+  cfg = prepare.PrepareConfig(source=str(tmp_path / 'src' / '*.jsonl'), format=fmt, train_tokenizer=True,
+                              vocab_size=300, validation_fraction=0.2, shard_max_tokens=500)
   prepare.prepare(cfg, str(tmp_path / 'local'))
   data_beam.prepare(cfg, str(tmp_path / 'beam'), num_workers=2)
   manifest = _same_output(tmp_path / 'local', tmp_path / 'beam')
@@ -125,16 +125,21 @@ def test_chat_and_preference_data_agree_too(tmp_path, fmt):
 
 
 @needs_beam
-def test_a_worker_error_names_the_file_exits_2_and_leaves_nothing(tmp_path, capsys):
+@pytest.mark.parametrize('case', ['not utf-8', 'empty corpus'])
+def test_bad_input_names_the_problem_exits_2_and_leaves_nothing(tmp_path, capsys, case):
+  """A worker's error (a file that is not UTF-8) and the driver's (nothing left after the filters)."""
   src = tmp_path / 'src'
   src.mkdir()
   (src / 'good.txt').write_text('fine text')
-  (src / 'latin1.txt').write_bytes('ok\nna\xefve'.encode('latin-1'))
-  out = tmp_path / 'out'
-  code = cli.main(['prepare', '--source', str(src), '--out', str(out), '--train-tokenizer', '--runner', 'beam',
+  if case == 'not utf-8':
+    (src / 'latin1.txt').write_bytes('ok\nna\xefve'.encode('latin-1'))
+  expected = ('latin1.txt:2: not valid UTF-8' if case == 'not utf-8' else
+              "empty corpus: 1 documents read from '" + str(src) + "', 0 duplicates, 1 outside --min-chars 50")
+  code = cli.main(['prepare', '--source', str(src), '--out', str(tmp_path / 'out'), '--train-tokenizer',
+                   '--min-chars', '50' if case == 'empty corpus' else '1', '--runner', 'beam',
                    '--direct_num_workers', '2'])
   err = capsys.readouterr().err
-  assert code == 2 and 'stoker prepare: error: ' in err and 'latin1.txt:2: not valid UTF-8' in err
+  assert code == 2 and 'stoker prepare: error: ' in err and expected in err
   assert sorted(os.listdir(tmp_path)) == ['src']
 
 
