@@ -105,7 +105,13 @@ class Proxy:
           self.wfile.write(data)
         conn.close()
 
-      do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _forward
+      def _forward_quietly(self):
+        try:
+          self._forward()
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up (a ranged read it cut short)
+          self.close_connection = True
+
+      do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _forward_quietly
 
     self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     self.server.daemon_threads = True
