@@ -81,8 +81,7 @@ def pipeline_options(num_workers: int = 0, beam_options: str = ''):
     args = ['--runner=DirectRunner', '--direct_running_mode=multi_processing',
             f'--direct_num_workers={num_workers}', '--default_sdk_harness_log_level=WARNING'] + args
   options = PipelineOptions(args)
-  unknown = [a for a in options.get_all_options(retain_unknown_options=True) if a not in
-             options.get_all_options()]
+  unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
   if unknown:
     raise ValueError(f'--beam_options: unknown Beam option(s) {", ".join(unknown)}: check the spelling against '
                      f'the runner\'s pipeline options')

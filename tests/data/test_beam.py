@@ -213,6 +213,17 @@ def test_largest_of_smallest_combine_against_sorting():
     assert fn.extract_output(fn.merge_accumulators(parts, k), k) == expected
 
 
+@needs_beam
+def test_beam_options_pass_through_and_typos_are_refused():
+  options = data_beam.pipeline_options(3, '').get_all_options()
+  assert (options['runner'], options['direct_running_mode'], options['direct_num_workers']) == (
+      'DirectRunner', 'multi_processing', 3)
+  options = data_beam.pipeline_options(0, '--runner=FlinkRunner --flink_master=host:8081').get_all_options()
+  assert (options['runner'], options['flink_master'], options['direct_num_workers']) == ('FlinkRunner', 'host:8081', 1)
+  with pytest.raises(ValueError, match='--beam_options: unknown Beam option.s. direct_num_wrokers: check the'):
+    data_beam.pipeline_options(2, '--direct_num_wrokers=3')
+
+
 def test_without_beam_the_error_says_how_to_install_it(tmp_path, monkeypatch):
   monkeypatch.setattr(data_beam, 'beam', None)
   code = cli.main(['prepare', '--source', str(tmp_path), '--out', str(tmp_path / 'out'), '--train-tokenizer',
