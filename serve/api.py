@@ -125,6 +125,8 @@ class _Generation(BaseModel):
   top_p: float = Field(1.0, gt=0.0, le=1.0)
   top_k: int = Field(0, ge=-1, description='Extension: sample among the k likeliest tokens; 0 or -1: off.')
   ignore_eos: bool = Field(False, description='Extension: generate past the end-of-text token.')
+  speculative: bool = Field(True, description='Extension: false: never draft for this request (a server '
+                            'with speculative decoding).')
   n: int = Field(1, ge=1, le=MAX_N)
   seed: int | None = Field(None, ge=0, lt=MAX_SEED)
   stop: Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)] | StopStrings | None = None

@@ -313,7 +313,8 @@ async def generate(request, service: Service, body, prompts: list[list[int]], li
             max_tokens=max_tokens[p], temperature=body.temperature, top_k=max(body.top_k, 0),
             top_p=body.top_p, seed=None if body.seed is None else (body.seed + c) % MAX_SEED,
             stop_token_ids=() if body.ignore_eos else codec.stop_token_ids, stop=body.stop_strings(),
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar, lora=adapter)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar, lora=adapter,
+            speculate=body.speculative)
       except ValueError as e:  # the schema's ranges should already have caught it
         raise APIError(400, str(e)) from e
       out = choices_lib.Choice(codec, body.stop_strings(), chat, logprobs,

@@ -77,6 +77,13 @@ def test_outputs_equal_speculation_off(servers):
     assert m['stoker_spec_decode_mean_accepted_tokens'] > 0
     assert m['stoker_spec_decode_drafter_seconds_total'] > 0
   assert metrics(servers['draft'].url)['stoker_spec_decode_acceptance_rate'] == 1.0  # drafting for itself
+  # A request may opt out (the `speculative` extension): no verification for it, the same text.
+  client = openai.OpenAI(base_url=servers['ngram'].url + '/v1', api_key='none', max_retries=0, timeout=120)
+  before = metrics(servers['ngram'].url)['stoker_spec_decode_verifications_total']
+  r = client.completions.create(model='run', temperature=0, extra_body={'ignore_eos': True, 'speculative': False},
+                                **REQUESTS[2])
+  assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == off[2]
+  assert metrics(servers['ngram'].url)['stoker_spec_decode_verifications_total'] == before
   total = sum(metrics(servers[n].url)['stoker_preemptions_total'] for n in servers)
   assert total > 0, 'the small pool should have preempted'
   for background in servers.values():
