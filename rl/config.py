@@ -46,6 +46,7 @@ class RLConfig:
   eval_every: int = 0  # held-out greedy exact-answer accuracy every this many steps; 0: never
   eval_prompts: int = 0  # held-out prompts evaluated; 0: all
   seed: int = 0
+  devices: int = 0  # the training mesh spans the first this many devices (0: all); the engine the first
   mesh: MeshConfig = MeshConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
   engine: EngineConfig = EngineConfig()
@@ -71,8 +72,8 @@ class RLConfig:
                        f'{len(self.reward_fns)} reward_fns; give one per function, or none.')
     if not self.reward_fns:
       raise ValueError('rl.reward_fns is empty; name at least one reward (rl/rewards.py).')
-    if self.beta < 0 or self.eps_low < 0 or self.eps_high < 0 or self.eval_every < 0:
-      raise ValueError(f'rl: need beta, eps_low, eps_high and eval_every >= 0; got {self}.')
+    if min(self.beta, self.eps_low, self.eps_high, self.eval_every, self.devices) < 0:
+      raise ValueError(f'rl: need beta, eps_low, eps_high, eval_every and devices >= 0; got {self}.')
     if self.engine.max_seqs < self.group_size:
       raise ValueError(f'rl.engine.max_seqs ({self.engine.max_seqs}) < rl.group_size '
                        f'({self.group_size}): raise engine.max_seqs so a group samples together.')

@@ -134,7 +134,7 @@ def train(cfg: RLConfig, workdir: str, config_text: str = '',
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
   run = Run(cfg, workdir)
-  mesh = make_mesh(cfg.mesh)
+  mesh = make_mesh(cfg.mesh, jax.devices()[:cfg.devices or None])
   tx = make_optimizer(cfg.optimizer, cfg.steps * cfg.minibatches)
   abstract = jax.eval_shape(lambda: step_lib._abstract_state(cfg, tx))  # pylint: disable=protected-access
   shardings = sharding.logical_shardings(abstract, mesh)
