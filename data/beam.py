@@ -2,7 +2,7 @@
 
   stoker prepare --runner beam --source 'corpus/*.jsonl' --train-tokenizer --out data   # DirectRunner, all cores
   stoker prepare --runner beam --direct_num_workers 2 ...
-  stoker prepare --runner beam --beam_options '--runner=DataflowRunner --project=P --region=R ...' ...
+  stoker prepare --runner beam --beam_options '--runner=FlinkRunner --flink_master=HOST:8081' --out /shared/data ...
 
 Without a --runner in --beam_options the DirectRunner runs the pipeline in --direct_num_workers processes
 (direct_running_mode=multi_processing; 0: one per core). Every stage calls prepare.py's own function, so both paths
@@ -26,6 +26,10 @@ moves or uploads the directory as the in-process path does. Workers read gs:// a
 The staging directory is on this machine (OUT.tmp-<pid>, or a local temporary one for a bucket --out), so a cluster
 runner (Dataflow, Flink, Spark) needs an --out on a file system all its workers mount; a bucket --out is refused
 there, and workers that wrote elsewhere are reported, never taken for an empty output.
+
+What one worker holds: a file's kept documents (numbering), the tokenizer's training documents (all of the train
+split without --tokenizer-sample: give a cap, or --tokenizer, for a large corpus), a validation key per validation
+document (the split's threshold), and two integers per document of a split (its shard plan).
 """
 
 from __future__ import annotations
@@ -66,9 +70,10 @@ _WORKER_ERROR = re.compile(r'^(ValueError|FileNotFoundError): (.+)$', re.M)
 def check_beam() -> None:
   """Raises a ValueError saying how to install Apache Beam if it is missing."""
   if beam is None:
-    raise ValueError("--runner beam needs Apache Beam: pip install 'apache-beam==2.77.0' 'pyarrow==25.0.1' "
-                     "'protobuf<7' (Beam 2.77 needs pyarrow < 26 and protobuf < 7, so in its own environment), "
-                     'or drop --runner beam to prepare in this process')
+    raise ValueError("--runner beam needs Apache Beam, which needs pyarrow < 26 and protobuf < 7: in a virtual "
+                     "environment made with --system-site-packages, pip install 'apache-beam==2.77.0' "
+                     "'pyarrow==25.0.1' 'protobuf==6.33.6' 'pillow==12.3.0' (README, Data); or drop --runner beam "
+                     'to prepare in this process')
 
 
 def pipeline_options(num_workers: int = 0, beam_options: str = ''):
