@@ -24,7 +24,7 @@ REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_save
 ROUTERS = ('topk_softmax', 'softmax_topk')
 # How the experts' matmuls run: 'auto' (ragged_dot on TPU, 'tiled' elsewhere: XLA:CPU lowers
 # ragged_dot to one dense matmul over every expert), 'ragged_dot', 'tiled' (see models/moe.py).
-GROUPED_MATMULS = ('auto', 'ragged_dot', 'tiled')
+GROUPED_MATMULS = ('auto', 'ragged_dot', 'megablox', 'tiled')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,10 @@ are one contiguous run, and the experts' matmuls are grouped matmuls over those 
 - 'ragged_dot': `jax.lax.ragged_dot`, a grouped matmul on TPU. XLA:CPU lowers it to one dense
   [X, E*D] x [E*D, F] matmul over a masked copy of the tokens: every expert for every token, E
   times the work (measured, jax 0.10.2).
+- 'megablox': Megablox's Pallas TPU kernel `gmm` (jax.experimental.pallas.ops.tpu.megablox, as
+  MaxText's sparse matmul): row tiles of up to 128 (X padded to a whole tile), groups masked
+  inside the kernel, its own VJP (`tgmm` for the weights' gradient). Off TPU it runs in Pallas'
+  interpret mode: exact, slow, for tests.
 - 'tiled': each expert's run is padded to a multiple of a tile of rows, so every tile belongs to
   one expert, and one batched matmul multiplies each tile by its expert's weights. Exact and
   dropless; under one tile of padding rows per expert, a bounded overhead (`tile_rows`).
@@ -118,6 +122,20 @@ def _tile_matmul(x_nbD, w_EDF, t: _Tiles):
   return jnp.einsum('nbD,nDF->nbF', x_nbD, jnp.take(w_EDF.astype(x_nbD.dtype), t.expert_n, axis=0))
 
 
+def _megablox(x_XD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+  """grouped_matmul by Megablox's gmm: rows padded to a whole tile (of up to 128, a multiple of 8),
+  the rows past the groups (which the kernel leaves unwritten) zeroed."""
+  from jax.experimental.pallas.ops.tpu.megablox import gmm  # pylint: disable=g-import-not-at-top
+  X, D = x_XD.shape
+  F = w_EDF.shape[-1]
+  tm = min(128, -(-X // 8) * 8)
+  padded = -(-X // tm) * tm
+  y_XF = gmm(jnp.pad(x_XD, ((0, padded - X), (0, 0))), w_EDF.astype(x_XD.dtype),
+             group_sizes_E.astype(jnp.int32), x_XD.dtype, (tm, min(128, D), min(128, F)),
+             interpret=jax.default_backend() != 'tpu')[:X]
+  return jnp.where((jnp.arange(X) < jnp.sum(group_sizes_E))[:, None], y_XF, 0)
+
+
 def grouped_matmul(x_XD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array,
                    impl: str = 'tiled', tile: int | None = None) -> jax.Array:
   """Row block e of x (rows sorted by group, group e being group_sizes_E[e] rows) times w[e].
@@ -125,6 +143,8 @@ def grouped_matmul(x_XD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array,
   Rows past sum(group_sizes_E) come back as zeros."""
   if impl == 'ragged_dot':
     return jax.lax.ragged_dot(x_XD, w_EDF.astype(x_XD.dtype), group_sizes_E.astype(jnp.int32))
+  if impl == 'megablox':
+    return _megablox(x_XD, w_EDF, group_sizes_E)
   X, E = x_XD.shape[0], w_EDF.shape[0]
   t = _tiles(group_sizes_E, X, tile or tile_rows(X, E))
   y_nbF = _tile_matmul(_to_tiles(x_XD, t), w_EDF, t)
@@ -187,13 +207,14 @@ class MoE(nnx.Module):
 
   def _dropless(self, xs_XD, sizes_E):
     gate, up, down = (w.get_value() for w in (self.gate_EDF, self.up_EDF, self.down_EFD))
-    if self._impl() == 'ragged_dot':
+    impl = self._impl()
+    if impl in ('ragged_dot', 'megablox'):
       if hasattr(gate, 'einsum'):
         raise ValueError("Quantized expert weights run with grouped_matmul='tiled' or in "
-                         "capacity-factor mode, not with 'ragged_dot'.")
-      h_XF = (jax.nn.silu(grouped_matmul(xs_XD, gate, sizes_E, 'ragged_dot')) *
-              grouped_matmul(xs_XD, up, sizes_E, 'ragged_dot'))
-      return grouped_matmul(h_XF, down, sizes_E, 'ragged_dot')
+                         f"capacity-factor mode, not with {impl!r}.")
+      h_XF = (jax.nn.silu(grouped_matmul(xs_XD, gate, sizes_E, impl)) *
+              grouped_matmul(xs_XD, up, sizes_E, impl))
+      return grouped_matmul(h_XF, down, sizes_E, impl)
     # Tiled: pad once, run the three matmuls tile by tile, unpad once.
     X = xs_XD.shape[0]
     t = _tiles(sizes_E, X, tile_rows(X, self.cfg.num_experts))
