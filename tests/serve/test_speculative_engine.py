@@ -162,3 +162,38 @@ def test_a_drafter_of_another_vocabulary_is_refused(draft_engine, ngram_engine):
     ngram_engine.attach_drafter(small)
   with pytest.raises(ValueError, match='prefix_caching=False'):
     draft_engine.attach_drafter(types.SimpleNamespace(model_cfg=CFG, config=DRAFT))
+
+
+@pytest.mark.parametrize('which', ['ngram', 'draft'])
+def test_random_workloads_return_every_page(which, request):
+  """Requests arriving while others run, greedy and sampled, some aborted mid-flight: both caches'
+  allocator invariants hold after every step and every page returns (acceptance 3)."""
+  engine = request.getfixturevalue(f'{which}_engine')
+  rng = np.random.default_rng(11)
+  prompts, _ = prompts_and_limits()
+  pending = [(f'w{i}', prompts[i % len(prompts)][:int(rng.integers(1, 20))] + [int(i)],
+              SamplingParams(max_tokens=int(rng.integers(1, 16)), temperature=float(rng.choice([0, 0.9])),
+                             seed=i))
+             for i in range(14)]
+  live, steps = set(), 0
+  while pending or engine.has_work:
+    if pending and rng.random() < 0.5:
+      rid, prompt, params = pending.pop()
+      engine.add_request(rid, prompt, params)
+      live.add(rid)
+    if live and rng.random() < 0.05:
+      victim = sorted(live)[int(rng.integers(len(live)))]
+      engine.abort(victim)
+      live.discard(victim)
+    for out in engine.step():
+      if out.finished:
+        live.discard(out.request_id)
+    engine.scheduler.check()
+    if which == 'draft':
+      engine._drafter.engine.scheduler.check()  # pylint: disable=protected-access
+    steps += 1
+    assert steps < 2000
+  assert engine.spec_stats.verifications > 0
+  assert_idle_and_clean(engine)
+  if which == 'draft':
+    check_drafter_clean(engine)
