@@ -31,7 +31,7 @@ def _documents(n, seed=0):
 
 
 def _corpus(directory):
-  """Three files (two JSONL, one CSV) whose duplicates cross files, and the counts they must give."""
+  """Three files (two JSONL, one CSV), each pair sharing a document, and the counts they must give."""
   docs = _documents(70)
   os.makedirs(directory)
   files = {'a.jsonl': docs[:30] + [docs[3], 'x', ''],  # docs[3] twice in one file; 'x' and '' filtered
@@ -75,7 +75,8 @@ def test_beam_with_two_workers_writes_the_in_process_bytes(tmp_path, capsys):
   assert cli.main(['prepare', '--out', str(tmp_path / 'local'), *flags]) == 0
   assert cli.main(['prepare', '--out', str(tmp_path / 'beam'), '--runner', 'beam', '--direct_num_workers', '2',
                    *flags]) == 0
-  assert 'Beam read 3 files in 2 worker processes.' in capsys.readouterr().out  # duplicates crossed workers
+  # Every pair of the 3 files shares a document, so on 2 processes some duplicates cross workers.
+  assert 'Beam read 3 files in 2 worker processes.' in capsys.readouterr().out
   manifest = _same_output(tmp_path / 'local', tmp_path / 'beam')
   assert '--runner beam --direct_num_workers 2' in manifest['command']
   assert manifest['documents'] == counts
