@@ -48,6 +48,9 @@ def warm_start(args, cfg, paths, tokenizer, held):
   workdir = os.path.join(args.out, 'sft')
   examples = ws.Examples(paths['sft'], tokenizer, args.sft_batch, cfg.seq_len, seed=args.seed)
   history, steps = [], 0
+  saved = os.path.join(workdir, 'checkpoints')
+  if os.path.isdir(saved):  # a warm start from an earlier run goes on from its newest checkpoint
+    steps = max([int(n) for n in os.listdir(saved) if n.isdigit()] + [0]) - args.sft_chunk
   while steps < args.sft_max_steps:
     steps += args.sft_chunk
     clock = time.perf_counter()
@@ -71,7 +74,7 @@ def warm_start(args, cfg, paths, tokenizer, held):
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'out', 'rl'))
-  p.add_argument('--steps', type=int, default=200)
+  p.add_argument('--steps', type=int, default=250)
   p.add_argument('--budget_s', type=float, default=1800.0, help='The whole run (warm start + RL).')
   p.add_argument('--eval_every', type=int, default=10)
   p.add_argument('--compare_every', type=int, default=10, help='0: no throughput comparison.')

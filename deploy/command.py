@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
 
   train = kinds.add_parser('train', help='A multi-host TPU training JobSet.')
   common(train)
-  train.add_argument('--workdir', required=True, help='gs://...: shared by every host.')
+  train.add_argument('--workdir', required=True, help='gs://... or s3://...: shared by every host.')
+  train.add_argument('--data', default=None,
+                     help="The prepared data every host reads (gs://.../data): sets data.source.")
   train.add_argument('--gin_param', action='append', default=[], help='Repeatable.')
   train.add_argument('--tpu', default='v5e-256', help='TPU slice type (default v5e-256: 64 hosts).')
   train.add_argument('--slices', type=int, default=1, help='Slices joined over the DCN (default 1).')
@@ -73,7 +75,7 @@ def run(args) -> int:
   if args.k8s_command == 'train':
     job = training.TrainJob(
         name=args.name, image=args.image, workdir=args.workdir, gin_files=args.gin_file,
-        gin_params=args.gin_param, tpu=args.tpu, slices=args.slices, topology=args.topology,
+        gin_params=args.gin_param + ([f"data.source='{args.data}'"] if args.data else []), tpu=args.tpu, slices=args.slices, topology=args.topology,
         namespace=args.namespace, coordinator_port=args.coordinator_port,
         monitoring_port=args.monitoring_port, max_restarts=args.max_restarts,
         prometheus=args.prometheus, **grace)

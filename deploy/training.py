@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import storage
 from deploy import k8s, slices, templates
 from parallelism import mesh
 
@@ -53,6 +54,7 @@ class TrainJob:
     if not self.workdir or not self.image:
       raise ValueError(f'A training job needs an image and a workdir; got image={self.image!r}, '
                        f'workdir={self.workdir!r}.')
+    storage.is_bucket(self.workdir)  # a URL of a scheme Stoker cannot write (gcs://, s3a://) is refused here
     if self.slices < 1 or self.max_restarts < 0 or self.grace_s < 0:
       raise ValueError(f'Need slices >= 1, max_restarts >= 0 and grace_s >= 0; got {self}.')
     if not 0 < self.coordinator_port < 65536 or not 0 <= self.monitoring_port < 65536:

@@ -13,6 +13,7 @@ import gin
 
 import configs
 from models.config import ModelConfig
+from models.lora import LoRAConfig
 from parallelism.mesh import MeshConfig
 from rl import grpo
 from serve.engine import EngineConfig
@@ -52,6 +53,7 @@ class RLConfig:
   engine: EngineConfig = EngineConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   fault: FaultConfig = FaultConfig()
+  lora: LoRAConfig = LoRAConfig()  # with lora.base: train adapters over that base (rl.init unused)
 
   def __post_init__(self):
     object.__setattr__(self, 'reward_fns', tuple(self.reward_fns))
@@ -77,8 +79,9 @@ class RLConfig:
     if self.engine.max_seqs < self.group_size:
       raise ValueError(f'rl.engine.max_seqs ({self.engine.max_seqs}) < rl.group_size '
                        f'({self.group_size}): raise engine.max_seqs so a group samples together.')
-    if self.checkpoint.max_nonfinite_steps < 1:
-      raise ValueError('checkpoint.max_nonfinite_steps must be >= 1.')
+    if self.lora.base and (self.init or self.lora.base_dtype or self.lora.dropout):
+      raise ValueError(f'rl with lora.base={self.lora.base!r}: the base is the initial policy, so leave '
+                       'rl.init empty; lora.base_dtype and lora.dropout are not supported in rl yet.')
 
   @property
   def samples_per_step(self) -> int:
@@ -90,7 +93,7 @@ class RLConfig:
 
 
 rl = gin.external_configurable(RLConfig, 'rl')
-SECTIONS = ('mesh', 'optimizer', 'engine', 'checkpoint', 'fault')
+SECTIONS = ('mesh', 'optimizer', 'engine', 'checkpoint', 'fault', 'lora')
 
 
 def load_rl_config(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()) -> RLConfig:

@@ -13,6 +13,10 @@ One step s:
              (a no-op where the shardings agree; one on-device copy where the engine sits on one
              device of the training mesh) and the prefix cache, whose KV the old weights computed,
              is flushed.
+With LoRA (lora.base) the state trains adapters alone; the base is a frozen input of the step and
+the KL reference (adapters off), and the engine gets the base with the adapters merged (one jitted
+merge per step, on device). Merged and attached weights round differently (W + s a b against
+x W + s (x a) b), one of the places where the importance ratio corrects a sampler/trainer gap.
 Held-out greedy evaluation (rl.eval_every) runs on the engine after an update; the prefix cache is
 flushed again before the next sampling, so every step samples from an empty cache (a resumed run
 samples what the uninterrupted one did).
@@ -28,6 +32,7 @@ after a finished step on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -39,7 +44,7 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
-from models import checkpoint_io, transformer
+from models import checkpoint_io, lora
 from parallelism import sharding
 from parallelism.mesh import make_mesh
 from parallelism.rules import DEFAULT_RULES
@@ -48,9 +53,8 @@ from rl import step as step_lib
 from rl.config import RLConfig
 from serve.engine import Engine
 from serve.sampling import SamplingParams
-from train import faults
+from train import faults, finetune
 from train.checkpoint import Checkpoints
-from train.finetune import EXECUTION_FIELDS
 from train.metrics import MetricsWriter
 from train.optimizer import make_optimizer
 from train.recovery import Recovery
@@ -74,6 +78,8 @@ class Run:
                                    top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=(self.stop_id,))
     self.engine: Engine | None = None
     self.state: TrainState | None = None
+    self.policy = lambda params: params  # the trained params -> the model's (LoRA: merged)
+    self.frozen: dict = {}  # the step's frozen inputs: {'base'} (LoRA) or {'reference'} (beta > 0)
 
   def step_rows(self, step: int) -> list[dict]:
     idx = rollout.prompt_indices(len(self.rows), step, self.cfg.prompts_per_step, self.cfg.seed)
@@ -107,21 +113,21 @@ def task_paths(cfg: RLConfig, workdir: str) -> dict[str, str]:
 
 
 def initial_params(cfg: RLConfig, mesh, rules=DEFAULT_RULES) -> nnx.State:
-  """The policy at step 0 on `mesh`: rl.init's weights, or a fresh model from rl.seed."""
+  """What the state trains at step 0, on `mesh`: rl.init's weights, or fresh ones (a new model
+  from rl.seed, or new LoRA adapters over lora.base)."""
   shardings_for = lambda a: sharding.logical_shardings(a, mesh, rules)
   if not cfg.init:
-    return sharding.init_sharded(
-        lambda: nnx.state(transformer.Transformer(cfg.model, nnx.Rngs(cfg.seed))), mesh, rules)[0]
+    return sharding.init_sharded(lambda: step_lib.fresh_params(cfg), mesh, rules)[0]
   if not os.path.isdir(cfg.init):
     raise FileNotFoundError(f'rl.init={cfg.init!r}: no such directory; give a training workdir or a '
                             "Hugging Face model directory (or '' for a fresh model).")
   saved = checkpoint_io.read_config(cfg.init)
-  ours = dataclasses.replace(saved, **{f: getattr(cfg.model, f) for f in EXECUTION_FIELDS})
+  ours = dataclasses.replace(saved, **{f: getattr(cfg.model, f) for f in finetune.EXECUTION_FIELDS})
   if ours != cfg.model:
     raise ValueError(f'rl.init={cfg.init!r} holds another model ({saved}) than rl.model '
                      f'({cfg.model}); bind model(...) to the saved architecture.')
   return checkpoint_io.load(cfg.init, shardings_for=shardings_for,
-                            **{f: getattr(cfg.model, f) for f in EXECUTION_FIELDS})[1]
+                            **{f: getattr(cfg.model, f) for f in finetune.EXECUTION_FIELDS})[1]
 
 
 def train(cfg: RLConfig, workdir: str, config_text: str = '',
@@ -144,6 +150,12 @@ def train(cfg: RLConfig, workdir: str, config_text: str = '',
   try:
     start = ckpts.latest_step()
     params0 = initial_params(cfg, mesh) if start is None or cfg.beta else None
+    frozen = {'reference': params0} if cfg.beta else {}
+    if finetune.enabled(cfg):  # the base: frozen, the reference (adapters off), merged for the engine
+      frozen = {'base': finetune.load_base(cfg.lora.base, cfg.model, mesh, DEFAULT_RULES)}
+      merge = jax.jit(functools.partial(lora.merge, cfg.model, lora=cfg.lora))
+      run.policy = lambda adapters: merge(frozen['base'], adapters)
+    run.frozen = frozen
     if start is None:
       start = 0
       run.state = jax.jit(lambda p: TrainState(jax.numpy.zeros((), jax.numpy.int32), p, tx.init(p)),
@@ -153,8 +165,9 @@ def train(cfg: RLConfig, workdir: str, config_text: str = '',
       logging.info('Resumed from the checkpoint of step %d in %s.', start, workdir)
     if start >= cfg.steps:
       return []
-    step_fn = step_lib.compile_step(cfg, mesh, tx, shardings, params0 if cfg.beta else None)
-    run.engine = Engine(cfg.model, jax.device_put(run.state.params, mesh.devices.flat[0]), cfg.engine)
+    step_fn = step_lib.compile_step(cfg, mesh, tx, shardings, frozen)
+    run.engine = Engine(cfg.model, jax.device_put(run.policy(run.state.params), mesh.devices.flat[0]),
+                        cfg.engine)
     return _loop(cfg, run, start, step_fn, ckpts, workdir, mesh, on_step, progress, target)
   finally:
     ckpts.close()
@@ -195,7 +208,7 @@ def _loop(cfg, run, start, step_fn, ckpts, workdir, mesh, on_step, progress, tar
       watchdog.beat()
       run.state = state
       clock = time.perf_counter()
-      run.engine.update_params(state.params)
+      run.engine.update_params(run.policy(state.params))
       update_s = time.perf_counter() - clock
       flush = False
       record = {**{f'reward_{n}_{stat}': float(f(scores[n])) for n in cfg.reward_fns
@@ -238,7 +251,7 @@ def _train(step_fn, state, batch, minibatches: int, shardings) -> tuple[TrainSta
   records = []
   for m in range(minibatches):
     part = {k: jax.device_put(v[m * B:(m + 1) * B], shardings[k]) for k, v in batch.items()}
-    grads, metrics = step_fn.grad(state, part, step_fn.reference)
+    grads, metrics = step_fn.grad(state, part, step_fn.frozen)
     state, update_metrics = step_fn.update(state, grads)
     records.append({**metrics, **update_metrics})
   records = jax.device_get(records)

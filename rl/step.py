@@ -31,6 +31,7 @@ from models import transformer
 from parallelism import sharding
 from parallelism.rules import DEFAULT_RULES, Rules
 from rl import grpo
+from train import finetune
 from train.step import TrainState, apply_grads
 
 KEYS = ('inputs_BT', 'positions_BT', 'targets_BT', 'mask_BT', 'old_BT', 'advantages_B')
@@ -48,12 +49,15 @@ def token_logprobs(graphdef, params, inputs_BT, positions_BT, targets_BT) -> jax
   return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
 
 
-def objective(params, batch, reference, *, graphdef, cfg):
-  """The GRPO loss of a batch and its metrics; `reference`: params for the KL penalty, or None."""
+def objective(params, batch, frozen, *, graphdef, cfg):
+  """The GRPO loss of a batch and its metrics. `frozen`: {'base': the LoRA base} (then `params` are
+  the adapters, and the reference is the base: adapters off), or {'reference': the initial policy}
+  when the KL penalty needs one, or {}."""
   args = (batch['inputs_BT'], batch['positions_BT'], batch['targets_BT'])
-  logp_BT = token_logprobs(graphdef, params, *args)
+  logp_BT = token_logprobs(graphdef, finetune.attach(cfg, params, frozen.get('base')), *args)
   ref_BT = None
   if cfg.beta:
+    reference = frozen['base'] if 'base' in frozen else frozen['reference']
     ref_BT = jax.lax.stop_gradient(token_logprobs(graphdef, reference, *args))
   value, metrics = grpo.loss(logp_BT, batch['old_BT'], batch['advantages_B'], batch['mask_BT'],
                              normalisation=cfg.normalisation, eps_low=cfg.eps_low,
@@ -85,42 +89,50 @@ class Step(NamedTuple):
   """The compiled step as two computations (as train/step.py's split step): `grad` reads the state
   and donates nothing; `update` applies the gradients. Neither donates the state: the state before
   an RL step must stay intact through all of its mini-batches, for a just-in-time save."""
-  grad: Any  # (state, batch, reference) -> (grads, metrics)
+  grad: Any  # (state, batch, frozen) -> (grads, metrics)
   update: Any  # (state, grads) -> (state, metrics)
-  reference: Any  # the frozen reference params (or None) the loop passes to grad
+  frozen: dict  # the frozen inputs (objective's `frozen`) the loop passes to grad
 
 
-def compile_step(cfg, mesh, tx, state_shardings, reference, rules: Rules = DEFAULT_RULES) -> Step:
+def compile_step(cfg, mesh, tx, state_shardings, frozen: dict, rules: Rules = DEFAULT_RULES) -> Step:
   graphdef = graphdef_of(cfg.model)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   spec = batch_spec(cfg, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           jax.eval_shape(lambda: _abstract_state(cfg, tx)), state_shardings)
 
-  def grad_fn(state, batch, ref):
+  def grad_fn(state, batch, frozen):
     grads, metrics = jax.grad(functools.partial(objective, graphdef=graphdef, cfg=cfg),
-                              has_aux=True)(state.params, batch, ref)
+                              has_aux=True)(state.params, batch, frozen)
     return grads, {**metrics, 'grad_norm': _norm(grads)}
 
-  ref_shardings = None if reference is None else state_shardings.params
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   grad = jax.jit(grad_fn, in_shardings=(state_shardings, {k: v.sharding for k, v in spec.items()},
-                                        ref_shardings),
+                                        frozen_shardings),
                  out_shardings=(state_shardings.params, replicated))
   update = jax.jit(functools.partial(apply_grads, tx=tx),
                    in_shardings=(state_shardings, state_shardings.params),
                    out_shardings=(state_shardings, replicated))
   with sharding.activation_rules(mesh, rules):
-    grad = grad.lower(abstract, spec, None if reference is None else abstract.params).compile()
+    grad = grad.lower(abstract, spec, frozen).compile()
     update = update.lower(abstract, abstract.params).compile()
-  return Step(grad, update, reference)
+  return Step(grad, update, frozen)
 
 
 def _norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def fresh_params(cfg) -> nnx.State:
+  """What the train state trains at step 0: new LoRA adapters (b = 0: the policy is the base), or
+  a new model from rl.seed."""
+  if finetune.enabled(cfg):
+    return finetune.fresh_adapters(cfg)
+  return nnx.state(transformer.Transformer(cfg.model, nnx.Rngs(cfg.seed)))
+
+
 def _abstract_state(cfg, tx) -> TrainState:
-  params = nnx.state(transformer.Transformer(cfg.model, nnx.Rngs(cfg.seed)))
+  params = fresh_params(cfg)
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 

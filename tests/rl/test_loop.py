@@ -16,7 +16,7 @@ from rl import loop
 from rl.config import load_rl_config
 from rl.step import graphdef_of
 from serve.sampling import SamplingParams
-from train import checkpoint, faults
+from train import checkpoint, faults, finetune
 
 TINY = ['model.num_layers = 2', 'model.d_model = 32', 'model.num_heads = 2', 'model.num_kv_heads = 1',
         'model.head_dim = 16', 'model.mlp_dim = 64', 'rl.prompts_per_step = 4', 'rl.group_size = 4',
@@ -57,8 +57,9 @@ def test_stoker_rl_runs_logs_and_survives_a_raising_reward(tmp_path, capsys):
   assert os.path.exists(os.path.join(workdir, 'task', 'prompts-held-out.jsonl'))
 
 
-def test_after_each_step_the_engine_serves_the_trainers_weights(tmp_path):
-  cfg = load_rl_config([GIN], TINY + ['rl.steps = 3'])
+def _serves_the_trainers_weights(cfg, workdir):
+  """Runs `cfg`, checking after every step that the engine's distribution for a prefix-cached
+  prompt is the trainer's (with LoRA: the base with the trained adapters attached)."""
   graphdef = graphdef_of(cfg.model)
   dense = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids[None])[0, -1])
   seen = []
@@ -66,7 +67,8 @@ def test_after_each_step_the_engine_serves_the_trainers_weights(tmp_path):
   def check(run, step):
     engine = run.engine
     prompt = run.tokenizer.encode('12+34=46 57+68=12', add_special_tokens=False).ids  # 4 full pages
-    logits = np.asarray(dense(run.state.params, np.asarray(prompt)), np.float64)
+    params = finetune.attach(cfg, run.state.params, run.frozen.get('base'))  # as the trainer runs it
+    logits = np.asarray(dense(params, np.asarray(prompt)), np.float64)
     want = logits - np.logaddexp.reduce(logits)
     computed = []
     for _ in range(2):  # cold (the update flushed the cache), then from the prefix cache
@@ -88,9 +90,17 @@ def test_after_each_step_the_engine_serves_the_trainers_weights(tmp_path):
     assert engine.scheduler.allocator.num_cached >= len(prompt) // page
     seen.append(want)
 
-  loop.train(cfg, str(tmp_path / 'run'), on_step=check, progress=False)
-  assert len(seen) == 3
+  loop.train(cfg, workdir, on_step=check, progress=False)
+  assert len(seen) == cfg.steps
   assert all(np.abs(a - b).max() > 1e-3 for a, b in zip(seen, seen[1:]))  # the weights moved
+
+
+def test_after_each_step_the_engine_serves_the_trainers_weights(tmp_path):
+  base = str(tmp_path / 'full')
+  _serves_the_trainers_weights(load_rl_config([GIN], TINY + ['rl.steps = 3']), base)
+  # LoRA over that run's policy: the engine samples with the adapters merged into the base.
+  _serves_the_trainers_weights(load_rl_config([GIN], TINY + [
+      'rl.steps = 2', f"lora.base = '{base}'", 'lora.rank = 4', 'rl.beta = 0.1']), str(tmp_path / 'lora'))
 
 
 def _final_state(workdir):
