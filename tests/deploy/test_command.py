@@ -66,3 +66,18 @@ def test_stoker_serve_reads_the_key_the_manifest_passes_from_the_environment(cap
   (env,) = container['env']
   monkeypatch.setenv(env['name'], 'sk-from-secret')
   assert cli.parser('serve').parse_args(['serve', '--checkpoint', 'x']).api_key == 'sk-from-secret'
+
+
+def test_k8s_train_takes_bucket_paths_for_data_and_workdir(capsys):
+  code = cli.main(['k8s', 'train', '--name', 'llama', '--image', 'img:1', '--tpu', 'v5e-256', '--gin_file',
+                   'configs/model/llama3_8b.gin', '--workdir', 's3://runs-bucket/llama', '--data',
+                   'gs://data-bucket/web', '--monitoring_port', '0'])
+  assert code == 0
+  (jobset,) = yaml.safe_load_all(capsys.readouterr().out)
+  (container,) = jobset['spec']['replicatedJobs'][0]['template']['spec']['template']['spec']['containers']
+  command = container['command']
+  assert command[command.index('--workdir') + 1] == 's3://runs-bucket/llama'
+  assert "data.source='gs://data-bucket/web'" in command
+  code = cli.main(['k8s', 'train', '--name', 'llama', '--image', 'img:1', '--gin_file',
+                   'configs/model/llama3_8b.gin', '--workdir', 'gcs://runs-bucket/llama'])
+  assert code == 2 and 'unsupported storage URL' in capsys.readouterr().err
