@@ -1,6 +1,8 @@
 """Bad storage input gives exit code 2, a message naming the path and the fix, no traceback and no output
 (nothing in the bucket, no local gs:/s3: directory): an unreachable endpoint, a missing bucket, missing
-credentials, and a permission error (a proxy in front of the real server answers 403)."""
+credentials, and a permission error (a proxy in front of the real server answers 403). The `stoker` command
+runs in this process (cli.main) where the environment can be set per test, and in a subprocess, as a user runs
+it, for missing credentials (the clients cache credentials per process)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 
 import pytest
 
+import cli
 from tests.storage import servers
 from tests.storage.conftest import env_for, new_bucket
 
@@ -23,6 +26,19 @@ def stoker(args, env, cwd):
                         env=env, capture_output=True, text=True, timeout=300)
 
 
+def in_process(args, env, cwd, monkeypatch, capsys):
+  """cli.main(args) with os.environ = `env` and the working directory `cwd`; a CompletedProcess-like result."""
+  for key in list(os.environ):
+    monkeypatch.delenv(key)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.chdir(cwd)
+  capsys.readouterr()
+  code = cli.main(['--host_devices', '1', *args])
+  captured = capsys.readouterr()
+  return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def _assert_refused(result, cwd, *needles):
   assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
@@ -33,26 +49,27 @@ def _assert_refused(result, cwd, *needles):
 
 
 @pytest.mark.parametrize('scheme,variable', [('gs', 'STORAGE_EMULATOR_HOST'), ('s3', 'AWS_ENDPOINT_URL')])
-def test_unreachable_endpoint(scheme, variable, tmp_path):
+def test_unreachable_endpoint(scheme, variable, tmp_path, monkeypatch, capsys):
   env = env_for(scheme, f'http://127.0.0.1:{servers.free_port()}', str(tmp_path))
   out = f'{scheme}://stoker-data/out'
-  _assert_refused(stoker([*PREPARE, '--out', out], env, tmp_path), tmp_path, out, 'cannot reach the storage endpoint',
-                  variable)
+  result = in_process([*PREPARE, '--out', out], env, tmp_path, monkeypatch, capsys)
+  _assert_refused(result, tmp_path, out, 'cannot reach the storage endpoint', variable)
 
 
 @pytest.mark.parametrize('scheme,fix', [('gs', 'gcloud storage buckets create gs://stoker-missing'),
                                         ('s3', 'aws s3 mb s3://stoker-missing')])
-def test_missing_bucket(scheme, fix, endpoints, tmp_path):
+def test_missing_bucket(scheme, fix, endpoints, tmp_path, monkeypatch, capsys):
   env = env_for(scheme, endpoints[scheme], str(tmp_path))
   out = f'{scheme}://stoker-missing/data'
-  _assert_refused(stoker([*PREPARE, '--out', out], env, tmp_path), tmp_path, out, 'does not exist', fix)
+  result = in_process([*PREPARE, '--out', out], env, tmp_path, monkeypatch, capsys)
+  _assert_refused(result, tmp_path, out, 'does not exist', fix)
 
 
-def test_missing_bucket_for_a_training_workdir(endpoints, tmp_path):
+def test_missing_bucket_for_a_training_workdir(endpoints, tmp_path, monkeypatch, capsys):
   env = env_for('gs', endpoints['gs'], str(tmp_path))
   run = 'gs://stoker-missing/run'
-  result = stoker(['train', '--gin_param', "data.source='synthetic'", '--gin_param', 'data.eval_every=0',
-                   '--workdir', run], env, tmp_path)
+  result = in_process(['train', '--gin_param', "data.source='synthetic'", '--gin_param', 'data.eval_every=0',
+                       '--workdir', run], env, tmp_path, monkeypatch, capsys)
   _assert_refused(result, tmp_path, run, 'does not exist')
 
 
@@ -78,17 +95,18 @@ def test_missing_google_credentials(tmp_path):
 
 
 @pytest.mark.parametrize('scheme', ['gs', 's3'])
-def test_permission_denied(scheme, endpoints, tmp_path):
+def test_permission_denied(scheme, endpoints, tmp_path, monkeypatch, capsys):
   bucket = new_bucket(scheme, endpoints[scheme])
   with servers.Proxy(endpoints[scheme]) as proxy:
     proxy.deny = True
     env = env_for(scheme, proxy.url, str(tmp_path))
-    result = stoker([*PREPARE, '--out', f'{bucket}/data'], env, tmp_path)
+    result = in_process([*PREPARE, '--out', f'{bucket}/data'], env, tmp_path, monkeypatch, capsys)
   _assert_refused(result, tmp_path, f'{bucket}/data', 'permission denied', bucket)
   assert servers.list_objects(scheme, endpoints[scheme], bucket.split('://')[1]) == {}
 
 
-def test_an_unknown_scheme_is_refused_not_made_a_local_directory(tmp_path):
-  result = stoker([*PREPARE, '--out', 'gcs://stoker-data/out'], dict(os.environ, HOME=str(tmp_path)), tmp_path)
+def test_an_unknown_scheme_is_refused_not_made_a_local_directory(tmp_path, monkeypatch, capsys):
+  result = in_process([*PREPARE, '--out', 'gcs://stoker-data/out'], dict(os.environ, HOME=str(tmp_path)), tmp_path,
+                      monkeypatch, capsys)
   _assert_refused(result, tmp_path, 'gcs://stoker-data/out', 'gs://BUCKET/PATH')
   assert not (tmp_path / 'gcs:').exists()
