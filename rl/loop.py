@@ -142,7 +142,7 @@ def train(cfg: RLConfig, workdir: str, config_text: str = '',
   run = Run(cfg, workdir)
   mesh = make_mesh(cfg.mesh, jax.devices()[:cfg.devices or None])
   tx = make_optimizer(cfg.optimizer, cfg.steps * cfg.minibatches)
-  abstract = jax.eval_shape(lambda: step_lib._abstract_state(cfg, tx))  # pylint: disable=protected-access
+  abstract = jax.eval_shape(lambda: step_lib.abstract_state(cfg, tx))
   shardings = sharding.logical_shardings(abstract, mesh)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                         shardings)

@@ -99,7 +99,7 @@ def compile_step(cfg, mesh, tx, state_shardings, frozen: dict, rules: Rules = DE
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   spec = batch_spec(cfg, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          jax.eval_shape(lambda: _abstract_state(cfg, tx)), state_shardings)
+                          jax.eval_shape(lambda: abstract_state(cfg, tx)), state_shardings)
 
   def grad_fn(state, batch, frozen):
     grads, metrics = jax.grad(functools.partial(objective, graphdef=graphdef, cfg=cfg),
@@ -131,7 +131,7 @@ def fresh_params(cfg) -> nnx.State:
   return nnx.state(transformer.Transformer(cfg.model, nnx.Rngs(cfg.seed)))
 
 
-def _abstract_state(cfg, tx) -> TrainState:
+def abstract_state(cfg, tx) -> TrainState:
   params = fresh_params(cfg)
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
