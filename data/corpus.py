@@ -142,7 +142,8 @@ def _expand(source: str, fmt: str) -> list[str]:
 
 def _expand_bucket(source: str, wanted: tuple[str, ...]) -> list[str]:
   """The objects a bucket --source names: a glob, an object, or every object of the format under a prefix."""
-  storage.check(source)
+  scheme, bucket, _ = storage.split(source)
+  storage.check(f'{scheme}://{bucket}')  # the bucket: a glob is no object to probe
   if glob.has_magic(source):
     return storage.glob(source)
   if storage.isfile(source):
