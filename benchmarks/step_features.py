@@ -3,7 +3,7 @@
   python benchmarks/step_features.py                  # tiny and small presets, ~3 min on 2 cores
   python benchmarks/step_features.py --presets small --repeats 60
 
-The engine's compiled step (serve/engine._step) always takes a grammar bitmask and two flags and
+The engine's compiled step (serve/step.step) always takes a grammar bitmask and two flags and
 always returns per-row and per-token logprob arrays, each computed in a branch taken only when a
 request asks. Peer: the same step without them (forward, then sampling: the step before issue 23),
 compiled beside it from the same code and fed the same plan. Both run a decode of --seqs sequences
@@ -42,9 +42,9 @@ def _plain_step(graphdef, backend, mesh, unroll, shape, params, pages, ints_I, f
                 prev_tokens_B, mask_BW):
   """The step without the feature inputs and outputs (its inputs unpacked the same way)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from serve import engine as engine_lib, forward as forward_lib, sampling  # pylint: disable=g-import-not-at-top
+  from serve import forward as forward_lib, sampling, step as step_lib  # pylint: disable=g-import-not-at-top
   del mask_BW
-  batch, feed_T, _, _, sampling_batch = engine_lib._unpack(ints_I, floats_F, *shape)  # pylint: disable=protected-access
+  batch, feed_T, _, _, sampling_batch, _ = step_lib.unpack(ints_I, floats_F, *shape)
   fed_T = jnp.take(prev_tokens_B, jnp.maximum(feed_T, 0))
   batch = batch._replace(token_ids_T=jnp.where(feed_T >= 0, fed_T, batch.token_ids_T))
   logits_BV, pages = forward_lib.forward(graphdef, params, pages, batch, backend=backend, mesh=mesh,
@@ -76,7 +76,7 @@ def one_preset(name: str, args) -> dict:
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0))))
   plain = jax.jit(functools.partial(_plain_step, graphdef, engine.backend, None,
                                     unrolls(engine.config.layer_loop, jax.default_backend()),
-                                    (T, args.seqs, per_seq)), donate_argnums=(1,))
+                                    (T, args.seqs, per_seq, 0, 0)), donate_argnums=(1,))
   host = []
   for _ in range(5):  # Engine.step() on plain decodes
     start = time.perf_counter()

@@ -23,20 +23,12 @@ code with advance and resolve fused. Which features use which path:
 
 Speculative decoding (EngineConfig.speculative, serve/speculative.py): before planning, a drafter
 proposes up to k tokens per decoding request (prompt lookup, or a draft model on its own Engine,
-attach_drafter); the scheduler plans each as its last token + its drafts; the step computes the
-target's logits at every drafted position and verifies on device (greedy: longest matching prefix;
-sampling: exact rejection sampling), and the scheduler rolls rejected tokens back. Always-present
-step inputs when speculation is configured: per verification row its token index and draft token,
-per sequence its draft count (and, with a draft model, the drafter's logits [B (k + 1), V]); the
-verification runs in a branch taken only when some row has drafts.
+attach_drafter); the scheduler plans each as its last token + its drafts; the step verifies them
+on device (greedy: longest matching prefix; sampling: exact rejection sampling), and the scheduler
+rolls rejected tokens back.
 
-Always-present step inputs and outputs, so that no feature compiles a variant of the step:
-  - a token bitmask [B, ceil(V / 32)] applied to the logits before sampling (a device-resident
-    all-allowed mask when no row is constrained; the masking runs only when some row is);
-  - per row the sampled token's logprob and the MAX_LOGPROBS likeliest tokens' ids and logprobs,
-    and per token the logprob of a host-given target (the next prompt token: prompt logprobs)
-    with its top MAX_LOGPROBS. Each is computed in a branch taken only when some row asked, and
-    fetched from the device only then: plain decoding pays two skipped branches.
+The compiled step, its packed inputs and the always-present inputs and outputs that keep features
+(grammar masks, logprobs, LoRA slots, verification) from compiling variants of it: serve/step.py.
 Logprobs are the model's own distribution (float32 log_softmax of the raw logits: before
 temperature, top-k/top-p and the grammar mask), as vLLM's default.
 
@@ -82,114 +74,14 @@ from models import transformer
 from models.config import ModelConfig
 from parallelism import sharding as sharding_lib
 from parallelism.rules import DEFAULT_RULES, Rules
-from serve import forward as forward_lib
 from serve import kv_cache, quant, sampling, speculative
 from serve import lora as lora_lib
-from serve.attention import AttentionBackend, resolve
+from serve import step as step_lib
+from serve.attention import resolve
+from serve.engine_config import LAYER_LOOPS, EngineConfig, unrolls  # pylint: disable=unused-import
 from serve.sampling import SamplingParams
-from serve.scheduler import PLACEHOLDER, Finished, Policy, Scheduler, SchedulerConfig, StepPlan
+from serve.scheduler import Finished, Scheduler, StepPlan
 from serve.text import TextStream
-
-
-LAYER_LOOPS = ('auto', 'scan', 'unroll')
-
-
-def unrolls(layer_loop: str, platform: str) -> bool:
-  """Whether the step unrolls its layers. 'auto': a scan on CPU, where XLA copies each layer's
-  weight slices either way and the unrolled tiny-preset decode measured no faster (compiling
-  slower); unrolled on accelerators, where the scanned decode ran ~2x slower on an H100."""
-  if layer_loop == 'auto':
-    return platform not in ('cpu',)
-  return layer_loop == 'unroll'
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-  """The engine's limits. Pools hold num_pages pages of page_size tokens (page 0 is the null page);
-  a request may hold up to max_pages_per_seq pages (prompt + max_tokens <= that * page_size)."""
-
-  num_pages: int = 256
-  page_size: int = 16
-  max_seqs: int = 16
-  max_pages_per_seq: int = 64
-  token_budget: int = 256
-  policy: Policy = Policy.CHUNKED
-  watermark: float = 0.01
-  prefix_caching: bool = True
-  attention: AttentionBackend = AttentionBackend.AUTO
-  min_bucket: int = 16  # smallest token bucket; buckets double up to token_budget
-  kv_dtype: str | None = None  # None: the model's compute dtype; 'int8': quantized (serve/quant.py)
-  weight_dtype: str | None = None  # None: the params as given; 'int8': int8 weights, W8A8 matmuls
-  compilation_cache_dir: str | None = None  # JAX persistent compilation cache, for fast restarts
-  seed: int = 0  # draws the seeds of requests that bring none
-  async_scheduling: bool = True  # plan step n+1 while step n runs (see the module docstring)
-  layer_loop: str = 'auto'  # 'scan' | 'unroll' | 'auto': scan on CPU, unrolled on GPU and TPU
-  max_loras: int = 0  # LoRA adapter slots in device memory (0: no adapters); see serve/lora.py
-  max_lora_rank: int = 16  # the slots' rank: adapters of lower rank are zero-padded (exact)
-  speculative: str | None = None  # None: off; 'ngram': prompt lookup; 'draft': a draft model (attach_drafter)
-  num_speculative_tokens: int = 0  # k: drafts per verification (>= 1 when speculative is set)
-  speculative_max_batch: int = 4  # back-off: speculate only while at most this many sequences run
-
-  def __post_init__(self):
-    object.__setattr__(self, 'policy', Policy(self.policy))
-    object.__setattr__(self, 'attention', AttentionBackend(self.attention))
-    if self.weight_dtype not in (None, *quant.WEIGHT_DTYPES):
-      raise ValueError(f'EngineConfig.weight_dtype={self.weight_dtype!r}; use None (as given) or '
-                       f'one of {quant.WEIGHT_DTYPES}.')
-    if self.layer_loop not in LAYER_LOOPS:
-      raise ValueError(f'EngineConfig.layer_loop={self.layer_loop!r}; use one of {LAYER_LOOPS}.')
-    for name in ('max_loras', 'max_lora_rank'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < (name == 'max_lora_rank'):
-        raise ValueError(f'EngineConfig.{name}={value!r}; use an integer >= '
-                         f'{int(name == "max_lora_rank")}.')
-    self._check_speculative()
-    if self.min_bucket < 1:
-      raise ValueError(f'EngineConfig.min_bucket={self.min_bucket}; use a positive token count.')
-    if self.max_seqs > self.token_budget:
-      raise ValueError(f'EngineConfig.max_seqs={self.max_seqs} > token_budget={self.token_budget}: '
-                       'a step could not decode every running sequence; raise token_budget.')
-    self.scheduler_config()  # validates the shared fields, naming them
-
-  def _check_speculative(self) -> None:
-    k = self.num_speculative_tokens
-    if self.speculative not in (None, *speculative.SPECULATIVE):
-      raise ValueError(f'EngineConfig.speculative={self.speculative!r}; use None (off), \'ngram\' (prompt '
-                       'lookup) or \'draft\' (a draft model).')
-    if not isinstance(k, int) or isinstance(k, bool) or k < (1 if self.speculative else 0):
-      raise ValueError(f'EngineConfig.num_speculative_tokens={k!r}; use an integer >= 1 with speculative='
-                       f'{self.speculative!r} (--num-speculative-tokens, e.g. 4).')
-    if k and not self.speculative:
-      raise ValueError(f'EngineConfig.num_speculative_tokens={k} without a drafter; set speculative '
-                       '(--speculative ngram, --draft-checkpoint or --draft-hf-dir) or use 0.')
-    if k and k + 1 > self.token_budget:
-      raise ValueError(f'EngineConfig.num_speculative_tokens={k}: a verification computes k + 1 = {k + 1} '
-                       f'tokens of one sequence in one step, more than token_budget={self.token_budget}; '
-                       'lower k or raise token_budget.')
-    if k and k + 1 > self.max_pages_per_seq * self.page_size:
-      raise ValueError(f'EngineConfig.num_speculative_tokens={k} exceeds a sequence\'s block table '
-                       f'({self.max_pages_per_seq} pages of {self.page_size}); lower k.')
-    if not isinstance(self.speculative_max_batch, int) or self.speculative_max_batch < 1:
-      raise ValueError(f'EngineConfig.speculative_max_batch={self.speculative_max_batch!r}; use an integer '
-                       '>= 1 (speculate while at most that many sequences run).')
-
-  @property
-  def verify_width(self) -> int:
-    """Verification rows per sequence slot, k + 1 (0: speculation off)."""
-    return self.num_speculative_tokens + 1 if self.speculative else 0
-
-  def scheduler_config(self) -> SchedulerConfig:
-    return SchedulerConfig(self.num_pages, self.page_size, self.max_seqs, self.max_pages_per_seq,
-                           self.token_budget, self.policy, self.watermark, self.prefix_caching,
-                           self.max_loras)
-
-  def buckets(self) -> tuple[int, ...]:
-    """Token counts a step is padded to: min_bucket, 2 * min_bucket, ... and token_budget."""
-    out, n = [], self.min_bucket
-    while n < self.token_budget:
-      out.append(n)
-      n *= 2
-    return tuple(out) + (self.token_budget,)
 
 
 class TokenLogprob(NamedTuple):
@@ -238,86 +130,6 @@ class _InFlight(NamedTuple):
   verified: tuple[jax.Array, jax.Array] | None = None  # (tokens_BK1, accepted_B) when the plan has drafts
 
 
-def _pack(batch: forward_lib.StepBatch, feed_T: np.ndarray, targets_T: np.ndarray,
-          flags_3: np.ndarray, sampling_batch: sampling.SamplingBatch, lora_slots_T: np.ndarray,
-          spec: tuple[np.ndarray, ...] = ()):
-  """One int32 and one float32 host buffer for a step's inputs: two transfers instead of twelve.
-  `spec`: the verification inputs (see _unpack), when speculation is configured. The LoRA slot ids
-  come last (`_lora_slots`)."""
-  seeds = sampling_batch.seeds_B.astype(np.uint32).view(np.int32)
-  ints = np.concatenate([np.ravel(x) for x in batch] + [
-      feed_T, targets_T, flags_3, sampling_batch.top_k_B, seeds,
-      sampling_batch.positions_B, *spec, lora_slots_T]).astype(np.int32)
-  floats = np.concatenate([sampling_batch.temperature_B, sampling_batch.top_p_B]).astype(np.float32)
-  return ints, floats
-
-
-def _unpack(ints_I, floats_F, T: int, B: int, M: int, R: int):
-  """The inverse of _pack (on device): static slices of the two buffers. With R > 0 (speculation:
-  R = B (k + 1) verification rows) also (verify_indices_R, draft_R, num_draft_B), else None."""
-  sizes = (T, T, B * M, B, B + 1, 1, B, T, T, 3, B, B, B) + ((R, R, B) if R else ())
-  parts, start = [], 0
-  for n in sizes:
-    parts.append(ints_I[start:start + n])
-    start += n
-  (tokens, positions, tables, kv_lens, cu, num_seqs, last, feed, targets, flags, top_k, seeds,
-   sample_pos) = parts[:13]
-  spec = tuple(parts[13:]) or None
-  batch = forward_lib.StepBatch(tokens, positions, tables.reshape(B, M), kv_lens, cu, num_seqs,
-                                last)
-  seeds = jax.lax.bitcast_convert_type(seeds, jax.numpy.uint32)
-  return batch, feed, targets, flags, sampling.SamplingBatch(floats_F[:B], top_k, floats_F[B:],
-                                                             seeds, sample_pos), spec
-
-
-def _lora_slots(ints_I, T: int):
-  """Each token's LoRA slot id (0: the base): the packed ints' last T."""
-  return ints_I[ints_I.shape[0] - T:]
-
-
-def _step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, floats_F,
-          prev_tokens_B, mask_BW, *extra):
-  """One step. Tokens with feed_T >= 0 are the previous step's sampled token in that row (a
-  decode planned before its input was known on the host); the rest come from the host.
-  flags: [some row wants its sampled token's logprobs, some row is grammar-masked, some row has
-  drafts to verify]. shape: (T, B, M, R), R the verification rows (0: no speculation).
-  inputs: (a draft model's logits q_RV come first in `extra`, the LoRA adapter slots come last).
-  Returns ((tokens_B, row_lp, token_lp, logits_BV, verified), pages); verified: (tokens_BK1,
-  accepted_B) with R > 0 (serve/speculative.py: verify), else None."""
-  has_q, has_lora = inputs
-  T, B, _, R = shape
-  batch, feed_T, targets_T, flags, sampling_batch, spec = _unpack(ints_I, floats_F, *shape)
-  fed_T = jax.numpy.take(prev_tokens_B, jax.numpy.maximum(feed_T, 0))
-  batch = batch._replace(token_ids_T=jax.numpy.where(feed_T >= 0, fed_T, batch.token_ids_T))
-  slots_T = None
-  if has_lora:
-    params = lora_lib.attach(params, extra[-1])
-    slots_T = _lora_slots(ints_I, T)
-  with_head = None
-  if spec is not None:
-    verify_indices_R, draft_R, num_draft_B = spec
-    q_RV = extra[0] if has_q else None
-
-    def with_head(head):
-      zeros = lambda: (jax.numpy.zeros((B, R // B), jax.numpy.int32), jax.numpy.zeros(B, jax.numpy.int32))
-      return jax.lax.cond(flags[2] > 0, lambda: speculative.verify(
-          head(verify_indices_R), q_RV, draft_R, num_draft_B, sampling_batch), zeros)
-  out = forward_lib.forward_with_token_logprobs(
-      graphdef, params, pages, batch, targets_T, backend=backend, mesh=mesh, unroll=unroll,
-      lora_slots_T=slots_T, with_head=with_head)
-  logits_BV, token_lp, pages = out[:3]
-  verified = out[3] if spec is not None else None
-  tokens_B = sampling.sample(sampling.apply_mask(logits_BV, mask_BW, flags[1] > 0), sampling_batch)
-  row_lp = sampling.logprobs(logits_BV, tokens_B, flags[0] > 0, logits_BV.shape[-1])
-  return (tokens_B, row_lp, token_lp, logits_BV, verified), pages
-
-
-def _tokens_only(executable, *args):
-  """The compiled step as (tokens_B, pages): what serve/sim/probe.py times."""
-  (tokens_B, *_), pages = executable(*args)
-  return tokens_B, pages
-
-
 class Engine:
   """Continuous batching over a paged KV cache. Not thread-safe: drive it from one thread."""
 
@@ -345,11 +157,12 @@ class Engine:
                                           engine_cfg.kv_dtype)
     self.kv_spec = spec
     B, M = engine_cfg.max_seqs, engine_cfg.max_pages_per_seq
-    self._K1 = engine_cfg.verify_width
-    R = B * self._K1
+    self._K1, self._S = engine_cfg.verify_width, engine_cfg.verify_slots
+    R = self._S * self._K1
     self._has_q = engine_cfg.speculative == 'draft'
     unroll = unrolls(engine_cfg.layer_loop, jax.default_backend())
-    steps = {T: functools.partial(_step, graphdef, self.backend, mesh, unroll, (T, B, M, R),
+    steps = {T: functools.partial(step_lib.step, graphdef, self.backend, mesh, unroll,
+                                  (T, B, M, self._S, self._K1),
                                   (self._has_q, bool(engine_cfg.max_loras)))
              for T in engine_cfg.buckets()}
     if engine_cfg.weight_dtype == 'int8':
@@ -415,7 +228,7 @@ class Engine:
       for T in engine_cfg.buckets():
         self._steps[T] = jitted[T].lower(self.params, self.pages,
                                          *self._host_arrays(StepPlan((), ()), T)).compile()
-        self._compiled[T] = functools.partial(_tokens_only, self._steps[T])
+        self._compiled[T] = functools.partial(step_lib.tokens_only, self._steps[T])
     self.stats['compile_s'] = time.perf_counter() - start
 
   def _rules(self, rules):
@@ -603,11 +416,12 @@ class Engine:
     sampled = {s.request_id: int(tokens[b]) for b, s in enumerate(prev.plan.seqs) if s.sample}
     before = {}  # outputs before this step, of requests that verified drafts
     if prev.verified is not None:
-      tokens_BK1, accepted_B = (np.asarray(x) for x in prev.verified)
-      for b, s in enumerate(prev.plan.seqs):
-        if s.num_draft and self._requests.get(s.request_id) is prev.requests[b]:
-          m = int(accepted_B[b])
-          sampled[s.request_id] = tuple(tokens_BK1[b, :m + 1].tolist())
+      tokens_SK1, accepted_S = (np.asarray(x) for x in prev.verified)
+      drafted = [(s, r) for s, r in zip(prev.plan.seqs, prev.requests) if s.num_draft]
+      for i, (s, r) in enumerate(drafted):  # verification slot i (serve/step.py)
+        if self._requests.get(s.request_id) is r:
+          m = int(accepted_S[i])
+          sampled[s.request_id] = tuple(tokens_SK1[i, :m + 1].tolist())
           before[s.request_id] = len(self.scheduler.output_ids(s.request_id))
           self.spec_stats.verifications += 1
           self.spec_stats.drafted += s.num_draft
@@ -708,8 +522,9 @@ class Engine:
     if drafts:
       self.spec_stats.steps += 1
       if self._has_q:
-        rows = [(s.request_id, b * self._K1, s.num_draft) for b, s in enumerate(plan.seqs) if s.num_draft]
-        q_RV = self._drafter.q_rows(rows, self.config.max_seqs * self._K1) if rows else None
+        drafted = [s for s in plan.seqs if s.num_draft]  # verification slots, in plan order
+        rows = [(s.request_id, i * self._K1, s.num_draft) for i, s in enumerate(drafted)]
+        q_RV = self._drafter.q_rows(rows, self._S * self._K1) if rows else None
     arrays = self._host_arrays(plan, T, prev, q_RV)
     if self._replicated is not None:
       arrays = jax.device_put(arrays, self._replicated)
@@ -747,6 +562,8 @@ class Engine:
       request = self._requests.get(request_id)
       if request is not None and request.speculate and remaining > 1:
         contexts[request_id] = speculative.Context(tokens, request.params, request.seed, remaining)
+        if len(contexts) == self._S:  # the step's verification slots
+          break
     if not contexts:
       return None
     clock = time.perf_counter()
@@ -794,70 +611,16 @@ class Engine:
 
   def _host_arrays(self, plan: StepPlan, T: int, prev: _InFlight | None = None,
                    q_RV: jax.Array | None = None):
-    """The step's inputs after params and pages: the plan as packed numpy buffers (see _pack),
-    padded to T tokens and max_seqs rows, the tokens of `prev` (the step in flight) that
-    placeholders in the plan stand for, the grammar bitmask [B, ceil(V / 32)], and with a draft
-    model its logits in the verification rows (q_RV; zeros when none)."""
-    B, M = self.config.max_seqs, self.config.max_pages_per_seq
-    tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
-    tables, kv_lens = np.zeros((B, M), np.int32), np.zeros(B, np.int32)
-    cu, last = np.zeros(B + 1, np.int32), np.zeros(B, np.int32)
-    feed = np.full(T, -1, np.int32)
+    """The step's inputs after params and pages: the plan as packed numpy buffers
+    (step.host_inputs), the tokens of `prev` (the step in flight) that placeholders in the plan
+    stand for, the grammar bitmask [B, ceil(V / 32)], with a draft model its logits in the
+    verification rows (q_RV; zeros when none), and the LoRA slots when the engine has any."""
     prev_rows = {} if prev is None else {s.request_id: b for b, s in enumerate(prev.plan.seqs)
                                          if s.sample}
-    targets = np.full(T, -1, np.int32)
-    lora_slots = np.zeros(T, np.int32)
-    flags = np.zeros(3, np.int32)
-    K1 = self._K1
-    verify_idx, drafts = np.zeros(B * K1, np.int32), np.full(B * K1, -1, np.int32)
-    num_draft = np.zeros(B if K1 else 0, np.int32)
-    mask = None
-    rows = []
-    t = 0
-    for b, seq in enumerate(plan.seqs):
-      n, start = len(seq.token_ids), seq.start_pos
-      tokens[t:t + n] = seq.token_ids
-      if seq.token_ids[-1] == PLACEHOLDER:  # only a decode's input can be one
-        tokens[t + n - 1] = 0  # re-timing a plan without `prev` (serve/sim/probe.py): any token
-        if prev is not None:
-          feed[t + n - 1] = prev_rows[seq.request_id]
-      positions[t:t + n] = np.arange(start, start + n)
-      tables[b, :len(seq.block_table)] = seq.block_table
-      kv_lens[b], last[b] = start + n, t + n - 1
-      t += n
-      cu[b + 1] = t
-      if seq.num_draft:  # verification rows: the last token, then each draft
-        d = seq.num_draft
-        verify_idx[b * K1:b * K1 + d + 1] = np.arange(t - d - 1, t)
-        drafts[b * K1:b * K1 + d] = seq.token_ids[n - d:]
-        num_draft[b] = d
-        flags[2] = 1
-      request = self._requests.get(seq.request_id)
-      if request is not None and request.adapter is not None:
-        lora_slots[t - n:t] = self._slot_of.get(request.adapter.key, 0)
-      if request is not None and request.prompt_lp is not None:
-        # Token start + i predicts the prompt token at start + i + 1 (the prompt's last token
-        # predicts the first output: the sampled row's logprob).
-        count = min(n, len(request.prompt_ids) - 1 - start)
-        if count > 0:
-          targets[t - n:t - n + count] = request.prompt_ids[start + 1:start + 1 + count]
-      if request is not None and seq.sample:
-        rows.append((request.params, request.seed, start + n))
-        flags[0] |= request.params.logprobs is not None
-        if request.matcher is not None:
-          clock = time.perf_counter()
-          if mask is None:
-            mask = np.full((B, self._mask_words), -1, np.int32)
-          request.params.grammar.fill_bitmask(request.matcher, mask, b)
-          self.stats['mask_s'] += time.perf_counter() - clock
-      else:
-        rows.append((SamplingParams(), 0, 0))  # not sampled: the token is discarded
-    cu[len(plan.seqs) + 1:] = t
-    flags[1] = mask is not None
-    batch = forward_lib.StepBatch(tokens, positions, tables, kv_lens, cu,
-                                  np.array([len(plan.seqs)], np.int32), last)
-    spec = (verify_idx, drafts, num_draft) if K1 else ()
-    ints, floats = _pack(batch, feed, targets, flags, sampling.host_batch(rows, B), lora_slots, spec)
+    ints, floats, mask, mask_s = step_lib.host_inputs(
+        plan, T, self.config.max_seqs, self.config.max_pages_per_seq, self._S, self._K1,
+        self._requests, self._slot_of, self._mask_words, prev_rows if prev is not None else None)
+    self.stats['mask_s'] += mask_s
     return (ints, floats, self._no_tokens if prev is None else prev.tokens_B,
             self._all_allowed if mask is None else mask) + (
                 (self._no_q if q_RV is None else q_RV,) if self._has_q else ()) + (
