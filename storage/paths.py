@@ -149,21 +149,22 @@ def _errors(path: str) -> Iterator[None]:
 
 
 def _bucket_exists(path: str) -> bool:
+  """False only if the bucket provably does not exist (one metadata request)."""
   fs, _ = filesystem(path)
-  scheme, bucket, _ = split(path)
   try:
-    fs.ls(bucket, detail=False)
+    fs.info(split(path)[1])
   except FileNotFoundError:
     return False
-  except Exception:  # pylint: disable=broad-except
-    return True  # not provably missing: report the original error
+  except Exception:  # pylint: disable=broad-except  # e.g. no storage.buckets.get: not provably missing
+    return True
   return True
 
 
 def check(path, *, write: bool = False) -> None:
-  """Fails fast, before any output, if `path`'s bucket cannot be used: endpoint unreachable,
-  bucket missing, credentials missing or access denied (`write`: by writing and deleting a
-  probe object). A local path passes. Raises StorageError."""
+  """Fails fast, before any output, if `path`'s bucket cannot be used: endpoint unreachable, bucket
+  missing, credentials missing or access denied (by listing `path`'s prefix, and with `write` by writing
+  and deleting a probe object under it). A local path passes; so does a prefix with nothing under it yet.
+  Raises StorageError."""
   path = os.fspath(path)
   if not is_bucket(path):
     return
@@ -172,16 +173,15 @@ def check(path, *, write: bool = False) -> None:
     fs, _ = filesystem(path)  # gcsfs resolves Google credentials here
   if (why := endpoints.reachable(scheme)) is not None:
     raise StorageError(f'{path}: {_fix(scheme, bucket, "unreachable")} ({why})')
+  prefix = f'{bucket}/{key}' if key else bucket
   with _errors(path):
     try:
-      fs.ls(join(bucket, key) if key and not write else bucket, detail=False, refresh=True)
+      fs.ls(prefix, detail=False, refresh=True)
     except FileNotFoundError:
       if not _bucket_exists(path):
         raise
-      if not write:
-        raise
     if write:
-      probe = f'{bucket}/{key}/.stoker-write-probe-{os.getpid()}'.replace('//', '/')
+      probe = f'{prefix}/.stoker-write-probe-{os.getpid()}'
       fs.pipe_file(probe, b'')
       fs.rm_file(probe)
 
@@ -289,10 +289,10 @@ def open(path, mode: str = 'r', encoding: str | None = None):  # pylint: disable
   if not is_bucket(path):
     return builtins.open(path, mode, encoding=encoding)
   fs, p = filesystem(path)
+  text = {} if 'b' in mode else {'encoding': encoding}
   with _errors(path):
     # cache_type 'none': each read is one ranged GET of exactly the bytes asked for.
-    return fs.open(p, mode, encoding=encoding, cache_type='none') if 'b' not in mode else fs.open(
-        p, mode, cache_type='none')
+    return fs.open(p, mode, cache_type='none', **text)
 
 
 @contextlib.contextmanager
