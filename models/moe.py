@@ -14,15 +14,19 @@ are one contiguous run, and the experts' matmuls are grouped matmuls over those 
   one expert, and one batched matmul multiplies each tile by its expert's weights. Exact and
   dropless; under one tile of padding rows per expert, a bounded overhead (`tile_rows`).
 
-Capacity-factor mode (capacity_factor > 0) gives each expert C = ceil(cf * X / E) slots and
-drops the assignments past them (the token keeps its other experts and the residual); the
-experts then run as one batched [E, C, D] matmul (GShard/Switch).
+Capacity-factor mode (capacity_factor > 0) routes each sequence apart (GShard's groups): each
+expert gets C = ceil(cf * X / E) slots of a sequence's X assignments, and those past them are
+dropped (the token keeps its other experts and the residual); the experts then run as one batched
+[G, E, C, D] matmul (GShard/Switch).
 
 Expert parallelism: expert weights carry the logical axis 'expert' (parallelism/rules.py maps it
-to the 'expert' mesh axis) and the partitioner does the rest: the sort over the batch's tokens
-gathers them over the axis and the experts' outputs come back through all-reduces (compiled on
-the 8-device CPU mesh: all-gathers and all-reduces, no all-to-all). Dispatch by all-to-all under
-shard_map is not built yet.
+to the 'expert' mesh axis). With a capacity the slots [G, E, C, D] are constrained from the batch's
+sharding to ('expert_batch', 'expert'), and back after the experts: the partitioner compiles each
+move to an all-to-all over 'expert', and every expert runs where its weights live (compiled HLO,
+tests/parallelism/test_expert_parallel.py). Dropless, one sort spans the whole batch and the
+partitioner gathers the tokens over 'expert' and sums the experts' outputs back with all-reduces:
+the group sizes vary, so dispatch would need a ragged all-to-all, which XLA:CPU lacks. The router's
+top-k gathers its logits (E floats a token) over the batch first: XLA:CPU does not split TopK.
 
 Expert weights may be objects that multiply themselves (int8, models/quant.py): the tiled
 and capacity paths hand them to models/layers.einsum.
@@ -36,6 +40,7 @@ mean squared logsumexp of the router logits (ST-MoE).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -176,27 +181,31 @@ class MoE(nnx.Module):
     cfg = self.cfg
     B, T, D = x_BTD.shape
     E, k = cfg.num_experts, cfg.experts_per_token
-    x_TD = x_BTD.reshape(B * T, D)  # T from here on: every token of the batch
-    logits_TE = einsum('TD,DE->TE', x_TD, self.router_DE.get_value(),
-                       preferred_element_type=jnp.float32)
-    weights_TK, experts_TK = route(logits_TE, k, cfg.router, cfg.router_renormalize)
-    # Sort the X = T * k assignments by expert (stable: tokens keep their order within one).
-    experts_X = experts_TK.reshape(-1)
-    order_X = jnp.argsort(experts_X, stable=True)
-    xs_XD = jnp.take(x_TD, order_X // k, axis=0)
-    sizes_E = jnp.bincount(experts_X, length=E)
+    # Groups route and sort apart: the whole batch when dropless, each sequence with a capacity.
+    G = B if cfg.capacity_factor else 1
+    x_GSD = x_BTD.reshape(G, B * T // G, D)
+    logits_GSE = einsum('GSD,DE->GSE', x_GSD, self.router_DE.get_value(),
+                        preferred_element_type=jnp.float32)
+    logits_GSE = constrain(logits_GSE, ('batch', None, None) if G > 1 else (None, 'batch', None))
+    weights_GSK, experts_GSK = route(logits_GSE, k, cfg.router, cfg.router_renormalize)
+    # Sort each group's X = S * k assignments by expert (stable: tokens keep their order within one).
+    experts_GX = experts_GSK.reshape(G, -1)
+    order_GX = jnp.argsort(experts_GX, axis=-1, stable=True)
+    xs_GXD = jnp.take_along_axis(x_GSD, (order_GX // k)[..., None], axis=1)
+    sizes_GE = jax.vmap(functools.partial(jnp.bincount, length=E))(experts_GX)
     if cfg.capacity_factor:
-      ys_XD = self._capacity(xs_XD, sizes_E)
+      ys_GXD = self._capacity(xs_GXD, sizes_GE)
     else:
-      ys_XD = self._dropless(xs_XD, sizes_E)
-    y_TKD = jnp.take(ys_XD, jnp.argsort(order_X), axis=0).reshape(B * T, k, D)
-    y_TD = jnp.einsum('TKD,TK->TD', y_TKD, weights_TK.astype(y_TKD.dtype))
-    y_BTD = y_TD.reshape(B, T, D)
+      ys_GXD = self._dropless(xs_GXD[0], sizes_GE[0])[None]
+    y_GXD = jnp.take_along_axis(ys_GXD, jnp.argsort(order_GX, axis=-1)[..., None], axis=1)
+    y_GSKD = y_GXD.reshape(G, -1, k, D)
+    y_BTD = jnp.einsum('GSKD,GSK->GSD', y_GSKD, weights_GSK.astype(y_GSKD.dtype)).reshape(B, T, D)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
+    logits_TE, experts_TK = logits_GSE.reshape(-1, E), experts_GSK.reshape(-1, k)
     aux = {'load_balance': load_balance_loss(logits_TE, experts_TK),
            'router_z': router_z_loss(logits_TE),
-           'expert_tokens': sizes_E.astype(jnp.float32)}
+           'expert_tokens': jnp.sum(sizes_GE, axis=0).astype(jnp.float32)}
     return y_BTD, aux
 
   def _impl(self) -> str:
@@ -223,22 +232,34 @@ class MoE(nnx.Module):
     y_nbD = _tile_matmul(h_nbF, down, t)
     return jnp.take(y_nbD.reshape(-1, y_nbD.shape[-1]), t.dest_X, axis=0)
 
-  def _capacity(self, xs_XD, sizes_E):
-    X, D = xs_XD.shape
+  def _capacity(self, xs_GXD, sizes_GE):
+    """Each group's sorted assignments into [E, C] slots, the experts run as one batched matmul over
+    [G, E, C, D], and back. Between the two layouts the slots move from their group's devices to
+    their expert's: all-to-alls over 'expert' (see the module doc)."""
+    G, X, D = xs_GXD.shape
     E = self.cfg.num_experts
     C = max(1, math.ceil(self.cfg.capacity_factor * X / E))
-    start_E = jnp.cumsum(sizes_E) - sizes_E
     slot_C = jnp.arange(C)
-    valid_EC = slot_C[None, :] < sizes_E[:, None]
-    src_EC = jnp.clip(start_E[:, None] + slot_C[None, :], 0, X - 1)
-    x_ECD = jnp.where(valid_EC[..., None], jnp.take(xs_XD, src_EC, axis=0), 0)
-    x_ECD = constrain(x_ECD, ('expert', None, 'act_embed'))
-    h_ECF = (jax.nn.silu(einsum('ECD,EDF->ECF', x_ECD, self.gate_EDF.get_value())) *
-             einsum('ECD,EDF->ECF', x_ECD, self.up_EDF.get_value()))
-    y_ECD = einsum('ECF,EFD->ECD', h_ECF, self.down_EFD.get_value())
-    # Each sorted assignment's slot; those past the capacity were dropped (zero output).
-    e_X = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_E), jnp.arange(X), side='right'), E - 1)
-    rank_X = jnp.arange(X) - start_E[e_X]
-    kept_X = rank_X < C
-    y_XD = y_ECD[e_X, jnp.minimum(rank_X, C - 1)]
-    return jnp.where(kept_X[:, None], y_XD, 0)
+
+    def gather(xs_XD, sizes_E):
+      start_E = jnp.cumsum(sizes_E) - sizes_E
+      valid_EC = slot_C[None, :] < sizes_E[:, None]
+      src_EC = jnp.clip(start_E[:, None] + slot_C[None, :], 0, X - 1)
+      return jnp.where(valid_EC[..., None], jnp.take(xs_XD, src_EC, axis=0), 0)
+
+    def scatter(y_ECD, sizes_E):
+      # Each sorted assignment's slot; those past the capacity were dropped (zero output).
+      start_E = jnp.cumsum(sizes_E) - sizes_E
+      e_X = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_E), jnp.arange(X), side='right'), E - 1)
+      rank_X = jnp.arange(X) - start_E[e_X]
+      y_XD = y_ECD[e_X, jnp.minimum(rank_X, C - 1)]
+      return jnp.where((rank_X < C)[:, None], y_XD, 0)
+
+    x_GECD = constrain(jax.vmap(gather)(xs_GXD, sizes_GE), ('batch', None, None, 'act_embed'))
+    experts = ('expert_batch', 'expert', None, 'act_embed')
+    x_GECD = constrain(x_GECD, experts)  # all-to-all
+    h_GECF = (jax.nn.silu(einsum('GECD,EDF->GECF', x_GECD, self.gate_EDF.get_value())) *
+              einsum('GECD,EDF->GECF', x_GECD, self.up_EDF.get_value()))
+    y_GECD = constrain(einsum('GECF,EFD->GECD', h_GECF, self.down_EFD.get_value()), experts)
+    y_GECD = constrain(y_GECD, ('batch', None, None, 'act_embed'))  # all-to-all back
+    return jax.vmap(scatter)(y_GECD, sizes_GE)

@@ -11,8 +11,9 @@ from jax.sharding import Mesh, PartitionSpec
 # Each logical axis maps to a tuple of mesh axes (sharded over their product) or to ().
 # Parameters: FSDP shards the model width; tensor parallelism shards heads, MLP and vocabulary.
 # Mixtures of experts: experts are split over 'expert', and so is the batch outside the experts
-# (data-parallel attention). Inside an MoE layer the partitioner gathers the tokens over 'expert'
-# and sums the experts' outputs back with all-reduces (measured: no all-to-all).
+# (data-parallel attention). Dropless, the partitioner gathers an MoE layer's tokens over 'expert'
+# and sums the experts' outputs back with all-reduces; with a capacity, each sequence's expert
+# slots [G, E, C, D] move from ('batch') to ('expert_batch', 'expert'): all-to-alls (models/moe.py).
 # Activations: the batch is split over every data-like axis.
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 DEFAULT_RULES: Rules = (
@@ -27,6 +28,7 @@ DEFAULT_RULES: Rules = (
     ('head_dim', ()),
     ('layers', ()),
     ('expert', ('expert',)),
+    ('expert_batch', ('data', 'fsdp')),  # the batch inside the experts: 'batch' less 'expert'
 )
 
 

@@ -3,6 +3,7 @@ and the router's terms in the train step's objective and metrics."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import numpy as np
@@ -10,10 +11,11 @@ import pytest
 from jax.sharding import NamedSharding
 
 from data.synthetic import SyntheticData
-from models import presets
+from flax import nnx
+from models import moe, presets
 from parallelism.mesh import MeshConfig, make_mesh
 from parallelism.rules import logical_to_spec
-from parallelism.sharding import activation_rules
+from parallelism.sharding import activation_rules, batch_sharding, logical_shardings
 from train.config import OptimizerConfig, TrainConfig
 from train.optimizer import make_optimizer
 from train.step import (abstract_model, batch_spec, compile_train_step, init_train_state,
@@ -76,6 +78,30 @@ def test_capacity_mode_on_the_expert_axis():
   np.testing.assert_allclose(objective, ref_objective, rtol=1e-5)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=1e-5 * np.abs(r).max(), rtol=1e-4)
+
+
+@pytest.mark.parametrize('capacity_factor', [0.0, 1.0])
+def test_capacity_mode_dispatches_by_all_to_all_and_dropless_gathers(capacity_factor):
+  """What the partitioner makes of an MoE layer on data 2 x expert 4 (compiled HLO): with a capacity,
+  each sequence's expert slots go to their experts' devices and back by two all-to-alls and every
+  expert runs where its weights live; dropless (one sort over the whole batch, whose group sizes
+  only a ragged all-to-all could carry, which XLA:CPU lacks) gathers the tokens instead."""
+  model = dataclasses.replace(MODEL, capacity_factor=capacity_factor)
+  mesh = make_mesh(MeshConfig(axes=AXES, ici=(2, 1, 4, 1), dcn=(1, 1, 1, 1)))
+  layer = moe.MoE(model, nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+  state = jax.device_put(state, logical_shardings(state, mesh))
+  x = jax.device_put(np.zeros((8, 16, model.d_model), np.float32), batch_sharding(mesh, 3))
+  with activation_rules(mesh):
+    hlo = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile().as_text()
+  ops = lambda op: re.findall(rf'= (\([^)]*\)|\S+) {op}(?:-start)?\(', hlo)  # result shapes
+  E, D, F = model.num_experts, model.d_model, model.expert_mlp_dim
+  expert_weights = [s for s in ops('all-gather') if s.split('{')[0] in (f'f32[{E},{D},{F}]', f'f32[{E},{F},{D}]')]
+  assert not expert_weights  # no expert's weights are gathered: tokens move, not weights
+  if capacity_factor:
+    assert len(ops('all-to-all')) == 2
+  else:
+    assert not ops('all-to-all') and ops('all-gather')
 
 
 def test_router_losses_join_the_objective_and_the_metrics():
