@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import storage
 from models import checkpoint_io, hf, hf_files, peft_files
 from models.config import ModelConfig, RopeScaling
 from parallelism import sharding
@@ -89,6 +90,7 @@ def from_hf(hf_dir: str, workdir: str, cfg: TrainConfig, recipe_files: Sequence[
   for train.gin.
   """
   _check_new(workdir)
+  hf_dir = storage.local_copy(hf_dir)  # a bucket HF directory is downloaded once (safetensors reads local files)
   cfg = dataclasses.replace(cfg, model=model_config(hf_dir, cfg.model))
   write_step0(workdir, cfg, lambda shardings: hf_files.load_params(
       hf_dir, cfg.model, shardings=nnx.to_pure_dict(shardings))[1],
@@ -125,6 +127,10 @@ def from_peft(peft_dir: str, base: str, workdir: str, cfg: TrainConfig,
 
 
 def _check_new(workdir: str) -> None:
+  if storage.is_bucket(workdir):  # its train.gin must be a local file: gin reads no buckets
+    raise ValueError(f'--out {workdir}: stoker convert writes a local workdir (train.gin is read by gin, which '
+                     'reads local files only); convert into a local directory, then copy it to the bucket '
+                     f'(gcloud storage cp -r DIR {workdir}, or aws s3 cp --recursive DIR {workdir}).')
   if os.path.isdir(checkpoint_dir(workdir)) and os.listdir(checkpoint_dir(workdir)):
     raise ValueError(f'{workdir} already holds checkpoints; convert into a new workdir.')
 
