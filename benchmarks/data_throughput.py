@@ -33,7 +33,7 @@ DirectRunner with 1 and 2 worker processes (--prepare_workers), over --prepare_f
 --prepare_documents synthetic documents (5% of them repeated in another file), all with one --tokenizer
 trained beforehand (BPE training is one step on one worker in both paths; it is left out). Runs are
 interleaved with the order alternating; `vs in-process` is the median paired ratio of documents/s. Every
-row's shards must be byte-identical to the in-process ones. Needs Apache Beam (its own environment:
+row's shards must be byte-identical to the in-process ones. Needs Apache Beam (the beam extra:
 pyarrow < 26, protobuf < 7). Writes benchmarks/out/prepare_throughput.{json,png}.
 """
 

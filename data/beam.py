@@ -70,10 +70,8 @@ _WORKER_ERROR = re.compile(r'^(ValueError|FileNotFoundError): (.+)$', re.M)
 def check_beam() -> None:
   """Raises a ValueError saying how to install Apache Beam if it is missing."""
   if beam is None:
-    raise ValueError("--runner beam needs Apache Beam, which needs pyarrow < 26 and protobuf < 7: in a virtual "
-                     "environment made with --system-site-packages, pip install 'apache-beam==2.77.0' "
-                     "'pyarrow==25.0.1' 'protobuf==6.33.6' 'pillow==12.3.0' (README, Data); or drop --runner beam "
-                     'to prepare in this process')
+    raise ValueError("--runner beam needs Apache Beam: pip install -e '.[beam]' (apache-beam==2.77.0), or drop "
+                     '--runner beam to prepare in this process')
 
 
 def pipeline_options(num_workers: int = 0, beam_options: str = ''):
