@@ -110,3 +110,11 @@ def test_an_unknown_scheme_is_refused_not_made_a_local_directory(tmp_path, monke
                       monkeypatch, capsys)
   _assert_refused(result, tmp_path, 'gcs://stoker-data/out', 'gs://BUCKET/PATH')
   assert not (tmp_path / 'gcs:').exists()
+
+
+def test_convert_into_a_bucket_is_refused_with_the_fix(endpoints, tmp_path, monkeypatch, capsys):
+  env = env_for('gs', endpoints['gs'], str(tmp_path))
+  out = 'gs://stoker-data/converted'
+  result = in_process(['convert', '--from-hf', str(tmp_path / 'hf'), '--out', out], env, tmp_path, monkeypatch,
+                      capsys)
+  _assert_refused(result, tmp_path, out, 'convert into a local directory, then copy it')
