@@ -104,7 +104,8 @@ def _fix(scheme: str, bucket: str, problem: str) -> str:
             'at an emulator or a private endpoint.')
   if problem == 'bucket':
     make = 'gcloud storage buckets create' if scheme == 'gs' else 'aws s3 mb'
-    return f'the bucket {scheme}://{bucket} does not exist at {where}; create it ({make} {scheme}://{bucket}) or fix the path.'
+    return (f'the bucket {scheme}://{bucket} does not exist at {where}; create it ({make} {scheme}://{bucket}) '
+            'or fix the path.')
   if problem == 'credentials':
     how = ('run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS'
            if scheme == 'gs' else 'set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE')
