@@ -26,9 +26,9 @@ from parallelism.mesh import MeshConfig, make_mesh
 from serve import forward, kv_cache, quant
 from serve.engine import Engine, EngineConfig
 from serve.sampling import SamplingParams
+from tests.serve.paged_batches import G, P, prefill_batch
 
 ATOL = 1e-4
-G, P, M, B = 4, 16, 6, 2  # page size, pages (null page included), pages per sequence, rows
 
 
 def tiny_config(**overrides):
@@ -87,26 +87,6 @@ def test_weight_quantization_matches_numpy_per_output_channel():
   assert qparams['layers']['attn']['bias']['q_NH'].get_value().dtype == jnp.float32
   ratio = quant.nbytes(qparams) / quant.nbytes(params)
   assert 0.25 < ratio < 0.3, ratio  # int8 weights + float32 scales and norms: about a quarter
-
-
-def make_batch(seqs, T=32):
-  """Whole sequences as one prefill step each, pages 1.. in order."""
-  tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
-  tables, kv_lens = np.zeros((B, M), np.int32), np.zeros(B, np.int32)
-  cu, last = np.zeros(B + 1, np.int32), np.zeros(B, np.int32)
-  t, page = 0, 1
-  for b, ids in enumerate(seqs):
-    n = len(ids)
-    tokens[t:t + n], positions[t:t + n] = ids, np.arange(n)
-    pages = -(-n // G)
-    tables[b, :pages] = np.arange(page, page + pages)
-    page += pages
-    kv_lens[b], last[b] = n, t + n - 1
-    t += n
-    cu[b + 1] = t
-  cu[len(seqs) + 1:] = t
-  return forward.StepBatch(tokens, positions, tables, kv_lens, cu,
-                           np.array([len(seqs)], np.int32), last)
 
 
 SEQS = [np.random.default_rng(0).integers(0, 256, n).astype(np.int32) for n in (13, 9)]
@@ -171,7 +151,7 @@ def test_int8_weights_equal_the_dense_model_on_the_same_int8_weights(scan_layers
   expected = dense_last_logits(graphdef, qparams)
   pages = kv_cache.init_pages(kv_cache.KVCacheSpec.for_model(cfg, P, G))
   step = jax.jit(functools.partial(forward.forward, graphdef))
-  logits_BV, _ = step(qparams, pages, make_batch(SEQS))
+  logits_BV, _ = step(qparams, pages, prefill_batch(SEQS))
   for b, e in enumerate(expected):
     np.testing.assert_allclose(np.asarray(logits_BV[b]), e, atol=ATOL, rtol=0)
   # ... and differ from full precision by a little, not by nothing: rounding the activations per
@@ -202,7 +182,7 @@ def test_int8_weights_stay_int8_through_the_step():
   cfg, graphdef, params = model()
   qparams = jax.jit(quant.quantize_params)(params)
   pages = kv_cache.init_pages(kv_cache.KVCacheSpec.for_model(cfg, P, G))
-  batch = make_batch(SEQS)
+  batch = prefill_batch(SEQS)
 
   def compiled(p):
     hlo = jax.jit(functools.partial(forward.forward, graphdef)).lower(p, pages, batch).compile()
@@ -223,8 +203,8 @@ def test_int8_kv_writes_rounded_keys_and_values_and_attends_over_them(monkeypatc
   pages = kv_cache.init_pages(spec)
   assert pages.k_LPGKH.dtype == jnp.int8 and pages.k_scale_LPGK.shape == spec.shape[:-1]
   logits_BV, pages = jax.jit(functools.partial(forward.forward, graphdef))(
-      params, pages, make_batch(SEQS))
-  tables = make_batch(SEQS).block_tables_BM
+      params, pages, prefill_batch(SEQS))
+  tables = prefill_batch(SEQS).block_tables_BM
   pages = jax.tree.map(np.asarray, pages)
 
   def stored(pool_LPGKH, scale_LPGK, l, b):

@@ -13,27 +13,9 @@ from models import presets, transformer
 from serve import forward, kv_cache, quant
 from serve.engine import Engine, EngineConfig
 from serve.sampling import SamplingParams
+from tests.serve.paged_batches import G, P, prefill_batch
 
 ATOL = 1e-4  # the paged forward's own tolerance (tests/serve/test_forward.py)
-G, P, M, B = 4, 16, 6, 2  # page size, pages (null page included), pages per sequence, rows
-
-
-def make_batch(seqs, T=32):
-  """Whole sequences as one prefill step each, pages 1.. in order."""
-  tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
-  tables, kv_lens = np.zeros((B, M), np.int32), np.zeros(B, np.int32)
-  cu, last = np.zeros(B + 1, np.int32), np.zeros(B, np.int32)
-  t, page = 0, 1
-  for b, ids in enumerate(seqs):
-    n = len(ids)
-    tokens[t:t + n], positions[t:t + n] = ids, np.arange(n)
-    tables[b, :-(-n // G)] = np.arange(page, page - (-n // G))
-    page += -(-n // G)
-    kv_lens[b], last[b] = n, t + n - 1
-    t += n
-    cu[b + 1] = t
-  return forward.StepBatch(tokens, positions, tables, kv_lens, cu,
-                           np.array([len(seqs)], np.int32), last)
 
 
 def np_int8_product(spec, x, w: quant.Int8):
@@ -86,7 +68,7 @@ def test_int8_experts_through_the_paged_forward(overrides):
   # The whole prompts in one step: the paged step routes the same tokens as the dense call
   # (capacity mode counts the step's tokens, so only equal token sets compare).
   logits_BV, _ = jax.jit(functools.partial(forward.forward, graphdef))(
-      qparams, pages, make_batch(seqs))
+      qparams, pages, prefill_batch(seqs))
   for b, e in enumerate(expected):
     if not overrides:
       np.testing.assert_allclose(np.asarray(logits_BV[b]), e, atol=ATOL, rtol=0)
