@@ -41,3 +41,13 @@ def new_bucket(scheme: str, endpoint: str) -> str:
   name = f'stoker-{scheme}-{os.getpid()}-{next(_buckets)}'
   servers.make_bucket(scheme, endpoint, name)
   return f'{scheme}://{name}'
+
+
+def use_server(monkeypatch, scheme: str, endpoint: str) -> None:
+  """Points Stoker in this process at `endpoint` for `scheme` (for this test only)."""
+  if scheme == 'gs':
+    monkeypatch.setenv('STORAGE_EMULATOR_HOST', endpoint)
+  else:
+    monkeypatch.setenv('AWS_ENDPOINT_URL', endpoint)
+    for key, value in servers.S3_CREDENTIALS.items():
+      monkeypatch.setenv(key, value)

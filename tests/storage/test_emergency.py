@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.storage import servers
-from tests.storage.conftest import new_bucket
+from tests.storage.conftest import new_bucket, use_server
 from tests.train.test_recovery import _Checkpoints, _Data
 from train import emergency
 from train.config import CheckpointConfig
@@ -18,12 +18,7 @@ from train.recovery import Recovery
 
 @pytest.mark.parametrize('scheme', ['gs', 's3'])
 def test_a_hang_in_a_bucket_workdir_writes_and_restores_an_emergency_checkpoint(scheme, endpoints, monkeypatch):
-  if scheme == 'gs':
-    monkeypatch.setenv('STORAGE_EMULATOR_HOST', endpoints['gs'])
-  else:
-    monkeypatch.setenv('AWS_ENDPOINT_URL', endpoints['s3'])
-    for key, value in servers.S3_CREDENTIALS.items():
-      monkeypatch.setenv(key, value)
+  use_server(monkeypatch, scheme, endpoints[scheme])
   bucket = new_bucket(scheme, endpoints[scheme])
   workdir = f'{bucket}/run'
   recovery = Recovery(CheckpointConfig(), _Checkpoints(), workdir, restart=lambda: None, target=None,

@@ -14,19 +14,14 @@ import pytest
 import storage
 from data import source
 from tests.storage import servers
-from tests.storage.conftest import new_bucket
+from tests.storage.conftest import new_bucket, use_server
 
 
 @pytest.fixture(params=['gs', 's3'])
 def bucket(request, endpoints, monkeypatch):
   """(a new bucket URL, its scheme, the endpoint), with Stoker pointed at the endpoint."""
   scheme = request.param
-  if scheme == 'gs':
-    monkeypatch.setenv('STORAGE_EMULATOR_HOST', endpoints['gs'])
-  else:
-    monkeypatch.setenv('AWS_ENDPOINT_URL', endpoints['s3'])
-    for key, value in servers.S3_CREDENTIALS.items():
-      monkeypatch.setenv(key, value)
+  use_server(monkeypatch, scheme, endpoints[scheme])
   return new_bucket(scheme, endpoints[scheme]), scheme, endpoints[scheme]
 
 

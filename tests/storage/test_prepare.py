@@ -11,20 +11,14 @@ import pytest
 
 import storage
 from data import prepare
-from tests.storage import servers
-from tests.storage.conftest import new_bucket
+from tests.storage.conftest import new_bucket, use_server
 
 DOCS = [{'text': f'document {i}: ' + ' '.join(f'w{(i * 7 + j) % 50}' for j in range(40 + i))} for i in range(60)]
 
 
 @pytest.mark.parametrize('scheme', ['gs', 's3'])
 def test_bucket_in_and_out_equal_local(scheme, endpoints, tmp_path, monkeypatch):
-  if scheme == 'gs':
-    monkeypatch.setenv('STORAGE_EMULATOR_HOST', endpoints['gs'])
-  else:
-    monkeypatch.setenv('AWS_ENDPOINT_URL', endpoints['s3'])
-    for key, value in servers.S3_CREDENTIALS.items():
-      monkeypatch.setenv(key, value)
+  use_server(monkeypatch, scheme, endpoints[scheme])
   bucket = new_bucket(scheme, endpoints[scheme])
   local_corpus = tmp_path / 'corpus'
   local_corpus.mkdir()
