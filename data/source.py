@@ -17,6 +17,8 @@ share of the split: a corpus much larger than the cache costs one row-group deco
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import functools
 import hashlib
 import json
 from typing import Any
@@ -87,12 +89,17 @@ class ParquetTokenSource:
     self.tokens = int(entry.get('tokens', 0))
     self.fingerprint = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
     self._cache_bytes = cache_bytes
-    self._paths, starts, shard_of, group_of = [], [], [], []
+    starts, shard_of, group_of = [], [], []
     row = 0
-    for s, shard in enumerate(entry['shards']):
-      path = storage.join(data_dir, shard['path'])
-      self._paths.append(path)
-      metadata = self._check_shard(path, shard, verify_checksums)
+    self._paths = [storage.join(data_dir, shard['path']) for shard in entry['shards']]
+    check = functools.partial(self._check_shard, verify_checksums=verify_checksums)
+    if storage.is_bucket(data_dir) and len(self._paths) > 1:
+      # Each check is a few requests (a footer's ranged reads): overlapped, not one round trip after another.
+      with concurrent.futures.ThreadPoolExecutor(min(32, len(self._paths))) as pool:
+        checked = list(pool.map(check, self._paths, entry['shards']))
+    else:
+      checked = list(map(check, self._paths, entry['shards']))
+    for s, metadata in enumerate(checked):
       for g in range(metadata.num_row_groups):
         starts.append(row)
         shard_of.append(s)
