@@ -401,10 +401,11 @@ class Engine:
     return self.config.async_scheduling
 
   def _speculating(self) -> bool:
-    """Whether the next step drafts: some live request may, and at most speculative_max_batch run
-    (the back-off: serve/speculative.py says why)."""
+    """Whether the next step drafts: some live request may, and the engine holds at most
+    speculative_max_batch requests, running or waiting (the back-off: serve/speculative.py says
+    why; counting the waiting ones backs off while a large batch is still being admitted)."""
     return (self._drafter is not None and self._num_speculative > 0
-            and self.scheduler.num_running <= self.config.speculative_max_batch)
+            and len(self._requests) <= self.config.speculative_max_batch)
 
   def _collect(self, prev: _InFlight) -> tuple[list[tuple[str, int, TokenLogprob | None]], list]:
     """Waits for prev's tokens and applies them; (request id, token, logprob or None) of live

@@ -46,7 +46,7 @@ class EngineConfig:
   max_lora_rank: int = 16  # the slots' rank: adapters of lower rank are zero-padded (exact)
   speculative: str | None = None  # None: off; 'ngram': prompt lookup; 'draft': a draft model (attach_drafter)
   num_speculative_tokens: int = 0  # k: drafts per verification (>= 1 when speculative is set)
-  speculative_max_batch: int = 4  # back-off: speculate only while at most this many sequences run
+  speculative_max_batch: int = 4  # back-off: speculate only while the engine holds at most this many requests
 
   def __post_init__(self):
     object.__setattr__(self, 'policy', Policy(self.policy))

@@ -140,7 +140,7 @@ class _EngineCollector:
     yield _counter('stoker_spec_decode_drafter_seconds', 'Seconds spent drafting (prompt lookup or the draft '
                    'model\'s steps).', s.get('spec_draft_s', 0.0))
     yield _counter('stoker_spec_decode_backoff_steps', 'Steps that did not speculate because more than '
-                   'speculative_max_batch sequences ran.', s.get('spec_backoffs', 0))
+                   'speculative_max_batch requests were in the engine.', s.get('spec_backoffs', 0))
     yield _counter('stoker_engine_step_seconds', 'Seconds spent in Engine.step, waiting for the device '
                    'included (its rate: the engine\'s busy fraction).', s.get('step_seconds', 0.0))
     fluidity = self._metrics.rolling_fluidity()

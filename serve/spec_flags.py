@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--num-speculative-tokens', '--num_speculative_tokens', dest='num_speculative_tokens',
                  type=int, default=None, help='Draft tokens per verification, k (default 4 with a drafter).')
   p.add_argument('--speculative-max-batch', '--speculative_max_batch', dest='speculative_max_batch', type=int,
-                 default=None, help='Speculate only while at most this many sequences run (default '
-                 'engine.speculative_max_batch, 4); larger batches decode plainly.')
+                 default=None, help='Speculate only while the engine holds at most this many requests '
+                 '(default engine.speculative_max_batch, 4); larger batches decode plainly.')
 
 
 def values(args: argparse.Namespace) -> dict:

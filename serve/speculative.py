@@ -29,11 +29,12 @@ Drafters:
                 request's temperature/top-k/top-p and a seed derived from the request's; its logits
                 stay on device and are gathered into the target's step as q.
 
-Back-off: speculation runs in a step only while at most EngineConfig.speculative_max_batch sequences
-are running. A verification step computes (k + 1) tokens per sequence: while the step is bound by
-reading the weights (small batches) that costs little more than one token; at large batches it costs
-about k + 1 times more, more than the (1 - a^(k+1)) / (1 - a) tokens it yields for an acceptance rate
-a. Requests that ask for logprobs, use a grammar, or set SamplingParams.speculate=False never draft.
+Back-off: speculation runs in a step only while the engine holds at most
+EngineConfig.speculative_max_batch requests (running or waiting). A verification step computes
+k + 1 tokens per sequence: while the step is bound by reading the weights (small batches) that
+costs little more than one token; at large batches it costs about k + 1 times more, more than the
+(1 - a^(k+1)) / (1 - a) tokens it yields for an acceptance rate a. Requests that ask for logprobs,
+use a grammar, or set SamplingParams.speculate=False never draft.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from serve.sampling import SamplingParams
 from tests.serve.test_engine import (CFG, ONE_BUCKET, PARAMS, SMALL_POOL, assert_idle_and_clean,
                                      mixed_prompts, naive_greedy)
 
+# Speculating whatever the batch (4 slots: max_seqs); test_backs_off_at_large_batch sets the limit.
 NGRAM = dataclasses.replace(SMALL_POOL, speculative='ngram', num_speculative_tokens=3,
-                            speculative_max_batch=4)
+                            speculative_max_batch=16)
 DRAFT = dataclasses.replace(NGRAM, speculative='draft')
 
 
@@ -129,7 +130,7 @@ def test_backs_off_at_large_batch():
 def test_tensor_parallel_2_with_a_draft_model():
   mesh = make_mesh(MeshConfig(ici=(1, 1, 2)), jax.devices()[:2])
   cfg = dataclasses.replace(ONE_BUCKET, speculative='draft', num_speculative_tokens=3,
-                            speculative_max_batch=4)
+                            speculative_max_batch=16)
   engine = Engine(CFG, PARAMS, cfg, mesh)
   engine.attach_drafter(Engine(CFG, perturbed(PARAMS, 0.3), speculative.draft_engine_config(cfg), mesh))
   prompts, max_tokens = prompts_and_limits()

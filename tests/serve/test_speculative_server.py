@@ -40,9 +40,9 @@ def servers(server_workdir):
   made = {
       'off': start(command.make_load(SMALL, checkpoint=server_workdir)),
       'ngram': start(command.make_load(
-          command.speculative_config(SMALL, None, 'ngram', 3, 4), checkpoint=server_workdir)),
+          command.speculative_config(SMALL, None, 'ngram', 3, 16), checkpoint=server_workdir)),
       # The served model drafts for itself: the plumbing, with every greedy draft accepted.
-      'draft': start(command.make_load(command.speculative_config(SMALL, server_workdir, None, 3, 4),
+      'draft': start(command.make_load(command.speculative_config(SMALL, server_workdir, None, 3, 16),
                                        checkpoint=server_workdir, draft_checkpoint=server_workdir)),
   }
   yield made

@@ -1,0 +1,222 @@
+"""Speculative decoding: a distilled draft model and prompt lookup against plain decoding (issue 25).
+
+  python benchmarks/speculative.py                                  # T = 1M tokens: about an hour on 2 cores
+  python benchmarks/speculative.py --target benchmarks/out/compression/teacher   # reuse a trained target
+  python benchmarks/speculative.py --tokens 40000 --new_tokens 24 --runs 1 --prompts 2   # smoke, minutes
+
+One process, on the stdlib corpus (4096-token BPE). The target (compression.py's teacher: ~12M
+params, width 384, 4 layers) trains on T tokens, or is given (--target); the drafter (~1.3M params:
+width 128, 1 layer, at most 1/8 of the target) is distilled from it on T/4 tokens (train/distill.py).
+Prompts: code completion, --prompt_len tokens of stdlib Python source cut at random lines.
+
+For batch 1 and 16, greedy and temperature 0.8, each engine decodes --new_tokens tokens per
+prompt after its prefill (decode tokens/s: from every request's first token to the last), runs
+interleaved, median of --runs: plain (speculation off), the draft model (k = --k) and prompt
+lookup (ngram). Reported per row: tokens/s and the speed-up over plain measured in the same run;
+for speculation the acceptance rate a (accepted / drafted tokens), the drafter/target step-time
+ratio c (a drafter step as it runs inside speculation, from the drafter's measured seconds, over a
+plain target step; c_alone in the JSON: the drafter's own plain decode), the speed-up Leviathan et
+al. predict from them, E(a, k) / (k c + 1) with E = (1 - a^(k+1)) / (1 - a), and measured / predicted.
+speculative_max_batch is --max_batch (default 4): at batch 16 the engine backs off to plain
+decoding, so the row shows what the back-off costs. Writes benchmarks/out/speculative.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+
+from _common import cpu_name, log, set_host_devices
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DRAFTER = ['model.vocab_size=4096', 'model.d_model=128', 'model.num_layers=1', 'model.num_heads=2',
+           'model.num_kv_heads=1', 'model.head_dim=64', 'model.mlp_dim=512']
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--target', default=None, help='a trained target workdir (default: train one on --tokens)')
+  p.add_argument('--tokens', type=int, default=1_000_000, help='T: the target\'s training tokens')
+  p.add_argument('--batch_size', type=int, default=16)
+  p.add_argument('--seq_len', type=int, default=128)
+  p.add_argument('--learning_rate', type=float, default=3e-3)
+  p.add_argument('--distill_learning_rate', type=float, default=3e-3)
+  p.add_argument('--k', type=int, default=4, help='draft tokens per verification')
+  p.add_argument('--max_batch', type=int, default=4, help='EngineConfig.speculative_max_batch')
+  p.add_argument('--prompt_len', type=int, default=128)
+  p.add_argument('--new_tokens', type=int, default=96, help='tokens decoded per request')
+  p.add_argument('--prompts', type=int, default=8, help='prompts: batch 1 decodes each alone, batch 16 '
+                 'cycles through them')
+  p.add_argument('--runs', type=int, default=3)
+  p.add_argument('--host_devices', type=int, default=1)
+  p.add_argument('--workdir', default=os.path.join(os.path.dirname(__file__), 'out', 'speculative'))
+  p.add_argument('--out_dir', default=os.path.join(os.path.dirname(__file__), 'out'))
+  return p.parse_args(argv)
+
+
+def code_prompts(tokenizer_path: str, n: int, length: int, seed: int = 0) -> list[list[int]]:
+  """n prompts of `length` tokens: stdlib Python source from a random line of a random file on."""
+  import random  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer.from_file(tokenizer_path)
+  files = sorted(f for f in glob.glob(os.path.join(os.path.dirname(os.__file__), '*.py'))
+                 if os.path.getsize(f) > 20_000)
+  rng, out = random.Random(seed), []
+  while len(out) < n:
+    lines = open(rng.choice(files), encoding='utf-8', errors='replace').read().splitlines(True)
+    start = rng.randrange(len(lines) // 2)
+    ids = tok.encode(''.join(lines[start:start + 400])).ids
+    if len(ids) >= length:
+      out.append(ids[:length])
+  return out
+
+
+def decode_time(engine, prompts, params) -> tuple[int, float]:
+  """(tokens, seconds) of decoding `prompts` together: from every request's first token to the end."""
+  ids = [f'r{engine.stats["steps"]}-{i}' for i in range(len(prompts))]
+  for rid, prompt in zip(ids, prompts):
+    engine.add_request(rid, prompt, params)
+  started, tokens, clock = set(), 0, None
+  while engine.has_work:
+    outputs = engine.step()
+    if clock is not None:
+      tokens += sum(len(o.new_token_ids) for o in outputs)
+    started.update(o.request_id for o in outputs)
+    if clock is None and len(started) == len(ids):
+      clock = time.perf_counter()
+  return tokens, time.perf_counter() - clock
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  set_host_devices(args.host_devices)
+  import jax  # pylint: disable=g-import-not-at-top
+  import configs  # pylint: disable=g-import-not-at-top
+  from compression import TEACHER, recipe, train_run  # pylint: disable=g-import-not-at-top
+  from models import checkpoint_io  # pylint: disable=g-import-not-at-top
+  from serve import speculative  # pylint: disable=g-import-not-at-top
+  from serve.engine import Engine, EngineConfig  # pylint: disable=g-import-not-at-top
+  from serve.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  from train import datasets  # pylint: disable=g-import-not-at-top
+
+  root = args.workdir
+  os.makedirs(root, exist_ok=True)
+  per_step = args.batch_size * args.seq_len
+  steps_T = max(1, args.tokens // per_step)
+  base = ['train/tiny_cpu.gin']
+  target = args.target or os.path.join(root, 'target')
+  if args.target is None:
+    train_run('target', target, base, recipe(args, steps_T) + TEACHER)
+  drafter = os.path.join(root, 'drafter')
+  args.learning_rate = args.distill_learning_rate
+  train_run('drafter', drafter, base, recipe(args, max(1, steps_T // 4)) + DRAFTER + [
+      f"distill.teacher='{target}'", 'distill.alpha=0.5'])
+
+  cfg = configs.load_train_config(base, recipe(args, steps_T) + TEACHER)
+  tokenizer = os.path.join(datasets.data_dir(cfg), 'tokenizer.json')
+  prompts = code_prompts(tokenizer, args.prompts, args.prompt_len)
+  (target_cfg, target_params), (draft_cfg, draft_params) = (
+      checkpoint_io.load(target), checkpoint_io.load(drafter))
+  target_cfg = dataclasses.replace(target_cfg, remat='none')
+  draft_cfg = dataclasses.replace(draft_cfg, remat='none')
+  size = draft_cfg.num_params() / target_cfg.num_params()
+  log(f'target {target_cfg.num_params():,} params, drafter {draft_cfg.num_params():,} ({size:.3f} of it)')
+
+  G = 16
+  M = -(-(args.prompt_len + args.new_tokens + args.k + 1) // G)
+  plain_cfg = EngineConfig(max_seqs=16, page_size=G, max_pages_per_seq=M, num_pages=16 * M + 1,
+                           token_budget=256, prefix_caching=False)
+  spec = lambda mode: dataclasses.replace(plain_cfg, speculative=mode, num_speculative_tokens=args.k,
+                                          speculative_max_batch=args.max_batch)
+  engines = {'plain': Engine(target_cfg, target_params, plain_cfg),
+             'draft': Engine(target_cfg, target_params, spec('draft')),
+             'ngram': Engine(target_cfg, target_params, spec('ngram')),
+             'drafter alone': Engine(draft_cfg, draft_params, plain_cfg)}
+  engines['draft'].attach_drafter(Engine(draft_cfg, draft_params, speculative.draft_engine_config(spec('draft'))))
+
+  results = []
+  for batch in (1, 16):
+    for temperature in (0.0, 0.8):
+      params = SamplingParams(max_tokens=args.new_tokens, temperature=temperature, seed=0)
+      groups = [[p] for p in prompts] if batch == 1 else [(prompts * 16)[:16]]
+      for name, engine in engines.items():  # warm-up: every bucket compiled and dispatched
+        decode_time(engine, groups[0], dataclasses.replace(params, max_tokens=8))
+      rates = {name: [] for name in engines}
+      before = {name: dataclasses.replace(e.spec_stats) for name, e in engines.items()}
+      for _ in range(args.runs):  # a run: every group through every engine, interleaved
+        totals = {name: [0, 0.0] for name in engines}
+        for group in groups:
+          for name, engine in engines.items():
+            tokens, seconds = decode_time(engine, group, params)
+            totals[name][0] += tokens
+            totals[name][1] += seconds
+        for name, (tokens, seconds) in totals.items():
+          rates[name].append(tokens / seconds)
+      rate = {name: statistics.median(r) for name, r in rates.items()}
+      plain_step_s = batch / rate['plain']  # a plain decode step computes one token per sequence
+      for name in ('draft', 'ngram'):
+        stats, start = engines[name].spec_stats, before[name]
+        drafted, accepted = stats.drafted - start.drafted, stats.accepted - start.accepted
+        rounds = stats.steps - start.steps
+        a = accepted / drafted if drafted else 0.0
+        # c: a drafter step as it runs inside speculation (synchronous) over a plain target step;
+        # c_alone: the drafter's own plain decode step (overlapped) over the target's.
+        c = (stats.draft_s - start.draft_s) / max(rounds * args.k, 1) / plain_step_s
+        row = dict(drafter=name, batch=batch, temperature=temperature, tok_s=rate[name],
+                   plain_tok_s=rate['plain'], speedup=rate[name] / rate['plain'], acceptance=a,
+                   verifications=stats.verifications - start.verifications,
+                   backoff_steps=stats.backoffs - start.backoffs, k=args.k)
+        if name == 'draft':
+          row['c'], row['c_alone'] = c, rate['plain'] / rate['drafter alone']
+          row['predicted'] = speculative.predicted_speedup(a, args.k, c)
+          row['measured_over_predicted'] = row['speedup'] / row['predicted']
+        results.append(row)
+      log(f'batch {batch}, temperature {temperature}: ' +
+          ', '.join(f'{n} {r:.1f} tok/s' for n, r in rate.items()) + f'; load {os.getloadavg()[0]:.2f}')
+
+  lines = [f'k = {args.k}, speculative_max_batch = {args.max_batch}; drafter {size:.3f} of the target\'s '
+           f'params; {cpu_name()}, {len(os.sched_getaffinity(0))} cores, load {os.getloadavg()[0]:.2f}.',
+           f"{'drafter':<7} {'batch':>5} {'temp':>4} {'tok/s':>7} {'plain':>7} {'speed-up':>8} {'a':>5} "
+           f"{'c':>5} {'predicted':>9} {'meas/pred':>9}"]
+  for r in results:
+    extra = (f"{r['c']:>5.3f} {r['predicted']:>9.2f} {r['measured_over_predicted']:>9.2f}"
+             if 'c' in r else f"{'':>5} {'':>9} {'':>9}")
+    lines.append(f"{r['drafter']:<7} {r['batch']:>5} {r['temperature']:>4} {r['tok_s']:>7.1f} "
+                 f"{r['plain_tok_s']:>7.1f} {r['speedup']:>8.2f} {r['acceptance']:>5.2f} {extra}")
+  print('\n'.join(lines))
+  os.makedirs(args.out_dir, exist_ok=True)
+  with open(os.path.join(args.out_dir, 'speculative.json'), 'w') as f:
+    json.dump({'args': vars(args), 'device': jax.devices()[0].device_kind, 'cpu': cpu_name(),
+               'target_params': target_cfg.num_params(), 'drafter_params': draft_cfg.num_params(),
+               'results': results, 'table': lines}, f, indent=2)
+  plot(results, os.path.join(args.out_dir, 'speculative.png'))
+  return 0
+
+
+def plot(results, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 4))
+  labels = [f"{r['drafter']} b{r['batch']} T{r['temperature']}" for r in results]
+  ax.barh(range(len(results)), [r['speedup'] for r in results], label='measured')
+  ax.scatter([r.get('predicted', float('nan')) for r in results], range(len(results)), color='k',
+             zorder=3, label='predicted from a, c')
+  ax.axvline(1.0, color='k', lw=0.8)
+  ax.set_yticks(range(len(results)), labels)
+  ax.invert_yaxis()
+  ax.set_xlabel('decode tokens/s over plain decoding (same run)')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
