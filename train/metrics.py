@@ -2,12 +2,15 @@
 
 In a bucket workdir (gs://, s3://) objects cannot be appended to: both files are written to a local
 mirror (storage.local_mirror) and uploaded whole at most every UPLOAD_EVERY_S seconds and on close,
-so the bucket always holds complete files.
+so the bucket always holds complete files. A failed periodic upload is logged and left to the next one; the
+last, at close, is retried and then raises.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import time
 
@@ -50,16 +53,22 @@ class MetricsWriter:
       if name != 'time':  # wall-clock time stamps the record; it is not a curve
         self._tb.add_scalar(name, value, step)
     if time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
-      self.upload()
+      try:
+        self.upload()
+      except (OSError, ValueError) as e:  # a storage hiccup must not end the run; the next upload has it all
+        logging.warning('Uploading the metrics to %s failed (%s); retrying at the next record.', self.workdir, e)
+        self._uploaded = time.monotonic()
 
   def upload(self) -> None:
     """Copies metrics.jsonl and the TensorBoard event files to a bucket workdir (whole objects)."""
     if not self.enabled or not storage.is_bucket(self.workdir):
       return
     self._tb.flush()
-    storage.put_file(self.path, storage.join(self.workdir, 'metrics.jsonl'))
-    for name in sorted(os.listdir(self._tb_dir)):
-      storage.put_file(os.path.join(self._tb_dir, name), storage.join(self.workdir, 'tensorboard', name))
+    files = [(self.path, 'metrics.jsonl')] + [(os.path.join(self._tb_dir, n), f'tensorboard/{n}')
+                                              for n in sorted(os.listdir(self._tb_dir))]
+    for local, name in files:
+      storage.with_retries(functools.partial(storage.put_file, local, storage.join(self.workdir, name)),
+                           f'uploading {name}')
     self._uploaded = time.monotonic()
 
   def close(self) -> None:
