@@ -584,22 +584,33 @@ class Engine:
                        'student distilled from it: stoker distill).')
     self._drafter = speculative.DraftModel(draft, self.config)
 
-  def sync_step(self) -> tuple[dict[str, tuple[int, int]], jax.Array | None, list[str]]:
-    """Plans, runs and applies one step at once (a draft model's): ({request id: (sampled token, its
-    row)}, the step's logits [B, V] on device, ids of requests that ended)."""
+  def draft_steps(self, k: int) -> list[tuple[dict[str, tuple[int, int]], jax.Array, list[str]]]:
+    """Runs k steps (a draft model's), each planned and dispatched while the one before runs (its
+    tokens fed on device, as overlapped steps are), and collects them all; nothing is left in
+    flight. Per step: ({request id: (sampled token, its row)}, the step's logits [B, V] on device,
+    ids of requests that ended)."""
     if self._inflight is not None:
-      raise RuntimeError('sync_step() with a step in flight; drive an engine with step() or sync_step(), '
-                         'not both.')
+      raise RuntimeError('draft_steps() with a step in flight; drive an engine with step() or '
+                         'draft_steps(), not both.')
+    out = []
     self._dispatch(None)
-    prev, self._inflight = self._inflight, None
-    if prev is None:
-      return {}, None, []
-    new, finished = self._collect(prev)
-    rows = {s.request_id: b for b, s in enumerate(prev.plan.seqs) if s.sample}
-    for f in finished:
-      self._drop(f.request_id)
-    return ({rid: (tokens[0], rows[rid]) for rid, tokens, _ in new}, prev.logits_BV,
-            [f.request_id for f in finished])
+    for j in range(k):
+      prev, self._inflight = self._inflight, None
+      if prev is None:
+        break
+      if j + 1 < k:
+        self.scheduler.advance(prev.plan)
+        prev = prev._replace(advanced=True)
+        self._dispatch(prev)
+      new, finished = self._collect(prev)
+      rows = {s.request_id: b for b, s in enumerate(prev.plan.seqs) if s.sample}
+      for f in finished:
+        self._drop(f.request_id)
+      out.append(({rid: (tokens[0], rows[rid]) for rid, tokens, _ in new}, prev.logits_BV,
+                  [f.request_id for f in finished]))
+    if self._inflight is not None:  # nothing was dispatched ahead of the last collected step
+      raise AssertionError('draft_steps left a step in flight')
+    return out
 
   def _place_adapters(self, plan: StepPlan) -> None:
     """Copies the adapters `plan` needs into device slots (LRU) and records their slot ids."""

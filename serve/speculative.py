@@ -25,9 +25,10 @@ Drafters:
                 sequence's last n tokens (n = NGRAM_MAX down to NGRAM_MIN), in the prompt or the output.
                 A point mass: q(d) = 1, so d is accepted with probability p(d).
   DraftModel    a small model of the same vocabulary run by its own Engine (own paged cache, no
-                prefix cache, synchronous steps): k steps per verification, each sampling with the
-                request's temperature/top-k/top-p and a seed derived from the request's; its logits
-                stay on device and are gathered into the target's step as q.
+                prefix cache): k steps per verification (Engine.draft_steps: each dispatched while
+                the one before runs, its tokens fed on device), each sampling with the request's
+                temperature/top-k/top-p and a seed derived from the request's; its logits stay on
+                device and are gathered into the target's step as q.
 
 Back-off: speculation runs in a step only while the engine holds at most
 EngineConfig.speculative_max_batch requests (running or waiting). A verification step computes
@@ -214,10 +215,7 @@ class DraftModel:
     drafts = {rid: [] for rid in contexts}
     self._rows = {rid: [] for rid in contexts}
     self._logits = []
-    for j in range(k):
-      if not engine.scheduler.has_work:
-        break
-      sampled, logits_BV, finished = engine.sync_step()
+    for j, (sampled, logits_BV, finished) in enumerate(engine.draft_steps(k)):
       self._logits.append(logits_BV)
       for rid, (token, b) in sampled.items():
         if rid in drafts:
