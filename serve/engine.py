@@ -407,9 +407,10 @@ class Engine:
     return (self._drafter is not None and self._num_speculative > 0
             and len(self._requests) <= self.config.speculative_max_batch)
 
-  def _collect(self, prev: _InFlight) -> tuple[list[tuple[str, int, TokenLogprob | None]], list]:
-    """Waits for prev's tokens and applies them; (request id, token, logprob or None) of live
-    requests, and the requests that finished."""
+  def _collect(self, prev: _InFlight) -> tuple[list[tuple[str, tuple[int, ...], TokenLogprob | None]],
+                                                list]:
+    """Waits for prev's tokens and applies them; (request id, new tokens, logprob or None) of live
+    requests (several tokens where drafts were accepted), and the requests that finished."""
     clock = time.perf_counter()
     tokens = np.asarray(prev.tokens_B)
     now = time.perf_counter()
