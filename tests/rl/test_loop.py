@@ -35,7 +35,7 @@ def raising(row, completion):
 
 def test_stoker_rl_runs_logs_and_survives_a_raising_reward(tmp_path, capsys):
   workdir = str(tmp_path / 'run')
-  params = TINY + ['rl.steps = 2', 'rl.eval_every = 2',
+  params = TINY + ['rl.steps = 2', 'rl.eval_every = 2', "rl.normalisation = 'token'", 'rl.scale_std = False',
                    "rl.reward_fns = ('exact_answer', 'answer_format', 'tests.rl.test_loop:raising')",
                    'rl.reward_weights = (1.0, 0.1, 1.0)']
   code = cli.main(['rl', '--gin_file', GIN, '--workdir', workdir] +
@@ -127,3 +127,17 @@ def test_a_run_failing_just_in_time_resumes_bitwise_equal(tmp_path, fail_at):
   assert logged[-1]['kl'] > 0
   for x, y in zip(_final_state(whole), _final_state(broken), strict=True):
     assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize('binding, message', [
+    ('rl.minibatches = 3', 'multiple of rl.minibatches'),
+    ('rl.group_size = 1', 'group needs 2 or more'),
+    ("rl.normalisation = 'mean'", "rl.normalisation='mean'"),
+    ('rl.reward_weights = (1.0,)', '1 weights for 2 reward_fns'),
+    ('engine.max_seqs = 2', 'raise engine.max_seqs'),
+    ("lora.base = 'x'", 'leave rl.init empty'),
+])
+def test_bad_configs_name_the_problem_and_the_fix(binding, message):
+  extra = ["rl.init = 'y'"] if 'lora' in binding else []
+  with pytest.raises(ValueError, match=message):
+    load_rl_config([GIN], TINY + [binding] + extra)
