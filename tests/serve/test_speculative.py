@@ -5,7 +5,9 @@ drafter (another model, sharpened; or a point-mass drafter proposing fixed token
 continuations of 3 tokens through `verify`, round after round as the engine does; the joint
 distribution of tokens (1, 2) and the marginal of token 3 must pass a chi-squared test (p > 0.001)
 against the target's exact distribution, enumerated in numpy with a numpy top-p filter, at
-temperature 1 and with top-p 0.9. Prompt lookup is checked against a brute-force search.
+temperature 1 and with top-p 0.9; then the same through the engine with a draft model (its steps,
+the q gather, verification slots, seeds, rollback), which fails if q comes from the wrong draft
+position. Prompt lookup is checked against a brute-force search.
 """
 
 from __future__ import annotations
@@ -198,3 +200,35 @@ def test_expected_tokens():
   assert speculative.expected_tokens(0.0, 4) == 1.0
   assert speculative.expected_tokens(1.0, 4) == 5.0
   assert speculative.expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+@pytest.mark.parametrize('temperature,top_p', [(1.0, 1.0), (1.0, 0.9)])
+def test_the_engine_with_a_bad_draft_model_is_exact_in_distribution(temperature, top_p):
+  """The same test through the engine (draft steps, the q gather, verification slots, seeds,
+  positions, rollback): 20,000 seeded requests of 3 tokens, a drafter unrelated to the target."""
+  from serve.engine import Engine, EngineConfig  # pylint: disable=import-outside-toplevel
+  from serve.sampling import SamplingParams  # pylint: disable=import-outside-toplevel
+  cfg = EngineConfig(num_pages=2 * 256 + 1, page_size=4, max_seqs=256, max_pages_per_seq=2, token_budget=1024,
+                     min_bucket=1024, speculative='draft', num_speculative_tokens=K,
+                     speculative_max_batch=N, attention='reference')
+  engine = _engines(cfg)
+  outs = engine.generate([list(PROMPT)] * N, [SamplingParams(max_tokens=3, temperature=temperature,
+                                                             top_p=top_p, seed=s) for s in range(N)])
+  stats = engine.spec_stats
+  assert stats.verifications > N // 2 and 0 < stats.accepted < stats.drafted
+  out = np.array(outs)
+  p12, p3 = exact_distribution(temperature, top_p)
+  joint = np.zeros((V, V))
+  np.add.at(joint, (out[:, 0], out[:, 1]), 1)
+  assert chi2_p(joint, p12) > 1e-3
+  assert chi2_p(np.bincount(out[:, 2], minlength=V), p3) > 1e-3
+
+
+@functools.cache
+def _engines(cfg):
+  from serve.engine import Engine  # pylint: disable=import-outside-toplevel
+  _, tp = nnx.split(transformer.Transformer(TINY, nnx.Rngs(1)))
+  _, dp = nnx.split(transformer.Transformer(TINY, nnx.Rngs(2)))
+  engine = Engine(TINY, tp, cfg)
+  engine.attach_drafter(Engine(TINY, dp, speculative.draft_engine_config(cfg)))
+  return engine
