@@ -1,7 +1,7 @@
 """Speculative decoding in the server, through the official `openai` client (acceptance 1, server
-side): a draft model and prompt lookup return exactly what the same server without speculation does,
-for mixed prompt lengths, concurrent requests on a pool small enough to preempt, stop strings and
-max_tokens; /metrics reports the acceptance rate, accepted tokens per verification and drafter time.
+side): a draft model (on a 2-way tensor-parallel mesh) and prompt lookup return exactly what the same
+server without speculation does, for mixed prompt lengths, concurrent requests on a pool small enough
+to preempt, shared prompts (the prefix cache), stop strings and max_tokens; /metrics reports the acceptance rate, accepted tokens per verification and drafter time.
 And `stoker serve`'s start-up errors (acceptance 5): a bad k, a drafter of another vocabulary."""
 
 import concurrent.futures
@@ -13,7 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve import command
+from serve import command, loader
 from serve.server import BackgroundServer, ServerConfig, Service
 from tests.serve.server_fixtures import ENGINE
 
@@ -41,9 +41,11 @@ def servers(server_workdir):
       'off': start(command.make_load(SMALL, checkpoint=server_workdir)),
       'ngram': start(command.make_load(
           command.speculative_config(SMALL, None, 'ngram', 3, 16), checkpoint=server_workdir)),
-      # The served model drafts for itself: the plumbing, with every greedy draft accepted.
+      # The served model drafts for itself (the plumbing, every greedy draft accepted), both models
+      # sharded over a 2-way tensor-parallel mesh.
       'draft': start(command.make_load(command.speculative_config(SMALL, server_workdir, None, 3, 16),
-                                       checkpoint=server_workdir, draft_checkpoint=server_workdir)),
+                                       checkpoint=server_workdir, draft_checkpoint=server_workdir,
+                                       mesh=loader.serving_mesh(2))),
   }
   yield made
   for background in made.values():
@@ -84,8 +86,9 @@ def test_outputs_equal_speculation_off(servers):
                                 **REQUESTS[2])
   assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == off[2]
   assert metrics(servers['ngram'].url)['stoker_spec_decode_verifications_total'] == before
-  total = sum(metrics(servers[n].url)['stoker_preemptions_total'] for n in servers)
-  assert total > 0, 'the small pool should have preempted'
+  for name in servers:
+    assert metrics(servers[name].url)['stoker_preemptions_total'] > 0, f'{name}: the small pool should preempt'
+  assert servers['draft'].service.loaded.engine.mesh.shape['tensor'] == 2
   for background in servers.values():
     allocator = background.service.loaded.engine.scheduler.allocator
     allocator.check()
