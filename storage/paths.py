@@ -35,6 +35,8 @@ from storage import endpoints
 SCHEMES = ('gs', 's3')
 _URL = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*):/')  # any `scheme:/`, to refuse the ones we lack
 T = TypeVar('T')
+_UMASK = os.umask(0o022)  # read once, at import (umask can only be read by setting it)
+os.umask(_UMASK)
 
 
 class StorageError(ValueError):
@@ -309,6 +311,7 @@ def _atomic_write(path: str, mode: str, encoding: str | None):
     if bucket:
       put_file(tmp, path)
     else:
+      os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would create it (mkstemp makes it private)
       os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

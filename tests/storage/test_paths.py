@@ -104,3 +104,10 @@ def test_local_paths_stay_local_and_bad_urls_are_refused(tmp_path):
   for bad in ('gs:/b/run', 'gcs://b/run', 's3a://b/run', 'gs://'):
     with pytest.raises(storage.StorageError, match='unsupported storage URL'):
       storage.is_bucket(bad)
+
+
+def test_a_local_write_has_the_permissions_open_gives(tmp_path):
+  storage.write_text(str(tmp_path / 'a.json'), '{}')
+  with open(tmp_path / 'b.json', 'w') as f:  # the reference: the builtin open under the same umask
+    f.write('{}')
+  assert (tmp_path / 'a.json').stat().st_mode == (tmp_path / 'b.json').stat().st_mode
