@@ -13,6 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import cli
 from serve import command, loader
 from serve.server import BackgroundServer, ServerConfig, Service
 from tests.serve.server_fixtures import ENGINE
@@ -110,3 +111,14 @@ def test_bad_configuration_is_a_start_up_error(server_workdir, tmp_path):
       head_dim=16, rms_norm_eps=1e-5)))
   with pytest.raises(ValueError, match='vocabulary of 128 tokens, the served model 320'):
     command.check_drafter(server_workdir, None, str(other), None)
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--speculative', 'ngram', '--num-speculative-tokens', '0'], 'num_speculative_tokens=0'),
+    (['--speculative', 'ngram', '--num-speculative-tokens', '300'], 'more than token_budget'),
+    (['--num-speculative-tokens', '3'], 'without a drafter'),
+])
+def test_stoker_serve_refuses_a_bad_configuration_before_binding(server_workdir, capsys, flags, message):
+  code = cli.main(['serve', '--checkpoint', server_workdir, '--port', '0', *flags])
+  err = capsys.readouterr().err
+  assert code == 2 and message in err and 'Traceback' not in err, err[-2000:]
