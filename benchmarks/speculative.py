@@ -173,10 +173,11 @@ def main(argv=None) -> int:
                    plain_tok_s=rate['plain'], speedup=rate[name] / rate['plain'], acceptance=a,
                    verifications=stats.verifications - start.verifications,
                    backoff_steps=stats.backoffs - start.backoffs, k=args.k)
+        row['c'] = c  # prompt lookup: its lookups' seconds per draft token, over a plain step
+        row['predicted'] = speculative.predicted_speedup(a, args.k, c) if rounds else 1.0
+        row['measured_over_predicted'] = row['speedup'] / row['predicted']
         if name == 'draft':
-          row['c'], row['c_alone'] = c, rate['plain'] / rate['drafter alone']
-          row['predicted'] = speculative.predicted_speedup(a, args.k, c)
-          row['measured_over_predicted'] = row['speedup'] / row['predicted']
+          row['c_alone'] = rate['plain'] / rate['drafter alone']
         results.append(row)
       log(f'batch {batch}, temperature {temperature}: ' +
           ', '.join(f'{n} {r:.1f} tok/s' for n, r in rate.items()) + f'; load {os.getloadavg()[0]:.2f}')
@@ -186,8 +187,7 @@ def main(argv=None) -> int:
            f"{'drafter':<7} {'batch':>5} {'temp':>4} {'tok/s':>7} {'plain':>7} {'speed-up':>8} {'a':>5} "
            f"{'c':>5} {'predicted':>9} {'meas/pred':>9}"]
   for r in results:
-    extra = (f"{r['c']:>5.3f} {r['predicted']:>9.2f} {r['measured_over_predicted']:>9.2f}"
-             if 'c' in r else f"{'':>5} {'':>9} {'':>9}")
+    extra = f"{r['c']:>5.3f} {r['predicted']:>9.2f} {r['measured_over_predicted']:>9.2f}"
     lines.append(f"{r['drafter']:<7} {r['batch']:>5} {r['temperature']:>4} {r['tok_s']:>7.1f} "
                  f"{r['plain_tok_s']:>7.1f} {r['speedup']:>8.2f} {r['acceptance']:>5.2f} {extra}")
   print('\n'.join(lines))
@@ -207,7 +207,7 @@ def plot(results, path: str) -> None:
   fig, ax = plt.subplots(figsize=(8, 4))
   labels = [f"{r['drafter']} b{r['batch']} T{r['temperature']}" for r in results]
   ax.barh(range(len(results)), [r['speedup'] for r in results], label='measured')
-  ax.scatter([r.get('predicted', float('nan')) for r in results], range(len(results)), color='k',
+  ax.scatter([r['predicted'] for r in results], range(len(results)), color='k',
              zorder=3, label='predicted from a, c')
   ax.axvline(1.0, color='k', lw=0.8)
   ax.set_yticks(range(len(results)), labels)
