@@ -129,9 +129,9 @@ def read_adapter(path: str, cfg: ModelConfig) -> tuple[nnx.State, lora_lib.LoRAC
   """(adapters, LoRAConfig) of a PEFT adapter directory or a LoRA run's workdir, for the served
   model `cfg`. ValueError (FileNotFoundError for no adapter there), naming the problem, for an
   adapter of another base."""
-  if os.path.isfile(os.path.join(path, peft_files.CONFIG)):
-    return peft_files.read(path, cfg)
-  if not os.path.isdir(path):
+  if storage.isfile(storage.join(path, peft_files.CONFIG)):
+    return peft_files.read(storage.local_copy(path), cfg)  # a bucket's adapter files are downloaded once
+  if not storage.isdir(path):
     raise FileNotFoundError(f'LoRA adapter {path!r}: no such directory; give a PEFT adapter '
                             'directory or a LoRA training run\'s workdir.')
   directory = model_checkpoint.step_dir(path)
@@ -155,7 +155,7 @@ def check_adapters(loras, model_name: str | None = None) -> None:
     if names.count(name) > 1 or name == model_name:
       raise ValueError(f'--lora {name}={path}: the name {name!r} is taken'
                        f'{" by the base" if name == model_name else " twice"}; give each its own.')
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
       raise FileNotFoundError(f'--lora {name}={path}: no such directory; give a PEFT adapter '
                               "directory or a LoRA training run's workdir.")
 
