@@ -307,6 +307,19 @@ def write_text_corpus(root: str, documents: int, files: int, seed: int) -> int:
   return total
 
 
+def finish(report: dict, load_start: float, start: float, out_dir: str, name: str, plot_fn, table_fn) -> dict:
+  """Adds the load and wall time to `report`, writes out_dir/name.json and .png, prints the table."""
+  report['loadavg'] = [load_start, os.getloadavg()[0]]
+  report['wall_s'] = time.perf_counter() - start
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  plot_fn(report, os.path.join(out_dir, f'{name}.png'))
+  print(table_fn(report))
+  print(f"\nwall time {report['wall_s']:.0f} s; wrote {out_dir}/{name}.json and .png")
+  return report
+
+
 def prepare_main(args: argparse.Namespace) -> dict:
   """In-process vs Beam prepare rows: documents/s, input MB/s, paired ratios, identical outputs."""
   from data import beam as data_beam  # pylint: disable=g-import-not-at-top
@@ -353,15 +366,7 @@ def prepare_main(args: argparse.Namespace) -> dict:
         'input_mb_per_sec': nbytes / 1e6 / statistics.median(seconds),
         'paired_ratio_vs_in_process': statistics.median(a / b for a, b in zip(ref, seconds)),
         'identical_to_in_process': outputs[name] == outputs['in-process']}
-  report['loadavg'] = [load_start, os.getloadavg()[0]]
-  report['wall_s'] = time.perf_counter() - start
-  os.makedirs(args.out_dir, exist_ok=True)
-  with open(os.path.join(args.out_dir, 'prepare_throughput.json'), 'w') as f:
-    json.dump(report, f, indent=2)
-  plot_prepare(report, os.path.join(args.out_dir, 'prepare_throughput.png'))
-  print(prepare_table(report))
-  print(f"\nwall time {report['wall_s']:.0f} s; wrote {args.out_dir}/prepare_throughput.json and .png")
-  return report
+  return finish(report, load_start, start, args.out_dir, 'prepare_throughput', plot_prepare, prepare_table)
 
 
 def prepare_table(report: dict) -> str:
@@ -537,15 +542,7 @@ def main(args: argparse.Namespace) -> dict:
     for name, r in readers.items():
       if name.startswith(f'grain {B}x{T},'):
         report['headroom'][name] = r['median_tokens_per_sec'] / t['median_tokens_per_sec']
-  report['loadavg'] = [load_start, os.getloadavg()[0]]
-  report['wall_s'] = time.perf_counter() - start
-  os.makedirs(args.out_dir, exist_ok=True)
-  with open(os.path.join(args.out_dir, 'data_throughput.json'), 'w') as f:
-    json.dump(report, f, indent=2)
-  plot(report, os.path.join(args.out_dir, 'data_throughput.png'))
-  print(table(report))
-  print(f"\nwall time {report['wall_s']:.0f} s; wrote {args.out_dir}/data_throughput.json and .png")
-  return report
+  return finish(report, load_start, start, args.out_dir, 'data_throughput', plot, table)
 
 
 if __name__ == '__main__':
