@@ -13,17 +13,13 @@ import storage
 from parallelism import distributed
 from parallelism.compile_cache import use_compilation_cache
 from train import distill, faults, loop
-from train.config import TrainConfig
+from train.config import CheckpointConfig, TrainConfig
 
 
 def train_command(cfg: TrainConfig, workdir: str, config_text: str = '') -> int:
   """Trains `cfg` in `workdir` (resuming it) and prints the outcome; returns the exit code."""
   storage.check(workdir, write=True)  # an unusable bucket fails at once, before JAX starts its devices
-  # Before anything touches a device. The coordination service ends every process some time after
-  # one dies; give the survivors' watchdog time to notice the stall (even in a save) and save first.
-  # (It ended them 55-90 s after a death with the default 100 s.)
-  watchdog_limit = max(60, faults.PAUSED_SLACK * cfg.checkpoint.hang_timeout_s)
-  distributed.initialize(distributed.from_env(), heartbeat_timeout_s=int(2 * watchdog_limit + 60))
+  join_job(cfg.checkpoint)
   use_compilation_cache()
   distill.validate(cfg)  # a teacher that cannot teach this student fails before anything is written
   try:
@@ -35,11 +31,7 @@ def train_command(cfg: TrainConfig, workdir: str, config_text: str = '') -> int:
   except Exception:  # pylint: disable=broad-except
     if jax.process_count() == 1:
       raise
-    # A collective that failed usually means a peer died; JAX's shutdown barrier would wait for it
-    # until the heartbeat timeout. The supervisor restarts from the newest checkpoint.
-    logging.exception('Step failed in a multi-process job; exiting at once.')
-    logging.shutdown()
-    os._exit(faults.EXIT_STEP_FAILED)  # pylint: disable=protected-access
+    exit_failed_job()
   losses = [r['loss'] for r in logged if 'loss' in r]
   if not losses:
     print(f'Nothing to train: {workdir} already holds the checkpoint of step {cfg.steps}.')
@@ -50,3 +42,22 @@ def train_command(cfg: TrainConfig, workdir: str, config_text: str = '') -> int:
         f'Metrics: {storage.join(workdir, "metrics.jsonl")}; '
         f'TensorBoard: tensorboard --logdir {storage.join(workdir, "tensorboard")}')
   return 0
+
+
+def join_job(checkpoint: CheckpointConfig) -> None:
+  """Joins the job the environment describes (parallelism/distributed.py), before anything touches
+  a device (`stoker train` and `stoker rl`)."""
+  # The coordination service ends every process some time after one dies; give the survivors'
+  # watchdog time to notice the stall (even in a save) and save first. (It ended them 55-90 s
+  # after a death with the default 100 s.)
+  watchdog_limit = max(60, faults.PAUSED_SLACK * checkpoint.hang_timeout_s)
+  distributed.initialize(distributed.from_env(), heartbeat_timeout_s=int(2 * watchdog_limit + 60))
+
+
+def exit_failed_job() -> None:
+  """Ends this process of a multi-process job whose step raised, at once (from an except block)."""
+  # A collective that failed usually means a peer died; JAX's shutdown barrier would wait for it
+  # until the heartbeat timeout. The supervisor restarts from the newest checkpoint.
+  logging.exception('Step failed in a multi-process job; exiting at once.')
+  logging.shutdown()
+  os._exit(faults.EXIT_STEP_FAILED)  # pylint: disable=protected-access
