@@ -278,35 +278,37 @@ def rmtree(path) -> None:
       fs.rm(p, recursive=True)
 
 
-def open(path, mode: str = 'r', encoding: str | None = None):  # pylint: disable=redefined-builtin
+def open(path, mode: str = 'r', encoding: str | None = None,  # pylint: disable=redefined-builtin
+         newline: str | None = None):
   """A file object for `path` (a context manager). Writes are atomic (module docstring); reads of
-  a bucket object fetch the ranges read."""
+  a bucket object fetch the ranges read. `newline` as for builtins.open (text modes; '' for csv)."""
   path = os.fspath(path)
   if 'w' in mode:
-    return _atomic_write(path, mode, encoding)
+    return _atomic_write(path, mode, encoding, newline)
   if 'a' in mode or '+' in mode:
     raise ValueError(f'storage.open: mode {mode!r} is not supported (buckets have no append); '
                      'write the whole file.')
   if 'b' not in mode and encoding is None:
     encoding = 'utf-8'
   if not is_bucket(path):
-    return builtins.open(path, mode, encoding=encoding)
+    return builtins.open(path, mode, encoding=encoding, newline=newline)
   fs, p = filesystem(path)
-  text = {} if 'b' in mode else {'encoding': encoding}
+  text = {} if 'b' in mode else {'encoding': encoding, 'newline': newline}
   with _errors(path):
     # cache_type 'none': each read is one ranged GET of exactly the bytes asked for.
     return fs.open(p, mode, cache_type='none', **text)
 
 
 @contextlib.contextmanager
-def _atomic_write(path: str, mode: str, encoding: str | None):
+def _atomic_write(path: str, mode: str, encoding: str | None, newline: str | None = None):
   bucket = is_bucket(path)
   directory = tempfile.gettempdir() if bucket else (os.path.dirname(os.path.abspath(path)))
   if not bucket:
     os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{basename(path)}.', suffix='.tmp')
   try:
-    with os.fdopen(fd, mode, encoding=None if 'b' in mode else (encoding or 'utf-8')) as f:
+    text = {} if 'b' in mode else {'encoding': encoding or 'utf-8', 'newline': newline}
+    with os.fdopen(fd, mode, **text) as f:
       yield f
     if bucket:
       put_file(tmp, path)
