@@ -1,9 +1,9 @@
 """The run's PNG plots (matplotlib, Agg): CDFs of TTFT / TBT / normalized latency / fluidity-index, tokens
-generated vs time, deadline-miss rate vs the TBT deadline, and the capacity-search curve."""
+generated vs time, deadline-miss rate vs the TBT deadline, and the capacity-search curve. Each is written
+through storage/ (`save`), so the directory may be gs://BUCKET/PATH or s3://BUCKET/PATH."""
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import matplotlib
@@ -13,9 +13,21 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
+import storage  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from serve.bench import metrics as m  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 MAX_STREAMS = 40  # per-request lines drawn in tokens_vs_time.png
+
+
+def save(fig, path: str, dpi: int = 100) -> str:
+  """Writes `fig` as a PNG to `path` (local or a bucket: savefig gets a storage file, one whole object)
+  and closes it."""
+  try:
+    with storage.open(path, 'wb') as f:
+      fig.savefig(f, format='png', dpi=dpi)
+  finally:
+    plt.close(fig)
+  return path
 
 
 def _cdf(ax, values, label, xlabel, target=None):
@@ -46,9 +58,7 @@ def plot_run(out_dir: str, rows: Sequence[dict], summary: dict, records) -> list
   for ax, title in zip(axes, ('TTFT', 'TBT', 'normalized latency', 'fluidity-index')):
     ax.set_title(f'CDF of {title} ({len(ok_rows)} requests)')
   fig.tight_layout()
-  paths.append(os.path.join(out_dir, 'cdfs.png'))
-  fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
+  paths.append(save(fig, storage.join(out_dir, 'cdfs.png')))
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
   times = np.sort(np.asarray([(r.sent_us + t) / m.US_PER_S for r in ok for t in r.token_offsets_us]))
@@ -66,9 +76,7 @@ def plot_run(out_dir: str, rows: Sequence[dict], summary: dict, records) -> list
   right.set_title(f'per-request streams (first {min(len(ok), MAX_STREAMS)}): flat steps are stalls')
   right.grid(alpha=0.3)
   fig.tight_layout()
-  paths.append(os.path.join(out_dir, 'tokens_vs_time.png'))
-  fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
+  paths.append(save(fig, storage.join(out_dir, 'tokens_vs_time.png')))
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   curve = summary['miss_rate_vs_decode_deadline']
@@ -87,9 +95,7 @@ def plot_run(out_dir: str, rows: Sequence[dict], summary: dict, records) -> list
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  paths.append(os.path.join(out_dir, 'miss_rate_vs_tbt.png'))
-  fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
+  paths.append(save(fig, storage.join(out_dir, 'miss_rate_vs_tbt.png')))
   return paths
 
 
@@ -117,6 +123,4 @@ def plot_capacity(path: str, curve: Sequence[dict], capacity: float | None, max_
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save(fig, path)

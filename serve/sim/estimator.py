@@ -31,13 +31,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 from typing import Sequence
 
 import numpy as np
 from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import KFold
 
+import storage
 from serve.engine import EngineConfig
 from serve.kernels import tiled
 from serve.sim.roofline import padded_tokens
@@ -72,20 +72,22 @@ def _missing(path: str, what: str) -> str:
 
 
 def load_profile(path: str) -> Profile:
-  """Reads a profile directory. FileNotFoundError if it or a file is missing, ValueError if a
-  file is incomplete; both name the path and the command that makes one."""
-  if not os.path.isdir(path):
+  """Reads a profile directory (local, gs:// or s3://). FileNotFoundError if it or a file is missing,
+  ValueError if a file is incomplete; both name the path and the command that makes one. An unusable
+  bucket (missing, unreachable, no access) is a StorageError naming the fix."""
+  storage.check(path)
+  if not storage.isdir(path):
     raise FileNotFoundError(_missing(path, 'no such directory'))
   for name in FILES:
-    if not os.path.isfile(os.path.join(path, name)):
+    if not storage.isfile(storage.join(path, name)):
       raise FileNotFoundError(_missing(path, f'{name} is missing'))
-  with open(os.path.join(path, 'meta.json')) as f:
+  with storage.open(storage.join(path, 'meta.json')) as f:
     meta = json.load(f)
   if 'engine' not in meta or 'model' not in meta:
     raise ValueError(_missing(path, 'meta.json lacks the engine or model config'))
-  with open(os.path.join(path, 'steps.csv'), newline='') as f:
+  with storage.open(storage.join(path, 'steps.csv'), newline='') as f:
     rows = list(csv.DictReader(f))
-  with open(os.path.join(path, 'host.csv'), newline='') as f:
+  with storage.open(storage.join(path, 'host.csv'), newline='') as f:
     host = tuple({k: float(v) for k, v in row.items()} for row in csv.DictReader(f))
   if len(rows) < 3 or any(k not in rows[0] for k in _REQUIRED):
     raise ValueError(_missing(path, f'steps.csv has {len(rows)} rows, needs >= 3 with columns '

@@ -1,13 +1,13 @@
-"""What `stoker plan` writes: the ranked table (markdown), plan.json and the Pareto plot (matplotlib, Agg);
-`plan_command` runs the whole command."""
+"""What `stoker plan` writes: the ranked table (markdown), plan.json and the Pareto plot (matplotlib, Agg),
+into a local directory, gs://BUCKET/PATH or s3://BUCKET/PATH (storage/); `plan_command` runs the whole command."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
+import storage
 from models.config import ModelConfig
 from serve.bench.workload import WorkloadConfig
 from serve.sim import plan, plan_space, slo
@@ -119,21 +119,21 @@ def plot(path: str, result: dict) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  from serve.bench import plots  # pylint: disable=g-import-not-at-top
+  plots.save(fig, path)
   return path
 
 
 def write(out_dir: str, result: dict, plots: bool = True) -> list[str]:
   """plan.json, plan.md (table + verdict) and pareto.png under out_dir; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = [os.path.join(out_dir, 'plan.json'), os.path.join(out_dir, 'plan.md')]
-  with open(paths[0], 'w') as f:
+  storage.makedirs(out_dir)
+  paths = [storage.join(out_dir, 'plan.json'), storage.join(out_dir, 'plan.md')]
+  with storage.open(paths[0], 'w') as f:
     json.dump(_jsonable(result), f, indent=1, default=str)
-  with open(paths[1], 'w') as f:
+  with storage.open(paths[1], 'w') as f:
     f.write(f'# stoker plan: {result["slo"]}\n\n{table(result, len(result["ranked"]))}\n\n{verdict(result)}\n')
   if plots:
-    paths.append(plot(os.path.join(out_dir, 'pareto.png'), result))
+    paths.append(plot(storage.join(out_dir, 'pareto.png'), result))
   return paths
 
 
@@ -155,13 +155,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="Roofline devices to consider, comma-separated (serve/sim/devices.py); 'all' (default) "
                       "or 'none' (with --profile).")
   p.add_argument('--profile', default=None,
-                 help='Also consider the backend a `stoker profile --out DIR` directory measured.')
+                 help='Also consider the backend a `stoker profile --out DIR` directory measured (a local '
+                      'path, gs:// or s3://).')
   p.add_argument('--profile-price', type=float, default=1.0, help='$/h of the profiled backend (1.0).')
   p.add_argument('--max-seqs', default='32,128', help='Batch caps to try (comma-separated).')
   p.add_argument('--token-budgets', default='512,2048', help='Prefill chunks (token budgets) to try.')
   p.add_argument('--tolerance', type=float, default=0.1, help='Capacity resolution, relative (0.1).')
   p.add_argument('--router', default='least_outstanding', choices=['round_robin', 'least_outstanding'])
-  p.add_argument('--out', default='plan', help='Output directory: plan.json, plan.md, pareto.png.')
+  p.add_argument('--out', default='plan', help='Output directory (a local path, gs:// or s3://): plan.json, '
+                 'plan.md, pareto.png.')
   p.add_argument('--exhaustive', action='store_true',
                  help='Search every configuration (default: skip those whose throughput bound per dollar '
                       'cannot beat the best found; the answer is the same, the table shorter).')
@@ -172,6 +174,7 @@ def plan_command(model: ModelConfig, objective: slo.LatencySLO, args: argparse.N
   """`stoker plan` with add_arguments' flags, for `model` under `objective` (the parsed --slo):
   searches, writes --out, prints the table and the verdict."""
   start = time.perf_counter()
+  storage.check(args.out, write=True)  # an unusable bucket fails before the search, not after it
   cfg = plan.PlanConfig(WorkloadConfig.parse(args.workload), objective, args.target_qps,
                         _ints(args.max_seqs, '--max-seqs'), _ints(args.token_budgets, '--token-budgets'),
                         tolerance=args.tolerance, router=args.router, prune=not args.exhaustive)

@@ -4,9 +4,9 @@ configurations (batch cap, token budget, KV pages) a replica of them can run, me
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable, Sequence
 
+import storage
 from models.config import ModelConfig
 from serve.bench import workload
 from serve.bench.workload import WorkloadConfig
@@ -70,7 +70,7 @@ def profiled_hardware(model: ModelConfig, profile_dir: str, price_usd_per_hour: 
                      f'profile this one: `stoker profile --model PRESET (or --gin_file MODEL.gin) --out DIR`.')
   fitted = estimator.fit(profile)
   e = fitted.engine
-  return Hardware(f'profile:{os.path.basename(os.path.normpath(profile_dir))}', price_usd_per_hour, (1,),
+  return Hardware(f'profile:{storage.basename(storage.absolute(profile_dir))}', price_usd_per_hour, (1,),
                   kv_pages=lambda tp, page_size, max_seqs, budget: e.num_pages,
                   step_model=lambda tp, engine: fitted, max_seqs_cap=e.max_seqs, token_budgets=(e.token_budget,),
                   page_size=e.page_size)

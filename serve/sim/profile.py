@@ -17,9 +17,10 @@ compiled step alone (block_until_ready). The grid (`grid_for`, from the EngineCo
            chunked policy only: the others never mix)
   after    b decodes right after a step of P tokens, P each bucket above the smallest (prev_tokens P;
            that step is the b decodes and a new prompt's chunk, or with prefill-first the chunk alone)
-Files in --out: steps.csv (one row per grid point), host.csv (Scheduler.schedule and update and the
-engine's host buffers per step, against batch size) and meta.json (device, backend, model and
-engine configs, jax version, date, load average before and after, grid).
+Files in --out (a local directory, gs://BUCKET/PATH or s3://BUCKET/PATH; storage/): steps.csv (one row
+per grid point), host.csv (Scheduler.schedule and update and the engine's host buffers per step, against
+batch size) and meta.json (device, backend, model and engine configs, jax version, date, load average
+before and after, grid), meta.json last. An unusable bucket stops the command before it measures.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import time
 
 import jax
 
+import storage
 from models.config import ModelConfig
 from parallelism.compile_cache import use_compilation_cache
 from serve import loader
@@ -87,7 +89,7 @@ def _jsonable(cfg) -> dict:
 
 
 def _write_csv(path: str, fields, rows) -> None:
-  with open(path, 'w', newline='') as f:
+  with storage.open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fields, extrasaction='ignore')
     writer.writeheader()
     writer.writerows(rows)
@@ -118,17 +120,23 @@ def profile(model_cfg: ModelConfig, engine_cfg: EngineConfig, out_dir: str, *, q
       loadavg_after=[round(x, 2) for x in os.getloadavg()],
       command=' '.join(['stoker'] + sys.argv[1:]) if os.path.basename(sys.argv[0]) in ('stoker', 'cli.py') else None,
       quick=quick, grid=dataclasses.asdict(grid), steps_rows=len(rows), host_rows=len(host))
-  os.makedirs(out_dir, exist_ok=True)
-  _write_csv(os.path.join(out_dir, 'steps.csv'), STEP_FIELDS, rows)
-  _write_csv(os.path.join(out_dir, 'host.csv'), probe.HOST_FIELDS, host)
-  with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
-    json.dump(meta, f, indent=1)
+  write(out_dir, rows, host, meta)
   return meta
+
+
+def write(out_dir: str, rows, host, meta: dict) -> None:
+  """steps.csv, host.csv, then meta.json (written last: a profile with it is complete) into out_dir."""
+  storage.makedirs(out_dir)
+  _write_csv(storage.join(out_dir, 'steps.csv'), STEP_FIELDS, rows)
+  _write_csv(storage.join(out_dir, 'host.csv'), probe.HOST_FIELDS, host)
+  with storage.open(storage.join(out_dir, 'meta.json'), 'w') as f:
+    json.dump(meta, f, indent=1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   """`stoker profile`'s flags."""
-  p.add_argument('--out', required=True, help='Directory to write (created; files replaced).')
+  p.add_argument('--out', required=True, help='Directory to write (created; files replaced): a local path, '
+                 'gs://BUCKET/PATH or s3://BUCKET/PATH.')
   p.add_argument('--model', default=None,
                  help="A model preset (models/presets.py; default: a gin file's model.name, else tiny).")
   p.add_argument('--gin_file', action='append', default=[],
@@ -143,6 +151,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def profile_command(model_cfg: ModelConfig, engine_cfg: EngineConfig, out_dir: str, *,
                     quick: bool = False, tensor_parallel: int = 1) -> int:
   """`stoker profile`: profiles into `out_dir`, fits the estimator on it and prints both."""
+  storage.check(out_dir, write=True)  # an unusable bucket fails now, not after minutes of measuring
   if engine_cfg.compilation_cache_dir is None:
     use_compilation_cache()
   meta = profile(model_cfg, engine_cfg, out_dir, quick=quick,
