@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       'prompt / output (fixed:N | uniform:LO:HI | zipf:THETA:LO:HI | trace), trace (CSV '
                       'with num_prefill_tokens,num_decode_tokens[,arrived_at]), seed. Default: requests=100,'
                       'arrival=poisson,rate=1,prompt=uniform:32:256,output=uniform:16:128,seed=0.')
-  p.add_argument('--out', required=True, help='Output directory: requests.csv, summary.json, PNG plots.')
+  p.add_argument('--out', required=True, help='Output directory (a local path, gs:// or s3://): requests.csv, '
+                 'summary.json, PNG plots.')
   p.add_argument('--max-concurrency', type=int, default=None, help='Requests in flight at most (default: no cap).')
   p.add_argument('--timeout', type=float, default=600.0, help='Seconds per request (default 600).')
   p.add_argument('--temperature', type=float, default=0.0)

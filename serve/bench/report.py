@@ -1,13 +1,15 @@
 """A run's files: DIR/requests.csv (one row per request, token times included, so every metric can be
-recomputed), DIR/summary.json, and the PNG plots (plots.py)."""
+recomputed), DIR/summary.json, and the PNG plots (plots.py). DIR may be local, gs://BUCKET/PATH or
+s3://BUCKET/PATH: every file goes through storage/ (each written whole)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
 from typing import Sequence
+
+import storage
 
 CSV_NAME, SUMMARY_NAME = 'requests.csv', 'summary.json'
 
@@ -26,27 +28,27 @@ def _finite(value):
 def write_csv(rows: Sequence[dict], path: str) -> None:
   if not rows:
     raise ValueError(f'no requests to write to {path}.')
-  with open(path, 'w', newline='') as f:
+  with storage.open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows({k: '' if v is None else v for k, v in row.items()} for row in rows)
 
 
 def read_csv(path: str) -> list[dict]:
-  with open(path, newline='') as f:
+  with storage.open(path, newline='') as f:
     return list(csv.DictReader(f))
 
 
 def write_json(data: dict, path: str) -> None:
-  with open(path, 'w') as f:
+  with storage.open(path, 'w') as f:
     json.dump(_finite(data), f, indent=2, sort_keys=False)
     f.write('\n')
 
 
 def write_run(out_dir: str, rows: Sequence[dict], summary: dict, records, plots: bool = True) -> list[str]:
   """Writes the run's CSV, JSON and (plots=True) PNGs into out_dir; returns the paths written."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = [os.path.join(out_dir, CSV_NAME), os.path.join(out_dir, SUMMARY_NAME)]
+  storage.makedirs(out_dir)
+  paths = [storage.join(out_dir, CSV_NAME), storage.join(out_dir, SUMMARY_NAME)]
   write_csv(rows, paths[0])
   write_json(summary, paths[1])
   if plots:

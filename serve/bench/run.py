@@ -1,14 +1,16 @@
 """`stoker bench`: check the endpoint, build the prompts, optionally profile the prefill time, then run the
 workload once (requests.csv, summary.json, plots) or search the capacity (a run per probed rate under
-DIR/capacity/, capacity.json, capacity.png, and the full report of the highest passing probe)."""
+DIR/capacity/, capacity.json, capacity.png, and the full report of the highest passing probe). DIR and
+--prefill-profile may be local, gs://BUCKET/PATH or s3://BUCKET/PATH (storage/); an unusable bucket stops
+the command before the first request."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
-import os
 
+import storage
 from serve.bench import analysis, capacity, client, prompts, report, workload
 from serve.bench import metrics as m
 
@@ -62,7 +64,7 @@ def profile_prefill(cfg: BenchConfig, builder) -> dict:
 
 def load_profile(path: str) -> tuple[float, ...]:
   try:
-    with open(path) as f:
+    with storage.open(path) as f:
       return tuple(float(c) for c in json.load(f)['coefficients'])
   except FileNotFoundError:
     raise FileNotFoundError(f'--prefill-profile {path!r}: no such file (make one with --profile-prefill).')
@@ -83,19 +85,20 @@ def _measure(cfg: BenchConfig, wl, slo, builder, salt, description):
 
 def bench(cfg: BenchConfig, log=print) -> dict:
   """Runs `stoker bench`; returns the summary (with capacity search: the capacity result)."""
+  storage.check(cfg.out_dir, write=True)
   model = asyncio.run(client.check(cfg.endpoint, cfg.wait_ready_s, log))
   cfg = dataclasses.replace(cfg, endpoint=dataclasses.replace(cfg.endpoint, model=model))
   tokenizer = (prompts.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else
                asyncio.run(client.fetch_tokenizer(cfg.endpoint)))
   builder = prompts.PromptBuilder(tokenizer, cfg.workload.seed)
-  os.makedirs(cfg.out_dir, exist_ok=True)
+  storage.makedirs(cfg.out_dir)
   slo = cfg.slo
   if cfg.profile_lengths:
     profile = profile_prefill(cfg, builder)
-    report.write_json(profile, os.path.join(cfg.out_dir, PROFILE_NAME))
+    report.write_json(profile, storage.join(cfg.out_dir, PROFILE_NAME))
     slo = dataclasses.replace(slo, prefill_profile=tuple(profile['coefficients']))
     log(f'prefill profile: min TTFT {dict(zip(profile["prompt_tokens"], profile["min_ttft_s"]))} s '
-        f'-> {os.path.join(cfg.out_dir, PROFILE_NAME)}')
+        f'-> {storage.join(cfg.out_dir, PROFILE_NAME)}')
   if cfg.warmup:
     specs = [workload.RequestSpec(i, 0.0, 16, 8) for i in range(cfg.warmup)]
     _execute(cfg, specs, builder, _WARMUP_SALT, 'warm-up', max_concurrency=1)
@@ -115,7 +118,7 @@ def _capacity(cfg: BenchConfig, slo, builder, log) -> dict:
   def probe(rate):
     wl = workload.with_rate(cfg.workload, rate)
     records, rows, summary = _measure(cfg, wl, slo, builder, _RUN_SALT + len(runs), f'{rate:.3g} req/s')
-    out = os.path.join(cfg.out_dir, 'capacity', f'rate_{rate:.4g}')
+    out = storage.join(cfg.out_dir, 'capacity', f'rate_{rate:.4g}')
     report.write_run(out, rows, summary, records, plots=False)
     runs[rate] = (records, rows, summary)
     checks = summary['slo']['checks']  # the curve follows the first failing check (else the first)
@@ -135,11 +138,11 @@ def _capacity(cfg: BenchConfig, slo, builder, log) -> dict:
   found, curve = capacity.search(probe, cfg.capacity)
   result = {'capacity_rate': found, 'search': dataclasses.asdict(cfg.capacity), 'slo': slo.describe(),
             'workload': dataclasses.asdict(cfg.workload), 'curve': curve}
-  report.write_json(result, os.path.join(cfg.out_dir, CAPACITY_NAME))
-  paths = [os.path.join(cfg.out_dir, CAPACITY_NAME)]
+  report.write_json(result, storage.join(cfg.out_dir, CAPACITY_NAME))
+  paths = [storage.join(cfg.out_dir, CAPACITY_NAME)]
   if cfg.plots:
     from serve.bench import plots  # pylint: disable=g-import-not-at-top
-    paths.append(plots.plot_capacity(os.path.join(cfg.out_dir, 'capacity.png'), curve, found,
+    paths.append(plots.plot_capacity(storage.join(cfg.out_dir, 'capacity.png'), curve, found,
                                      slo.max_miss_rate))
   if found is not None:
     records, rows, summary = runs[found]

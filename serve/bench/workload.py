@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+import storage
+
 ARRIVALS = ('poisson', 'gamma', 'fixed', 'trace')
 PROMPT_COLUMN, OUTPUT_COLUMN, ARRIVAL_COLUMN = 'num_prefill_tokens', 'num_decode_tokens', 'arrived_at'
 
@@ -120,7 +122,7 @@ class WorkloadConfig:
 def read_trace(path: str) -> dict[str, np.ndarray]:
   """The trace CSV's columns as arrays, checked (token counts >= 1, arrival times non-decreasing)."""
   try:
-    with open(path, newline='') as f:
+    with storage.open(path, newline='') as f:  # local, gs:// or s3://
       rows = list(csv.DictReader(f))
   except FileNotFoundError:
     raise FileNotFoundError(f'trace {path!r}: no such file.') from None
