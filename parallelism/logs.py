@@ -21,7 +21,7 @@ import storage
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OWN = tuple(os.path.join(_ROOT, p) for p in (
     'cli.py', 'configs' + os.sep, 'data' + os.sep, 'deploy' + os.sep, 'models' + os.sep,
-    'parallelism' + os.sep, 'serve' + os.sep, 'train' + os.sep, 'benchmarks' + os.sep))
+    'parallelism' + os.sep, 'rl' + os.sep, 'serve' + os.sep, 'train' + os.sep, 'benchmarks' + os.sep))
 CONSOLE_FORMAT = '%(asctime)s %(levelname)s %(message)s'
 FILE_FORMAT = '%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s'
 
