@@ -175,9 +175,10 @@ class MoE(nnx.Module):
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     return self.with_aux(x_BTD)[0]
 
-  def with_aux(self, x_BTD: jax.Array):
+  def with_aux(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
     """(y_BTD, aux): aux holds 'load_balance' and 'router_z' (float32 scalars) and
-    'expert_tokens' (float32 [E], the assignments each expert received)."""
+    'expert_tokens' (float32 [E], the assignments each expert received; with `valid_BT`, those of
+    the tokens where it is True only: serving's padding tokens are routed but are not load)."""
     cfg = self.cfg
     B, T, D = x_BTD.shape
     E, k = cfg.num_experts, cfg.experts_per_token
@@ -203,9 +204,14 @@ class MoE(nnx.Module):
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
     logits_TE, experts_TK = logits_GSE.reshape(-1, E), experts_GSK.reshape(-1, k)
+    if valid_BT is None:
+      tokens_E = jnp.sum(sizes_GE, axis=0).astype(jnp.float32)
+    else:
+      valid_TK = jnp.broadcast_to(valid_BT.reshape(-1, 1), experts_TK.shape)
+      tokens_E = jnp.bincount(experts_TK.reshape(-1), valid_TK.reshape(-1).astype(jnp.float32),
+                              length=E)
     aux = {'load_balance': load_balance_loss(logits_TE, experts_TK),
-           'router_z': router_z_loss(logits_TE),
-           'expert_tokens': jnp.sum(sizes_GE, axis=0).astype(jnp.float32)}
+           'router_z': router_z_loss(logits_TE), 'expert_tokens': tokens_E}
     return y_BTD, aux
 
   def _impl(self) -> str:

@@ -161,6 +161,26 @@ def test_layer_equals_token_by_token_reference(overrides):
     assert max(r[1].max() for r in rows) > capacity  # the case drops some assignments
 
 
+@pytest.mark.parametrize('overrides', [{}, dict(capacity_factor=1.0)])
+def test_expert_tokens_count_only_the_valid_tokens(overrides):
+  """Serving's padding: routed (the output is unchanged) but not counted as load."""
+  cfg = dataclasses.replace(CFG, **overrides)
+  layer = moe.MoE(cfg, nnx.Rngs(2))
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, 10, cfg.d_model)).astype(np.float32)
+  valid = rng.random((2, 10)) < 0.6
+  _, experts = _router_reference(x.reshape(20, -1) @ np.asarray(layer.router_DE.get_value()),
+                                 cfg.experts_per_token, cfg.router, cfg.router_renormalize)
+  y, aux = layer.with_aux(jnp.asarray(x))
+  y_valid, aux_valid = layer.with_aux(jnp.asarray(x), jnp.asarray(valid))
+  np.testing.assert_array_equal(y_valid, y)
+  np.testing.assert_array_equal(aux_valid['expert_tokens'],
+                                np.bincount(experts[valid.reshape(-1)].reshape(-1),
+                                            minlength=cfg.num_experts))
+  np.testing.assert_array_equal(aux['expert_tokens'],
+                                np.bincount(experts.reshape(-1), minlength=cfg.num_experts))
+
+
 def test_transformer_returns_the_layers_router_losses():
   model = transformer.Transformer(CFG, nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
