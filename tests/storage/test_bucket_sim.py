@@ -82,6 +82,8 @@ def test_a_bucket_profile_plans_as_the_local_one(scheme, endpoints, monkeypatch,
   assert plan_files(lambda file: obj(f'plan/{file}')) == local_plan
   assert sorted(servers.list_objects(scheme, endpoints[scheme], name)) == sorted(
       [f'plan/{f}' for f in PLAN_FILES] + [f'profiles/tiny_cpu/{f}' for f in PROFILE_FILES])
+  with pytest.raises(FileNotFoundError, match=f'no engine profile at {bucket}/nothing .*stoker profile --out'):
+    estimator.load_profile(f'{bucket}/nothing')  # the bucket is there, the profile is not
   assert not os.path.exists(tmp_path / f'{scheme}:')
 
 
