@@ -128,6 +128,7 @@ class _InFlight(NamedTuple):
   token_lp: sampling.Logprobs | None = None
   logits_BV: jax.Array | None = None  # each row's logits (a draft model's q), on device
   verified: tuple[jax.Array, jax.Array] | None = None  # (tokens_BK1, accepted_B) when the plan has drafts
+  expert_tokens_LE: jax.Array | None = None  # int32 [L, E]: a mixture of experts' assignments
 
 
 class Engine:
@@ -222,6 +223,10 @@ class Engine:
                   if self._has_q else None)
     self._drafter = speculative.NgramDrafter() if engine_cfg.speculative == 'ngram' else None
     self.spec_stats = speculative.SpecStats()
+    # A mixture of experts: the assignments each layer's experts received over all steps (padding
+    # excluded), int64 [L, E], replaced (never changed in place) after each step; None: dense.
+    self.expert_tokens_LE = (np.zeros((model_cfg.num_layers, model_cfg.num_experts), np.int64)
+                             if model_cfg.moe else None)
     start = time.perf_counter()
     self._steps, self._compiled = {}, {}
     with self._rules(rules):
@@ -415,6 +420,8 @@ class Engine:
     tokens = np.asarray(prev.tokens_B)
     now = time.perf_counter()
     self.stats['wait_s'] += now - clock
+    if prev.expert_tokens_LE is not None:
+      self.expert_tokens_LE = self.expert_tokens_LE + np.asarray(prev.expert_tokens_LE)
     sampled = {s.request_id: int(tokens[b]) for b, s in enumerate(prev.plan.seqs) if s.sample}
     before = {}  # outputs before this step, of requests that verified drafts
     if prev.verified is not None:
@@ -530,8 +537,8 @@ class Engine:
     arrays = self._host_arrays(plan, T, prev, q_RV)
     if self._replicated is not None:
       arrays = jax.device_put(arrays, self._replicated)
-    (tokens_B, row_lp, token_lp, logits_BV, verified), self.pages = self._steps[T](
-        self.params, self.pages, *arrays)
+    out, self.pages = self._steps[T](self.params, self.pages, *arrays)
+    tokens_B, row_lp, token_lp, logits_BV, verified, expert_tokens_LE = out
     requests = tuple(self._requests.get(s.request_id) for s in plan.seqs)
     wants_rows = any(r is not None and r.params.logprobs is not None and s.sample
                      for s, r in zip(plan.seqs, requests))
@@ -539,7 +546,8 @@ class Engine:
                                                for r in requests)
     self._inflight = _InFlight(plan, requests, tokens_B, row_lp=row_lp if wants_rows else None,
                                token_lp=token_lp if wants_prompt else None, logits_BV=logits_BV,
-                               verified=verified if any(s.num_draft for s in plan.seqs) else None)
+                               verified=verified if any(s.num_draft for s in plan.seqs) else None,
+                               expert_tokens_LE=expert_tokens_LE)
     self.stats['build_s'] += time.perf_counter() - now
     self.stats['steps'] += 1
     self.stats['overlapped_steps'] += prev is not None

@@ -17,6 +17,10 @@ Prompt logprobs (`forward_with_token_logprobs`): each token's logits predict the
 the step's every token (a prefill chunk's included) can score the next one, given as `targets_T`.
 That needs the LM head on all T tokens, so it runs in a branch taken only when some token has a
 target; [T, V] never leaves the device (the target's logprob and a top-k come back).
+
+Mixtures of experts: each layer's MoE MLP also counts the assignments its experts received from
+the step's tokens (padding excluded): `forward_with_token_logprobs` returns them last, int32
+[L, E] (None for a dense model), for the server's load-balance metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from models import moe
 from serve import attention, kv_cache, lora, sampling
 from serve.kv_cache import KVPages
 
@@ -55,7 +60,7 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, pages: KVPages, batch: St
   the pools with this step's keys/values written. Jit it with `pages` donated. `mesh`: the
   tensor-parallel mesh, for kernels that shard themselves. `unroll`: a Python loop over stacked
   layers instead of a scan (models built with scan_layers=False always unroll)."""
-  model, x_1TD, pages = _layers(graphdef, params, pages, batch, backend, mesh, unroll)
+  model, x_1TD, pages, _ = _layers(graphdef, params, pages, batch, backend, mesh, unroll)
   x_1BD = jnp.take(x_1TD, batch.logits_indices_B, axis=1)
   return model.logits(x_1BD)[0], pages
 
@@ -67,23 +72,26 @@ def forward_with_token_logprobs(
     with_head: Callable | None = None):
   """`forward`, plus per token t the logprob of targets_T[t] (the token after it; -1: none) and
   the top MAX_LOGPROBS, under the model's distribution at t: all zeros when no target is set.
+  Returns (logits_BV, scored, pages[, head's result], expert_tokens_LE).
 
   with_head: called with head(indices_R) -> float32 logits [R, V] at those token indices (speculative
   verification: every drafted position); its result is returned fourth. The caller decides when the
   head runs (inside its own lax.cond), so a step that verifies nothing computes no [R, V] logits."""
-  model, x_1TD, pages = _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T)
+  model, x_1TD, pages, expert_tokens_LE = _layers(graphdef, params, pages, batch, backend, mesh,
+                                                  unroll, lora_slots_T)
   x_1BD = jnp.take(x_1TD, batch.logits_indices_B, axis=1)
   scored = sampling.logprobs(lambda: model.logits(x_1TD)[0], targets_T, jnp.any(targets_T >= 0),
                              model.cfg.vocab_size)
   logits_BV = model.logits(x_1BD)[0]
   if with_head is None:
-    return logits_BV, scored, pages
+    return logits_BV, scored, pages, expert_tokens_LE
   head = lambda indices_R: model.logits(jnp.take(x_1TD, indices_R, axis=1))[0].astype(jnp.float32)
-  return logits_BV, scored, pages, with_head(head)
+  return logits_BV, scored, pages, with_head(head), expert_tokens_LE
 
 
 def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=None):
-  """The model, the last layer's activations x_1TD (before the final norm) and the pools."""
+  """The model, the last layer's activations x_1TD (before the final norm), the pools and the
+  assignments each layer's experts received from the step's tokens (int32 [L, E]; None: dense)."""
   model = nnx.merge(graphdef, params)
   L, P, G, K, H = pages.k_LPGKH.shape
   dt = jnp.dtype(model.cfg.compute_dtype(jax.default_backend()))
@@ -93,6 +101,7 @@ def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=
                                   batch.num_seqs_1, G)
   # Layers share one [L * P, G, K, H] pool: layer l owns pages l * P .. l * P + P - 1.
   cache = kv_cache.fold(pages)
+  valid_1T = (jnp.arange(batch.token_ids_T.shape[0]) < batch.cu_q_lens_B1[-1])[None]
 
   def layer(block_def, block_state, l, x_1TD, cache):
     if lora_slots_T is not None:
@@ -105,25 +114,33 @@ def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=
         backend, q_1TNH[0], k_PGKH, v_PGKH, batch.kv_lens_B, tables_BM,
         batch.cu_q_lens_B1, batch.num_seqs_1, sm_scale=H ** -0.5, mesh=mesh)
     x_1TD = x_1TD + block.attn.project_out(out_TNH[None])
-    x_1TD = x_1TD + block.mlp(block.mlp_norm(x_1TD))
-    return x_1TD, cache
+    if isinstance(block.mlp, moe.MoE):
+      y_1TD, aux = block.mlp.with_aux(block.mlp_norm(x_1TD), valid_1T)
+      return x_1TD + y_1TD, cache, aux['expert_tokens'].astype(jnp.int32)
+    return x_1TD + block.mlp(block.mlp_norm(x_1TD)), cache, None
 
   x_1TD = model.embed(batch.token_ids_T[None])
+  counts = []  # per layer: int32 [E], or None (dense)
   if model.cfg.scan_layers and unroll:  # stacked params, each layer's slice taken statically
     layers_def, layers_state = nnx.split(model.layers)
     for l in range(L):
-      x_1TD, cache = layer(layers_def, jax.tree.map(lambda x: x[l], layers_state), l, x_1TD, cache)
+      x_1TD, cache, n_E = layer(layers_def, jax.tree.map(lambda x: x[l], layers_state), l, x_1TD,
+                                cache)
+      counts.append(n_E)
   elif model.cfg.scan_layers:
     layers_def, layers_state = nnx.split(model.layers)
 
     def body(carry, xs):
       layer_state, l = xs
-      return layer(layers_def, layer_state, l, *carry), None
+      x_1TD, cache, n_E = layer(layers_def, layer_state, l, *carry)
+      return (x_1TD, cache), n_E
 
-    (x_1TD, cache), _ = jax.lax.scan(
+    (x_1TD, cache), expert_tokens_LE = jax.lax.scan(
         body, (x_1TD, cache), (layers_state, jnp.arange(L, dtype=jnp.int32)))
   else:
     for l, block in enumerate(model.layers):
-      x_1TD, cache = layer(*nnx.split(block), l, x_1TD, cache)
-
-  return model, x_1TD, kv_cache.unfold(cache, L)
+      x_1TD, cache, n_E = layer(*nnx.split(block), l, x_1TD, cache)
+      counts.append(n_E)
+  if counts:
+    expert_tokens_LE = None if counts[0] is None else jnp.stack(counts)
+  return model, x_1TD, kv_cache.unfold(cache, L), expert_tokens_LE

@@ -18,7 +18,9 @@ Always-present step inputs and outputs, so that no feature compiles a variant of
     Speculating sequences take the slots in plan order. The verification (speculative.verify)
     runs in a branch taken only when some sequence has drafts, on K1 rows when only one has
     (batch 1: the LM head on k + 1 rows, not R), else on all R;
-  - with LoRA slots, each token's slot id (the packed ints' last T) and the slot stacks.
+  - with LoRA slots, each token's slot id (the packed ints' last T) and the slot stacks;
+  - for a mixture of experts, the assignments each layer's experts received from the step's
+    tokens, int32 [L, E] (serve/forward.py); None for a dense model.
 """
 
 from __future__ import annotations
@@ -80,8 +82,9 @@ def step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, 
   flags: [some row wants its sampled token's logprobs, some row is grammar-masked, sequences with
   drafts to verify]. shape: (T, B, M, S, K1), S the verification slots (0: no speculation).
   inputs: (a draft model's logits q_RV come first in `extra`, the LoRA adapter slots come last).
-  Returns ((tokens_B, row_lp, token_lp, logits_BV, verified), pages); verified: (tokens_SK1,
-  accepted_S) with S > 0 (serve/speculative.py: verify), else None."""
+  Returns ((tokens_B, row_lp, token_lp, logits_BV, verified, expert_tokens_LE), pages); verified:
+  (tokens_SK1, accepted_S) with S > 0 (serve/speculative.py: verify), else None; expert_tokens_LE:
+  int32 [L, E] for a mixture of experts, else None."""
   has_q, has_lora = inputs
   T, B, _, S, K1 = shape
   batch, feed_T, targets_T, flags, sampling_batch, spec = unpack(ints_I, floats_F, *shape)
@@ -113,9 +116,10 @@ def step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, 
       lora_slots_T=slots_T, with_head=with_head)
   logits_BV, token_lp, pages = out[:3]
   verified = out[3] if spec is not None else None
+  expert_tokens_LE = out[-1]
   tokens_B = sampling.sample(sampling.apply_mask(logits_BV, mask_BW, flags[1] > 0), sampling_batch)
   row_lp = sampling.logprobs(logits_BV, tokens_B, flags[0] > 0, logits_BV.shape[-1])
-  return (tokens_B, row_lp, token_lp, logits_BV, verified), pages
+  return (tokens_B, row_lp, token_lp, logits_BV, verified, expert_tokens_LE), pages
 
 
 def tokens_only(executable, *args):
