@@ -18,6 +18,7 @@ from flax import nnx
 
 import configs
 from parallelism.mesh import make_mesh
+from tests.models import moe_reference
 from train import datasets
 from train.optimizer import make_optimizer
 from train.step import abstract_model, batch_spec, compile_train_step, init_train_state
@@ -53,34 +54,22 @@ def trained(load_balance_loss: float):
 
 
 def held_out_loads(cfg, params):
-  """[L, E] assignments per expert on held-out tokens, routed in numpy: each layer's MoE input
-  (the model's own attention and norm) times the router, top-k by argsort, counted by bincount.
-  Also checks, per batch, that the counts the model reports (aux 'expert_tokens') are these."""
+  """[L, E] assignments per expert on held-out tokens, routed in numpy (tests/models/
+  moe_reference.py). Also checks, per batch, that the counts the model reports (aux
+  'expert_tokens') are numpy's over all its tokens."""
   graphdef, _ = abstract_model(cfg)
   model = nnx.merge(graphdef, params)
-  layers_graphdef, layers_state = nnx.split(model.layers)
-  inv_freq = model.inv_freq()
-  E, k = cfg.model.num_experts, cfg.model.experts_per_token
-  loads_LE, real = np.zeros((cfg.model.num_layers, E), np.int64), 0
+  loads_LE, real = 0, 0
   with datasets.validation_batches(cfg, datasets.data_dir(cfg)) as batches:
     for _, batch in zip(range(HELD_OUT_BATCHES), batches):
-      tokens, positions, segments = (jnp.asarray(batch[n]) for n in
-                                     ('inputs', 'positions', 'segment_ids'))
+      inputs = [batch[n] for n in ('inputs', 'positions', 'segment_ids')]
       real_BT = np.asarray(batch['segment_ids']) > 0  # padding rows route too; they are not load
-      batch_LE = np.zeros_like(loads_LE)
-      x_BTD = model.embed(tokens)
-      for layer in range(cfg.model.num_layers):
-        block = nnx.merge(layers_graphdef, jax.tree.map(lambda a, i=layer: a[i], layers_state))
-        h_BTD = block.mlp_norm(x_BTD + block.attn(block.attn_norm(x_BTD), positions, segments,
-                                                  inv_freq))
-        logits_BTE = np.asarray(h_BTD, np.float32) @ np.asarray(block.mlp.router_DE[...])
-        experts_BTK = np.argsort(-logits_BTE, axis=-1, kind='stable')[..., :k]
-        batch_LE[layer] = np.bincount(experts_BTK.reshape(-1), minlength=E)
-        loads_LE[layer] += np.bincount(experts_BTK[real_BT].reshape(-1), minlength=E)
-        x_BTD, aux = block.forward(x_BTD, positions, segments, inv_freq)
-        np.testing.assert_array_equal(aux['expert_tokens'], batch_LE[layer])
-        real += int(real_BT.sum()) * (layer == 0)
-  np.testing.assert_array_equal(loads_LE.sum(-1), k * real)  # every real token, k experts a layer
+      loads_LE = loads_LE + moe_reference.expert_tokens(model, *inputs, counted_BT=real_BT)
+      real += int(real_BT.sum())
+      _, aux = model.forward(*(jnp.asarray(x) for x in inputs))
+      np.testing.assert_array_equal(aux['expert_tokens'], moe_reference.expert_tokens(model, *inputs))
+  # Every real token, k experts a layer.
+  np.testing.assert_array_equal(loads_LE.sum(-1), cfg.model.experts_per_token * real)
   return loads_LE
 
 
