@@ -47,7 +47,7 @@ class RLConfig:
   eval_every: int = 0  # held-out greedy exact-answer accuracy every this many steps; 0: never
   eval_prompts: int = 0  # held-out prompts evaluated; 0: all
   seed: int = 0
-  devices: int = 0  # the training mesh spans the first this many devices (0: all); the engine the first
+  devices: int = 0  # the training mesh spans the first this many devices (0: all); engines: rl/processes.py
   mesh: MeshConfig = MeshConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
   engine: EngineConfig = EngineConfig()

@@ -1,5 +1,5 @@
 """The GRPO loop: sample with the in-process engine, score, step the policy, hand the engine the new
-weights. Trainer and engine share the process and the devices; the weights never leave them.
+weights. Trainer and engine share each process and its devices; the weights never leave them.
 
 One step s:
   1. sample  rl.group_size completions of each of the step's rl.prompts_per_step prompts with the
@@ -10,9 +10,13 @@ One step s:
   3. train   rl.minibatches optimizer steps on the clipped objective, each on a slice of the
              groups, with the sampler's log-probabilities as the old policy (rl/step.py);
   4. update  engine.update_params(new params): each leaf is put where the engine's copy lives
-             (a no-op where the shardings agree; one on-device copy where the engine sits on one
-             device of the training mesh) and the prefix cache, whose KV the old weights computed,
-             is flushed.
+             (read in place where the training mesh replicates it on the engine's device; one
+             on-device copy where it is sharded; rl/processes.py) and the prefix cache, whose KV the
+             old weights computed, is flushed.
+Several processes (`stoker launch`, parallelism/distributed.py) run one job over the global mesh:
+each samples its share of the step on its own engine and fills its rows of the global mini-batches;
+rewards and timings are gathered, so every process computes, and process 0 logs, what one process
+would have (rl/processes.py).
 With LoRA (lora.base) the state trains adapters alone; the base is a frozen input of the step and
 the KL reference (adapters off), and the engine gets the base with the adapters merged (one jitted
 merge per step, on device). Merged and attached weights round differently (W + s a b against
@@ -43,17 +47,18 @@ import jax
 import numpy as np
 import tokenizers
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from models import checkpoint_io, lora
 from parallelism import sharding
 from parallelism.mesh import make_mesh
 from parallelism.rules import DEFAULT_RULES
-from rl import grpo, rewards, rollout, tasks
+from rl import grpo, processes, rewards, rollout, tasks
 from rl import step as step_lib
 from rl.config import RLConfig
 from serve.engine import Engine
 from serve.sampling import SamplingParams
-from train import faults, finetune
+from train import emergency, faults, finetune
 from train.checkpoint import Checkpoints
 from train.metrics import MetricsWriter
 from train.optimizer import make_optimizer
@@ -80,21 +85,36 @@ class Run:
     self.state: TrainState | None = None
     self.policy = lambda params: params  # the trained params -> the model's (LoRA: merged)
     self.frozen: dict = {}  # the step's frozen inputs: {'base'} (LoRA) or {'reference'} (beta > 0)
+    self.share: processes.Share | None = None  # what this process samples each step
+    self.engine_device: jax.Device | None = None
+
+  def engine_params(self, mesh) -> nnx.State:
+    """The policy of the current state, on this process's engine device."""
+    return processes.engine_params(self.policy(self.state.params), self.engine_device, mesh)
 
   def step_rows(self, step: int) -> list[dict]:
     idx = rollout.prompt_indices(len(self.rows), step, self.cfg.prompts_per_step, self.cfg.seed)
     return [self.rows[i] for i in idx]
 
   def sample(self, engine: Engine, step: int) -> rollout.Samples:
-    return rollout.sample(engine, self.tokenizer, self.step_rows(step), self.cfg.group_size,
-                          step=step, seed=self.cfg.seed, params=self.sampling)
+    """This process's share of the step's samples (all of them in one process)."""
+    rows = self.step_rows(step)
+    return rollout.sample(engine, self.tokenizer, [rows[p] for p in self.share.prompts],
+                          self.cfg.group_size, step=step, seed=self.cfg.seed,
+                          params=self.sampling, indices=self.share.prompts)
 
   def evaluate(self) -> dict[str, float]:
-    """Means of every reward over greedy completions of the held-out prompts."""
-    texts = rollout.greedy(self.engine, self.tokenizer, self.held_out, self.cfg.max_tokens,
-                           self.stop_id)
-    scores = rewards.score(self.reward_fns, self.held_out, texts)
-    return {f'eval_{name}': float(np.mean(v)) for name, v in scores.items()}
+    """Means of every reward over greedy completions of the held-out prompts (each process
+    completes every process_count-th one; the means are taken over all of them)."""
+    n, here = jax.process_count(), jax.process_index()
+    mine = list(range(here, len(self.held_out), n))
+    rows = [self.held_out[i] for i in mine]
+    texts = rollout.greedy(self.engine, self.tokenizer, rows, self.cfg.max_tokens, self.stop_id)
+    scores = rewards.score(self.reward_fns, rows, texts)
+    names = list(scores)
+    whole = processes.gather_rows(mine, np.stack([scores[k] for k in names], axis=1),
+                                  capacity=-(-len(self.held_out) // n))
+    return {f'eval_{name}': float(np.mean(whole[:, i])) for i, name in enumerate(names)}
 
 
 def task_paths(cfg: RLConfig, workdir: str) -> dict[str, str]:
@@ -103,8 +123,10 @@ def task_paths(cfg: RLConfig, workdir: str) -> dict[str, str]:
   names = {'train': 'prompts-train.jsonl', 'held_out': 'prompts-held-out.jsonl',
            'tokenizer': 'tokenizer.json'}
   paths = {k: os.path.join(directory, v) for k, v in names.items()}
-  if not cfg.task_dir and not all(map(os.path.exists, paths.values())):
+  if not cfg.task_dir and not all(map(os.path.exists, paths.values())) and jax.process_index() == 0:
     tasks.write_task(directory, seed=cfg.seed)
+  if jax.process_count() > 1:  # the others read what process 0 wrote
+    multihost_utils.sync_global_devices('rl task files')
   missing = [p for p in paths.values() if not os.path.exists(p)]
   if missing:
     raise FileNotFoundError(f'rl.task_dir={cfg.task_dir!r} lacks {missing}; write one with '
@@ -137,10 +159,13 @@ def train(cfg: RLConfig, workdir: str, config_text: str = '',
   update (run.state, run.engine hold the new weights). Raises faults.TrainingInterrupted after a
   just-in-time save."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
   run = Run(cfg, workdir)
   mesh = make_mesh(cfg.mesh, jax.devices()[:cfg.devices or None])
+  run.share = processes.share(cfg, step_lib.batch_spec(cfg, mesh)['inputs_BT'].sharding)
+  run.engine_device = processes.engine_device(mesh)
   tx = make_optimizer(cfg.optimizer, cfg.steps * cfg.minibatches)
   abstract = jax.eval_shape(lambda: step_lib.abstract_state(cfg, tx))
   shardings = sharding.logical_shardings(abstract, mesh)
@@ -149,14 +174,17 @@ def train(cfg: RLConfig, workdir: str, config_text: str = '',
   ckpts = Checkpoints(workdir, cfg.checkpoint, cfg, config_text)
   try:
     start = ckpts.latest_step()
-    params0 = initial_params(cfg, mesh) if start is None or cfg.beta else None
+    resumed = _restore_emergency(workdir, start, target)
+    params0 = initial_params(cfg, mesh) if (start is None and resumed is None) or cfg.beta else None
     frozen = {'reference': params0} if cfg.beta else {}
     if finetune.enabled(cfg):  # the base: frozen, the reference (adapters off), merged for the engine
       frozen = {'base': finetune.load_base(cfg.lora.base, cfg.model, mesh, DEFAULT_RULES)}
       merge = jax.jit(functools.partial(lora.merge, cfg.model, lora=cfg.lora))
       run.policy = lambda adapters: merge(frozen['base'], adapters)
     run.frozen = frozen
-    if start is None:
+    if resumed is not None:
+      start, run.state = resumed
+    elif start is None:
       start = 0
       run.state = jax.jit(lambda p: TrainState(jax.numpy.zeros((), jax.numpy.int32), p, tx.init(p)),
                           out_shardings=shardings)(params0)
@@ -166,8 +194,10 @@ def train(cfg: RLConfig, workdir: str, config_text: str = '',
     if start >= cfg.steps:
       return []
     step_fn = step_lib.compile_step(cfg, mesh, tx, shardings, frozen)
-    run.engine = Engine(cfg.model, jax.device_put(run.policy(run.state.params), mesh.devices.flat[0]),
-                        cfg.engine)
+    run.engine = Engine(cfg.model, run.engine_params(mesh), cfg.engine)
+    moved = processes.handover_bytes(run.policy(run.state.params), run.engine_device)
+    logging.info('Each update hands the engine on %s its weights: %s.', run.engine_device,
+                 ', '.join(f'{v / 2**20:.2f} MiB {k.replace("_", " ")}' for k, v in moved.items()))
     return _loop(cfg, run, start, step_fn, ckpts, workdir, mesh, on_step, progress, target)
   finally:
     ckpts.close()
@@ -176,7 +206,7 @@ def train(cfg: RLConfig, workdir: str, config_text: str = '',
 def _loop(cfg, run, start, step_fn, ckpts, workdir, mesh, on_step, progress, target) -> list[dict]:
   logged = []
   recovery = Recovery(cfg.checkpoint, ckpts, workdir, restart=lambda: None, target=target,
-                      data=None, initial_data=None)
+                      data=None, initial_data=None, multi_process=jax.process_count() > 1)
   injector = faults.FaultInjector(cfg.fault, start)
   batch_sharding = {k: v.sharding for k, v in step_lib.batch_spec(cfg, mesh).items()}
   with MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0) as writer, \
@@ -190,33 +220,39 @@ def _loop(cfg, run, start, step_fn, ckpts, workdir, mesh, on_step, progress, tar
       flush = True
     for step in range(start, cfg.steps):
       recovery.mark(step, run.state, None)
+      recovery.record_data({step: None, step + 1: None})  # no data state: the survivors' save is whole
       with recovery.guard_step(step):
         if flush:
           run.engine.scheduler.allocator.flush()
         samples = run.sample(run.engine, step)
         clock = time.perf_counter()
-        rows = [r for r in run.step_rows(step) for _ in range(cfg.group_size)]
+        step_rows = run.step_rows(step)
+        rows = [step_rows[p] for p in run.share.prompts for _ in range(cfg.group_size)]
         scores = rewards.score(run.reward_fns, rows, samples.texts)
         total = sum(w * scores[n] for w, n in zip(cfg.weights, cfg.reward_fns))
         adv = np.asarray(grpo.advantages(total.reshape(-1, cfg.group_size), cfg.scale_std)).ravel()
-        batch = step_lib.pack(cfg, samples.prompts, samples.completions, samples.logprobs, adv)
+        local = step_lib.pack(cfg, samples.prompts, samples.completions, samples.logprobs, adv)
+        batches = processes.minibatches(cfg, local, run.share, batch_sharding)
         score_s = time.perf_counter() - clock
         injector.during_step(step)
         clock = time.perf_counter()
-        state, metrics = _train(step_fn, run.state, batch, cfg.minibatches, batch_sharding)
+        state, metrics = _train(step_fn, run.state, batches)
         train_s = time.perf_counter() - clock
       watchdog.beat()
       run.state = state
       clock = time.perf_counter()
-      run.engine.update_params(run.policy(state.params))
+      run.engine.update_params(run.engine_params(mesh))
       update_s = time.perf_counter() - clock
       flush = False
+      scores, tokens = _gather_scores(cfg, run.share, scores, samples.completions)
+      total = sum(w * scores[n] for w, n in zip(cfg.weights, cfg.reward_fns))
+      sample_s, score_s = processes.gather_max([samples.seconds, score_s])
       record = {**{f'reward_{n}_{stat}': float(f(scores[n])) for n in cfg.reward_fns
                    for stat, f in (('mean', np.mean), ('std', np.std))},
                 'reward_mean': float(np.mean(total)), **metrics,
-                'sample_s': samples.seconds, 'score_s': score_s, 'train_s': train_s,
-                'update_s': update_s, 'sampled_tokens': samples.tokens,
-                'sample_tokens_per_s': samples.tokens / samples.seconds}
+                'sample_s': sample_s, 'score_s': score_s, 'train_s': train_s,
+                'update_s': update_s, 'sampled_tokens': tokens,
+                'sample_tokens_per_s': tokens / sample_s}
       if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
         with watchdog.paused():
           record.update(run.evaluate())
@@ -224,11 +260,11 @@ def _loop(cfg, run, start, step_fn, ckpts, workdir, mesh, on_step, progress, tar
       record['time'] = time.time()
       writer.write(step + 1, record)
       logged.append({'step': step + 1, **record})
-      if progress:
+      if progress and jax.process_index() == 0:
         print(f"step {step + 1:>5}  reward {record['reward_mean']:.3f}  "
               + ''.join(f"{k} {v:.3f}  " for k, v in record.items() if k.startswith('eval_'))
               + f"kl {record['kl']:.4f}  clip {record['clip_fraction']:.3f}  "
-              f"sample {samples.seconds:.2f}s train {train_s:.2f}s", flush=True)
+              f"sample {sample_s:.2f}s train {train_s:.2f}s", flush=True)
       if on_step is not None:  # what it runs on the engine stays in the prefix cache
         on_step(run, step + 1)
       recovery.mark(step + 1, run.state, None)
@@ -244,13 +280,36 @@ def _loop(cfg, run, start, step_fn, ckpts, workdir, mesh, on_step, progress, tar
   return logged
 
 
-def _train(step_fn, state, batch, minibatches: int, shardings) -> tuple[TrainState, dict]:
-  """`minibatches` optimizer steps, each on a slice of whole groups; the metrics averaged, but
-  'sampler_gap' from the first (where trainer and sampler hold the same weights)."""
-  B = len(batch['advantages_B']) // minibatches
+def _restore_emergency(workdir, orbax_step, target):
+  """(step, state) of the emergency checkpoint (train/emergency.py) the survivors of a
+  multi-process job's failure wrote, if it is newer than the newest Orbax one and whole; else None."""
+  step = emergency.latest(workdir) if jax.process_count() > 1 else None
+  if step is None or (orbax_step is not None and step <= orbax_step):
+    return None
+  try:
+    state, _ = emergency.restore(workdir, step, target)
+  except ValueError as e:
+    logging.warning('%s Resuming from the newest periodic checkpoint instead.', e)
+    return None
+  logging.info('Resumed from the emergency checkpoint of step %d in %s.', step, workdir)
+  return step, state
+
+
+def _gather_scores(cfg, share, scores: dict, completions: list) -> tuple[dict, int]:
+  """Every process's rewards as the step's ({name: [P G] float32} in row order) and the step's
+  sampled tokens: what one process sampling all of it would hold."""
+  columns = [scores[n].astype(np.float64) for n in cfg.reward_fns] + [list(map(len, completions))]
+  whole = processes.gather_rows(share.rows, np.stack(columns, axis=1).astype(np.float64),
+                                capacity=len(share.rows))
+  return ({n: whole[:, i].astype(np.float32) for i, n in enumerate(cfg.reward_fns)},
+          int(whole[:, -1].sum()))
+
+
+def _train(step_fn, state, batches: list[dict]) -> tuple[TrainState, dict]:
+  """One optimizer step on each mini-batch (global arrays, whole groups each); the metrics
+  averaged, but 'sampler_gap' from the first (where trainer and sampler hold the same weights)."""
   records = []
-  for m in range(minibatches):
-    part = {k: jax.device_put(v[m * B:(m + 1) * B], shardings[k]) for k, v in batch.items()}
+  for part in batches:
     grads, metrics = step_fn.grad(state, part, step_fn.frozen)
     state, update_metrics = step_fn.update(state, grads)
     records.append({**metrics, **update_metrics})

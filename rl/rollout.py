@@ -56,12 +56,14 @@ class Samples(NamedTuple):
 
 
 def sample(engine: Engine, tokenizer, rows: Sequence[dict], group_size: int, *, step: int,
-           seed: int, params: SamplingParams) -> Samples:
-  """`group_size` completions of each row's prompt, run to completion on `engine`."""
+           seed: int, params: SamplingParams, indices: Sequence[int] | None = None) -> Samples:
+  """`group_size` completions of each row's prompt, run to completion on `engine`. `indices`: the
+  rows' places among the step's prompts (default 0, 1, ...), which name and seed their requests
+  (a process sampling its share of a step passes its prompts' places in the whole step)."""
   start = time.perf_counter()
   prompts = [tokenizer.encode(r['prompt'], add_special_tokens=False).ids for r in rows]
   ids = []
-  for p, prompt in enumerate(prompts):
+  for p, prompt in zip(range(len(rows)) if indices is None else indices, prompts, strict=True):
     for g in range(group_size):
       ids.append(f'rl-{step}-{p}-{g}')
       engine.add_request(ids[-1], prompt, dataclasses.replace(

@@ -8,37 +8,17 @@ Every logged loss must match the reference's within float32 tolerance: the same 
 reach the same model, however the processes split them.
 """
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from tests.parallelism.launching import stoker
 from train.checkpoint import restore_arrays
 from train.metrics import read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.xdist_group('multiprocess')]
-
-
-def stoker(*args, timeout=480):
-  """Runs `stoker args` in a session of its own; past `timeout` the whole session is killed, so
-  no process of a stuck job outlives the test."""
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'cli.py'), *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
-  try:
-    out, err = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    raise
-  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope='module')

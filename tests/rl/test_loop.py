@@ -16,15 +16,9 @@ from rl import loop
 from rl.config import load_rl_config
 from rl.step import graphdef_of
 from serve.sampling import SamplingParams
+from tests.rl.tiny import GIN, TINY
 from train import checkpoint, faults, finetune
 
-TINY = ['model.num_layers = 2', 'model.d_model = 32', 'model.num_heads = 2', 'model.num_kv_heads = 1',
-        'model.head_dim = 16', 'model.mlp_dim = 64', 'rl.prompts_per_step = 4', 'rl.group_size = 4',
-        'rl.minibatches = 2', 'rl.max_tokens = 4', 'rl.eval_prompts = 8', 'engine.num_pages = 64',
-        'engine.max_seqs = 16', 'engine.token_budget = 64', 'engine.min_bucket = 64',
-        'optimizer.learning_rate = 1e-2', 'optimizer.warmup_steps = 0', 'checkpoint.every_steps = 0',
-        'rl.devices = 1']  # one of the 8 test devices: 8-way data parallelism of a 2-layer model is slower
-GIN = 'rl/addition_tiny.gin'
 TOL = 1e-4  # float32 (DESIGN.md): the engine's paged step against the dense model
 
 

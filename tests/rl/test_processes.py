@@ -1,0 +1,87 @@
+"""`stoker rl` as 2 processes x 1 CPU device (`stoker launch`, gloo collectives) against 1 process with
+the same global batch, and a 2-process run resumed from its own step-1 checkpoint.
+
+Each process samples its half of every mini-batch's groups on its own engine, with the request seeds
+one process would use, and the rows meet in global arrays on a 2-way data-parallel mesh (rl/processes.py).
+So the samples are the same tokens: every reward, length and held-out score equals the 1-process run's
+exactly. The gradient is a sum over rows that the 2-process mesh takes in another order (two partial
+sums, then an all-reduce), so losses, KL and the gradient norm agree to float32 rounding (rtol 1e-5),
+and so do the parameters, with one caveat: Adam divides each coordinate's step by its own gradient
+magnitude, so where a gradient is near zero (cancellation, ~1e-9) a rounding-size difference moves
+that coordinate by up to the learning rate (1e-4 measured with the default eps = 1e-8). The test
+sets optimizer.eps = 1e-3, which bounds the step's sensitivity to lr / eps, and then the parameters
+agree within 1e-5. Within one process count everything is deterministic: the resumed run ends
+bitwise equal to the uninterrupted one.
+"""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from rl import loop
+from rl.config import load_rl_config
+from tests.parallelism.launching import stoker
+from tests.rl.tiny import GIN, TINY
+from train.checkpoint import restore_arrays
+from train.metrics import read_metrics
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group('multiprocess')]
+
+PARAMS = TINY + ['rl.steps = 2', 'rl.eval_every = 2', 'rl.beta = 0.05', 'checkpoint.every_steps = 1',
+                 'optimizer.eps = 1e-3']
+# What the samples alone decide (equal exactly), and what the gradient's summation order rounds.
+SAMPLED = ('reward_', 'eval_', 'response_length', 'sampled_tokens')
+ROUNDED = ('loss', 'kl', 'grad_norm', 'clip_fraction')
+
+
+def two_processes(workdir):
+  args = ['launch', '--local-processes', '2', '--devices-per-process', '1', '--', 'rl',
+          '--gin_file', GIN, '--workdir', str(workdir)]
+  for p in PARAMS + ['rl.devices = 0']:  # both processes' devices
+    args += ['--gin_param', p]
+  result = stoker(*args, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def steps(workdir):
+  return {r['step']: r for r in read_metrics(str(workdir))}
+
+
+def final_params(workdir):
+  step, state = restore_arrays(str(workdir))
+  assert step == 2
+  return jax.tree.leaves(state)
+
+
+def test_two_processes_match_one_and_resume_bitwise(tmp_path):
+  one = tmp_path / 'one'
+  loop.train(load_rl_config([GIN], PARAMS), str(one), progress=False)  # 1 process, 1 device
+  two = tmp_path / 'two'
+  result = two_processes(two)
+  assert 'Joined a 2-process job as process 1' in result.stderr
+
+  want, got = steps(one), steps(two)
+  assert sorted(got) == sorted(want) == [0, 1, 2]
+  for s in (0, 1, 2):
+    assert got[s].keys() == want[s].keys()
+    for k, v in want[s].items():
+      if k.startswith(SAMPLED):
+        assert got[s][k] == v, (s, k)
+      elif k in ROUNDED:
+        np.testing.assert_allclose(got[s][k], v, rtol=1e-5, atol=1e-7, err_msg=f'{s} {k}')
+  assert got[2]['kl'] > 0 and got[2]['clip_fraction'] > 0  # the second mini-batch moved off the sampler
+  for a, b in zip(final_params(one), final_params(two), strict=True):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=0, atol=1e-5)
+
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(two / 'checkpoints' / '1', resumed / 'checkpoints' / '1')
+  result = two_processes(resumed)
+  assert 'Resumed from the checkpoint of step 1 ' in result.stderr
+  drop = lambda r: {k: v for k, v in r.items() if not k.endswith(('_s', '_per_s', 'time'))}
+  assert sorted(steps(resumed)) == [2]
+  assert drop(steps(resumed)[2]) == drop(got[2])
+  for a, b in zip(final_params(two), final_params(resumed), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
