@@ -240,4 +240,5 @@ class EngineDriver:
         rate_window_s=RATE_WINDOW_S, prefix_hit_tokens=self._prefix[0],
         prefix_query_tokens=self._prefix[1], lora_adapters=len(self.engine.adapters.names()),
         lora_resident=self.engine.adapters.resident, lora_swaps=self.engine.stats['lora_swaps'],
+        expert_tokens=self.engine.expert_tokens_LE,  # None for a dense model; never changed in place
         **self.engine.spec_stats.as_dict())

@@ -4,7 +4,8 @@ Request-level series are observed as things happen: HTTP requests by route and s
 first token (from the request's arrival), time between tokens, tokens in and out. Engine state
 (queue length, running sequences, KV pages used/free/cached, preemptions, prefix-cache hits,
 tokens per second, steps and the seconds spent in them, the rolling fluidity-index, speculative
-decoding's acceptance rate, accepted tokens per verification and drafter time) is read at
+decoding's acceptance rate, accepted tokens per verification and drafter time, a mixture of
+experts' tokens per expert and its load imbalance) is read at
 scrape time from the snapshot the engine driver publishes after every step, so a scrape never
 touches the engine's own state.
 
@@ -148,6 +149,7 @@ class _EngineCollector:
                  f'(deadlines: first token {self._metrics.prefill_deadline_s:g} s, then '
                  f'{self._metrics.decode_deadline_s:g} s per token); 1 before any.',
                  1.0 if fluidity is None else fluidity)
+    yield from _expert_load(s.get('expert_tokens'))
     yield _gauge('stoker_ready', '1 while the server admits requests (loaded and compiled, not '
                  'draining, not failed).', s.get('ready', 0))
     # Why a replica is not ready (a failed engine's error), for alerts: stoker_server_info{state="failed"}.
@@ -155,6 +157,27 @@ class _EngineCollector:
                            'the reason when it is not ready.',
                            value={'state': str(s.get('state', 'loading')),
                                   'reason': str(s.get('reason', ''))[:300]})
+
+
+def _expert_load(tokens_LE) -> Iterable:
+  """A mixture of experts' load balance (nothing for a dense model): the tokens each layer's
+  experts received (each token counts once for each of its k experts), and per layer the busiest
+  expert's share over the mean (1: balanced; 0 before any token)."""
+  if tokens_LE is None:
+    return
+  tokens = CounterMetricFamily('stoker_moe_expert_tokens', 'Tokens routed to each expert of each '
+                               'MoE layer (a token counts for each of its k experts).',
+                               labels=['layer', 'expert'])
+  imbalance = GaugeMetricFamily('stoker_moe_expert_load_imbalance', 'Per MoE layer: the busiest '
+                                "expert's tokens over the mean expert's (1: balanced; 0 before any).",
+                                labels=['layer'])
+  for layer, row in enumerate(tokens_LE):
+    row = [int(n) for n in row]
+    for expert, n in enumerate(row):
+      tokens.add_metric([str(layer), str(expert)], n)
+    imbalance.add_metric([str(layer)], max(row) * len(row) / sum(row) if sum(row) else 0.0)
+  yield tokens
+  yield imbalance
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

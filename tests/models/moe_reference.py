@@ -23,6 +23,20 @@ def blocks(model: transformer.Transformer) -> list:
           for i in range(model.cfg.num_layers)]
 
 
+@nnx.jit
+def _mlp_inputs(model: transformer.Transformer, tokens_BT, positions_BT, segment_ids_BT):
+  """[L, B, T, D]: each layer's MoE input, by the model's own attention and norms (one compiled
+  program per shape: eager, each op of each layer would dispatch, and compile, apart)."""
+  inv_freq = model.inv_freq()
+  x_BTD = model.embed(tokens_BT)
+  h_LBTD = []
+  for block in blocks(model):
+    h_LBTD.append(block.mlp_norm(x_BTD + block.attn(block.attn_norm(x_BTD), positions_BT,
+                                                    segment_ids_BT, inv_freq)))
+    x_BTD = block(x_BTD, positions_BT, segment_ids_BT, inv_freq)
+  return jnp.stack(h_LBTD)
+
+
 def expert_tokens(model: transformer.Transformer, tokens_BT, positions_BT=None,
                   segment_ids_BT=None, counted_BT=None) -> np.ndarray:
   """int64 [L, E]: per layer, how many of the tokens (those where `counted_BT` is True, default
@@ -33,17 +47,13 @@ def expert_tokens(model: transformer.Transformer, tokens_BT, positions_BT=None,
     positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
   if segment_ids_BT is None:
     segment_ids_BT = jnp.ones_like(tokens_BT)
-  positions_BT, segment_ids_BT = jnp.asarray(positions_BT), jnp.asarray(segment_ids_BT)
   counted_BT = (np.ones(tokens_BT.shape, bool) if counted_BT is None
                 else np.asarray(counted_BT, bool))
-  inv_freq = model.inv_freq()
-  x_BTD = model.embed(tokens_BT)
+  h_LBTD = np.asarray(_mlp_inputs(model, tokens_BT, jnp.asarray(positions_BT),
+                                  jnp.asarray(segment_ids_BT)), np.float32)
   counts_LE = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)
   for layer, block in enumerate(blocks(model)):
-    h_BTD = block.mlp_norm(x_BTD + block.attn(block.attn_norm(x_BTD), positions_BT,
-                                              segment_ids_BT, inv_freq))
-    logits_BTE = np.asarray(h_BTD, np.float32) @ np.asarray(block.mlp.router_DE[...], np.float32)
+    logits_BTE = h_LBTD[layer] @ np.asarray(block.mlp.router_DE[...], np.float32)
     experts_BTK = np.argsort(-logits_BTE, axis=-1, kind='stable')[..., :cfg.experts_per_token]
     counts_LE[layer] = np.bincount(experts_BTK[counted_BT].reshape(-1), minlength=cfg.num_experts)
-    x_BTD = block(x_BTD, positions_BT, segment_ids_BT, inv_freq)
   return counts_LE
