@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers import weight_einsum
+
 WEIGHT_DTYPES = ('int8',)
 
 # Weight name -> its input (contracted) axes, without the leading layer axis of stacked params.
@@ -85,7 +87,7 @@ class WeightOnly(Int8):
 
   def einsum(self, spec: str, x: jax.Array, preferred_element_type=None) -> jax.Array:
     inputs, out = spec.replace(' ', '').split('->')
-    y = jnp.einsum(spec, x, self.q.astype(x.dtype), preferred_element_type=preferred_element_type)
+    y = weight_einsum(spec, x, self.q.astype(x.dtype), preferred_element_type=preferred_element_type)
     return (y * _expand(self.scale, inputs.split(',')[1], out).astype(y.dtype)).astype(y.dtype)
 
 
@@ -144,7 +146,7 @@ def einsum(spec: str, x: jax.Array, w: Int8, preferred_element_type=None) -> jax
   if pad:  # along x's first non-contracted axis, sliced off again below
     axis = next(i for i in range(len(x_axes)) if i not in contracted)
     xq = jnp.concatenate([xq, jnp.zeros_like(xq)], axis=axis)
-  acc = jnp.einsum(spec, xq, w.q, preferred_element_type=jnp.int32)
+  acc = weight_einsum(spec, xq, w.q, preferred_element_type=jnp.int32)
   if pad:
     acc = jax.lax.slice_in_dim(acc, 0, 1, axis=out.index(x_axes[axis]))
   y = acc.astype(jnp.float32) * _expand(x_scale, x_axes, out) * _expand(w.scale, w_axes, out)
