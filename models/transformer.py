@@ -7,8 +7,11 @@ be rematerialised with a `jax.checkpoint` policy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models import attention, moe
@@ -181,3 +184,34 @@ def _moe_aux(cfg: ModelConfig, aux_L: dict) -> dict:
   lb, z = jnp.mean(aux_L['load_balance']), jnp.mean(aux_L['router_z'])
   return {'moe_loss': cfg.load_balance_loss * lb + cfg.router_z_loss * z, 'load_balance': lb,
           'router_z': z, 'expert_tokens': aux_L['expert_tokens']}
+
+
+def stack_layers(params: dict) -> dict:
+  """Layers stacked on a leading axis ([L, ...] leaves), from either layout of the model."""
+  layers = params['layers']
+  if all(isinstance(k, int) for k in layers):
+    layers = jax.tree.map(lambda *xs: jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack(xs), *[layers[i] for i in sorted(layers)])
+  return {**params, 'layers': layers}
+
+
+def unstack_layers(params: dict, scan_layers: bool) -> dict:
+  """The layout a ModelConfig with `scan_layers` builds: stacked, or a dict of layers by index."""
+  if scan_layers:
+    return params
+  n = len(jax.tree.leaves(params['layers'])[0])
+  return {**params, 'layers': {i: jax.tree.map(lambda x, i=i: x[i], params['layers'])
+                               for i in range(n)}}
+
+
+def unstacked_state(cfg: ModelConfig, params: nnx.State) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+  """The model of `cfg` with its layers unrolled (scan_layers=False): (its config, graphdef,
+  `params` re-laid as its state). Stacked params are sliced once, here; params already unrolled
+  pass through. What serving runs: XLA copies a layer's slice of a stacked weight before each
+  product (dynamic- or static-sliced alike), every step; separate arrays are read in place."""
+  cfg = dataclasses.replace(cfg, scan_layers=False)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  pure = nnx.to_pure_dict(params)
+  if not all(isinstance(k, int) for k in pure['layers']):
+    pure = unstack_layers(pure, scan_layers=False)
+  nnx.replace_by_pure_dict(state, pure)
+  return cfg, graphdef, state

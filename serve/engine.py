@@ -141,16 +141,15 @@ class Engine:
     self.model_cfg, self.config, self.mesh, self.detokenize = model_cfg, engine_cfg, mesh, detokenize
     if engine_cfg.compilation_cache_dir:
       enable_compilation_cache(engine_cfg.compilation_cache_dir)
-    if isinstance(params, nnx.Module):
-      params = nnx.state(params)
-    abstract = nnx.eval_shape(lambda: transformer.Transformer(model_cfg, nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract)
-    expected = jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), abstract_params)
-    got = jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), params)
-    if expected != got:
-      raise ValueError(f'params do not match ModelConfig {model_cfg}: expected the state of '
-                       f'models.transformer.Transformer (scan_layers={model_cfg.scan_layers}), '
-                       f'shapes {jax.tree.leaves(expected)[:4]}...; got {jax.tree.leaves(got)[:4]}...')
+    unroll = unrolls(engine_cfg.layer_loop, jax.default_backend())
+    # Unrolled without LoRA (whose adapter stacks follow model_cfg's layout), the engine holds
+    # each layer's weights as separate arrays: a stacked weight's slice is copied before every
+    # product, each step (12 layers x 32 MB on the small preset).
+    self._unstack = unroll and model_cfg.scan_layers and not engine_cfg.max_loras
+    params = self._layout(params)
+    serve_cfg = dataclasses.replace(model_cfg, scan_layers=False) if self._unstack else model_cfg
+    graphdef, abstract_params = nnx.split(
+        nnx.eval_shape(lambda: transformer.Transformer(serve_cfg, nnx.Rngs(0))))
     self.adapters = lora_lib.AdapterStore(model_cfg, abstract_params, engine_cfg.max_loras,
                                           engine_cfg.max_lora_rank)
     self.backend = resolve(engine_cfg.attention)
@@ -161,7 +160,6 @@ class Engine:
     self._K1, self._S = engine_cfg.verify_width, engine_cfg.verify_slots
     R = self._S * self._K1
     self._has_q = engine_cfg.speculative == 'draft'
-    unroll = unrolls(engine_cfg.layer_loop, jax.default_backend())
     steps = {T: functools.partial(step_lib.step, graphdef, self.backend, mesh, unroll,
                                   (T, B, M, self._S, self._K1),
                                   (self._has_q, bool(engine_cfg.max_loras)))
@@ -235,6 +233,30 @@ class Engine:
                                          *self._host_arrays(StepPlan((), ()), T)).compile()
         self._compiled[T] = functools.partial(step_lib.tokens_only, self._steps[T])
     self.stats['compile_s'] = time.perf_counter() - start
+
+  def _layout(self, params: nnx.State | nnx.Module) -> nnx.State:
+    """`params` (the state of models.transformer.Transformer(model_cfg), or of its unrolled twin)
+    checked, and re-laid as the engine holds them: layers unstacked when self._unstack."""
+    if isinstance(params, nnx.Module):
+      params = nnx.state(params)
+    cfg = self.model_cfg
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), tree)
+    got = shapes(params)
+    for scan in dict.fromkeys((cfg.scan_layers, False)):
+      layout_cfg = dataclasses.replace(cfg, scan_layers=scan)
+      expected = shapes(nnx.state(nnx.eval_shape(lambda: transformer.Transformer(layout_cfg, nnx.Rngs(0)))))
+      if expected == got:
+        break
+    else:
+      raise ValueError(f'params do not match ModelConfig {cfg}: expected the state of '
+                       f'models.transformer.Transformer (scan_layers={cfg.scan_layers}), '
+                       f'shapes {jax.tree.leaves(expected)[:4]}...; got {jax.tree.leaves(got)[:4]}...')
+    if self._unstack:
+      return transformer.unstacked_state(cfg, params)[2]
+    if scan != cfg.scan_layers:
+      raise ValueError('params with unrolled layers for a ModelConfig with scan_layers=True: pass '
+                       'stacked params, or set EngineConfig.layer_loop=\'unroll\' without LoRA.')
+    return params
 
   def _rules(self, rules):
     if self.mesh is None:
@@ -321,8 +343,7 @@ class Engine:
     if self.has_work:
       raise RuntimeError(f'update_params with {len(self._requests)} live requests: their cached KV was '
                          f'computed with the old weights; finish or abort them first.')
-    if isinstance(params, nnx.Module):
-      params = nnx.state(params)
+    params = self._layout(params)
     if self.config.weight_dtype == 'int8':
       params = self._quantize(params)
     shapes = lambda tree: jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), tree)

@@ -13,11 +13,12 @@ LAYER_LOOPS = ('auto', 'scan', 'unroll')
 
 
 def unrolls(layer_loop: str, platform: str) -> bool:
-  """Whether the step unrolls its layers. 'auto': a scan on CPU, where XLA copies each layer's
-  weight slices either way and the unrolled tiny-preset decode measured no faster (compiling
-  slower); unrolled on accelerators, where the scanned decode ran ~2x slower on an H100."""
+  """Whether the step unrolls its layers. 'auto': unrolled everywhere. The engine then holds each
+  layer's weights as separate arrays (serve/engine.py), which XLA reads in place, where a scan (or
+  static slices of stacked weights) copies every layer's weights before its products each step;
+  on an H100 the scanned decode also ran ~2x slower. 'scan' compiles fastest."""
   if layer_loop == 'auto':
-    return platform not in ('cpu',)
+    return True
   return layer_loop == 'unroll'
 
 

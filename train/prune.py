@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from models import attention, transformer
+from models.transformer import stack_layers, unstack_layers  # noqa: F401  (re-exported)
 from models.config import AttentionImpl, ModelConfig
 
 FRACTIONS = ('mlp_keep', 'heads_keep', 'layers_keep', 'embed_keep')
@@ -93,23 +94,6 @@ def choose_sizes(cfg: ModelConfig, fractions: KeepFractions, mesh_shape: dict[st
                        f'the kernels (128-wide tiles) and the tensor axis ({tensor} ways)'),
       d_model=_rounded(D, fractions.embed_keep, embed_unit, 'embed-keep', 'embedding channels',
                        f'the fsdp axis ({fsdp} ways)'))
-
-
-def stack_layers(params: dict) -> dict:
-  """Layers stacked on a leading axis ([L, ...] leaves), from either layout of the model."""
-  layers = params['layers']
-  if all(isinstance(k, int) for k in layers):
-    layers = jax.tree.map(lambda *xs: np.stack(xs), *[layers[i] for i in sorted(layers)])
-  return {**params, 'layers': layers}
-
-
-def unstack_layers(params: dict, scan_layers: bool) -> dict:
-  """The layout a ModelConfig with `scan_layers` builds: stacked, or a dict of layers by index."""
-  if scan_layers:
-    return params
-  n = len(jax.tree.leaves(params['layers'])[0])
-  return {**params, 'layers': {i: jax.tree.map(lambda x, i=i: x[i], params['layers'])
-                               for i in range(n)}}
 
 
 def _model(cfg: ModelConfig, params: dict) -> transformer.Transformer:
