@@ -11,7 +11,12 @@ Every row trains on the same batches with Stoker's compiled train step (one devi
               every expert (E x the work): the reason 'tiled' exists
 Runs are interleaved row by row, so load from other processes falls on every row alike; the
 report is each row's median tokens/s and its ratio to dense's (the paired median of per-run
-ratios). Writes benchmarks/out/moe.{json,png}. On a CPU only the ratios carry over.
+ratios). The cpu-share probe, before and after the runs: a 1024 x 1024 float32 matmul, which
+XLA:CPU spreads over every core, and its cpu share (this process's CPU seconds over wall seconds x
+cores); under MIN_CPU_SHARE the host was shared, and the report says so (a WARNING line): its
+figures are not results. Each run's own cpu share is recorded too (small ops use fewer cores, so
+it is lower than the probe's even on an idle host). Writes benchmarks/out/moe.{json,png}. On a CPU
+only the ratios carry over.
 """
 
 from __future__ import annotations
@@ -27,15 +32,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks._common import cpu_name, log  # noqa: E402
+from benchmarks._common import Clock, cpu_name, log  # noqa: E402
 from data.synthetic import SyntheticData  # noqa: E402
 from models import presets  # noqa: E402
 from parallelism.mesh import MeshConfig, make_mesh  # noqa: E402
 from train.config import OptimizerConfig, TrainConfig  # noqa: E402
 from train.optimizer import make_optimizer  # noqa: E402
 from train.step import batch_spec, compile_train_step, init_train_state  # noqa: E402
+
+MIN_CPU_SHARE = 0.9  # as benchmarks/_engine_limits.py: a run with less of the cores is not a result
 
 
 def rows() -> dict:
@@ -44,6 +52,17 @@ def rows() -> dict:
   return {'dense': dense, 'moe': dataclasses.replace(moe, grouped_matmul='tiled'),
           'moe_cf1.25': dataclasses.replace(moe, capacity_factor=1.25),
           'moe_ragged': dataclasses.replace(moe, grouped_matmul='ragged_dot')}
+
+
+def probe_cpu_share(n: int = 1024, repeats: int = 7) -> float:
+  """The cpu share of `repeats` n x n float32 matmuls (one untimed first)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))
+  clock = Clock()
+  for _ in range(repeats):
+    jax.block_until_ready(matmul(a))
+  return clock.stop(os.cpu_count())[1]
 
 
 def trainer(model, args):
@@ -61,17 +80,21 @@ def trainer(model, args):
   holder = {'state': state}
 
   def run():
+    """(tokens/s, cpu share) of args.steps steps."""
     state = holder['state']
-    start = time.perf_counter()
+    clock = Clock()
     for b in batches:
       state, metrics = step(state, b)
     jax.block_until_ready((state, metrics))
     holder['state'] = state
-    return args.steps * args.batch_size * args.seq_len / (time.perf_counter() - start)
+    seconds, share = clock.stop(os.cpu_count())
+    return args.steps * args.batch_size * args.seq_len / seconds, share
   return run
 
 
 def main(args) -> dict:
+  probes = {'start': probe_cpu_share()}
+  log(f"cpu-share probe (start): {probes['start']:.0%} of {os.cpu_count()} cores")
   models = rows()
   runners = {}
   for name, model in models.items():
@@ -79,19 +102,26 @@ def main(args) -> dict:
     runners[name] = trainer(model, args)
     runners[name]()  # warm-up
   tps = {name: [] for name in models}
+  shares = {name: [] for name in models}
   for r in range(args.runs):
     for name, run in runners.items():
-      tps[name].append(run())
-    log(f'run {r + 1}/{args.runs}: ' + ', '.join(f'{n} {v[-1]:,.0f}' for n, v in tps.items()))
+      t, share = run()
+      tps[name].append(t)
+      shares[name].append(share)
+    log(f'run {r + 1}/{args.runs}: ' + ', '.join(f'{n} {v[-1]:,.0f} (cpu {shares[n][-1]:.0%})'
+                                                 for n, v in tps.items()))
+  probes['end'] = probe_cpu_share()
   report = {
       'command': ' '.join(['python benchmarks/moe.py'] + sys.argv[1:]),
       'machine': {'cpu': cpu_name(), 'cores': os.cpu_count(),
-                  'loadavg_after': open('/proc/loadavg').read().split()[:3]},
+                  'loadavg_after': open('/proc/loadavg').read().split()[:3],
+                  'cpu_share_probe': probes},
       'workload': dict(batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                        runs=args.runs),
       'rows': {name: {'active_params': models[name].num_active_params(),
                       'params': models[name].num_params(),
                       'tokens_per_sec': tps[name],
+                      'cpu_share': shares[name],
                       'median_tokens_per_sec': statistics.median(tps[name]),
                       'ratio_vs_dense': statistics.median(
                           np.asarray(tps[name]) / np.asarray(tps['dense']))}
@@ -102,6 +132,13 @@ def main(args) -> dict:
           f"{row['ratio_vs_dense']:.2f}x dense")
   print(f"load average after: {' '.join(report['machine']['loadavg_after'])} "
         f"({report['machine']['cores']} cores)")
+  print(f"cpu-share probe: {probes['start']:.0%} before, {probes['end']:.0%} after the runs "
+        f"(runs: median {statistics.median(sum(shares.values(), [])):.0%}) of "
+        f"{os.cpu_count()} cores")
+  low = min(probes.values())
+  if low < MIN_CPU_SHARE:
+    print(f'WARNING: the cpu-share probe had {low:.0%} of the cores (< {MIN_CPU_SHARE:.0%}): the '
+          'host was shared; these figures are not results. Rerun on an idle host.')
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, 'moe.json'), 'w') as f:
     json.dump(report, f, indent=2)
