@@ -216,6 +216,34 @@ def test_published_parameter_counts(name, total, active):
   assert abs(created_active / active - 1) < 0.01, created_active
 
 
+def _matmul_params(cfg) -> int:
+  """Parameters one token multiplies by, from the abstract shapes: every weight but the norms'
+  scales and the embedding table (a gather; the LM head is separate here), expert weights
+  counted for k of E experts."""
+  abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0)))
+  total = 0
+  for path, x in jax.tree.leaves_with_path(nnx.state(abstract)):
+    name = str(path[-2].key)
+    if name in ('scale', 'embed_VD'):
+      continue
+    expert = name.endswith('_EDF') or name.endswith('_EFD')
+    total += x.size * cfg.experts_per_token // cfg.num_experts if expert else x.size
+  return total
+
+
+def test_mfu_counts_the_active_parameters():
+  """train/progress.py's MFU numerator is flops_per_token: 6 x the parameters a token multiplies
+  by (its k experts and the router, not all E) plus the attention term, which is the dense
+  model's (itself checked against XLA's count in tests/train/test_step.py)."""
+  T = 128
+  moe_cfg = presets.preset('tiny_moe', shared_mlp_dim=64, tie_embeddings=False)
+  dense = presets.preset('tiny', tie_embeddings=False)
+  attention = dense.flops_per_token(T) - 6 * _matmul_params(dense)
+  assert moe_cfg.flops_per_token(T) == 6 * _matmul_params(moe_cfg) + attention
+  all_experts = _matmul_params(dataclasses.replace(moe_cfg, experts_per_token=moe_cfg.num_experts))
+  assert moe_cfg.flops_per_token(T) < 0.7 * (6 * all_experts + attention)  # not every expert
+
+
 def test_count_matches_shapes_with_shared_experts():
   cfg = dataclasses.replace(presets.preset('tiny_moe', num_layers=2), shared_mlp_dim=64)
   abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0)))
