@@ -7,7 +7,8 @@ into gauge and counter values:
   record key          metric                                           kind
   step                stoker_train_step                                gauge
   loss, grad_norm, learning_rate, tokens_per_sec, mfu, step_time,
-  val_loss, val_perplexity, estimated_cost_usd, device_hours
+  val_loss, val_perplexity, estimated_cost_usd, device_hours,
+  moe_loss, expert_load_max, expert_load_min (mixtures of experts)
                       stoker_train_<key>                               gauge
   skipped_steps       stoker_train_skipped_steps (the run's total, kept in the train state)
                                                                        gauge
@@ -50,6 +51,12 @@ GAUGES: tuple[tuple[str, str], ...] = (
     ('restarts', 'Restarts of this run so far (resumes after a failure).'),
     ('estimated_cost_usd', 'Estimated cost so far of the devices this exporter reports for, US dollars.'),
     ('device_hours', 'Device-hours so far of the devices this exporter reports for.'),
+    ('moe_loss', 'Mixture of experts: the weighted router losses (load balance + z-loss) per target '
+     'token, last logged step.'),
+    ('expert_load_max', "Mixture of experts: the busiest expert's tokens over the mean expert's, "
+     'busiest layer, last logged step (1: balanced).'),
+    ('expert_load_min', "Mixture of experts: the idlest expert's tokens over the mean expert's, "
+     'idlest layer, last logged step (1: balanced).'),
 )
 # (record key, counter name without the _total suffix, help): +1 for each record holding the key.
 COUNTERS: tuple[tuple[str, str, str], ...] = (

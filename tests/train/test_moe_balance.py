@@ -3,6 +3,7 @@
 load, counted in numpy from the router's top-k on held-out batches; without it the router is
 markedly less balanced (seeds 0-3: the busiest expert at 1.3-1.8x the mean with it, 3.5-3.9x
 without; the loss falls the same, 8.6 -> 6.0-6.6 nats a token).
+The training exporter publishes the expert loads the step reports (train/monitoring.py).
 
 The real train step (train/step.py) on one CPU device, fed by the real data pipeline; shrunk in
 width and depth (the vocabulary is the corpus's 4096) so both runs take ~10 s each once compiled.
@@ -19,7 +20,7 @@ from flax import nnx
 import configs
 from parallelism.mesh import make_mesh
 from tests.models import moe_reference
-from train import datasets
+from train import datasets, monitoring
 from train.optimizer import make_optimizer
 from train.step import abstract_model, batch_spec, compile_train_step, init_train_state
 
@@ -96,3 +97,12 @@ def test_without_the_auxiliary_loss_the_experts_are_less_balanced():
   assert losses[-10:].mean() < losses[:10].mean() - 1.0, losses  # it trains all the same
   assert imbalance(off_LE).max() > 2.0, off_LE
   assert imbalance(off_LE).max() > 1.5 * imbalance(on_LE).max(), (off_LE, on_LE)
+
+
+def test_the_training_exporter_publishes_the_expert_loads():
+  """What train/progress.py logs for a mixture of experts reaches Prometheus."""
+  with monitoring.Exporter(0) as exporter:
+    exporter.publish({'step': 10, 'moe_loss': 0.25, 'expert_load_max': 1.75,
+                      'expert_load_min': 0.5})
+    for key, value in (('moe_loss', 0.25), ('expert_load_max', 1.75), ('expert_load_min', 0.5)):
+      assert exporter.registry.get_sample_value(monitoring.PREFIX + key) == value
