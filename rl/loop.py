@@ -35,6 +35,7 @@ after a finished step on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -221,7 +222,7 @@ def _loop(cfg, run, start, step_fn, ckpts, workdir, mesh, on_step, progress, tar
     for step in range(start, cfg.steps):
       recovery.mark(step, run.state, None)
       recovery.record_data({step: None, step + 1: None})  # no data state: the survivors' save is whole
-      with recovery.guard_step(step):
+      with _saved_without_peers(recovery, workdir), recovery.guard_step(step):
         if flush:
           run.engine.scheduler.allocator.flush()
         samples = run.sample(run.engine, step)
@@ -278,6 +279,24 @@ def _loop(cfg, run, start, step_fn, ckpts, workdir, mesh, on_step, progress, tar
     with watchdog.paused():
       ckpts.save(cfg.steps, run.state, None, wait=True)
   return logged
+
+
+@contextlib.contextmanager
+def _saved_without_peers(recovery: Recovery, workdir: str):
+  """Around guard_step in a multi-process job: a step that failed because a peer died (gloo ends the
+  collective with an error) cannot save through Orbax, whose saves synchronise every process, so
+  this process writes its own shards of the state before the step with no collective
+  (train/emergency.py), which the restart resumes from (as the watchdog does for a stalled one)."""
+  try:
+    yield
+  except faults.TrainingInterrupted:
+    raise  # the just-in-time save succeeded
+  except Exception:  # pylint: disable=broad-except
+    if recovery.data_states is None:  # one process: guard_step's save is the save
+      raise
+    step, state, _ = recovery.consistent
+    emergency.save(workdir, step, state)
+    raise
 
 
 def _restore_emergency(workdir, orbax_step, target):
