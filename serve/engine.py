@@ -337,9 +337,10 @@ class Engine:
 
   def update_params(self, params: nnx.State | nnx.Module) -> None:
     """Samples with new weights from the next step on (an RL trainer's, say), and flushes the prefix cache,
-    whose pages hold KV computed with the old ones. The arrays stay on device: each leaf is put where the
-    engine's copy lives, a no-op where the shardings agree and one on-device re-lay where they differ.
-    Between rollouts only: live requests' KV would mix the two weights."""
+    whose pages hold KV computed with the old ones. The arrays stay on device: stacked layers are sliced
+    apart once (an on-device copy of the weights, as the engine holds them unrolled), then each leaf is put
+    where the engine's copy lives, a no-op where the shardings agree and one on-device re-lay where they
+    differ. Between rollouts only: live requests' KV would mix the two weights."""
     if self.has_work:
       raise RuntimeError(f'update_params with {len(self._requests)} live requests: their cached KV was '
                          f'computed with the old weights; finish or abort them first.')
