@@ -75,36 +75,15 @@ from models.config import ModelConfig
 from parallelism import sharding as sharding_lib
 from parallelism.rules import DEFAULT_RULES, Rules
 from serve import kv_cache, quant, sampling, speculative
+from serve import outputs as outputs_lib
 from serve import lora as lora_lib
 from serve import step as step_lib
 from serve.attention import resolve
 from serve.engine_config import LAYER_LOOPS, EngineConfig, unrolls  # pylint: disable=unused-import
 from serve.sampling import SamplingParams
-from serve.scheduler import Finished, Scheduler, StepPlan
+from serve.outputs import RequestOutput, TokenLogprob  # noqa: F401  (the engine's API)
+from serve.scheduler import Scheduler, StepPlan
 from serve.text import TextStream
-
-
-class TokenLogprob(NamedTuple):
-  """A token's logprob and the top alternatives asked for: ((id, logprob), ...), likeliest first."""
-
-  token_id: int
-  logprob: float
-  top: tuple[tuple[int, float], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestOutput:
-  """What one step produced for one request: its new tokens, and whether it finished."""
-
-  request_id: str
-  new_token_ids: tuple[int, ...]
-  finished: bool = False
-  finish_reason: str | None = None  # 'stop' | 'length' | 'abort'
-  output_ids: tuple[int, ...] | None = None  # every generated token, once finished
-  logprobs: tuple[TokenLogprob, ...] | None = None  # per new token, when params.logprobs is set
-  # Per prompt token (the first None: nothing predicts it), with the first output, when
-  # params.prompt_logprobs is set.
-  prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -377,44 +356,19 @@ class Engine:
     # Host work below overlaps the device step just dispatched.
     clock = time.perf_counter()
     done = {f.request_id: f for f in finished}
-    for i, (request_id, tokens, lp) in enumerate(new):
-      request = self._requests[request_id]
-      if request.stop_stream is not None and (request_id not in done or len(tokens) > 1):
-        new[i] = (request_id, self._stop_strings(request_id, request, tokens, done), lp)
     outputs = []
     for request_id, tokens, lp in new:
       request = self._requests[request_id]
-      extra = {}
-      if lp is not None:
-        extra['logprobs'] = (lp,)
-      if request.prompt_lp is not None:  # sent once, with the first token
-        extra['prompt_logprobs'] = tuple(request.prompt_lp)
-        self._num_prompt_lp -= 1
-        request.prompt_lp = None
-      f = done.get(request_id)
-      if f is None:
-        outputs.append(RequestOutput(request_id, tokens, **extra))
-      else:
+      if request.stop_stream is not None and (request_id not in done or len(tokens) > 1):
+        tokens = outputs_lib.stop_strings(self.scheduler, request_id, request.stop_stream, tokens, done)
+      self._num_prompt_lp -= request.prompt_lp is not None
+      outputs.append(outputs_lib.request_output(request_id, request, tokens, lp, done.get(request_id)))
+      if request_id in done:
         self._drop(request_id)
-        outputs.append(RequestOutput(request_id, tokens, True, f.reason, f.output_ids, **extra))
     now = time.perf_counter()
     self.stats['output_s'] += now - clock
     self.stats['host_s'] += now - start
     return outputs
-
-  def _stop_strings(self, request_id: str, request: _Request, tokens: tuple[int, ...],
-                    done: dict) -> tuple[int, ...]:
-    """Pushes a step's new tokens through the request's stop strings; on a hit the request ends
-    there ('stop'; tokens verified past it are dropped) and the tokens up to it are returned."""
-    for i, token in enumerate(tokens):
-      if self._hits_stop(request, token):
-        if i == len(tokens) - 1 and request_id in done:
-          break  # it ended on this very token anyway (stop token or max_tokens): keep that reason
-        f = done.get(request_id) or self.scheduler.finish(request_id, 'stop')
-        cut = len(tokens) - 1 - i
-        done[request_id] = Finished(request_id, f.output_ids[:len(f.output_ids) - cut], 'stop')
-        return tokens[:i + 1]
-    return tokens
 
   def _overlaps(self, prev: _InFlight) -> bool:
     """Whether the step after `prev` may be planned before prev's tokens reach the host: not when
@@ -462,26 +416,11 @@ class Engine:
     ended = {f.request_id: f for f in finished}
     self.stats['update_s'] += time.perf_counter() - now
     # Requests aborted since dispatch are skipped by the scheduler; report nothing for them.
-    live = [(b, s, r, t) for b, s, r, t in self._spans(prev.plan, prev.requests)
+    live = [(b, s, r, t) for b, s, r, t in outputs_lib.spans(prev.plan, prev.requests)
             if r is not None and self._requests.get(s.request_id) is r]
     if prev.token_lp is not None:
-      self._fill_prompt_logprobs(prev.token_lp, live)
-    row_lp = None if prev.row_lp is None else [np.asarray(x) for x in prev.row_lp]
-    new = []
-    for b, s, r, _ in live:
-      if not s.sample:
-        continue
-      if s.request_id in before:  # verified drafts: the tokens the scheduler kept
-        f = ended.get(s.request_id)
-        outputs = f.output_ids if f is not None else self.scheduler.output_ids(s.request_id)
-        new.append((s.request_id, tuple(outputs[before[s.request_id]:]), None))
-        continue
-      token, lp = sampled[s.request_id], None
-      if row_lp is not None and r.params.logprobs is not None:
-        k = r.params.logprobs
-        lp = TokenLogprob(token, float(row_lp[0][b]),
-                          tuple(zip(row_lp[1][b, :k].tolist(), row_lp[2][b, :k].tolist())))
-      new.append((s.request_id, (token,), lp))
+      outputs_lib.fill_prompt_logprobs(prev.token_lp, live)
+    new = outputs_lib.new_tokens(live, sampled, before, ended, self.scheduler, prev.row_lp)
     if self._num_grammar:
       ended = {f.request_id for f in finished}
       finished += self._advance_grammars([n for n in new if n[0] not in ended])
@@ -497,37 +436,6 @@ class Engine:
       if matcher is not None and (not matcher.consume_token(token) or matcher.is_stopped()):
         ended.append(self.scheduler.finish(request_id, 'stop'))
     return ended
-
-  @staticmethod
-  def _fill_prompt_logprobs(token_lp: sampling.Logprobs, live) -> None:
-    """Stores the prompt logprobs that a step's prefill chunks scored, by position (a chunk
-    recomputed after a preemption scores the same values again)."""
-    spans = [(s, r, t) for _, s, r, t in live if r.prompt_lp is not None]
-    if not spans:
-      return
-    chosen_T, ids_TK, lp_TK = (np.asarray(x) for x in token_lp)
-    for s, r, t in spans:
-      k = r.params.prompt_logprobs
-      for i in range(min(len(s.token_ids), len(r.prompt_ids) - 1 - s.start_pos)):
-        pos = s.start_pos + i + 1  # token t + i predicts the prompt token at pos
-        r.prompt_lp[pos] = TokenLogprob(r.prompt_ids[pos], float(chosen_T[t + i]),
-                                        tuple(zip(ids_TK[t + i, :k].tolist(),
-                                                  lp_TK[t + i, :k].tolist())))
-
-  @staticmethod
-  def _spans(plan: StepPlan, requests) -> list:
-    """(row, seq, request, index of its first token in the step) per sequence of a plan."""
-    out, t = [], 0
-    for b, (s, r) in enumerate(zip(plan.seqs, requests)):
-      out.append((b, s, r, t))
-      t += len(s.token_ids)
-    return out
-
-  def _hits_stop(self, request: _Request, token: int) -> bool:
-    """Whether `token` completes a stop string: incremental detokenization and a search of the
-    new text only (TextStream holds back what may begin one), O(1) per token."""
-    request.stop_stream.push((token,))
-    return request.stop_stream.stopped
 
   def _dispatch(self, prev: _InFlight | None) -> None:
     """Plans and dispatches a step; `prev`: the advanced step still in flight, whose sampled
