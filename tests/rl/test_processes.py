@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import pytest
 
+from rl import processes
+from rl.config import load_rl_config
 from tests.parallelism.launching import stoker
 from tests.rl.tiny import GIN, TINY
 from train.checkpoint import restore_arrays
@@ -91,3 +93,22 @@ def test_two_processes_match_one_and_resume_bitwise(tmp_path):
   assert drop(steps(resumed)[2]) == drop(got[2])
   for a, b in zip(final_params(two), final_params(resumed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _FirstRows:
+  """A row sharding of which this process's one device holds the first `n` rows."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def addressable_devices_indices_map(self, shape):
+    return {'device': (slice(0, self.n), slice(None))}
+
+
+def test_a_process_samples_the_whole_groups_its_devices_hold():
+  cfg = load_rl_config([GIN], TINY)  # 4 prompts x 4 samples in 2 mini-batches of 8 rows
+  # Rows 0-3 of mini-batch 0 (prompt 0's group) and of mini-batch 1 (step rows 8-11: prompt 2's).
+  assert processes.share(cfg, _FirstRows(4)) == processes.Share((0, 2), (0, 1, 2, 3, 8, 9, 10, 11))
+  assert processes.share(cfg, _FirstRows(8)).prompts == (0, 1, 2, 3)
+  with pytest.raises(ValueError, match='cuts groups of rl.group_size=4'):
+    processes.share(cfg, _FirstRows(2))
