@@ -97,7 +97,7 @@ def merged_greedy(reference, base, peft_dir, prompt, max_tokens):
   if peft_dir is not None:
     adapters, config = peft_files.read(peft_dir, MODEL)
     params = lora.merge(MODEL, base, adapters, config)
-  reference.params = params
+  reference.update_params(params)
   return reference.generate([prompt], SamplingParams(max_tokens=max_tokens))[0]
 
 
