@@ -139,8 +139,10 @@ class Engine:
     self._K1, self._S = engine_cfg.verify_width, engine_cfg.verify_slots
     R = self._S * self._K1
     self._has_q = engine_cfg.speculative == 'draft'
+    # A T-token step samples at most T rows: a small bucket (a single decode) runs its LM head
+    # and sampling on min(B, T) rows, not B.
     steps = {T: functools.partial(step_lib.step, graphdef, self.backend, mesh, unroll,
-                                  (T, B, M, self._S, self._K1),
+                                  (T, min(B, T), M, self._S, self._K1),
                                   (self._has_q, bool(engine_cfg.max_loras)))
              for T in engine_cfg.buckets()}
     if engine_cfg.weight_dtype == 'int8':
@@ -568,10 +570,13 @@ class Engine:
     verification rows (q_RV; zeros when none), and the LoRA slots when the engine has any."""
     prev_rows = {} if prev is None else {s.request_id: b for b, s in enumerate(prev.plan.seqs)
                                          if s.sample}
+    B = self.config.max_seqs
     ints, floats, mask, mask_s = step_lib.host_inputs(
-        plan, T, self.config.max_seqs, self.config.max_pages_per_seq, self._S, self._K1,
+        plan, T, min(B, T), self.config.max_pages_per_seq, self._S, self._K1,
         self._requests, self._slot_of, self._mask_words, prev_rows if prev is not None else None)
     self.stats['mask_s'] += mask_s
+    if mask is not None and len(mask) < B:  # always [B, words]: one input shape for every bucket
+      mask = np.pad(mask, ((0, B - len(mask)), (0, 0)), constant_values=-1)
     return (ints, floats, self._no_tokens if prev is None else prev.tokens_B,
             self._all_allowed if mask is None else mask) + (
                 (self._no_q if q_RV is None else q_RV,) if self._has_q else ()) + (

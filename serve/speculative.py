@@ -193,7 +193,9 @@ class DraftModel:
     self._logits: list[jax.Array] = []
     self._rows: dict[str, list[int]] = {}  # per request, its draft tokens' rows in the stacked logits
     B, V = cfg.max_seqs, engine.model_cfg.vocab_size
-    self._gather = jax.jit(lambda stack, idx_R: jnp.take(jnp.stack(stack).reshape(-1, V), idx_R, axis=0))
+    # A step of a small bucket has fewer rows than B (serve/engine.py): padded, every step stacks alike.
+    self._gather = jax.jit(lambda stack, idx_R: jnp.take(jnp.stack(
+        [jnp.pad(x, ((0, B - x.shape[0]), (0, 0))) for x in stack]).reshape(-1, V), idx_R, axis=0))
     self._num_rows, self._k = B, 0
 
   def propose(self, contexts: Mapping[str, Context], k: int) -> dict[str, list[int]]:

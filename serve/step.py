@@ -80,7 +80,8 @@ def step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, 
   """One step. Tokens with feed_T >= 0 are the previous step's sampled token in that row (a
   decode planned before its input was known on the host); the rest come from the host.
   flags: [some row wants its sampled token's logprobs, some row is grammar-masked, sequences with
-  drafts to verify]. shape: (T, B, M, S, K1), S the verification slots (0: no speculation).
+  drafts to verify]. shape: (T, B, M, S, K1): B the rows this bucket samples (min(max_seqs, T);
+  tokens_B comes back padded to prev_tokens_B's max_seqs rows), S the verification slots (0: none).
   inputs: (a draft model's logits q_RV come first in `extra`, the LoRA adapter slots come last).
   Returns ((tokens_B, row_lp, token_lp, logits_BV, verified, expert_tokens_LE), pages); verified:
   (tokens_SK1, accepted_S) with S > 0 (serve/speculative.py: verify), else None; expert_tokens_LE:
@@ -117,8 +118,10 @@ def step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, 
   logits_BV, token_lp, pages = out[:3]
   verified = out[3] if spec is not None else None
   expert_tokens_LE = out[-1]
-  tokens_B = sampling.sample(sampling.apply_mask(logits_BV, mask_BW, flags[1] > 0), sampling_batch)
+  tokens_B = sampling.sample(sampling.apply_mask(logits_BV, mask_BW[:B], flags[1] > 0), sampling_batch)
   row_lp = sampling.logprobs(logits_BV, tokens_B, flags[0] > 0, logits_BV.shape[-1])
+  # Tokens go back as max_seqs rows whatever this bucket's B: the next step feeds from them.
+  tokens_B = jax.numpy.pad(tokens_B, (0, prev_tokens_B.shape[0] - B))
   return (tokens_B, row_lp, token_lp, logits_BV, verified, expert_tokens_LE), pages
 
 
