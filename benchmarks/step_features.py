@@ -56,7 +56,7 @@ def one_preset(name: str, args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from models import presets, transformer  # pylint: disable=g-import-not-at-top
-  from serve.engine import Engine, EngineConfig, unrolls  # pylint: disable=g-import-not-at-top
+  from serve.engine import Engine, EngineConfig  # pylint: disable=g-import-not-at-top
   from serve.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   cfg = presets.preset(name)
   params = nnx.state(jax.jit(lambda: transformer.Transformer(cfg, nnx.Rngs(0)))())
@@ -73,9 +73,7 @@ def one_preset(name: str, args) -> dict:
       r.decoding for r in engine.scheduler._running):  # pylint: disable=protected-access
     engine.step()
   T = max(args.seqs, 16)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0))))
-  plain = jax.jit(functools.partial(_plain_step, graphdef, engine.backend, None,
-                                    unrolls(engine.config.layer_loop, jax.default_backend()),
+  plain = jax.jit(functools.partial(_plain_step, engine.graphdef, engine.backend, None, engine.unroll,
                                     (T, args.seqs, per_seq, 0, 0)), donate_argnums=(1,))
   host = []
   for _ in range(5):  # Engine.step() on plain decodes

@@ -79,7 +79,7 @@ from serve import outputs as outputs_lib
 from serve import lora as lora_lib
 from serve import step as step_lib
 from serve.attention import resolve
-from serve.engine_config import LAYER_LOOPS, EngineConfig, unrolls  # pylint: disable=unused-import
+from serve.engine_config import LAYER_LOOPS, EngineConfig, layer_bytes, unrolls  # pylint: disable=unused-import
 from serve.sampling import SamplingParams
 from serve.outputs import RequestOutput, TokenLogprob  # noqa: F401  (the engine's API)
 from serve.scheduler import Scheduler, StepPlan
@@ -120,7 +120,7 @@ class Engine:
     self.model_cfg, self.config, self.mesh, self.detokenize = model_cfg, engine_cfg, mesh, detokenize
     if engine_cfg.compilation_cache_dir:
       enable_compilation_cache(engine_cfg.compilation_cache_dir)
-    unroll = unrolls(engine_cfg.layer_loop, jax.default_backend())
+    unroll = unrolls(engine_cfg.layer_loop, jax.default_backend(), layer_bytes(model_cfg, engine_cfg))
     # Unrolled without LoRA (whose adapter stacks follow model_cfg's layout), the engine holds
     # each layer's weights as separate arrays: a stacked weight's slice is copied before every
     # product, each step (12 layers x 32 MB on the small preset).
@@ -141,6 +141,7 @@ class Engine:
     self._has_q = engine_cfg.speculative == 'draft'
     # A T-token step samples at most T rows: a small bucket (a single decode) runs its LM head
     # and sampling on min(B, T) rows, not B.
+    self.graphdef, self.unroll = graphdef, unroll  # the model as the step runs it
     steps = {T: functools.partial(step_lib.step, graphdef, self.backend, mesh, unroll,
                                   (T, min(B, T), M, self._S, self._K1),
                                   (self._has_q, bool(engine_cfg.max_loras)))

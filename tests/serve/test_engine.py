@@ -158,8 +158,9 @@ def test_tensor_parallel_matches_naive(tp):
   mesh = make_mesh(MeshConfig(ici=(1, 1, tp)), jax.devices()[:tp])
   engine = Engine(CFG, PARAMS, ONE_BUCKET, mesh)
   assert engine.pages.k_LPGKH.sharding.spec[3] == 'tensor'
-  # Unrolled, the engine holds each layer's weights apart (serve/engine.py: _layout).
-  assert engine.params['layers'][0]['attn']['q_DNH'][...].sharding.spec[1] == 'tensor'
+  layers = engine.params['layers']  # unrolled: each layer's weights apart (serve/engine.py: _layout)
+  q = (layers[0] if engine.unroll else layers)['attn']['q_DNH'][...]
+  assert q.sharding.spec[q.ndim - 2] == 'tensor'  # [(L,) D, N, H]: the heads
   prompts, max_tokens = mixed_prompts()
   got = run_all(engine, prompts, max_tokens)
   assert got == [naive_greedy(p, m) for p, m in zip(prompts, max_tokens)]

@@ -2,6 +2,8 @@
 whose pages sit in the prefix cache too (the cache is flushed), checked against the model run densely
 with the new weights; and it refuses while requests are live."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,9 +28,12 @@ def _last_logprobs(engine, request_id, prompt):
   return entry
 
 
-def test_new_weights_are_used_and_the_prefix_cache_is_flushed():
+@pytest.mark.parametrize('layer_loop', ['scan', 'unroll'])  # unroll: the engine unstacks the new weights
+def test_new_weights_are_used_and_the_prefix_cache_is_flushed(layer_loop):
   old, new = random_params(MODEL, seed=1), random_params(MODEL, seed=2)
-  engine = Engine(MODEL, old, ENGINE)
+  engine = Engine(MODEL, old, dataclasses.replace(ENGINE, layer_loop=layer_loop))
+  assert engine.unroll == (layer_loop == 'unroll')
+  assert isinstance(next(iter(engine.params['layers'].keys())), int) == engine.unroll
   prompt = np.random.default_rng(0).integers(0, MODEL.vocab_size, 4 * ENGINE.page_size + 3).tolist()
   _last_logprobs(engine, 'a', prompt)
   assert engine.scheduler.allocator.num_cached >= 4  # the prompt's full pages are matchable
