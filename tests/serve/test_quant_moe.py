@@ -1,5 +1,6 @@
 """Int8 expert weights (serve/quant.py + models/moe.py): the batched int8 product against numpy,
-the int8 MoE through the paged forward against the model on the same Int8 params, and the engine."""
+the int8 MoE through the paged forward against the model on the same Int8 params, the engine, and
+the engine with its experts split over an expert axis."""
 
 import functools
 
@@ -10,6 +11,7 @@ import pytest
 from flax import nnx
 
 from models import presets, transformer
+from parallelism.mesh import MeshConfig, make_mesh
 from serve import forward, kv_cache, quant
 from serve.engine import Engine, EngineConfig
 from serve.sampling import SamplingParams
@@ -87,3 +89,20 @@ def test_engine_serves_int8_experts():
   assert all(len(o) == 6 for o in out)
   full_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   assert 0.25 < int8.weight_bytes / full_bytes < 0.32
+
+
+@pytest.mark.parametrize('ici', [(1, 1, 2, 2), (1, 1, 4, 1)])
+def test_engine_splits_experts_over_the_expert_axis(ici):
+  """Expert parallelism in serving: the experts' weights split over 'expert' (and their width over
+  'tensor'); the greedy output equals the unsharded engine's."""
+  cfg, _, params = moe_model()
+  ecfg = EngineConfig(num_pages=32, page_size=4, max_seqs=2, max_pages_per_seq=8, token_budget=16,
+                      min_bucket=16)
+  prompts = [np.random.default_rng(n).integers(0, cfg.vocab_size, n).tolist() for n in (5, 19)]
+  want = Engine(cfg, params, ecfg).generate(prompts, SamplingParams(max_tokens=6))
+  mesh = make_mesh(MeshConfig(axes=('data', 'fsdp', 'expert', 'tensor'), ici=ici, dcn=(1, 1, 1, 1)),
+                   jax.devices()[:int(np.prod(ici))])
+  engine = Engine(cfg, params, ecfg, mesh)
+  spec = engine.params['layers']['mlp']['gate_EDF'][...].sharding.spec
+  assert spec[1] == 'expert' and spec[3] == ('tensor' if ici[3] > 1 else None)
+  assert engine.generate(prompts, SamplingParams(max_tokens=6)) == want
