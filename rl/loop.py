@@ -175,7 +175,7 @@ def train(cfg: RLConfig, workdir: str, config_text: str = '',
   ckpts = Checkpoints(workdir, cfg.checkpoint, cfg, config_text)
   try:
     start = ckpts.latest_step()
-    resumed = _restore_emergency(workdir, start, target)
+    resumed = emergency.restore_newer(workdir, start, target)  # (step, state, data state) or None
     params0 = initial_params(cfg, mesh) if (start is None and resumed is None) or cfg.beta else None
     frozen = {'reference': params0} if cfg.beta else {}
     if finetune.enabled(cfg):  # the base: frozen, the reference (adapters off), merged for the engine
@@ -184,7 +184,7 @@ def train(cfg: RLConfig, workdir: str, config_text: str = '',
       run.policy = lambda adapters: merge(frozen['base'], adapters)
     run.frozen = frozen
     if resumed is not None:
-      start, run.state = resumed
+      start, run.state, _ = resumed
     elif start is None:
       start = 0
       run.state = jax.jit(lambda p: TrainState(jax.numpy.zeros((), jax.numpy.int32), p, tx.init(p)),
@@ -297,21 +297,6 @@ def _saved_without_peers(recovery: Recovery, workdir: str):
     step, state, _ = recovery.consistent
     emergency.save(workdir, step, state)
     raise
-
-
-def _restore_emergency(workdir, orbax_step, target):
-  """(step, state) of the emergency checkpoint (train/emergency.py) the survivors of a
-  multi-process job's failure wrote, if it is newer than the newest Orbax one and whole; else None."""
-  step = emergency.latest(workdir) if jax.process_count() > 1 else None
-  if step is None or (orbax_step is not None and step <= orbax_step):
-    return None
-  try:
-    state, _ = emergency.restore(workdir, step, target)
-  except ValueError as e:
-    logging.warning('%s Resuming from the newest periodic checkpoint instead.', e)
-    return None
-  logging.info('Resumed from the emergency checkpoint of step %d in %s.', step, workdir)
-  return step, state
 
 
 def _gather_scores(cfg, share, scores: dict, completions: list) -> tuple[dict, int]:

@@ -124,3 +124,20 @@ def restore(workdir: str, step: int, target):
   leaves = [jax.make_array_from_callback(t.shape, t.sharding, lambda idx, a=a: a[idx])
             for t, a in zip(targets, full)]
   return jax.tree.unflatten(jax.tree.structure(target), leaves), data[str(jax.process_index())]
+
+
+def restore_newer(workdir: str, orbax_step: int | None, target):
+  """(step, state, this process's data state) of the newest emergency checkpoint, the one the
+  survivors of a multi-process job's failure wrote, if it is newer than the newest Orbax step and
+  whole; else None (a single process never has one). Logs which it resumes from."""
+  step = latest(workdir) if jax.process_count() > 1 else None
+  if step is None or (orbax_step is not None and step <= orbax_step):
+    return None
+  try:
+    state, data_state = restore(workdir, step, target)
+  except ValueError as e:
+    logging.warning('%s Resuming from the newest periodic checkpoint instead.', e)
+    return None
+  logging.info('Resumed from the emergency checkpoint of step %d in %s (saved by the processes '
+               'that survived a failure).', step, workdir)
+  return step, state, data_state

@@ -198,8 +198,7 @@ def _initial_state(cfg, workdir, mesh, tx, rules, target, data, ckpts):
   """(step, state) the run starts from: an emergency checkpoint, the newest Orbax checkpoint (the
   data iterator set to its position), or a fresh state at step 0."""
   start = ckpts.latest_step()
-  resumed = (_restore_emergency(workdir, start, target, data) if jax.process_count() > 1
-             else None)
+  resumed = _restore_emergency(workdir, start, target, data)
   if resumed is not None:
     return resumed
   if start is None:
@@ -281,18 +280,12 @@ class _FusedStep:
 
 
 def _restore_emergency(workdir, orbax_step, target, data):
-  """(step, state) from the emergency checkpoint of a job that lost a process, if there is one
-  newer than the newest Orbax checkpoint and it is complete; else None."""
-  step = emergency.latest(workdir)
-  if step is None or (orbax_step is not None and step <= orbax_step):
+  """(step, state) from the emergency checkpoint of a job that lost a process (train/emergency.py:
+  restore_newer), the data iterator set to its position; else None."""
+  resumed = emergency.restore_newer(workdir, orbax_step, target)
+  if resumed is None:
     return None
-  try:
-    state, data_state = emergency.restore(workdir, step, target)
-  except ValueError as e:
-    logging.warning('%s Resuming from the newest periodic checkpoint instead.', e)
-    return None
+  step, state, data_state = resumed
   if data_state is not None:
     data.set_state(data_state)
-  logging.info('Resumed from the emergency checkpoint of step %d (saved by the processes that '
-               'survived a failure).', step)
   return step, state

@@ -37,6 +37,11 @@ def env_for(scheme: str, endpoint: str, home: str) -> dict:
   return env
 
 
+# A bucket no emulator holds, and the fix each scheme's error must name.
+MISSING_BUCKET_FIXES = [('gs', 'gcloud storage buckets create gs://stoker-missing'),
+                        ('s3', 'aws s3 mb s3://stoker-missing')]
+
+
 def new_bucket(scheme: str, endpoint: str) -> str:
   name = f'stoker-{scheme}-{os.getpid()}-{next(_buckets)}'
   servers.make_bucket(scheme, endpoint, name)

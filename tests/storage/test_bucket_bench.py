@@ -16,7 +16,7 @@ import storage
 from serve.bench import plots, report, run
 from tests.serve.bench.fixtures import KEY, SSEServer, tiny_tokenizer
 from tests.storage import servers
-from tests.storage.conftest import new_bucket, use_server
+from tests.storage.conftest import MISSING_BUCKET_FIXES, new_bucket, use_server
 
 WORKLOAD = 'requests=4,arrival=fixed,prompt=uniform:4:12,output=fixed:3,seed=1'
 # Loose deadlines: both probed rates pass on a busy host too, so the probes (and object names) are known.
@@ -79,8 +79,7 @@ def test_bench_writes_a_bucket_as_it_writes_locally(scheme, flags, endpoints, se
   assert not os.path.exists(tmp_path / f'{scheme}:')
 
 
-@pytest.mark.parametrize('scheme,fix', [('gs', 'gcloud storage buckets create gs://stoker-missing'),
-                                        ('s3', 'aws s3 mb s3://stoker-missing')])
+@pytest.mark.parametrize('scheme,fix', MISSING_BUCKET_FIXES)
 def test_a_missing_bucket_stops_bench_first(scheme, fix, endpoints, monkeypatch, tmp_path, capsys):
   """Checked before the server is: the endpoint here would be refused (port 9) with another message."""
   use_server(monkeypatch, scheme, endpoints[scheme])

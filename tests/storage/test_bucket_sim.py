@@ -17,7 +17,7 @@ import cli
 from serve.sim import estimator, profile
 from tests.serve.sim.test_profile import ENGINE_PARAMS
 from tests.storage import servers
-from tests.storage.conftest import new_bucket, use_server
+from tests.storage.conftest import MISSING_BUCKET_FIXES, new_bucket, use_server
 
 SHIPPED = os.path.join(os.path.dirname(estimator.__file__), 'profiles', 'tiny_cpu')
 PROFILE_FILES = ('steps.csv', 'host.csv', 'meta.json')
@@ -108,8 +108,7 @@ def test_stoker_profile_writes_a_bucket(scheme, endpoints, monkeypatch, tmp_path
   assert not os.path.exists(tmp_path / f'{scheme}:')
 
 
-@pytest.mark.parametrize('scheme,fix', [('gs', 'gcloud storage buckets create gs://stoker-missing'),
-                                        ('s3', 'aws s3 mb s3://stoker-missing')])
+@pytest.mark.parametrize('scheme,fix', MISSING_BUCKET_FIXES)
 def test_a_missing_bucket_stops_profile_and_plan_first(scheme, fix, endpoints, monkeypatch, tmp_path, capsys):
   use_server(monkeypatch, scheme, endpoints[scheme])
   monkeypatch.chdir(tmp_path)

@@ -14,7 +14,7 @@ import pytest
 
 import cli
 from tests.storage import servers
-from tests.storage.conftest import env_for, new_bucket
+from tests.storage.conftest import MISSING_BUCKET_FIXES, env_for, new_bucket
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PREPARE = ['prepare', '--source', os.path.join(os.path.dirname(os.__file__), 'json', '*.py'), '--format', 'text',
@@ -56,8 +56,7 @@ def test_unreachable_endpoint(scheme, variable, tmp_path, monkeypatch, capsys):
   _assert_refused(result, tmp_path, out, 'cannot reach the storage endpoint', variable)
 
 
-@pytest.mark.parametrize('scheme,fix', [('gs', 'gcloud storage buckets create gs://stoker-missing'),
-                                        ('s3', 'aws s3 mb s3://stoker-missing')])
+@pytest.mark.parametrize('scheme,fix', MISSING_BUCKET_FIXES)
 def test_missing_bucket(scheme, fix, endpoints, tmp_path, monkeypatch, capsys):
   env = env_for(scheme, endpoints[scheme], str(tmp_path))
   out = f'{scheme}://stoker-missing/data'
