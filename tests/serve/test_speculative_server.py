@@ -69,11 +69,24 @@ def metrics(url):
   return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
 
+def complete_preempting(server, want=None):
+  """complete_all until the server's pool has preempted (whether 4 concurrent requests meet in it
+  depends on their arrival: with a drafter accepting every draft they may finish first), at most
+  3 rounds; each round's outputs must equal `want` (the first round's when None)."""
+  for _ in range(3):
+    got = complete_all(server.url)
+    want = got if want is None else want
+    assert got == want
+    if metrics(server.url)['stoker_preemptions_total'] > 0:
+      break
+  return want
+
+
 def test_outputs_equal_speculation_off(servers):
-  off = complete_all(servers['off'].url)
+  off = complete_preempting(servers['off'])
   assert any(reason == 'stop' for _, reason, _ in off) and any(reason == 'length' for _, reason, _ in off)
   for name in ('ngram', 'draft'):
-    assert complete_all(servers[name].url) == off, name
+    complete_preempting(servers[name], off)
     m = metrics(servers[name].url)
     assert m['stoker_spec_decode_verifications_total'] > 0
     assert 0 < m['stoker_spec_decode_acceptance_rate'] <= 1
