@@ -222,11 +222,9 @@ class Engine:
     if isinstance(params, nnx.Module):
       params = nnx.state(params)
     cfg = self.model_cfg
-    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), tree)
-    got = shapes(params)
+    got = _shapes(params)
     for scan in dict.fromkeys((cfg.scan_layers, False)):
-      layout_cfg = dataclasses.replace(cfg, scan_layers=scan)
-      expected = shapes(nnx.state(nnx.eval_shape(lambda: transformer.Transformer(layout_cfg, nnx.Rngs(0)))))
+      expected = _model_shapes(dataclasses.replace(cfg, scan_layers=scan))
       if expected == got:
         break
     else:
@@ -329,8 +327,7 @@ class Engine:
     params = self._layout(params)
     if self.config.weight_dtype == 'int8':
       params = self._quantize(params)
-    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), tree)
-    if shapes(params) != shapes(self.params):
+    if _shapes(params) != _shapes(self.params):
       raise ValueError('update_params: the new params differ in structure, shape or dtype from the '
                        'engine\'s; pass the state of the same ModelConfig (cast to the engine\'s dtype).')
     self.params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), params, self.params)
@@ -608,6 +605,16 @@ class Engine:
     while self._inflight is not None and not self.scheduler.has_work:
       self.step()  # collect a step dispatched for requests that a stop string has since ended
     return [list(results[i]) for i in ids]
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), tree)
+
+
+@functools.lru_cache(maxsize=8)
+def _model_shapes(cfg: ModelConfig):
+  """(shape, dtype) per leaf of Transformer(cfg)'s state: traced once per config, not per update."""
+  return _shapes(nnx.state(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0)))))
 
 
 def enable_compilation_cache(directory: str) -> None:

@@ -21,7 +21,7 @@ LAYER_LOOPS = ('auto', 'scan', 'unroll')
 UNROLL_LAYER_BYTES = 8 * 2 ** 20
 
 
-def unrolls(layer_loop: str, platform: str, layer_bytes: int = UNROLL_LAYER_BYTES + 1) -> bool:
+def unrolls(layer_loop: str, platform: str, layer_bytes: int) -> bool:
   """Whether the step unrolls its layers. Unrolled, the engine holds each layer's weights as
   separate arrays (serve/engine.py), which XLA reads in place; a scan (or static slices of
   stacked weights) copies every layer's weights before its products each step. 'auto': unrolled
