@@ -46,7 +46,9 @@ class EngineConfig:
   watermark: float = 0.01
   prefix_caching: bool = True
   attention: AttentionBackend = AttentionBackend.AUTO
-  min_bucket: int = 16  # smallest token bucket; buckets double up to token_budget
+  # Smallest token bucket; buckets double up to token_budget. 1: a step of b <= 8 decodes pads to
+  # the power of two >= b, not to 16 (on CPU, batch-1 decode of `small` 2.5x faster, measured).
+  min_bucket: int = 1
   kv_dtype: str | None = None  # None: the model's compute dtype; 'int8': quantized (serve/quant.py)
   weight_dtype: str | None = None  # None: the params as given; 'int8': int8 weights, W8A8 matmuls
   compilation_cache_dir: str | None = None  # JAX persistent compilation cache, for fast restarts

@@ -133,7 +133,13 @@ def write(pages_XGKH: jax.Array, new_TKH: jax.Array, slots_T: jax.Array) -> jax.
   [X, G, K] scale pool)."""
   X, G = pages_XGKH.shape[:2]
   flat_SKH = pages_XGKH.reshape(X * G, *pages_XGKH.shape[2:])
-  flat_SKH = flat_SKH.at[slots_T].set(new_TKH.astype(flat_SKH.dtype), mode='promise_in_bounds')
+  new_TKH = new_TKH.astype(flat_SKH.dtype)
+  if slots_T.shape[0] == 1:
+    # XLA turns a one-index scatter into a dynamic-update-slice, duplicates it into each reader
+    # and copies the whole pool for each copy (72 pool copies in a one-token step of `small`,
+    # measured); the same slot written twice stays a scatter, updated in place.
+    slots_T, new_TKH = jnp.concatenate([slots_T] * 2), jnp.concatenate([new_TKH] * 2)
+  flat_SKH = flat_SKH.at[slots_T].set(new_TKH, mode='promise_in_bounds')
   return flat_SKH.reshape(pages_XGKH.shape)
 
 
