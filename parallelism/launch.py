@@ -69,13 +69,20 @@ def run_local(argv: Sequence[str], processes: int, devices_per_process: int,
 
   previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    first_failure, deadline = None, None
-    while any(c.poll() is None for c in children):
-      for i, c in enumerate(children):
-        if c.returncode not in (None, 0) and first_failure is None:
-          first_failure, deadline = c.returncode, time.monotonic() + grace_s
-          logging.warning('Process %d exited with %d; the others have %.0f s to finish.', i,
-                          c.returncode, grace_s)
+    first_failure, deadline, failed = None, None, set()
+    while True:
+      codes = [c.poll() for c in children]  # every child each time, not until the first alive one
+      for i, rc in enumerate(codes):
+        if rc not in (None, 0) and i not in failed:
+          failed.add(i)
+          if first_failure is None:
+            first_failure, deadline = rc, time.monotonic() + grace_s
+            logging.warning('Process %d exited with %d; the others have %.0f s to finish.', i, rc,
+                            grace_s)
+          else:
+            logging.warning('Process %d exited with %d.', i, rc)
+      if all(rc is not None for rc in codes):
+        break
       if deadline is not None and time.monotonic() > deadline:
         _terminate(children)
         break

@@ -2,7 +2,8 @@
 
 The child is the same `stoker train` command without --supervise. It is restarted after the exit
 codes of train/faults.py that promise a resumable checkpoint (preempted, step failed, hang) and
-after death by a signal (SIGKILL, an OOM kill: the newest periodic checkpoint is used), up to
+after death by a signal (SIGKILL, an OOM kill, a runtime's abort: the newest whole checkpoint is
+used, in a multi-process job the survivors' emergency save if they lived to write one), up to
 `max_restarts` times. Success, bad input (2) and persistent non-finite losses (83) end it: a
 restart would not change them. A SIGTERM/SIGINT to the supervisor is passed on to the child, and
 the child's exit ends the supervisor.
