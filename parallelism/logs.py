@@ -75,6 +75,11 @@ def setup(log_file: str | None = None, verbose: bool = False) -> str | None:
   previous call installed (handlers added by others, such as pytest's, stay)."""
   close()
   root = logging.getLogger()
+  for handler in list(root.handlers):
+    # logging.basicConfig()'s stderr handler, which absl installs when a library logs through it
+    # before this runs (Orbax does at import): it would repeat every console line, unfiltered.
+    if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.__stderr__):
+      root.removeHandler(handler)
   console = _Stderr()
   console.setFormatter(logging.Formatter(CONSOLE_FORMAT, datefmt='%H:%M:%S'))
   if not verbose:

@@ -52,6 +52,18 @@ def test_verbose_shows_everything_and_setup_replaces_its_handlers(tmp_path, caps
     assert 'backend probing' not in f.read()  # the first call's file handler is gone
 
 
+def test_a_basic_config_handler_installed_before_setup_is_replaced(capsys, routed):
+  """absl calls logging.basicConfig() when a library logs through it before setup() (Orbax does at
+  import): that stderr handler would print every line twice and the libraries' INFO lines too."""
+  root = logging.getLogger()
+  root.addHandler(logging.StreamHandler())  # what logging.basicConfig() adds (pytest's own stop it)
+  logs.setup(None)
+  logging.getLogger('jax._src.xla_bridge').info('backend probing')
+  root.handle(_own_record(logging.INFO, 'own progress'))
+  console = capsys.readouterr().err
+  assert 'backend probing' not in console and console.count('own progress') == 1, console
+
+
 def test_an_unwritable_log_file_is_reported_not_fatal(tmp_path, capsys, routed):
   (tmp_path / 'file').write_text('')
   assert logs.setup(str(tmp_path / 'file' / 'stoker.log')) is None
