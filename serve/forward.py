@@ -99,8 +99,7 @@ def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=
   positions_1T = batch.positions_T[None]
   slots_T = kv_cache.slot_mapping(batch.positions_T, batch.block_tables_BM, batch.cu_q_lens_B1,
                                   batch.num_seqs_1, G)
-  # Layers share one [L * P, G, K, H] pool: layer l owns pages l * P .. l * P + P - 1.
-  cache = kv_cache.fold(pages)
+  cache = pages
   valid_1T = (jnp.arange(batch.token_ids_T.shape[0]) < batch.cu_q_lens_B1[-1])[None]
 
   def layer(block_def, block_state, l, x_1TD, cache):
@@ -108,8 +107,8 @@ def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=
       block_state = lora.bind(block_state, lora_slots_T)
     block = nnx.merge(block_def, block_state)
     q_1TNH, k_1TKH, v_1TKH = block.attn.project_qkv(block.attn_norm(x_1TD), positions_1T, inv_freq)
-    cache = kv_cache.write_step(cache, k_1TKH[0], v_1TKH[0], slots_T + l * P * G)
-    k_PGKH, v_PGKH, tables_BM = kv_cache.layer_pages(cache, l, P, batch.block_tables_BM, dt)
+    cache = kv_cache.write_step(cache, l, k_1TKH[0], v_1TKH[0], slots_T)
+    k_PGKH, v_PGKH, tables_BM = kv_cache.layer_pages(cache, l, batch.block_tables_BM, dt)
     out_TNH = attention.ragged_paged_attention(
         backend, q_1TNH[0], k_PGKH, v_PGKH, batch.kv_lens_B, tables_BM,
         batch.cu_q_lens_B1, batch.num_seqs_1, sm_scale=H ** -0.5, mesh=mesh)
@@ -143,4 +142,4 @@ def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=
       counts.append(n_E)
   if counts:
     expert_tokens_LE = None if counts[0] is None else jnp.stack(counts)
-  return model, x_1TD, kv_cache.unfold(cache, L), expert_tokens_LE
+  return model, x_1TD, cache, expert_tokens_LE

@@ -4,9 +4,10 @@ The pools hold every layer: keys and values are [L, P, G, K, H]. Page 0 of each 
 page: block-table entries past a sequence's last page point at it, and padding tokens write there;
 attention masks every position at or past a sequence's length, so it is never read.
 
-Inside the forward pass the layer axis is folded into the page axis ([L * P, G, K, H], a free
-reshape): layer l's page p is page l * P + p. One pool then serves every layer with the kernels'
-[P, G, K, H] contract, and is updated in place in the layer loop's carry (no per-layer copies).
+Inside the forward pass the pools keep their shape and are updated in place in the layer loop's
+carry (no per-layer copies): layer l writes at [l, page, offset], and its attention reads the pools
+as one [L * P, G, K, H] view (a free reshape; layer l's page p is page l * P + p) with the kernels'
+[P, G, K, H] contract.
 
 int8 pools (KVCacheSpec dtype 'int8'): keys and values are stored as int8 with a float32 scale per
 token and kv head ([L, P, G, K] scale pools beside the pages; serve/quant.py has the math). The
@@ -128,51 +129,47 @@ def slot_mapping(positions_T, block_tables_BM, cu_q_lens_B1, num_seqs_1, page_si
   return jnp.where(valid_T, page_T * page_size + positions_T % page_size, 0)
 
 
-def write(pages_XGKH: jax.Array, new_TKH: jax.Array, slots_T: jax.Array) -> jax.Array:
-  """Writes one key (or value) per token at its flat slot of a [X, G, K, H] pool (or of a
-  [X, G, K] scale pool)."""
-  X, G = pages_XGKH.shape[:2]
-  flat_SKH = pages_XGKH.reshape(X * G, *pages_XGKH.shape[2:])
-  new_TKH = new_TKH.astype(flat_SKH.dtype)
+def write(pool_LPG, new_T, layer, slots_T: jax.Array) -> jax.Array:
+  """Writes one key (or value, or scale) per token of layer `layer` at its flat slot (page * G +
+  offset) of an [L, P, G, ...] pool; `new_T` is [T, ...]."""
+  G = pool_LPG.shape[2]
+  new_T = new_T.astype(pool_LPG.dtype)
   if slots_T.shape[0] == 1:
     # XLA turns a one-index scatter into a dynamic-update-slice, duplicates it into each reader
     # and copies the whole pool for each copy (72 pool copies in a one-token step of `small`,
     # measured); the same slot written twice stays a scatter, updated in place.
-    slots_T, new_TKH = jnp.concatenate([slots_T] * 2), jnp.concatenate([new_TKH] * 2)
-  flat_SKH = flat_SKH.at[slots_T].set(new_TKH, mode='promise_in_bounds')
-  return flat_SKH.reshape(pages_XGKH.shape)
+    slots_T, new_T = jnp.concatenate([slots_T] * 2), jnp.concatenate([new_T] * 2)
+  # Indexed in the pool's own shape: a reshape of it (layers folded, or slots flattened) with a
+  # kv-head axis of size 1 (MQA) was laid out otherwise by XLA and the pool copied whole around it.
+  return pool_LPG.at[layer, slots_T // G, slots_T % G].set(new_T, mode='promise_in_bounds')
 
 
-def fold(pages: KVPages) -> KVPages:
-  """[L, P, ...] pools -> [L * P, ...]: layer l's page p is page l * P + p."""
-  return KVPages(*(None if x is None else x.reshape(-1, *x.shape[2:]) for x in pages))
-
-
-def unfold(pages: KVPages, num_layers: int) -> KVPages:
-  return KVPages(*(None if x is None else x.reshape(num_layers, -1, *x.shape[1:]) for x in pages))
-
-
-def write_step(pages: KVPages, k_TKH: jax.Array, v_TKH: jax.Array, slots_T: jax.Array) -> KVPages:
-  """Writes a step's keys and values at their flat slots of folded pools (quantizing them for
+def write_step(pages: KVPages, layer, k_TKH: jax.Array, v_TKH: jax.Array,
+               slots_T: jax.Array) -> KVPages:
+  """Writes layer `layer`'s keys and values of a step at their flat slots (quantizing them for
   int8 pools)."""
   if pages.k_scale_LPGK is None:
-    return KVPages(write(pages.k_LPGKH, k_TKH, slots_T), write(pages.v_LPGKH, v_TKH, slots_T))
+    return KVPages(write(pages.k_LPGKH, k_TKH, layer, slots_T),
+                   write(pages.v_LPGKH, v_TKH, layer, slots_T))
   (kq_TKH, ks_TK), (vq_TKH, vs_TK) = quant.quantize_kv(k_TKH), quant.quantize_kv(v_TKH)
-  return KVPages(write(pages.k_LPGKH, kq_TKH, slots_T), write(pages.v_LPGKH, vq_TKH, slots_T),
-                 write(pages.k_scale_LPGK, ks_TK, slots_T), write(pages.v_scale_LPGK, vs_TK, slots_T))
+  return KVPages(*(write(pool, new, layer, slots_T) for pool, new in
+                   zip(pages, (kq_TKH, vq_TKH, ks_TK, vs_TK))))
 
 
-def layer_pages(pages: KVPages, layer, num_pages: int, block_tables_BM: jax.Array, dtype):
-  """(keys [*, G, K, H], values, block tables) for layer `layer`'s attention over folded pools.
+def layer_pages(pages: KVPages, layer, block_tables_BM: jax.Array, dtype):
+  """(keys [*, G, K, H], values, block tables) for layer `layer`'s attention.
 
-  Full-precision pools are passed whole with the tables shifted to the layer's pages; int8 pools
-  give the layer's own P pages, dequantized to `dtype`, and the tables as they are.
+  Full-precision pools are passed whole as [L * P, G, K, H] (layer l's page p is page l * P + p)
+  with the tables shifted to the layer's pages; int8 pools give the layer's own P pages,
+  dequantized to `dtype`, and the tables as they are.
   """
+  L, P = pages.k_LPGKH.shape[:2]
   if pages.k_scale_LPGK is None:
-    return pages.k_LPGKH, pages.v_LPGKH, block_tables_BM + layer * num_pages
+    k, v = (x.reshape(L * P, *x.shape[2:]) for x in (pages.k_LPGKH, pages.v_LPGKH))
+    return k, v, block_tables_BM + layer * P
 
   def mine(x):
-    return jax.lax.dynamic_slice_in_dim(x, layer * num_pages, num_pages)
+    return jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
   k = quant.dequantize_kv(mine(pages.k_LPGKH), mine(pages.k_scale_LPGK), dtype)
   v = quant.dequantize_kv(mine(pages.v_LPGKH), mine(pages.v_scale_LPGK), dtype)
   return k, v, block_tables_BM

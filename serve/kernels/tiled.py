@@ -57,7 +57,7 @@ def ragged_paged_attention(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_t
   check_shapes(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_tables_BM, cu_q_lens_B1,
                num_seqs_1)
   T, N, H = q_TNH.shape
-  _, G, K, _ = k_pages_PGKH.shape
+  P, G, K, _ = k_pages_PGKH.shape
   B, M = block_tables_BM.shape
   R = N // K  # query heads per kv head
   Q = tile_size(T, B)
@@ -87,13 +87,17 @@ def ragged_paged_attention(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_t
   # live sequence, in one pass (a switch, not a loop: XLA:CPU pays per loop iteration).
   widths = table_widths(M)
   tables_WM = block_tables_BM[seq_W]
+  # Whole pages as rows of [P, G * K * H], merged before the switch: a plain row gather (faster
+  # on XLA:CPU than one over [P, G, K, H]), and branches that take no 4-D pool, whose layout XLA
+  # chose otherwise when K == 1 (MQA) and copied whole into each branch.
+  k_pages_PC, v_pages_PC = k_pages_PGKH.reshape(P, -1), v_pages_PGKH.reshape(P, -1)
 
   def attend(width: int):
     def run():
       S = width * G
       pages_WC = tables_WM[:, :width]
-      k_WSKH = k_pages_PGKH[pages_WC].reshape(W, S, K, H)
-      v_WSKH = v_pages_PGKH[pages_WC].reshape(W, S, K, H)
+      k_WSKH = k_pages_PC[pages_WC].reshape(W, S, K, H)
+      v_WSKH = v_pages_PC[pages_WC].reshape(W, S, K, H)
       s_WKXS = jnp.einsum('WKXH,WSKH->WKXS', q_WKXH, k_WSKH, preferred_element_type=jnp.float32)
       key_pos_111S = jnp.arange(S, dtype=jnp.int32)[None, None, None, :]
       s_WKXS = jnp.where(key_pos_111S <= pos_WKX[..., None], s_WKXS, jnp.finfo(jnp.float32).min)

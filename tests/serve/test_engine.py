@@ -54,7 +54,9 @@ def random_params(cfg, seed=0):
 GRAPHDEF, PARAMS = random_params(CFG)
 # The Pallas kernels need a head dim of 64 (TPU lanes) and page sizes of 8 (float32 sublanes).
 CFG_H64 = dataclasses.replace(CFG, num_heads=4, num_kv_heads=2, head_dim=64)
-MODELS = {'h16': (GRAPHDEF, PARAMS), 'h64': random_params(CFG_H64)}
+MODEL_CFGS = {'h16': CFG, 'h64': CFG_H64, 'mqa': dataclasses.replace(CFG, num_kv_heads=1)}
+MODELS = {name: (GRAPHDEF, PARAMS) if name == 'h16' else random_params(cfg)
+          for name, cfg in MODEL_CFGS.items()}
 
 
 @functools.cache
@@ -329,23 +331,26 @@ def test_unrolled_tiled_engine_matches_naive():
 
 
 @pytest.mark.parametrize('layer_loop', ['scan', 'unroll'])
-def test_one_token_steps_write_the_pools_in_place(layer_loop):
-  """Buckets from 1 (the default min_bucket): greedy outputs equal the naive decode, and the
-  one-token step writes its keys and values in place. XLA rewrote a one-index scatter into a
-  dynamic-update-slice it copied the whole pool around, twice per layer and pool (batch-1 decode
-  of `small` 2.5x slower than with the copies gone)."""
+@pytest.mark.parametrize('model', ['h16', 'mqa'])
+def test_steps_update_the_pools_in_place(model, layer_loop):
+  """Buckets from 1 (the default min_bucket), GQA and MQA (one kv head): greedy outputs equal the
+  naive decode, and no step copies a page pool: XLA once copied them whole around a one-token
+  step's write (a one-index scatter it rewrote) and, for MQA, around every write and attention
+  (a size-1 kv-head axis laid out otherwise in a reshape): batch-1 decode of `small` 2.5x slower."""
   cfg = dataclasses.replace(BIG_PAGES, token_budget=16, min_bucket=EngineConfig().min_bucket,
                             layer_loop=layer_loop)
   assert cfg.buckets() == (1, 2, 4, 8, 16)
-  engine = Engine(CFG, PARAMS, cfg)
+  engine = Engine(MODEL_CFGS[model], MODELS[model][1], cfg)
   prompts, max_tokens = mixed_prompts()
-  assert run_all(engine, prompts, max_tokens) == [naive_greedy(p, m)
+  assert run_all(engine, prompts, max_tokens) == [naive_greedy(p, m, model=model)
                                                   for p, m in zip(prompts, max_tokens)]
   L, P, G, K, H = engine.pages.k_LPGKH.shape
   pool = '|'.join(','.join(map(str, s)) for s in ((L, P, G, K, H), (L * P, G, K, H),
                                                    (L * P * G, K, H), (P, G, K, H), (P * G, K, H)))
-  copies = re.findall(rf'= f32\[({pool})\]\{{[\d,]+\}} copy\(', engine._steps[1].as_text())
-  assert not copies, f'{len(copies)} copies of a page pool in the one-token step'
+  for T, step in engine._steps.items():  # pylint: disable=protected-access
+    ops = re.findall(rf'%([\w.-]+) = f32\[(?:{pool})\]\{{[\d,]+\}} (copy|fusion)\(', step.as_text())
+    copies = [name for name, _ in ops if 'scatter' not in name]
+    assert not copies, f'bucket {T}: ops copying a page pool: {copies}'
   assert_idle_and_clean(engine)
 
 
