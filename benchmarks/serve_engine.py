@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--max_tokens', type=int, default=64, help='output tokens per prompt')
   p.add_argument('--token_budget', type=int, default=256)
   p.add_argument('--page_size', type=int, default=16)
+  p.add_argument('--min_bucket', type=int, default=1,
+                 help='the engines\' smallest token bucket (EngineConfig\'s default)')
   p.add_argument('--kv_tokens', type=int, default=2048, help='capacity: KV budget in tokens')
   p.add_argument('--max_len', type=int, default=512, help='capacity: longest request')
   p.add_argument('--threads', type=int, default=0,
@@ -125,7 +127,7 @@ def random_prompts(rng, n: int, lo: int, hi: int, vocab: int) -> list[list[int]]
 
 def engine_config(args, **overrides) -> EngineConfig:
   fields = dict(page_size=args.page_size, max_seqs=args.batch, token_budget=args.token_budget,
-                min_bucket=16, prefix_caching=False, attention='auto')
+                min_bucket=args.min_bucket, prefix_caching=False, attention='auto')
   fields.update(overrides)
   return EngineConfig(**fields)
 
