@@ -224,7 +224,7 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args = parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
-  from parallelism import logs  # no JAX
+  from parallelism import distributed, logs  # no JAX
   workdir = {'train': 'workdir', 'quickstart': 'workdir', 'distill': 'student', 'rl': 'workdir'}.get(
       args.command)  # log there
   log_file = logs.process_log_file(getattr(args, workdir)) if workdir else getattr(args, 'log_file', None)
@@ -233,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     args.host_devices = min(getattr(args, 'tensor_parallel', 8), 8)
   _use_host_devices(args.host_devices)
   try:
-    return COMMANDS[args.command][2](args, argv)
+    code = COMMANDS[args.command][2](args, argv)
+    distributed.finish(code)  # a multi-process job's process ends here on success
+    return code
   except (ValueError, FileNotFoundError) as e:
     print(f'stoker {args.command}: error: {e}', file=sys.stderr)
     return 2

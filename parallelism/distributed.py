@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from typing import Mapping
 
 EXPLICIT = ('STOKER_COORDINATOR', 'STOKER_NUM_PROCESSES', 'STOKER_PROCESS_ID')
@@ -66,12 +67,17 @@ def from_env(env: Mapping[str, str] = os.environ) -> ProcessSpec | None:
   return None
 
 
+_joined = False  # this process joined a multi-process job (initialize)
+
+
 def initialize(spec: ProcessSpec | None, timeout_s: int = 300,
                heartbeat_timeout_s: int = 100) -> None:
   """Joins the job (no-op for None). On CPU, collectives between processes go over gloo."""
+  global _joined
   if spec is None:
     return
   import jax  # pylint: disable=g-import-not-at-top  (callers set XLA flags first)
+  _joined = True
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # only the CPU backend reads it
   jax.distributed.initialize(
       coordinator_address=spec.coordinator, num_processes=spec.num_processes,
@@ -80,3 +86,19 @@ def initialize(spec: ProcessSpec | None, timeout_s: int = 300,
   logging.info('Joined a %d-process job as process %d (%s); %d devices in all, %d here.',
                jax.process_count(), jax.process_index(), spec.source, jax.device_count(),
                jax.local_device_count())
+
+
+def finish(code: int) -> None:
+  """Ends this process of a multi-process job whose command succeeded (code 0): every process
+  meets at a barrier, then exits without the interpreter's teardown, in which gloo's threads now
+  and then abort a finished run (SIGABRT, "exception not rethrown", seen in CI after the last
+  checkpoint was whole), which the supervisor would take for a failure and restart a job that is
+  done. A no-op outside a job or after a failure."""
+  if not _joined or code != 0:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  multihost_utils.sync_global_devices('stoker: the command finished')
+  logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)  # pylint: disable=protected-access
