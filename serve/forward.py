@@ -93,13 +93,12 @@ def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=
   """The model, the last layer's activations x_1TD (before the final norm), the pools and the
   assignments each layer's experts received from the step's tokens (int32 [L, E]; None: dense)."""
   model = nnx.merge(graphdef, params)
-  L, P, G, K, H = pages.k_LPGKH.shape
+  L, _, G, _, H = pages.k_LPGKH.shape
   dt = jnp.dtype(model.cfg.compute_dtype(jax.default_backend()))
   inv_freq = model.inv_freq()
   positions_1T = batch.positions_T[None]
   slots_T = kv_cache.slot_mapping(batch.positions_T, batch.block_tables_BM, batch.cu_q_lens_B1,
                                   batch.num_seqs_1, G)
-  cache = pages
   valid_1T = (jnp.arange(batch.token_ids_T.shape[0]) < batch.cu_q_lens_B1[-1])[None]
 
   def layer(block_def, block_state, l, x_1TD, cache):
@@ -123,8 +122,8 @@ def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=
   if model.cfg.scan_layers and unroll:  # stacked params, each layer's slice taken statically
     layers_def, layers_state = nnx.split(model.layers)
     for l in range(L):
-      x_1TD, cache, n_E = layer(layers_def, jax.tree.map(lambda x: x[l], layers_state), l, x_1TD,
-                                cache)
+      x_1TD, pages, n_E = layer(layers_def, jax.tree.map(lambda x: x[l], layers_state), l, x_1TD,
+                                pages)
       counts.append(n_E)
   elif model.cfg.scan_layers:
     layers_def, layers_state = nnx.split(model.layers)
@@ -134,12 +133,12 @@ def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=
       x_1TD, cache, n_E = layer(layers_def, layer_state, l, *carry)
       return (x_1TD, cache), n_E
 
-    (x_1TD, cache), expert_tokens_LE = jax.lax.scan(
-        body, (x_1TD, cache), (layers_state, jnp.arange(L, dtype=jnp.int32)))
+    (x_1TD, pages), expert_tokens_LE = jax.lax.scan(
+        body, (x_1TD, pages), (layers_state, jnp.arange(L, dtype=jnp.int32)))
   else:
     for l, block in enumerate(model.layers):
-      x_1TD, cache, n_E = layer(*nnx.split(block), l, x_1TD, cache)
+      x_1TD, pages, n_E = layer(*nnx.split(block), l, x_1TD, pages)
       counts.append(n_E)
   if counts:
     expert_tokens_LE = None if counts[0] is None else jnp.stack(counts)
-  return model, x_1TD, cache, expert_tokens_LE
+  return model, x_1TD, pages, expert_tokens_LE
