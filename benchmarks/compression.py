@@ -1,7 +1,7 @@
 """Pruning + distillation vs training the small model from scratch (the comparison Minitron makes).
 
   python benchmarks/compression.py                       # T = 4M tokens: hours on 2 CPU cores
-  python benchmarks/compression.py --tokens 1000000      # what benchmarks/README quotes
+  python benchmarks/compression.py --tokens 400000 --eval_batches 16 --runs 5   # benchmarks/README
   python benchmarks/compression.py --tokens 60000 --eval_batches 4 --runs 1 --steps 8   # smoke, minutes
 
 One process, on the stdlib corpus (4096-token BPE, prepared on first use). A teacher (~12M params:
@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-from _common import cpu_name, log, set_host_devices
+from _common import cpu_name, huge_pages, log, set_host_devices
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--eval_batches', type=int, default=32)
   p.add_argument('--steps', type=int, default=32, help='timed decode steps per run')
   p.add_argument('--runs', type=int, default=3, help='timed decode runs per model and batch')
+  p.add_argument('--layer_loop', default='unroll', choices=('auto', 'scan', 'unroll'),
+                 help="EngineConfig.layer_loop of every engine timed. 'auto' scans the width-pruned "
+                      "student's 4.1 MiB layers, 1.35x slower than unrolled at batch 1 here (1.17x "
+                      'faster at batch 16); the teacher and depth-pruned unroll either way')
   p.add_argument('--host_devices', type=int, default=1)
   p.add_argument('--workdir', default=os.path.join(os.path.dirname(__file__), 'out', 'compression'),
                  help='where the runs go (reused: a finished run is not trained again)')
@@ -112,10 +116,11 @@ def decode_speeds(models: dict, args) -> dict:
   M = -(-(timing.prompt_len + decode_tokens(timing, EngineConfig().token_budget)) // G)
   engines = {key: Engine(cfg, params, EngineConfig(weight_dtype=weights, max_seqs=16, page_size=G,
                                                    prefix_caching=False, max_pages_per_seq=M,
-                                                   num_pages=16 * M + 1))
+                                                   num_pages=16 * M + 1, layer_loop=args.layer_loop))
              for key, (cfg, params, weights) in models.items()}
   rng = np.random.default_rng(0)
   out = {key: {} for key in engines}
+  shares = []
   for batch in (1, 16):
     prompts = [rng.integers(1, 4096, 128).tolist() for _ in range(batch)]
     times = {key: [] for key in engines}
@@ -123,15 +128,17 @@ def decode_speeds(models: dict, args) -> dict:
       time_decode(engine, prompts, argparse.Namespace(**{**vars(timing), 'steps': 4}))
     for _ in range(args.runs):
       for key, engine in engines.items():
-        times[key].append(time_decode(engine, prompts, timing)[0])
+        seconds, share = time_decode(engine, prompts, timing)
+        times[key].append(seconds)
+        shares.append(share)
     for key in engines:
       out[key][batch] = batch / statistics.median(times[key])
     log(f'decode batch {batch}: ' + ', '.join(f'{k[0]} {out[k][batch]:.0f} tok/s' for k in engines) +
         f', load {os.getloadavg()[0]:.2f}')
-  return out
+  return out, statistics.median(shares)
 
 
-def main(argv=None) -> int:
+def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
   args = parse_args(argv)
   if not 0 < args.distill_fraction <= 0.25:
     raise SystemExit(f'--distill_fraction {args.distill_fraction}: the issue allows X <= T/4.')
@@ -196,7 +203,12 @@ def main(argv=None) -> int:
                         bytes=quant.nbytes(served), val_perplexity=ppl,
                         training_tokens=steps * per_step))
     log(f'{label}: perplexity {ppl:.2f}')
-  speeds = decode_speeds(served_models, args)
+  from _engine_limits import probe_bandwidth, probe_peak  # pylint: disable=g-import-not-at-top
+  cores = len(os.sched_getaffinity(0))
+  probes = (f'probes: matmul {probe_peak(cores)["flops_per_s"] / 1e9:.0f} GFLOP/s, memory '
+            f'{probe_bandwidth(cores, 1 << 30)["bytes_per_s"] / 1e9:.1f} GB/s')
+  log(f'{probes}; {pages}')
+  speeds, share = decode_speeds(served_models, args)
   for r in results:
     r['decode_tok_s_b1'], r['decode_tok_s_b16'] = speeds[(r['key'],)][1], speeds[(r['key'],)][16]
   ref = results[0]
@@ -209,7 +221,8 @@ def main(argv=None) -> int:
             f"{'tok/s b1':>8} {'tok/s b16':>9} {'tokens':>10}")
   lines = [f'T = {steps_T * per_step:,} tokens, X = {steps_X * per_step:,}; ratios to the teacher '
            f'(same run); {cpu_name()}, {len(os.sched_getaffinity(0))} cores, load '
-           f'{os.getloadavg()[0]:.2f}. Indicative only at this scale.', header]
+           f'{os.getloadavg()[0]:.2f}; decode runs\' median cpu share {share:.0%}, {probes}; layers '
+           f'{args.layer_loop}; {pages}. Indicative only at this scale.', header]
   for r in results:
     lines.append(f"{r['model']:<30} {r['params_ratio']:>7.3f} {r['non_embedding_params_ratio']:>7.3f} "
                  f"{r['bytes_ratio']:>6.3f} {r['val_perplexity']:>8.2f} {r['val_perplexity_ratio']:>6.3f} "
@@ -219,7 +232,8 @@ def main(argv=None) -> int:
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, 'compression.json'), 'w') as f:
     json.dump({'args': vars(args), 'device': jax.devices()[0].device_kind, 'cpu': cpu_name(),
-               'train_seconds': seconds, 'results': results, 'table': lines}, f, indent=2)
+               'train_seconds': seconds, 'results': results, 'table': lines, 'cpu_share': share,
+               'probes': probes, 'huge_pages': pages}, f, indent=2)
   plot(results, os.path.join(args.out_dir, 'compression.png'))
   return 0
 
@@ -244,4 +258,5 @@ def plot(results, path: str) -> None:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  pages = huge_pages()
+  sys.exit(main(pages=pages))
