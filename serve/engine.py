@@ -60,8 +60,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import logging
-import os
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -74,7 +72,7 @@ from models import transformer
 from models.config import ModelConfig
 from parallelism import sharding as sharding_lib
 from parallelism.rules import DEFAULT_RULES, Rules
-from serve import kv_cache, quant, sampling, speculative
+from serve import kv_cache, programs, quant, sampling, speculative
 from serve import outputs as outputs_lib
 from serve import lora as lora_lib
 from serve import step as step_lib
@@ -119,13 +117,13 @@ class Engine:
                rules: Rules = DEFAULT_RULES):
     self.model_cfg, self.config, self.mesh, self.detokenize = model_cfg, engine_cfg, mesh, detokenize
     if engine_cfg.compilation_cache_dir:
-      enable_compilation_cache(engine_cfg.compilation_cache_dir)
+      programs.enable_compilation_cache(engine_cfg.compilation_cache_dir)
     unroll = unrolls(engine_cfg.layer_loop, jax.default_backend(), layer_bytes(model_cfg, engine_cfg))
     # Unrolled without LoRA (whose adapter stacks follow model_cfg's layout), the engine holds
     # each layer's weights as separate arrays: a stacked weight's slice is copied before every
     # product, each step (12 layers x 32 MB on the small preset).
     self._unstack = unroll and model_cfg.scan_layers and not engine_cfg.max_loras
-    params = self._layout(params)
+    params = programs.layout(model_cfg, params, self._unstack)
     serve_cfg = dataclasses.replace(model_cfg, scan_layers=False) if self._unstack else model_cfg
     graphdef, abstract_params = nnx.split(
         nnx.eval_shape(lambda: transformer.Transformer(serve_cfg, nnx.Rngs(0))))
@@ -152,31 +150,10 @@ class Engine:
       abstract_params = quant.abstract(abstract_params)
     self.weight_bytes = quant.nbytes(params)
     self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    if mesh is None:
-      self.params = params
-      self.pages = kv_cache.init_pages(spec)
-      jitted = {T: jax.jit(f, donate_argnums=(1,)) for T, f in steps.items()}
-      self._stacks = jax.device_put(lora_lib.init_stacks(self.adapters.targets,
-                                                         engine_cfg.max_loras,
-                                                         engine_cfg.max_lora_rank))
-    else:
-      param_shardings = (quant.logical_shardings(abstract_params, mesh, rules)
-                         if engine_cfg.weight_dtype else
-                         sharding_lib.logical_shardings(abstract_params, mesh, rules))
-      self.params = jax.device_put(params, param_shardings)
-      pool = kv_cache.pool_sharding(spec, mesh, rules)
-      self.pages = kv_cache.init_pages(spec, pool)
-      replicated = NamedSharding(mesh, PartitionSpec())
-      pools = kv_cache.pages_sharding(spec, pool)
-      lora_in = (replicated,) if engine_cfg.max_loras else ()
-      q_in = (replicated,) if self._has_q else ()
-      jitted = {T: jax.jit(f, donate_argnums=(1,),
-                           in_shardings=(param_shardings, pools, replicated, replicated,
-                                         replicated, replicated) + q_in + lora_in,
-                           out_shardings=(replicated, pools)) for T, f in steps.items()}
-      self._stacks = jax.device_put(lora_lib.init_stacks(self.adapters.targets,
-                                                         engine_cfg.max_loras,
-                                                         engine_cfg.max_lora_rank), replicated)
+    stacks = lora_lib.init_stacks(self.adapters.targets, engine_cfg.max_loras, engine_cfg.max_lora_rank)
+    self.params, self.pages, self._stacks, jitted = programs.place(
+        steps, params, abstract_params, spec, stacks, mesh, rules, engine_cfg.weight_dtype == 'int8',
+        self._has_q + bool(engine_cfg.max_loras))
     axes = {lora_lib.path_name(t.path): len(t.lead) for t in self.adapters.targets}
     self._write_slot = jax.jit(functools.partial(lora_lib.write_slot, axes), donate_argnums=(0,))
     self._slot_of: dict[bytes, int] = {}  # adapter key -> slot id, for the step being built
@@ -215,28 +192,6 @@ class Engine:
                                          *self._host_arrays(StepPlan((), ()), T)).compile()
         self._compiled[T] = functools.partial(step_lib.tokens_only, self._steps[T])
     self.stats['compile_s'] = time.perf_counter() - start
-
-  def _layout(self, params: nnx.State | nnx.Module) -> nnx.State:
-    """`params` (the state of models.transformer.Transformer(model_cfg), or of its unrolled twin)
-    checked, and re-laid as the engine holds them: layers unstacked when self._unstack."""
-    if isinstance(params, nnx.Module):
-      params = nnx.state(params)
-    cfg = self.model_cfg
-    got = _shapes(params)
-    for scan in dict.fromkeys((cfg.scan_layers, False)):
-      expected = _model_shapes(dataclasses.replace(cfg, scan_layers=scan))
-      if expected == got:
-        break
-    else:
-      raise ValueError(f'params do not match ModelConfig {cfg}: expected the state of '
-                       f'models.transformer.Transformer (scan_layers={cfg.scan_layers}), '
-                       f'shapes {jax.tree.leaves(expected)[:4]}...; got {jax.tree.leaves(got)[:4]}...')
-    if self._unstack:
-      return transformer.unstacked_state(cfg, params)[2]
-    if scan != cfg.scan_layers:
-      raise ValueError('params with unrolled layers for a ModelConfig with scan_layers=True: pass '
-                       'stacked params, or set EngineConfig.layer_loop=\'unroll\' without LoRA.')
-    return params
 
   def _rules(self, rules):
     if self.mesh is None:
@@ -324,10 +279,10 @@ class Engine:
     if self.has_work:
       raise RuntimeError(f'update_params with {len(self._requests)} live requests: their cached KV was '
                          f'computed with the old weights; finish or abort them first.')
-    params = self._layout(params)
+    params = programs.layout(self.model_cfg, params, self._unstack)
     if self.config.weight_dtype == 'int8':
       params = self._quantize(params)
-    if _shapes(params) != _shapes(self.params):
+    if programs.shapes(params) != programs.shapes(self.params):
       raise ValueError('update_params: the new params differ in structure, shape or dtype from the '
                        'engine\'s; pass the state of the same ModelConfig (cast to the engine\'s dtype).')
     self.params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), params, self.params)
@@ -605,27 +560,3 @@ class Engine:
     while self._inflight is not None and not self.scheduler.has_work:
       self.step()  # collect a step dispatched for requests that a stop string has since ended
     return [list(results[i]) for i in ids]
-
-
-def _shapes(tree):
-  return jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), tree)
-
-
-@functools.lru_cache(maxsize=8)
-def _model_shapes(cfg: ModelConfig):
-  """(shape, dtype) per leaf of Transformer(cfg)'s state: traced once per config, not per update."""
-  return _shapes(nnx.state(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0)))))
-
-
-def enable_compilation_cache(directory: str) -> None:
-  """Turns on JAX's persistent compilation cache in `directory` (process-wide), for every compile."""
-  current = jax.config.jax_compilation_cache_dir
-  if current and os.path.abspath(current) != os.path.abspath(directory):
-    # JAX opens its cache once, at the first compile: an earlier directory may stay in use.
-    logging.warning('EngineConfig.compilation_cache_dir=%s, but this process already set JAX\'s '
-                    'cache to %s, which stays in use if anything was compiled since.', directory,
-                    current)
-  jax.config.update('jax_compilation_cache_dir', directory)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-

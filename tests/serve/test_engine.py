@@ -161,7 +161,7 @@ def test_tensor_parallel_matches_naive(tp):
   mesh = make_mesh(MeshConfig(ici=(1, 1, tp)), jax.devices()[:tp])
   engine = Engine(CFG, PARAMS, ONE_BUCKET, mesh)
   assert engine.pages.k_LPGKH.sharding.spec[3] == 'tensor'
-  layers = engine.params['layers']  # unrolled: each layer's weights apart (serve/engine.py: _layout)
+  layers = engine.params['layers']  # unrolled: each layer's weights apart (serve/programs.py: layout)
   q = (layers[0] if engine.unroll else layers)['attn']['q_DNH'][...]
   assert q.sharding.spec[q.ndim - 2] == 'tensor'  # [(L,) D, N, H]: the heads
   prompts, max_tokens = mixed_prompts()

@@ -1,0 +1,87 @@
+"""The engine's compiled programs and where their inputs live: the weights laid out as the step reads
+them (layers unstacked when it unrolls), checked against the model; params, KV pools and LoRA
+slot stacks placed on the mesh (or the default device); one jitted step per bucket, pools donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from models import transformer
+from models.config import ModelConfig
+from parallelism import sharding as sharding_lib
+from parallelism.rules import Rules
+from serve import kv_cache, quant
+
+
+def layout(cfg: ModelConfig, params: nnx.State | nnx.Module, unstack: bool) -> nnx.State:
+  """`params` (the state of models.transformer.Transformer(cfg), or of its unrolled twin) checked,
+  and re-laid as the engine holds them: each layer's weights apart when `unstack`."""
+  if isinstance(params, nnx.Module):
+    params = nnx.state(params)
+  got = shapes(params)
+  for scan in dict.fromkeys((cfg.scan_layers, False)):
+    expected = model_shapes(dataclasses.replace(cfg, scan_layers=scan))
+    if expected == got:
+      break
+  else:
+    raise ValueError(f'params do not match ModelConfig {cfg}: expected the state of '
+                     f'models.transformer.Transformer (scan_layers={cfg.scan_layers}), '
+                     f'shapes {jax.tree.leaves(expected)[:4]}...; got {jax.tree.leaves(got)[:4]}...')
+  if unstack:
+    return transformer.unstacked_state(cfg, params)[2]
+  if scan != cfg.scan_layers:
+    raise ValueError('params with unrolled layers for a ModelConfig with scan_layers=True: pass '
+                     'stacked params, or set EngineConfig.layer_loop=\'unroll\' without LoRA.')
+  return params
+
+
+def shapes(tree):
+  return jax.tree.map(lambda x: (x.shape, jax.numpy.dtype(x.dtype)), tree)
+
+
+@functools.lru_cache(maxsize=8)
+def model_shapes(cfg: ModelConfig):
+  """(shape, dtype) per leaf of Transformer(cfg)'s state: traced once per config, not per update."""
+  return shapes(nnx.state(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0)))))
+
+
+def place(steps: dict, params: nnx.State, abstract_params: nnx.State, spec: kv_cache.KVCacheSpec,
+          stacks: dict, mesh: Mesh | None, rules: Rules, int8: bool, extra_inputs: int):
+  """(params, pages, LoRA stacks, {bucket: jitted step}): on the default device without a mesh;
+  with one, params sharded by `rules` (their int8 layout's rules when `int8`), the pools on kv
+  heads, everything else replicated. `extra_inputs`: the step's optional inputs after the four
+  always there (a draft model's q, the LoRA stacks), each replicated."""
+  if mesh is None:
+    jitted = {T: jax.jit(f, donate_argnums=(1,)) for T, f in steps.items()}
+    return params, kv_cache.init_pages(spec), jax.device_put(stacks), jitted
+  param_shardings = (quant.logical_shardings(abstract_params, mesh, rules) if int8 else
+                     sharding_lib.logical_shardings(abstract_params, mesh, rules))
+  pool = kv_cache.pool_sharding(spec, mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  pools = kv_cache.pages_sharding(spec, pool)
+  jitted = {T: jax.jit(f, donate_argnums=(1,),
+                       in_shardings=(param_shardings, pools) + (replicated,) * (4 + extra_inputs),
+                       out_shardings=(replicated, pools)) for T, f in steps.items()}
+  return (jax.device_put(params, param_shardings), kv_cache.init_pages(spec, pool),
+          jax.device_put(stacks, replicated), jitted)
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` (process-wide), for every compile."""
+  current = jax.config.jax_compilation_cache_dir
+  if current and os.path.abspath(current) != os.path.abspath(directory):
+    # JAX opens its cache once, at the first compile: an earlier directory may stay in use.
+    logging.warning('EngineConfig.compilation_cache_dir=%s, but this process already set JAX\'s '
+                    'cache to %s, which stays in use if anything was compiled since.', directory,
+                    current)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
