@@ -13,8 +13,9 @@ For batch 1 and 16, greedy and temperature 0.8, each engine decodes --new_tokens
 prompt after its prefill (decode tokens/s: from every request's first token to the last), runs
 interleaved, median of --runs: plain (speculation off), the draft model (k = --k) and prompt
 lookup (ngram). Reported per row: tokens/s and the speed-up over plain measured in the same run;
-for speculation the acceptance rate a (accepted / drafted tokens), the drafter/target step-time
-ratio c (a drafter step as it runs inside speculation, from the drafter's measured seconds, over a
+for speculation the acceptance rate (accepted / drafted tokens, vLLM's), Leviathan et al.'s per-token a
+(accepted / (accepted + rejections): a draft is tried only while those before it were accepted), the
+drafter/target step-time ratio c (a drafter step as it runs inside speculation, from the drafter's measured seconds, over a
 plain target step; c_alone in the JSON: the drafter's own plain decode), the speed-up Leviathan et
 al. predict from them, E(a, k) / (k c + 1) with E = (1 - a^(k+1)) / (1 - a), and measured / predicted.
 speculative_max_batch is --max_batch (default 4): at batch 16 the engine backs off to plain
@@ -32,7 +33,7 @@ import statistics
 import sys
 import time
 
-from _common import cpu_name, log, set_host_devices
+from _common import cpu_name, huge_pages, log, set_host_devices
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -94,7 +95,7 @@ def decode_time(engine, prompts, params) -> tuple[int, float]:
   return tokens, time.perf_counter() - clock
 
 
-def main(argv=None) -> int:
+def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
   args = parse_args(argv)
   set_host_devices(args.host_devices)
   import jax  # pylint: disable=g-import-not-at-top
@@ -141,6 +142,9 @@ def main(argv=None) -> int:
              'drafter alone': Engine(draft_cfg, draft_params, plain_cfg)}
   engines['draft'].attach_drafter(Engine(draft_cfg, draft_params, speculative.draft_engine_config(spec('draft'))))
 
+  from _engine_limits import probe_now  # pylint: disable=g-import-not-at-top
+  probes = probe_now(len(os.sched_getaffinity(0)))
+  log(f'{probes}; {pages}')
   results = []
   for batch in (1, 16):
     for temperature in (0.0, 0.8):
@@ -165,12 +169,15 @@ def main(argv=None) -> int:
         stats, start = engines[name].spec_stats, before[name]
         drafted, accepted = stats.drafted - start.drafted, stats.accepted - start.accepted
         rounds = stats.steps - start.steps
-        a = accepted / drafted if drafted else 0.0
+        counts = dataclasses.replace(stats, accepted=accepted,
+                                     rejections=stats.rejections - start.rejections)
+        a = counts.per_token_acceptance()
         # c: a drafter step as it runs inside speculation (synchronous) over a plain target step;
         # c_alone: the drafter's own plain decode step (overlapped) over the target's.
         c = (stats.draft_s - start.draft_s) / max(rounds * args.k, 1) / plain_step_s
         row = dict(drafter=name, batch=batch, temperature=temperature, tok_s=rate[name],
-                   plain_tok_s=rate['plain'], speedup=rate[name] / rate['plain'], acceptance=a,
+                   plain_tok_s=rate['plain'], speedup=rate[name] / rate['plain'],
+                   acceptance=accepted / drafted if drafted else 0.0, a=a,
                    verifications=stats.verifications - start.verifications,
                    backoff_steps=stats.backoffs - start.backoffs, k=args.k)
         row['c'] = c  # prompt lookup: its lookups' seconds per draft token, over a plain step
@@ -183,19 +190,20 @@ def main(argv=None) -> int:
           ', '.join(f'{n} {r:.1f} tok/s' for n, r in rate.items()) + f'; load {os.getloadavg()[0]:.2f}')
 
   lines = [f'k = {args.k}, speculative_max_batch = {args.max_batch}; drafter {size:.3f} of the target\'s '
-           f'params; {cpu_name()}, {len(os.sched_getaffinity(0))} cores, load {os.getloadavg()[0]:.2f}.',
-           f"{'drafter':<7} {'batch':>5} {'temp':>4} {'tok/s':>7} {'plain':>7} {'speed-up':>8} {'a':>5} "
+           f'params; {cpu_name()}, {len(os.sched_getaffinity(0))} cores, load {os.getloadavg()[0]:.2f}; '
+           f'{probes}; {pages}.',
+           f"{'drafter':<7} {'batch':>5} {'temp':>4} {'tok/s':>7} {'plain':>7} {'speed-up':>8} {'acc':>5} {'a':>5} "
            f"{'c':>5} {'predicted':>9} {'meas/pred':>9}"]
   for r in results:
     extra = f"{r['c']:>5.3f} {r['predicted']:>9.2f} {r['measured_over_predicted']:>9.2f}"
     lines.append(f"{r['drafter']:<7} {r['batch']:>5} {r['temperature']:>4} {r['tok_s']:>7.1f} "
-                 f"{r['plain_tok_s']:>7.1f} {r['speedup']:>8.2f} {r['acceptance']:>5.2f} {extra}")
+                 f"{r['plain_tok_s']:>7.1f} {r['speedup']:>8.2f} {r['acceptance']:>5.2f} {r['a']:>5.2f} {extra}")
   print('\n'.join(lines))
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, 'speculative.json'), 'w') as f:
     json.dump({'args': vars(args), 'device': jax.devices()[0].device_kind, 'cpu': cpu_name(),
                'target_params': target_cfg.num_params(), 'drafter_params': draft_cfg.num_params(),
-               'results': results, 'table': lines}, f, indent=2)
+               'results': results, 'table': lines, 'probes': probes, 'huge_pages': pages}, f, indent=2)
   plot(results, os.path.join(args.out_dir, 'speculative.png'))
   return 0
 
@@ -219,4 +227,5 @@ def plot(results, path: str) -> None:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  pages = huge_pages()
+  sys.exit(main(pages=pages))

@@ -366,6 +366,7 @@ class Engine:
           self.spec_stats.verifications += 1
           self.spec_stats.drafted += s.num_draft
           self.spec_stats.accepted += m
+          self.spec_stats.rejections += m < s.num_draft
     apply = self.scheduler.resolve if prev.advanced else self.scheduler.update
     finished = apply(prev.plan, sampled)
     ended = {f.request_id: f for f in finished}

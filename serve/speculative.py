@@ -255,15 +255,23 @@ def draft_engine_config(target_cfg):
 
 @dataclasses.dataclass
 class SpecStats:
-  """Counters for /metrics: verifications (sequences verified), drafted and accepted tokens, drafter seconds,
-  steps that speculated and steps that backed off."""
+  """Counters for /metrics: verifications (sequences verified), drafted and accepted tokens, rejections
+  (verifications that rejected a draft), drafter seconds, steps that speculated and steps that backed off."""
 
   verifications: int = 0
   drafted: int = 0
   accepted: int = 0
+  rejections: int = 0
   draft_s: float = 0.0
   steps: int = 0
   backoffs: int = 0
 
   def as_dict(self) -> dict:
     return {f'spec_{k}': v for k, v in dataclasses.asdict(self).items()}
+
+  def per_token_acceptance(self) -> float:
+    """Leviathan et al.'s a, the chance that a draft token is accepted given those before it were: each draft
+    up to the first rejection is a trial, so accepted / (accepted + rejections). accepted / drafted (vLLM's
+    acceptance rate) is lower: it also counts the drafts after a rejection, which are never tried."""
+    trials = self.accepted + self.rejections
+    return self.accepted / trials if trials else 0.0

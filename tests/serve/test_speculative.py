@@ -202,6 +202,22 @@ def test_expected_tokens():
   assert speculative.expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
 
 
+def test_per_token_acceptance_recovers_the_chance_that_predicts_tokens_per_verification():
+  """Verifications of k = 4 drafts (some cut short, as max_tokens cuts them), each draft accepted with
+  chance 0.6 while those before it were: the estimate recovers 0.6, and E(a, k) the mean tokens per
+  verification; accepted / drafted does not."""
+  rng, alpha = np.random.default_rng(0), 0.6
+  n = rng.choice([4, 4, 4, 2], 20_000)
+  accepted = np.minimum(rng.geometric(1 - alpha, n.size) - 1, n)
+  s = speculative.SpecStats(verifications=n.size, drafted=int(n.sum()), accepted=int(accepted.sum()),
+                            rejections=int((accepted < n).sum()))
+  assert s.per_token_acceptance() == pytest.approx(alpha, abs=0.01)
+  full = n == 4
+  assert speculative.expected_tokens(s.per_token_acceptance(), 4) == pytest.approx(
+      1 + accepted[full].mean(), rel=0.02)
+  assert s.accepted / s.drafted < alpha - 0.2
+
+
 @pytest.mark.parametrize('temperature,top_p', [(1.0, 1.0), (1.0, 0.9)])
 def test_the_engine_with_a_bad_draft_model_is_exact_in_distribution(temperature, top_p):
   """The same test through the engine (draft steps, the q gather, verification slots, seeds,

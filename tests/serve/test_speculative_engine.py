@@ -70,6 +70,9 @@ def test_greedy_equals_naive_with_preemption_and_prefix_sharing(which, request):
   stats = engine.spec_stats
   assert stats.verifications > before[1].verifications and stats.accepted > before[1].accepted
   assert stats.accepted < stats.drafted  # some drafts were rejected and rolled back
+  rejections = stats.rejections - before[1].rejections  # at most one per verification, one per rejected run
+  assert 0 < rejections <= stats.verifications - before[1].verifications
+  assert rejections <= (stats.drafted - before[1].drafted) - (stats.accepted - before[1].accepted)
   assert engine.stats['preemptions'] > before[0]['preemptions'], 'the pool should force a preemption'
   assert_idle_and_clean(engine)
   if which == 'draft':
