@@ -91,6 +91,13 @@ def probes(args, cores: int) -> dict:
   return out
 
 
+def probe_now(cores: int, nbytes: int = 1 << 30) -> str:
+  """The probes taken now, as probe_line writes them (a matmul's cpu share under 90%: something else
+  ran on the host, and the figures beside it are not results)."""
+  return probe_line({'probes': {'start': {'matmul': probe_peak(cores),
+                                          'bandwidth': probe_bandwidth(cores, nbytes)}}})
+
+
 def machine_limits(report: dict) -> tuple[float, float]:
   """(peak FLOP/s, bandwidth bytes/s): the higher reading of the start and end probes."""
   taken = [report['probes'][k] for k in ('start', 'end') if k in report['probes']]

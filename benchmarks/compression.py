@@ -203,10 +203,8 @@ def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
                         bytes=quant.nbytes(served), val_perplexity=ppl,
                         training_tokens=steps * per_step))
     log(f'{label}: perplexity {ppl:.2f}')
-  from _engine_limits import probe_bandwidth, probe_peak  # pylint: disable=g-import-not-at-top
-  cores = len(os.sched_getaffinity(0))
-  probes = (f'probes: matmul {probe_peak(cores)["flops_per_s"] / 1e9:.0f} GFLOP/s, memory '
-            f'{probe_bandwidth(cores, 1 << 30)["bytes_per_s"] / 1e9:.1f} GB/s')
+  from _engine_limits import probe_now  # pylint: disable=g-import-not-at-top
+  probes = probe_now(len(os.sched_getaffinity(0)))
   log(f'{probes}; {pages}')
   speeds, share = decode_speeds(served_models, args)
   for r in results:
