@@ -73,7 +73,10 @@ def test_quick_profile_writes_the_grid(quick_profile):
 def test_quick_profile_fits(quick_profile):
   fitted = estimator.fit(estimator.load_profile(str(quick_profile[0])))
   assert fitted.engine == ENGINE and fitted.cv_error['rows'] == 8
-  assert 0 < fitted.step_time_s(StepShape((1,), (20,))) < fitted.step_time_s(StepShape((1, 16), (20, 16)))
+  # Real timings, on a host that CI shares with another worker: a 16- and a 32-token step of this 2-layer model
+  # can measure alike (CI, 2026-12-07: both 3.3 ms, CV p90 217%), so only what the fit guarantees is asserted
+  # here, a positive and monotone cost; test_estimator.py checks that it recovers known costs exactly.
+  assert 0 < fitted.step_time_s(StepShape((1,), (20,))) <= fitted.step_time_s(StepShape((1, 16), (20, 16)))
 
 
 def test_profile_cli_errors(tmp_path, capsys):
