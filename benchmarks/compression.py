@@ -1,7 +1,7 @@
 """Pruning + distillation vs training the small model from scratch (the comparison Minitron makes).
 
   python benchmarks/compression.py                       # T = 4M tokens: hours on 2 CPU cores
-  python benchmarks/compression.py --tokens 400000 --eval_batches 16 --runs 5   # benchmarks/README
+  python benchmarks/compression.py --tokens 1000000 --eval_batches 16 --runs 5  # benchmarks/README
   python benchmarks/compression.py --tokens 60000 --eval_batches 4 --runs 1 --steps 8   # smoke, minutes
 
 One process, on the stdlib corpus (4096-token BPE, prepared on first use). A teacher (~12M params:
