@@ -24,7 +24,10 @@ def huge_pages() -> str:
   tunables = os.environ.get('GLIBC_TUNABLES', '')
   if 'glibc.malloc.hugetlb' in tunables:
     return f'GLIBC_TUNABLES={tunables}'
-  version = os.confstr('CS_GNU_LIBC_VERSION') if hasattr(os, 'confstr') else None
+  try:
+    version = os.confstr('CS_GNU_LIBC_VERSION')
+  except (AttributeError, ValueError, OSError):  # not POSIX, or a libc that does not say
+    version = None
   if not sys.platform.startswith('linux') or not version or not version.startswith('glibc '):
     return 'huge pages: not available (not Linux with glibc)'
   if tuple(int(x) for x in version.split()[1].split('.')[:2]) < (2, 35):
