@@ -166,22 +166,17 @@ def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
       rate = {name: statistics.median(r) for name, r in rates.items()}
       plain_step_s = batch / rate['plain']  # a plain decode step computes one token per sequence
       for name in ('draft', 'ngram'):
-        stats, start = engines[name].spec_stats, before[name]
-        drafted, accepted = stats.drafted - start.drafted, stats.accepted - start.accepted
-        rounds = stats.steps - start.steps
-        counts = dataclasses.replace(stats, accepted=accepted,
-                                     rejections=stats.rejections - start.rejections)
-        a = counts.per_token_acceptance()
+        d = engines[name].spec_stats.since(before[name])
+        a = d.per_token_acceptance()
         # c: a drafter step as it runs inside speculation (synchronous) over a plain target step;
         # c_alone: the drafter's own plain decode step (overlapped) over the target's.
-        c = (stats.draft_s - start.draft_s) / max(rounds * args.k, 1) / plain_step_s
+        c = d.draft_s / max(d.steps * args.k, 1) / plain_step_s
         row = dict(drafter=name, batch=batch, temperature=temperature, tok_s=rate[name],
                    plain_tok_s=rate['plain'], speedup=rate[name] / rate['plain'],
-                   acceptance=accepted / drafted if drafted else 0.0, a=a,
-                   verifications=stats.verifications - start.verifications,
-                   backoff_steps=stats.backoffs - start.backoffs, k=args.k)
+                   acceptance=d.accepted / d.drafted if d.drafted else 0.0, a=a,
+                   verifications=d.verifications, backoff_steps=d.backoffs, k=args.k)
         row['c'] = c  # prompt lookup: its lookups' seconds per draft token, over a plain step
-        row['predicted'] = speculative.predicted_speedup(a, args.k, c) if rounds else 1.0
+        row['predicted'] = speculative.predicted_speedup(a, args.k, c) if d.steps else 1.0
         row['measured_over_predicted'] = row['speedup'] / row['predicted']
         if name == 'draft':
           row['c_alone'] = rate['plain'] / rate['drafter alone']

@@ -269,6 +269,10 @@ class SpecStats:
   def as_dict(self) -> dict:
     return {f'spec_{k}': v for k, v in dataclasses.asdict(self).items()}
 
+  def since(self, before: 'SpecStats') -> 'SpecStats':
+    """The counts accumulated after `before` (a copy taken earlier)."""
+    return SpecStats(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self)})
+
   def per_token_acceptance(self) -> float:
     """Leviathan et al.'s a, the chance that a draft token is accepted given those before it were: each draft
     up to the first rejection is a trial, so accepted / (accepted + rejections). accepted / drafted (vLLM's
