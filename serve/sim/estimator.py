@@ -113,12 +113,12 @@ def features(shape: StepShape, engine: EngineConfig) -> np.ndarray:
 
 def gathered_keys(shape: StepShape, engine: EngineConfig) -> float:
   """Keys (and as many values) the tiled attention gathers per layer for this step: every tile
-  reads the narrowest table width that holds the step's longest sequence."""
+  (one when the step holds one sequence) reads the narrowest table width that holds the step's
+  longest sequence."""
   buckets = engine.buckets()
   T = min(padded_tokens(shape.num_tokens, buckets), buckets[-1])
   B, M, G = engine.max_seqs, engine.max_pages_per_seq, engine.page_size
-  Q = tiled.tile_size(T, B)
-  tiles = -(-T // Q) + (B if Q > 1 else 0)
+  _, tiles = tiled.tiles(T, B, len(shape.q_lens))
   pages = -(-max(shape.kv_lens) // G)
   width = next((w for w in tiled.table_widths(M) if w >= pages), M)
   return float(tiles * width * G)

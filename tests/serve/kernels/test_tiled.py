@@ -55,3 +55,13 @@ def test_table_width_changes_nothing():
   wide[4] = jnp.pad(short[4], ((0, 0), (0, 60)), constant_values=10 ** 6)
   assert_close(tiled.ragged_paged_attention(*wide), tiled.ragged_paged_attention(*short), 0,
                'wide vs narrow table')
+
+
+@pytest.mark.parametrize('T,seq', [(4, (4, 150)), (8, (5, 37)), (16, (16, 16)), (64, (50, 250))],
+                         ids=['verify-4', 'verify-5-of-8', 'prefill-16', 'chunk-50-of-64'])
+def test_one_sequence_runs_as_one_tile(T, seq):
+  """A step holding one sequence (batch 1: a verification, a prefill chunk) takes the one-tile
+  branch; it matches the reference, and a second sequence (the general tiles) still does."""
+  assert tiled.tiles(T, 6, 1) == (T, 1) and tiled.tiles(T, 6) != (T, 1)
+  check([seq], 4, 2, 16, 16, T=T, M=16)
+  check([(seq[0] - 1, seq[1]), (1, 20)], 4, 2, 16, 16, T=T, M=16)
