@@ -74,19 +74,20 @@ def forward_with_token_logprobs(
   the top MAX_LOGPROBS, under the model's distribution at t: all zeros when no target is set.
   Returns (logits_BV, scored, pages[, head's result], expert_tokens_LE).
 
-  with_head: called with head(indices_R) -> float32 logits [R, V] at those token indices (speculative
-  verification: every drafted position); its result is returned fourth. The caller decides when the
-  head runs (inside its own lax.cond), so a step that verifies nothing computes no [R, V] logits."""
+  with_head: called as with_head(head, logits_indices_B) -> (logits_BV, result), head(indices_R) giving
+  the logits [R, V] at those token indices (speculative verification: the step's sampled rows and every
+  drafted position in one product, so the LM head's weights are read once); `result` is returned fourth.
+  The caller decides when the drafted rows run (inside its own lax.cond), so a step that verifies
+  nothing computes no [R, V] logits."""
   model, x_1TD, pages, expert_tokens_LE = _layers(graphdef, params, pages, batch, backend, mesh,
                                                   unroll, lora_slots_T)
-  x_1BD = jnp.take(x_1TD, batch.logits_indices_B, axis=1)
   scored = sampling.logprobs(lambda: model.logits(x_1TD)[0], targets_T, jnp.any(targets_T >= 0),
                              model.cfg.vocab_size)
-  logits_BV = model.logits(x_1BD)[0]
+  head = lambda indices_R: model.logits(jnp.take(x_1TD, indices_R, axis=1))[0]
   if with_head is None:
-    return logits_BV, scored, pages, expert_tokens_LE
-  head = lambda indices_R: model.logits(jnp.take(x_1TD, indices_R, axis=1))[0].astype(jnp.float32)
-  return logits_BV, scored, pages, with_head(head), expert_tokens_LE
+    return head(batch.logits_indices_B), scored, pages, expert_tokens_LE
+  logits_BV, result = with_head(head, batch.logits_indices_B)
+  return logits_BV, scored, pages, result, expert_tokens_LE
 
 
 def _layers(graphdef, params, pages, batch, backend, mesh, unroll, lora_slots_T=None):

@@ -17,7 +17,8 @@ Always-present step inputs and outputs, so that no feature compiles a variant of
     count and its row in the step (and, with a draft model, the drafter's logits q_RV [R, V]).
     Speculating sequences take the slots in plan order. The verification (speculative.verify)
     runs in a branch taken only when some sequence has drafts, on K1 rows when only one has
-    (batch 1: the LM head on k + 1 rows, not R), else on all R;
+    (batch 1: k + 1 rows, not R), else on all R; that branch runs the LM head once over the
+    step's sampled rows and its verification rows together;
   - with LoRA slots, each token's slot id (the packed ints' last T) and the slot stacks;
   - for a mixture of experts, the assignments each layer's experts received from the step's
     tokens, int32 [L, E] (serve/forward.py); None for a dense model.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from serve import forward as forward_lib
@@ -89,8 +91,8 @@ def step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, 
   has_q, has_lora = inputs
   T, B, _, S, K1 = shape
   batch, feed_T, targets_T, flags, sampling_batch, spec = unpack(ints_I, floats_F, *shape)
-  fed_T = jax.numpy.take(prev_tokens_B, jax.numpy.maximum(feed_T, 0))
-  batch = batch._replace(token_ids_T=jax.numpy.where(feed_T >= 0, fed_T, batch.token_ids_T))
+  fed_T = jnp.take(prev_tokens_B, jnp.maximum(feed_T, 0))
+  batch = batch._replace(token_ids_T=jnp.where(feed_T >= 0, fed_T, batch.token_ids_T))
   slots_T = None
   if has_lora:
     params = lora_lib.attach(params, extra[-1])
@@ -101,17 +103,20 @@ def step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, 
     q_RV = extra[0] if has_q else None
     slot_batch = sampling.SamplingBatch(*(x[rows_S] for x in sampling_batch))
 
-    def with_head(head):
-      def verify(s):  # the first s slots
+    def with_head(head, indices_B):
+      def verify(s):  # the first s slots: their rows after the B sampled ones, one LM head product
+        logits_XV = head(jnp.concatenate([indices_B, verify_indices_R[:s * K1]]))
         tokens_sK1, accepted_s = speculative.verify(
-            head(verify_indices_R[:s * K1]), None if q_RV is None else q_RV[:s * K1],
+            logits_XV[B:].astype(jnp.float32), None if q_RV is None else q_RV[:s * K1],
             draft_R[:s * K1], num_draft_S[:s], sampling.SamplingBatch(*(x[:s] for x in slot_batch)))
         pad = ((0, S - s), (0, 0))
-        return jax.numpy.pad(tokens_sK1, pad), jax.numpy.pad(accepted_s, pad[:1])
+        return logits_XV[:B], (jnp.pad(tokens_sK1, pad), jnp.pad(accepted_s, pad[:1]))
 
-      zeros = lambda: (jax.numpy.zeros((S, K1), jax.numpy.int32), jax.numpy.zeros(S, jax.numpy.int32))
-      branches = [zeros, lambda: verify(1)] + ([lambda: verify(S)] if S > 1 else [])
-      return jax.lax.switch(jax.numpy.minimum(flags[2], len(branches) - 1), branches)
+      def plain():
+        return head(indices_B), (jnp.zeros((S, K1), jnp.int32), jnp.zeros(S, jnp.int32))
+
+      branches = [plain, lambda: verify(1)] + ([lambda: verify(S)] if S > 1 else [])
+      return jax.lax.switch(jnp.minimum(flags[2], len(branches) - 1), branches)
   out = forward_lib.forward_with_token_logprobs(
       graphdef, params, pages, batch, targets_T, backend=backend, mesh=mesh, unroll=unroll,
       lora_slots_T=slots_T, with_head=with_head)
@@ -121,7 +126,7 @@ def step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, 
   tokens_B = sampling.sample(sampling.apply_mask(logits_BV, mask_BW[:B], flags[1] > 0), sampling_batch)
   row_lp = sampling.logprobs(logits_BV, tokens_B, flags[0] > 0, logits_BV.shape[-1])
   # Tokens go back as max_seqs rows whatever this bucket's B: the next step feeds from them.
-  tokens_B = jax.numpy.pad(tokens_B, (0, prev_tokens_B.shape[0] - B))
+  tokens_B = jnp.pad(tokens_B, (0, prev_tokens_B.shape[0] - B))
   return (tokens_B, row_lp, token_lp, logits_BV, verified, expert_tokens_LE), pages
 
 
