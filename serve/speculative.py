@@ -243,13 +243,15 @@ class DraftModel:
 
 def draft_engine_config(target_cfg):
   """The draft model's EngineConfig for a target's: the same slots and budget, block tables k + 1 tokens
-  longer (drafts run past the target's tokens), no prefix cache, synchronous steps, no speculation."""
+  longer (drafts run past the target's tokens), no prefix cache, synchronous steps, no speculation,
+  layers unrolled (a drafter decodes small batches: a scanned 2-layer drafter's step slices its
+  stacked weights each layer, 0.35 ms a step against 0.21 ms unrolled on a 2-core CPU)."""
   k = target_cfg.num_speculative_tokens
   extra = -(-(k + 1) // target_cfg.page_size)
   return dataclasses.replace(
       target_cfg, max_pages_per_seq=target_cfg.max_pages_per_seq + extra,
       num_pages=target_cfg.num_pages + target_cfg.max_seqs * extra, prefix_caching=False,
-      async_scheduling=False, speculative=None, num_speculative_tokens=0, max_loras=0,
+      async_scheduling=False, speculative=None, num_speculative_tokens=0, max_loras=0, layer_loop='unroll',
       weight_dtype=target_cfg.weight_dtype, compilation_cache_dir=None)
 
 
