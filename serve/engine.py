@@ -416,10 +416,11 @@ class Engine:
     q_RV = None
     if drafts:
       self.spec_stats.steps += 1
-      if self._has_q:
-        drafted = [s for s in plan.seqs if s.num_draft]  # verification slots, in plan order
+      drafted = [s for s in plan.seqs if s.num_draft]  # verification slots, in plan order
+      # The drafter's q enters only rejection sampling: greedy verification compares argmaxes.
+      if self._has_q and any(self._requests[s.request_id].params.temperature > 0 for s in drafted):
         rows = [(s.request_id, i * self._K1, s.num_draft) for i, s in enumerate(drafted)]
-        q_RV = self._drafter.q_rows(rows, self._S * self._K1) if rows else None
+        q_RV = self._drafter.q_rows(rows, self._S * self._K1)
     arrays = self._host_arrays(plan, T, prev, q_RV)
     if self._replicated is not None:
       arrays = jax.device_put(arrays, self._replicated)
