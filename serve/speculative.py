@@ -145,16 +145,20 @@ def verify(p_logits_RV: jax.Array, q_logits_RV: jax.Array | None, draft_R: jax.A
 def ngram_draft(tokens: Sequence[int] | np.ndarray, k: int, max_n: int = NGRAM_MAX,
                 min_n: int = NGRAM_MIN) -> list[int]:
   """Prompt lookup: up to k tokens that followed the most recent earlier occurrence of the last n tokens
-  (longest n first); [] when none recurs."""
+  (longest n first); [] when none recurs. One pass: every earlier position of the last token, then how
+  many tokens before it also match (up to max_n), not a window scan per n (0.2 ms a call at 250 tokens)."""
   seq = np.asarray(tokens, dtype=np.int64)
   L = len(seq)
-  for n in range(min(max_n, L - 1), min_n - 1, -1):
-    windows = np.lib.stride_tricks.sliding_window_view(seq[:L - 1], n)  # starts 0 .. L - 1 - n
-    hits = np.flatnonzero(np.all(windows == seq[L - n:], axis=1))
-    if hits.size:
-      start = int(hits[-1]) + n
-      return seq[start:start + k].tolist()
-  return []
+  ends_E = np.flatnonzero(seq[:L - 1] == seq[L - 1]) if L > 1 else np.zeros(0, np.int64)
+  matched_E = np.ones(len(ends_E), np.int64)  # tokens matched backwards from each end
+  for j in range(1, min(max_n, L - 1)):  # an earlier end is at most L - 2: j <= L - 2
+    more_E = (matched_E == j) & (ends_E >= j)
+    more_E[more_E] = seq[ends_E[more_E] - j] == seq[L - 1 - j]
+    matched_E += more_E
+  if not len(ends_E) or matched_E.max() < min_n:
+    return []
+  start = int(ends_E[matched_E == matched_E.max()][-1]) + 1
+  return seq[start:start + k].tolist()
 
 
 class NgramDrafter:
