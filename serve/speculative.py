@@ -149,15 +149,18 @@ def ngram_draft(tokens: Sequence[int] | np.ndarray, k: int, max_n: int = NGRAM_M
   many tokens before it also match (up to max_n), not a window scan per n (0.2 ms a call at 250 tokens)."""
   seq = np.asarray(tokens, dtype=np.int64)
   L = len(seq)
-  ends_E = np.flatnonzero(seq[:L - 1] == seq[L - 1]) if L > 1 else np.zeros(0, np.int64)
+  ends_E = np.flatnonzero(seq[:L - 1] == seq[L - 1]) if L > 1 else ()
+  if not len(ends_E):
+    return []
   matched_E = np.ones(len(ends_E), np.int64)  # tokens matched backwards from each end
   for j in range(1, min(max_n, L - 1)):  # an earlier end is at most L - 2: j <= L - 2
     more_E = (matched_E == j) & (ends_E >= j)
     more_E[more_E] = seq[ends_E[more_E] - j] == seq[L - 1 - j]
     matched_E += more_E
-  if not len(ends_E) or matched_E.max() < min_n:
+  n = matched_E.max()
+  if n < min_n:
     return []
-  start = int(ends_E[matched_E == matched_E.max()][-1]) + 1
+  start = int(ends_E[matched_E == n][-1]) + 1
   return seq[start:start + k].tolist()
 
 

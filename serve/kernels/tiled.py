@@ -79,11 +79,11 @@ def ragged_paged_attention(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_B, block_t
   run = functools.partial(_attend, q_TNH.astype(jnp.float32) * scale, k_pages_PGKH.reshape(P, -1),
                           v_pages_PGKH.reshape(P, -1), G, K, kv_lens_B, block_tables_BM, cu_q_lens_B1,
                           num_seqs_1)
-  general = functools.partial(run, *tiles(T, B))
-  if tiles(T, B) == tiles(T, B, 1):
-    out_TNH = general()
+  many, one = tiles(T, B), tiles(T, B, 1)
+  if many == one:
+    out_TNH = run(*many)
   else:
-    out_TNH = jax.lax.cond(num_seqs_1[0] == 1, functools.partial(run, *tiles(T, B, 1)), general)
+    out_TNH = jax.lax.cond(num_seqs_1[0] == 1, lambda: run(*one), lambda: run(*many))
   return out_TNH.astype(q_TNH.dtype)
 
 
