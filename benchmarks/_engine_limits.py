@@ -203,7 +203,7 @@ def section_limits(args, cores: int) -> dict:
   prompt = max(1, args.limits_context - (prefill + decodes) // 2)
   M = -(-(prompt + prefill + decodes + 2) // G)
   ecfg = EngineConfig(max_seqs=B, page_size=G, token_budget=256, prefix_caching=False,
-                      num_pages=(B + 1) * M + 1, max_pages_per_seq=M)
+                      num_pages=(B + 1) * M + 1, max_pages_per_seq=M, weight_layout=args.weight_layout)
   engine = Engine(cfg, random_params(cfg, args.seed), ecfg)
   log(f'[limits] {args.limits_preset} engine compiled in {engine.stats["compile_s"]:.1f} s')
   rng = np.random.default_rng(args.seed + 4)

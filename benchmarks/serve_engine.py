@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--page_size', type=int, default=16)
   p.add_argument('--min_bucket', type=int, default=1,
                  help='the engines\' smallest token bucket (EngineConfig\'s default)')
+  p.add_argument('--weight_layout', default='auto',
+                 help='the engines\' EngineConfig.weight_layout (auto: out_major on CPU)')
   p.add_argument('--kv_tokens', type=int, default=2048, help='capacity: KV budget in tokens')
   p.add_argument('--max_len', type=int, default=512, help='capacity: longest request')
   p.add_argument('--threads', type=int, default=0,
@@ -127,7 +129,8 @@ def random_prompts(rng, n: int, lo: int, hi: int, vocab: int) -> list[list[int]]
 
 def engine_config(args, **overrides) -> EngineConfig:
   fields = dict(page_size=args.page_size, max_seqs=args.batch, token_budget=args.token_budget,
-                min_bucket=args.min_bucket, prefix_caching=False, attention='auto')
+                min_bucket=args.min_bucket, prefix_caching=False, attention='auto',
+                weight_layout=args.weight_layout)
   fields.update(overrides)
   return EngineConfig(**fields)
 

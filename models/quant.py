@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import weight_einsum
+from models.layers import OutMajor, weight_einsum
 
 WEIGHT_DTYPES = ('int8',)
 
@@ -163,14 +163,51 @@ def _name(path) -> str:
   return next((k for k in reversed(keys) if isinstance(k, str) and k != 'value'), '')
 
 
-def quantize_params(params: nnx.State, names=tuple(CONTRACTED), kind: type[Int8] = Int8) -> nnx.State:
-  """The weight matrices `names` of a Transformer's params as `kind` (jit it to quantize on device)."""
+def map_weights(params: nnx.State, names, fn) -> nnx.State:
+  """`params` with each weight array named in `names` replaced by fn(variable, its contracted
+  axes), a Variable; weights already held as objects (Int8, OutMajor, LoRA) are left as they are."""
   def one(path, v):
     name = _name(path)
     value = v.get_value()
-    if name not in names or _is_int8(value):
+    if name not in names or hasattr(value, 'einsum'):
       return v
-    return v.replace(quantize(value, _contracted(name, value.ndim), kind))
+    return fn(v, _contracted(name, value.ndim))
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
+
+
+def quantize_params(params: nnx.State, names=tuple(CONTRACTED), kind: type[Int8] = Int8) -> nnx.State:
+  """The weight matrices `names` of a Transformer's params as `kind` (jit it to quantize on device)."""
+  return map_weights(params, names, lambda v, axes: v.replace(quantize(v.get_value(), axes, kind)))
+
+
+# The weights out_major_params re-lays: the dense ones (the experts' batched products stay x w).
+DENSE = ('q_DNH', 'k_DKH', 'v_DKH', 'o_NHD', 'gate_DF', 'up_DF', 'down_FD', 'lm_head_DV', 'embed_VD')
+
+
+def out_major_params(params: nnx.State, names=DENSE) -> nnx.State:
+  """The float weights `names` as models.layers.OutMajor: their contracted axes moved last (a copy),
+  the Variables' logical axes reordered alike, so they shard by the same names. Int8 stays as is."""
+  def one(v, axes):
+    value = v.get_value()
+    order = [a for a in range(value.ndim) if a not in axes] + list(axes)
+    names_ = v.get_metadata().get('out_sharding')
+    updates = {'out_sharding': tuple(names_[a] for a in order)} if names_ else {}
+    return v.replace(OutMajor(jnp.transpose(value, order)), **updates)
+  return map_weights(params, names, one)
+
+
+def model_layout(params: nnx.State) -> nnx.State:
+  """`params` with every OutMajor weight back in the model's layout (out_major_params undone)."""
+  def one(path, v):
+    value = v.get_value()
+    if not isinstance(value, OutMajor):
+      return v
+    axes = _contracted(_name(path), value.t.ndim)
+    order = [a for a in range(value.t.ndim) if a not in axes] + list(axes)
+    back = [order.index(a) for a in range(len(order))]
+    names_ = v.get_metadata().get('out_sharding')
+    updates = {'out_sharding': tuple(names_[a] for a in back)} if names_ else {}
+    return v.replace(jnp.transpose(value.t, back), **updates)
   return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
 
 

@@ -77,7 +77,7 @@ from serve import outputs as outputs_lib
 from serve import lora as lora_lib
 from serve import step as step_lib
 from serve.attention import resolve
-from serve.engine_config import LAYER_LOOPS, EngineConfig, layer_bytes, unrolls  # pylint: disable=unused-import
+from serve.engine_config import LAYER_LOOPS, EngineConfig, layer_bytes, out_major, unrolls  # pylint: disable=unused-import
 from serve.sampling import SamplingParams
 from serve.outputs import RequestOutput, TokenLogprob  # noqa: F401  (the engine's API)
 from serve.scheduler import Scheduler, StepPlan
@@ -144,10 +144,10 @@ class Engine:
                                   (T, min(B, T), M, self._S, self._K1),
                                   (self._has_q, bool(engine_cfg.max_loras)))
              for T in engine_cfg.buckets()}
-    if engine_cfg.weight_dtype == 'int8':
-      self._quantize = jax.jit(quant.quantize_params)
-      params = self._quantize(params)
-      abstract_params = quant.abstract(abstract_params)
+    self._relay = programs.relay(engine_cfg.weight_dtype == 'int8',
+                                 out_major(engine_cfg.weight_layout, jax.default_backend()))
+    params = self._relay(params)
+    abstract_params = jax.eval_shape(self._relay, abstract_params)
     self.weight_bytes = quant.nbytes(params)
     self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     stacks = lora_lib.init_stacks(self.adapters.targets, engine_cfg.max_loras, engine_cfg.max_lora_rank)
@@ -279,9 +279,7 @@ class Engine:
     if self.has_work:
       raise RuntimeError(f'update_params with {len(self._requests)} live requests: their cached KV was '
                          f'computed with the old weights; finish or abort them first.')
-    params = programs.layout(self.model_cfg, params, self._unstack)
-    if self.config.weight_dtype == 'int8':
-      params = self._quantize(params)
+    params = self._relay(programs.layout(self.model_cfg, params, self._unstack))
     if programs.shapes(params) != programs.shapes(self.params):
       raise ValueError('update_params: the new params differ in structure, shape or dtype from the '
                        'engine\'s; pass the state of the same ModelConfig (cast to the engine\'s dtype).')

@@ -23,9 +23,11 @@ from serve import kv_cache, quant
 
 def layout(cfg: ModelConfig, params: nnx.State | nnx.Module, unstack: bool) -> nnx.State:
   """`params` (the state of models.transformer.Transformer(cfg), or of its unrolled twin) checked,
-  and re-laid as the engine holds them: each layer's weights apart when `unstack`."""
+  and re-laid as the engine holds them: each layer's weights apart when `unstack`. An engine's own
+  params (OutMajor weights) are taken back to the model's layout first."""
   if isinstance(params, nnx.Module):
     params = nnx.state(params)
+  params = quant.model_layout(params)
   got = shapes(params)
   for scan in dict.fromkeys((cfg.scan_layers, False)):
     expected = model_shapes(dataclasses.replace(cfg, scan_layers=scan))
@@ -41,6 +43,16 @@ def layout(cfg: ModelConfig, params: nnx.State | nnx.Module, unstack: bool) -> n
     raise ValueError('params with unrolled layers for a ModelConfig with scan_layers=True: pass '
                      'stacked params, or set EngineConfig.layer_loop=\'unroll\' without LoRA.')
   return params
+
+
+@functools.lru_cache(maxsize=None)
+def relay(int8: bool, out_major: bool):
+  """What the engine's weights go through after `layout`: int8 quantization, then the OutMajor
+  layout of the float weights left (models/quant.py), as one jitted function shared by engines."""
+  steps = [f for f, on in ((quant.quantize_params, int8), (quant.out_major_params, out_major)) if on]
+  if not steps:
+    return lambda params: params
+  return jax.jit(lambda params: functools.reduce(lambda p, f: f(p), steps, params))
 
 
 def shapes(tree):

@@ -15,7 +15,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from models.quant import (CONTRACTED, WEIGHT_DTYPES, Int8, abstract, dequantize,  # noqa: F401
-                          dequantize_array, einsum, nbytes, quantize, quantize_params)
+                          dequantize_array, einsum, model_layout, nbytes, out_major_params,
+                          quantize, quantize_params)
 from parallelism import sharding
 from parallelism.rules import DEFAULT_RULES, Rules
 

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from models import presets, transformer
+from models.layers import OutMajor
 from parallelism.mesh import MeshConfig, make_mesh
 from serve.engine import Engine, EngineConfig
 from serve.sampling import SamplingParams
@@ -162,8 +163,9 @@ def test_tensor_parallel_matches_naive(tp):
   engine = Engine(CFG, PARAMS, ONE_BUCKET, mesh)
   assert engine.pages.k_LPGKH.sharding.spec[3] == 'tensor'
   layers = engine.params['layers']  # unrolled: each layer's weights apart (serve/programs.py: layout)
-  q = (layers[0] if engine.unroll else layers)['attn']['q_DNH'][...]
-  assert q.sharding.spec[q.ndim - 2] == 'tensor'  # [(L,) D, N, H]: the heads
+  q = (layers[0] if engine.unroll else layers)['attn']['q_DNH'].get_value()
+  assert isinstance(q, OutMajor)  # on CPU: [(L,) N, H, D] (models/layers.py)
+  assert q.t.sharding.spec[q.t.ndim - 3] == 'tensor'  # the heads
   prompts, max_tokens = mixed_prompts()
   got = run_all(engine, prompts, max_tokens)
   assert got == [naive_greedy(p, m) for p, m in zip(prompts, max_tokens)]

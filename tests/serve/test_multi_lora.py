@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 from models import lora, peft_files
-from serve import loader
+from serve import loader, quant
 from serve.engine import Engine
 from serve.sampling import SamplingParams
 from serve.scheduler import Scheduler, SchedulerConfig
@@ -125,7 +125,7 @@ def test_admission_keeps_running_adapters_within_the_slots():
 
 
 def test_mixed_batch_equals_each_merged_model(loaded, reference, peft_dirs):
-  engine, base = loaded.engine, loaded.engine.params
+  engine, base = loaded.engine, quant.model_layout(loaded.engine.params)  # OutMajor on CPU
   names = [None, 'sql', 'poem', 'math']
   mixes = []
   place = engine._place_adapters  # pylint: disable=protected-access
@@ -223,7 +223,7 @@ def test_server_selects_lists_loads_and_unloads_adapters(server, loaded, referen
   assert 'stoker_lora_adapters 4.0' in metrics and 'stoker_lora_resident 3.0' in metrics, metrics
   assert f'stoker_lora_swaps_total {float(loaded.engine.adapters.swaps)}' in metrics
   for name in names:
-    want = merged_greedy(reference, loaded.engine.params,
+    want = merged_greedy(reference, quant.model_layout(loaded.engine.params),
                          None if name == 'base' else peft_dirs[name], PROMPT, 5)
     assert texts[name] == loaded.codec.decode(want), name
 
