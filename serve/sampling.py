@@ -108,6 +108,16 @@ def filter_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.A
   return jnp.where(keep_in_vocab_BV, scaled_BV, -jnp.inf)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+  """jnp.argmax(x, axis=-1) as int32 (the first of equal maxima; the first NaN if any), in two
+  passes XLA:CPU vectorises, a max then a min over indices: its argmax is a (value, index) reduce
+  it does not, 1.30 -> 0.33 ms for [16, 32768] and 158 -> 26 us for [1, 32768] (2-core CPU)."""
+  m = jnp.max(x, axis=-1, keepdims=True)
+  first = (x == m) | jnp.isnan(x)
+  V = x.shape[-1]
+  return jnp.min(jnp.where(first, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def sample(logits_BV: jax.Array, batch: SamplingBatch) -> jax.Array:
   """One token id per row (int32 [B]): argmax where temperature is 0, else a draw from the
   filtered distribution with the row's own key, fold_in(key(seed), position).
@@ -116,7 +126,7 @@ def sample(logits_BV: jax.Array, batch: SamplingBatch) -> jax.Array:
   row filters, and nothing random runs for an all-greedy batch. A row's draw is the same on every
   branch (unfiltered rows come out of filter_logits unchanged), so it never depends on its batch.
   """
-  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  greedy_B = argmax(logits_BV)
   random_B = batch.temperature_B > 0
   filtering = jnp.any(random_B & ((batch.top_k_B > 0) | (batch.top_p_B < 1.0)))
 

@@ -96,7 +96,7 @@ def verify(p_logits_RV: jax.Array, q_logits_RV: jax.Array | None, draft_R: jax.A
   seeds_R = rep(batch.seeds_B)
   positions_R = rep(batch.positions_B - num_draft_B) + j_R
   draft_safe_R = jnp.maximum(draft_R, 0)
-  greedy_R = jnp.argmax(p_logits_RV, axis=-1).astype(jnp.int32)
+  greedy_R = sampling.argmax(p_logits_RV)
   random_R = temperature_R > 0
   filtering = jnp.any(random_R & ((top_k_R > 0) | (top_p_R < 1.0)))
 

@@ -1,6 +1,7 @@
 """Sampling against a numpy reference of the top-k/top-p support, and seed determinism."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -77,6 +78,18 @@ def test_greedy_is_argmax():
   got = np.asarray(_sample(logits_BV, _batch(8, temperature=0.0)))
   np.testing.assert_array_equal(got, np.argmax(logits_BV, axis=-1))
   assert got[3] == 2
+
+
+def test_argmax_equals_numpys_with_ties_infinities_and_nans():
+  x = np.random.default_rng(3).standard_normal((9, 300)).astype(np.float32)
+  x[1, [5, 40, 299]] = 7.0  # ties: the first
+  x[2] = -np.inf  # all -inf: index 0
+  x[3, [10, 20]] = np.inf
+  x[4, [50, 60]] = np.nan  # numpy and jnp.argmax: the first NaN
+  x[5, 0] = x[5].max() + 1
+  x[6, -1] = x[6].max() + 1
+  x[7] = 0.0
+  np.testing.assert_array_equal(np.asarray(jax.jit(sampling.argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
 
 
 def test_a_requests_draws_do_not_depend_on_the_batch():
