@@ -121,7 +121,7 @@ def slot_mapping(positions_T, block_tables_BM, cu_q_lens_B1, num_seqs_1, page_si
   """
   T = positions_T.shape[0]
   t_T = jnp.arange(T, dtype=jnp.int32)
-  seq_T = jnp.searchsorted(cu_q_lens_B1, t_T, side='right').astype(jnp.int32) - 1
+  seq_T = jnp.searchsorted(cu_q_lens_B1, t_T, side='right', method='compare_all').astype(jnp.int32) - 1
   seq_T = jnp.clip(seq_T, 0, block_tables_BM.shape[0] - 1)
   valid_T = t_T < cu_q_lens_B1[num_seqs_1[0]]
   page_index_T = jnp.clip(positions_T // page_size, 0, block_tables_BM.shape[1] - 1)

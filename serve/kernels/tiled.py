@@ -112,7 +112,10 @@ def _attend(q_TNH, k_pages_PC, v_pages_PC, G: int, K: int, kv_lens_B, block_tabl
   tile_cu_B1 = jnp.concatenate([jnp.zeros(1, jnp.int32),
                                 jnp.cumsum((q_len_B + Q - 1) // Q, dtype=jnp.int32)])
   w_W = jnp.arange(W, dtype=jnp.int32)
-  seq_W = jnp.clip(jnp.searchsorted(tile_cu_B1, w_W, side='right').astype(jnp.int32) - 1, 0, B - 1)
+  # compare_all: a few hundred comparisons, where the default search is a loop (XLA:CPU pays per
+  # iteration, each layer).
+  seq_W = jnp.searchsorted(tile_cu_B1, w_W, side='right', method='compare_all').astype(jnp.int32)
+  seq_W = jnp.clip(seq_W - 1, 0, B - 1)
   first_W = (w_W - tile_cu_B1[seq_W]) * Q  # the tile's first token, counted within its chunk
   local_WQ = first_W[:, None] + jnp.arange(Q, dtype=jnp.int32)[None]
   valid_WQ = (local_WQ < q_len_B[seq_W][:, None]) & (w_W < tile_cu_B1[B])[:, None]
@@ -151,14 +154,15 @@ def _attend(q_TNH, k_pages_PC, v_pages_PC, G: int, K: int, kv_lens_B, block_tabl
     return run
 
   needed_pages = (jnp.max(kv_len_B) + G - 1) // G
-  branch = jnp.searchsorted(jnp.asarray(widths, jnp.int32), needed_pages, side='left')
+  branch = jnp.searchsorted(jnp.asarray(widths, jnp.int32), needed_pages, side='left',
+                            method='compare_all')
   out_WKXH = jax.lax.switch(jnp.minimum(branch, len(widths) - 1), [attend(w) for w in widths])
   out_YNH = out_WKXH.reshape(W, K, Q, R, H).transpose(0, 2, 1, 3, 4).reshape(W * Q, N, H)
 
   # Token t is row (t - cu[b]) of its sequence's chunk: tile tile_cu[b] + row // Q, row % Q in it.
   t_T = jnp.arange(T, dtype=jnp.int32)
-  seq_T = jnp.clip(jnp.searchsorted(cu_q_lens_B1, t_T, side='right').astype(jnp.int32) - 1, 0,
-                   B - 1)
+  seq_T = jnp.searchsorted(cu_q_lens_B1, t_T, side='right', method='compare_all').astype(jnp.int32)
+  seq_T = jnp.clip(seq_T - 1, 0, B - 1)
   row_T = t_T - cu_q_lens_B1[seq_T]
   index_T = jnp.clip(tile_cu_B1[seq_T] * Q + row_T, 0, W * Q - 1)
   valid_T = t_T < cu_q_lens_B1[num_seqs_1[0]]
