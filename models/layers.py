@@ -2,7 +2,8 @@
 
 Every product with a weight matrix goes through `einsum` (and the embedding lookup through
 `take_rows`), so a weight Variable may hold, instead of an array, an object that computes the
-product itself: int8 weights (models/quant.py: Int8, and WeightOnly for QLoRA) do, reading int8 from memory.
+product itself: int8 weights (models/quant.py: Int8, and WeightOnly for QLoRA) do, reading int8 from memory,
+and so do the serving engine's OutMajor weights (below), laid out for XLA:CPU's GEMMs.
 """
 
 from __future__ import annotations

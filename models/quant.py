@@ -188,11 +188,8 @@ def out_major_params(params: nnx.State, names=DENSE) -> nnx.State:
   """The float weights `names` as models.layers.OutMajor: their contracted axes moved last (a copy),
   the Variables' logical axes reordered alike, so they shard by the same names. Int8 stays as is."""
   def one(v, axes):
-    value = v.get_value()
-    order = [a for a in range(value.ndim) if a not in axes] + list(axes)
-    names_ = v.get_metadata().get('out_sharding')
-    updates = {'out_sharding': tuple(names_[a] for a in order)} if names_ else {}
-    return v.replace(OutMajor(jnp.transpose(value, order)), **updates)
+    order = _out_major_order(v.get_value().ndim, axes)
+    return _permuted(v, OutMajor(jnp.transpose(v.get_value(), order)), order)
   return map_weights(params, names, one)
 
 
@@ -202,13 +199,20 @@ def model_layout(params: nnx.State) -> nnx.State:
     value = v.get_value()
     if not isinstance(value, OutMajor):
       return v
-    axes = _contracted(_name(path), value.t.ndim)
-    order = [a for a in range(value.t.ndim) if a not in axes] + list(axes)
+    order = _out_major_order(value.t.ndim, _contracted(_name(path), value.t.ndim))
     back = [order.index(a) for a in range(len(order))]
-    names_ = v.get_metadata().get('out_sharding')
-    updates = {'out_sharding': tuple(names_[a] for a in back)} if names_ else {}
-    return v.replace(jnp.transpose(value.t, back), **updates)
+    return _permuted(v, jnp.transpose(value.t, back), back)
   return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
+
+
+def _out_major_order(ndim: int, contracted: tuple[int, ...]) -> list[int]:
+  return [a for a in range(ndim) if a not in contracted] + list(contracted)
+
+
+def _permuted(v: nnx.Variable, value, order: list[int]) -> nnx.Variable:
+  """v holding `value`, its logical axis names permuted by `order` as the array's axes were."""
+  names = v.get_metadata().get('out_sharding')
+  return v.replace(value, **({'out_sharding': tuple(names[a] for a in order)} if names else {}))
 
 
 def dequantize(params, dtype):
