@@ -91,6 +91,18 @@ class WeightOnly(Int8):
     return (y * _expand(self.scale, inputs.split(',')[1], out).astype(y.dtype)).astype(y.dtype)
 
 
+class Int8OutMajor(Int8):
+  """Int8 laid out as models.layers.OutMajor (q and scale with their contracted axes last), whose
+  W8A8 products run weight first: the serving engine's int8 weights on CPU (out_major_params)."""
+
+  @property
+  def T(self) -> Int8OutMajor:  # pylint: disable=invalid-name
+    return self  # as OutMajor.T: the layout follows the spec
+
+  def einsum(self, spec: str, x: jax.Array, preferred_element_type=None) -> jax.Array:
+    return einsum(spec, x, self, preferred_element_type, out_major=True)
+
+
 def _is_int8(x) -> bool:
   return isinstance(x, Int8)
 
@@ -121,9 +133,11 @@ def _expand(a: jax.Array, axes: str, out: str) -> jax.Array:
   return jnp.expand_dims(a, [i for i, c in enumerate(out) if c not in kept])
 
 
-def einsum(spec: str, x: jax.Array, w: Int8, preferred_element_type=None) -> jax.Array:
+def einsum(spec: str, x: jax.Array, w: Int8, preferred_element_type=None,
+           out_major: bool = False) -> jax.Array:
   """jnp.einsum(spec, x, w.q * w.scale) (w's scale one per output channel), computed int8 x int8:
   x is quantized per index of its non-contracted axes (per token) and the product summed in int32.
+  out_major: w is laid out as Int8OutMajor holds it (contracted axes last; models/layers.OutMajor).
 
   Returns preferred_element_type, else x's dtype. A single row is padded to two: XLA:CPU hands
   int8 matrix-vector products to no library and would widen all of w to int32 first. Letters in
@@ -136,6 +150,8 @@ def einsum(spec: str, x: jax.Array, w: Int8, preferred_element_type=None) -> jax
   if not summed or sorted(x_axes + w_axes) != sorted(out + batch + 2 * summed):
     raise ValueError(f'quant.einsum({spec!r}): use one input and one weight whose shared letters '
                      'are all contracted or batch dims of the output (no repeats).')
+  if out_major:  # w's letters as it lies: output axes first (weight_einsum does the same)
+    w_axes = ''.join(sorted(w_axes, key=lambda c: c in x_axes and c not in out))
   contracted = tuple(i for i, c in enumerate(x_axes) if c not in out)
   x32 = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True)
@@ -146,7 +162,7 @@ def einsum(spec: str, x: jax.Array, w: Int8, preferred_element_type=None) -> jax
   if pad:  # along x's first non-contracted axis, sliced off again below
     axis = next(i for i in range(len(x_axes)) if i not in contracted)
     xq = jnp.concatenate([xq, jnp.zeros_like(xq)], axis=axis)
-  acc = weight_einsum(spec, xq, w.q, preferred_element_type=jnp.int32)
+  acc = weight_einsum(spec, xq, w.q, preferred_element_type=jnp.int32, out_major=out_major)
   if pad:
     acc = jax.lax.slice_in_dim(acc, 0, 1, axis=out.index(x_axes[axis]))
   y = acc.astype(jnp.float32) * _expand(x_scale, x_axes, out) * _expand(w.scale, w_axes, out)
@@ -185,23 +201,31 @@ DENSE = ('q_DNH', 'k_DKH', 'v_DKH', 'o_NHD', 'gate_DF', 'up_DF', 'down_FD', 'lm_
 
 
 def out_major_params(params: nnx.State, names=DENSE) -> nnx.State:
-  """The float weights `names` as models.layers.OutMajor: their contracted axes moved last (a copy),
-  the Variables' logical axes reordered alike, so they shard by the same names. Int8 stays as is."""
-  def one(v, axes):
-    order = _out_major_order(v.get_value().ndim, axes)
-    return _permuted(v, OutMajor(jnp.transpose(v.get_value(), order)), order)
-  return map_weights(params, names, one)
+  """The weights `names` as models.layers.OutMajor (float) or Int8OutMajor (int8): their contracted
+  axes moved last (a copy), the Variables' logical axes reordered alike, so they shard by the same
+  names. Serving only: model_layout takes them back."""
+  def one(path, v):
+    name, value = _name(path), v.get_value()
+    if name not in names or (hasattr(value, 'einsum') and type(value) is not Int8):
+      return v
+    arrays = tuple(value) if type(value) is Int8 else (value,)  # q and scale alike
+    order = _out_major_order(len(arrays[0].shape), _contracted(name, len(arrays[0].shape)))
+    moved = tuple(jnp.transpose(a, order) for a in arrays)
+    return _permuted(v, Int8OutMajor(*moved) if type(value) is Int8 else OutMajor(*moved), order)
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
 
 
 def model_layout(params: nnx.State) -> nnx.State:
-  """`params` with every OutMajor weight back in the model's layout (out_major_params undone)."""
+  """`params` with every OutMajor and Int8OutMajor weight back in the model's layout."""
   def one(path, v):
     value = v.get_value()
-    if not isinstance(value, OutMajor):
+    if not isinstance(value, (OutMajor, Int8OutMajor)):
       return v
-    order = _out_major_order(value.t.ndim, _contracted(_name(path), value.t.ndim))
+    arrays = tuple(value)
+    order = _out_major_order(arrays[0].ndim, _contracted(_name(path), arrays[0].ndim))
     back = [order.index(a) for a in range(len(order))]
-    return _permuted(v, jnp.transpose(value.t, back), back)
+    arrays = tuple(jnp.transpose(a, back) for a in arrays)
+    return _permuted(v, Int8(*arrays) if isinstance(value, Int8) else arrays[0], back)
   return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
 
 

@@ -50,6 +50,10 @@ def test_out_major_weights_compute_the_same_products(spec, x_shape, w_shape, con
   got = OutMajor(jnp.transpose(w, order)).einsum(spec, x)
   want = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # int8 (W8A8): the same integer sums, so the same result as Int8 laid out as the model lays it.
+  q = quant.quantize(w, contracted)
+  moved = quant.Int8OutMajor(*(jnp.transpose(a, order) for a in q))
+  np.testing.assert_array_equal(moved.einsum(spec, x), q.einsum(spec, x))
 
 
 def test_out_major_runs_the_product_weight_first():
@@ -75,7 +79,13 @@ def test_out_major_params_round_trip_with_their_axis_names():
   assert isinstance(q.get_value(), OutMajor)
   assert q.get_value().t.shape == (2, 4, 8, 32)  # [L, N, H, D]: the contracted D last
   assert q.get_metadata()['out_sharding'] == ('layers', 'heads', 'head_dim', 'embed')
-  back = quant.model_layout(relaid)
-  for (path, a), (_, b) in zip(nnx.to_flat_state(state), nnx.to_flat_state(back)):
-    np.testing.assert_array_equal(a.get_value(), b.get_value(), err_msg=str(path))
-    assert a.get_metadata().get('out_sharding') == b.get_metadata().get('out_sharding'), path
+  for params in (state, quant.quantize_params(state)):
+    relaid = quant.out_major_params(params)
+    kind = OutMajor if params is state else quant.Int8OutMajor
+    assert kind in {type(v.get_value()) for _, v in nnx.to_flat_state(relaid)}
+    back = quant.model_layout(relaid)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(params), nnx.to_flat_state(back)):
+      assert type(a.get_value()) is type(b.get_value()), path
+      for x, y in zip(jax.tree.leaves(a.get_value()), jax.tree.leaves(b.get_value())):
+        np.testing.assert_array_equal(x, y, err_msg=str(path))
+      assert a.get_metadata().get('out_sharding') == b.get_metadata().get('out_sharding'), path
