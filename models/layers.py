@@ -57,7 +57,7 @@ def weight_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
   inputs, out = spec.replace(' ', '').split('->')
   xs, ws = inputs.split(',')
   if out_major:
-    ws = ''.join(sorted(ws, key=lambda c: c in xs and c not in out))  # stable: output axes first
+    ws = out_major_letters(xs, ws, out)
   if ('.' in spec or len(set(xs)) < len(xs) or len(set(ws)) < len(ws)
       or any(c not in out and c not in ws for c in xs) or any(c not in out and c not in xs for c in ws)):
     return jnp.einsum(f'{xs},{ws}->{out}', x, w, preferred_element_type=preferred_element_type)
@@ -77,6 +77,11 @@ def weight_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
     y = jax.lax.dot_general(x, w, dims, preferred_element_type=preferred_element_type)
     got = batch + [c for c in xs if c not in ws] + [c for c in ws if c not in xs]
   return y if ''.join(got) == out else jnp.transpose(y, [got.index(c) for c in out])
+
+
+def out_major_letters(xs: str, ws: str, out: str) -> str:
+  """A weight's spec letters as OutMajor lays it out: output axes first, contracted axes last."""
+  return ''.join(sorted(ws, key=lambda c: c in xs and c not in out))  # stable within each group
 
 
 class OutMajor(NamedTuple):

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import OutMajor, weight_einsum
+from models.layers import OutMajor, out_major_letters, weight_einsum
 
 WEIGHT_DTYPES = ('int8',)
 
@@ -150,8 +150,8 @@ def einsum(spec: str, x: jax.Array, w: Int8, preferred_element_type=None,
   if not summed or sorted(x_axes + w_axes) != sorted(out + batch + 2 * summed):
     raise ValueError(f'quant.einsum({spec!r}): use one input and one weight whose shared letters '
                      'are all contracted or batch dims of the output (no repeats).')
-  if out_major:  # w's letters as it lies: output axes first (weight_einsum does the same)
-    w_axes = ''.join(sorted(w_axes, key=lambda c: c in x_axes and c not in out))
+  if out_major:  # w's letters as it lies
+    w_axes = out_major_letters(x_axes, w_axes, out)
   contracted = tuple(i for i, c in enumerate(x_axes) if c not in out)
   x32 = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True)
