@@ -23,7 +23,9 @@ appending PLACEHOLDER for each token it samples, so that the next step can be pl
 is then the placeholder, which the engine feeds from the device); `resolve(plan, sampled)` later puts the real tokens
 in, commits prefix-cache hashes and ends requests on a stop token or max_tokens. A request whose outputs reached
 max_tokens is not planned again while its last token is a placeholder. `update(plan, sampled)` is advance + resolve:
-the synchronous step. At most one advanced plan is unresolved at a time.
+the synchronous step. Several plans may be advanced ahead (a draft model plans its k steps before running them in one
+device call): each resolve() takes the oldest, whose placeholder is the first of the request's trailing ones, and a
+preempted request waits until its placeholders resolve (its prefill needs the tokens).
 
 Speculative decoding (serve/speculative.py): `schedule(drafts)` takes draft tokens per request id. A decoding
 request with a draft is planned as its last token followed by up to k draft tokens (ScheduledSeq.num_draft),
@@ -102,7 +104,8 @@ class Scheduler:
     self._free_slots = list(range(config.max_seqs))  # a heap: the lowest free slot is granted first
     self._arrivals = itertools.count()
     self._pending: tuple[StepPlan, dict[str, _Request]] | None = None  # the last non-empty plan, until advance()
-    self._advanced: tuple[StepPlan, dict[str, _Request]] | None = None  # advanced, until resolve()
+    self._advanced: list[tuple[StepPlan, dict[str, _Request]]] = []  # advanced, oldest first, until resolve()
+    self._fed: set[str] = set()  # requests the newest advanced plan samples: a placeholder input the device feeds
     self._drafts: Mapping[str, Sequence[int]] = {}  # the draft tokens given to the schedule() in progress
 
   # ---- requests in and out.
@@ -195,7 +198,7 @@ class Scheduler:
     if self.config.prefix_caching:
       raise ValueError('rewind() needs SchedulerConfig.prefix_caching=False: a rewound page may be in the prefix '
                        'cache, and rewriting it would corrupt the cache for every request that matches it.')
-    if self._pending is not None or self._advanced is not None:
+    if self._pending is not None or self._advanced:
       raise RuntimeError('rewind() between schedule() and update(); apply the step first.')
     request = self._requests[request_id]
     tokens = [int(t) for t in token_ids]
@@ -258,7 +261,9 @@ class Scheduler:
     return plan
 
   def _plan_decodes(self, step: _Step) -> None:
-    ready = lambda r: (r.slot is not None and r.decoding and not r.done and r.request_id not in step.scheduled)
+    # A placeholder input is fed from the step before only: one from an older step waits for its resolve().
+    ready = lambda r: (r.slot is not None and r.decoding and not r.done and r.request_id not in step.scheduled
+                       and (r.token_ids[-1] != PLACEHOLDER or r.request_id in self._fed))
     later = sum(map(ready, self._running)) if self._drafts else 0  # decodes still to plan, one token each
     for request in list(self._running):
       if step.budget == 0:
@@ -378,8 +383,8 @@ class Scheduler:
     G = self.config.page_size
     while self._waiting and step.budget > 0 and self._free_slots and not step.preempted:
       request = self._waiting[0]
-      if not self._adapter_fits(request):
-        return
+      if not self._adapter_fits(request) or request.token_ids[-1] == PLACEHOLDER:
+        return  # a preempted request's prefill needs its placeholders resolved
       shared = self._prefix(request)
       remaining = len(request.token_ids) - len(shared) * G
       chunk = min(remaining, step.budget)
@@ -403,7 +408,7 @@ class Scheduler:
     G = self.config.page_size
     while self._waiting and self._free_slots:
       request = self._waiting[0]
-      if not self._adapter_fits(request):
+      if not self._adapter_fits(request) or request.token_ids[-1] == PLACEHOLDER:
         return
       shared = self._prefix(request)
       num_new_pages = -(-len(request.token_ids) // G) - len(shared)
@@ -420,6 +425,8 @@ class Scheduler:
     accepted drafts, then one more) and is rolled back to them (module docstring)."""
     if not plan.seqs:
       return []
+    if self._advanced:
+      raise RuntimeError(f'update() with {len(self._advanced)} advanced plans unresolved; resolve() them first.')
     self._check_sampled(plan, self._take_pending(plan, 'update'), sampled)
     self._advance(plan)
     return self.resolve(plan, sampled)
@@ -435,11 +442,10 @@ class Scheduler:
   def _advance(self, plan: StepPlan) -> None:
     if not plan.seqs:
       return
-    if self._advanced is not None:
-      raise RuntimeError('advance(): the plan before is still unresolved; call resolve() for it first.')
     pending = self._take_pending(plan, 'advance')
     self._pending = None
-    self._advanced = plan, pending
+    self._advanced.append((plan, pending))
+    self._fed = {s.request_id for s in plan.seqs if s.sample}
     for seq, request in self._live(plan, pending):
       if seq.sample:
         request.token_ids.append(PLACEHOLDER)
@@ -449,16 +455,18 @@ class Scheduler:
     pages filled so far, and ends requests on a stop token or max_tokens. Returns the requests that finished."""
     if not plan.seqs:
       return []
-    if self._advanced is None or self._advanced[0] != plan:
-      raise ValueError('resolve() got a plan that is not the advanced one; call advance(plan) then resolve(plan, '
-                       'sampled) once per non-empty plan, in order.')
-    live = self._check_sampled(plan, self._advanced[1], sampled)
-    self._advanced = None
+    if not self._advanced or self._advanced[0][0] != plan:
+      raise ValueError('resolve() got a plan that is not the oldest advanced one; call advance(plan) then '
+                       'resolve(plan, sampled) once per non-empty plan, in order.')
+    live = self._check_sampled(plan, self._advanced[0][1], sampled)
+    del self._advanced[0]
     G = self.config.page_size
     finished = []
     for seq, request in live:
       if seq.sample:
-        index = len(request.token_ids) - 1 - request.token_ids[::-1].index(PLACEHOLDER)
+        index = len(request.token_ids) - 1  # the first of the trailing placeholders: the oldest step's
+        while index > 0 and request.token_ids[index - 1] == PLACEHOLDER:
+          index -= 1
         got = sampled[seq.request_id]
         if seq.num_draft:
           index = self._verified(seq, request, index, got)
@@ -475,7 +483,7 @@ class Scheduler:
       if not seq.sample:
         continue
       token = request.token_ids[index]
-      if token in request.stop_token_ids or request.done:
+      if token in request.stop_token_ids or index + 1 - request.num_prompt >= request.max_tokens:
         finished.append(self.finish(request.request_id, 'stop' if token in request.stop_token_ids else 'length'))
     return finished
 

@@ -322,15 +322,17 @@ def test_misuse_of_the_step_protocol():
   sched.check()
 
 
-def run_overlapped(config, requests, abort_every=0, seed=0):
+def run_overlapped(config, requests, abort_every=0, seed=0, ahead=1):
   """Drives the scheduler as the async engine does: each plan is advanced (placeholders), the next planned and
-  'dispatched' before the one before is resolved. The fake device writes token ids into a [P, G] pool, taking a
+  'dispatched' before the one before is resolved; with ahead > 1, up to `ahead` plans are advanced unresolved
+  (a draft model's k steps run in one device call). The fake device writes token ids into a [P, G] pool, taking a
   placeholder input from the previous step's sampled tokens, and samples next_token of what it reads back."""
   sched, G = Scheduler(config), config.page_size
   pool_PG = np.full((config.num_pages, G), -1, np.int64)
   for rid, (prompt, max_tokens, stop_ids) in requests.items():
     sched.add(rid, prompt, max_tokens, stop_ids)
-  rng, finished, prev, wasted = random.Random(seed), {}, None, 0
+  rng, finished, inflight, wasted = random.Random(seed), {}, [], 0
+  last_sampled, dispatched = {}, False  # the newest plan's tokens; whether it awaits advance()
 
   def device(plan, prev_sampled):
     sampled = {}
@@ -346,10 +348,10 @@ def run_overlapped(config, requests, abort_every=0, seed=0):
         sampled[s.request_id] = next_token([int(pool_PG[s.block_table[p // G], p % G]) for p in range(n)])
     return sampled
 
-  while sched.has_work or prev is not None:
+  while sched.has_work or inflight:
     plan = None
-    if prev is not None:
-      sched.advance(prev[0])
+    if dispatched:
+      sched.advance(inflight[-1][0])
     if sched.has_work:
       plan = sched.schedule()
       plan = plan if plan.seqs else None
@@ -357,20 +359,23 @@ def run_overlapped(config, requests, abort_every=0, seed=0):
       rid = rng.choice(sched.running_ids())
       finished[rid] = sched.abort(rid)
       assert PLACEHOLDER not in finished[rid].output_ids
-    if prev is not None:
-      for f in sched.resolve(*prev):
+    while inflight and (len(inflight) >= ahead or plan is None):
+      for f in sched.resolve(*inflight.pop(0)):
         finished[f.request_id] = f
     sched.check()
-    prev = None if plan is None else (plan, device(plan, prev[1] if prev else {}))
+    dispatched = plan is not None
     if plan is not None:
+      last_sampled = device(plan, last_sampled)
+      inflight.append((plan, last_sampled))
       wasted += sum(s.request_id in finished for s in plan.seqs if s.sample)
   return finished, wasted
 
 
+@pytest.mark.parametrize('ahead', [1, 3])
 @pytest.mark.parametrize('seed', range(6))
-def test_overlapped_steps_equal_naive_decode(seed):
-  """advance/schedule/resolve, one step ahead: outputs equal the naive decode (stop tokens cost one wasted token,
-  never a wrong one), with preemption on small pools, prefix sharing, aborts in flight, and nothing leaked."""
+def test_overlapped_steps_equal_naive_decode(seed, ahead):
+  """advance/schedule/resolve, one or three steps ahead: outputs equal the naive decode (stop tokens cost wasted
+  tokens, never a wrong one), with preemption on small pools, prefix sharing, aborts in flight, and nothing leaked."""
   rng = random.Random(seed)
   G = rng.choice([1, 2, 4])
   config = make_config(page_size=G, num_pages=rng.randint(24, 40) // G + 2, max_pages_per_seq=48 // G,
@@ -379,7 +384,7 @@ def test_overlapped_steps_equal_naive_decode(seed):
   stem = [rng.randrange(V) for _ in range(12)]
   requests = {f'r{i}': ((stem[:rng.randint(1, 12)] if i % 2 else []) + [rng.randrange(V) for _ in range(3)],
                         rng.randint(1, 8), tuple(rng.sample(range(V), 3))) for i in range(10)}
-  finished, wasted = run_overlapped(config, requests, abort_every=0 if seed < 3 else 15, seed=seed)
+  finished, wasted = run_overlapped(config, requests, abort_every=0 if seed < 3 else 15, seed=seed, ahead=ahead)
   assert set(finished) == set(requests)
   for rid, f in finished.items():
     want = reference_decode(*requests[rid])
@@ -400,10 +405,17 @@ def test_done_requests_are_not_planned_past_max_tokens():
   assert sched.output_ids('a') == () and sched.output_ids('b') == ()
   ahead = sched.schedule()
   assert [s.request_id for s in ahead.seqs] == ['b'] and ahead.seqs[0].token_ids == (PLACEHOLDER,)
-  with pytest.raises(RuntimeError, match='still unresolved'):
-    sched.advance(ahead)
+  with pytest.raises(ValueError, match='not the oldest advanced'):
+    sched.resolve(ahead, {'b': 9})
+  sched.advance(ahead)  # two plans ahead; 'b' now holds two placeholders and reaches max_tokens with the third
+  third = sched.schedule()
+  assert [(s.request_id, s.token_ids) for s in third.seqs] == [('b', (PLACEHOLDER,))]
+  with pytest.raises(RuntimeError, match='advanced plans unresolved'):
+    sched.update(third, {'b': 1})
+  sched.advance(third)
   done = sched.resolve(plan, {'a': 7, 'b': 8})
   assert [(f.request_id, f.output_ids, f.reason) for f in done] == [('a', (7,), 'length')]
-  sched.advance(ahead)
   assert sched.resolve(ahead, {'b': 9}) == [] and sched.output_ids('b') == (8, 9)
+  done = sched.resolve(third, {'b': 5})
+  assert [(f.request_id, f.output_ids, f.reason) for f in done] == [('b', (8, 9, 5), 'length')]
   sched.check()
