@@ -22,12 +22,13 @@ def serve_command(engine_cfg: EngineConfig, server_cfg: server.ServerConfig, *,
                   max_loras: int | None = None, max_lora_rank: int | None = None,
                   draft_checkpoint: str | None = None, draft_hf_dir: str | None = None,
                   speculative: str | None = None, num_speculative_tokens: int | None = None,
-                  speculative_max_batch: int | None = None) -> int:
+                  speculative_max_batch: int | None = None, draft_weight_dtype: str | None = 'auto') -> int:
   """Serves `checkpoint` (a workdir, its checkpoints/ or a step folder) or `hf_dir`; returns the
   exit code. A bad source fails before a port is bound. `loras`: (name, path) LoRA adapters served
   beside the base (serve/lora.py) in max_loras device slots of rank max_lora_rank. A draft model
   (draft_checkpoint or draft_hf_dir) or speculative='ngram' turns on speculative decoding with k =
-  num_speculative_tokens; a drafter of another vocabulary, or a bad k, fails before binding too."""
+  num_speculative_tokens, its weights in draft_weight_dtype (speculative.draft_engine_config); a drafter
+  of another vocabulary, or a bad k, fails before binding too."""
   engine_cfg = dataclasses.replace(
       engine_cfg, max_loras=lora_flags.slots(loras, max_loras, engine_cfg.max_loras),
       max_lora_rank=max_lora_rank or engine_cfg.max_lora_rank)
@@ -42,13 +43,14 @@ def serve_command(engine_cfg: EngineConfig, server_cfg: server.ServerConfig, *,
     check_drafter(checkpoint or hf_dir, draft_checkpoint, draft_hf_dir, step)
   load = make_load(engine_cfg, checkpoint=checkpoint, hf_dir=hf_dir, step=step, mesh=mesh,
                    tokenizer=tokenizer, loras=loras, draft_checkpoint=draft_checkpoint,
-                   draft_hf_dir=draft_hf_dir)
+                   draft_hf_dir=draft_hf_dir, draft_weight_dtype=draft_weight_dtype)
   return server.serve(server.Service(server_cfg, load))
 
 
 def make_load(engine_cfg: EngineConfig, *, checkpoint: str | None = None, hf_dir: str | None = None,
               step: int | None = None, mesh=None, tokenizer: str | None = None, loras=(),
-              draft_checkpoint: str | None = None, draft_hf_dir: str | None = None):
+              draft_checkpoint: str | None = None, draft_hf_dir: str | None = None,
+              draft_weight_dtype: str | None = 'auto'):
   """The server's load function: the served model's Engine, with its draft model attached if given."""
 
   def load():
@@ -58,7 +60,7 @@ def make_load(engine_cfg: EngineConfig, *, checkpoint: str | None = None, hf_dir
     else:
       loaded = loader.load_hf(hf_dir, engine_cfg, mesh=mesh, tokenizer=tokenizer, loras=loras)
     if draft_checkpoint or draft_hf_dir:
-      draft_cfg = speculative_lib.draft_engine_config(engine_cfg)
+      draft_cfg = speculative_lib.draft_engine_config(engine_cfg, draft_weight_dtype)
       if draft_checkpoint:
         draft = loader.load_checkpoint(draft_checkpoint, draft_cfg, mesh=mesh, tokenizer=tokenizer)
       else:

@@ -144,6 +144,7 @@ class Engine:
                                   (T, min(B, T), M, self._S, self._K1),
                                   (self._has_q, bool(engine_cfg.max_loras)))
              for T in engine_cfg.buckets()}
+    self._step_fns, self._chains = steps, {}  # chains: _launch_chain's programs, compiled on first use
     self._relay = programs.relay(engine_cfg.weight_dtype == 'int8',
                                  out_major(engine_cfg.weight_layout, jax.default_backend()))
     params = self._relay(params)
@@ -397,18 +398,30 @@ class Engine:
     if not self.scheduler.has_work:
       return
     drafts = self._propose(prev) if self._K1 else None
+    plan = self._plan(drafts, ahead=prev is not None)
+    if plan is not None:
+      self._inflight = self._launch(plan, prev, drafts)
+
+  def _plan(self, drafts=None, ahead: bool = False) -> StepPlan | None:
+    """scheduler.schedule(drafts), timed; None for an empty plan when `ahead` (a step is in flight:
+    what runs is done or waits for pages that resolving it frees), else an empty plan is an error."""
     clock = time.perf_counter()
     plan = self.scheduler.schedule(drafts)
-    now = time.perf_counter()
-    self.stats['plan_s'] += now - clock
+    self.stats['plan_s'] += time.perf_counter() - clock
     self.stats['preemptions'] += len(plan.preempted)
-    if not plan.seqs:
-      if prev is not None:
-        return  # what runs is done or waits for pages that resolving prev frees
-      raise RuntimeError(f'the scheduler planned an empty step with {self.scheduler.num_waiting} '
-                         f'waiting and {self.scheduler.num_running} running requests; the pool '
-                         f'({self.config.num_pages} pages) or slots may be too small.')
-    T = next(b for b in self.config.buckets() if b >= plan.num_tokens)
+    if plan.seqs or ahead:
+      return plan if plan.seqs else None
+    raise RuntimeError(f'the scheduler planned an empty step with {self.scheduler.num_waiting} '
+                       f'waiting and {self.scheduler.num_running} running requests; the pool '
+                       f'({self.config.num_pages} pages) or slots may be too small.')
+
+  def _bucket(self, num_tokens: int) -> int:
+    return next(b for b in self.config.buckets() if b >= num_tokens)
+
+  def _launch(self, plan: StepPlan, prev: _InFlight | None, drafts=None) -> _InFlight:
+    """Dispatches `plan`'s compiled step; `prev`: the step in flight whose tokens it feeds on."""
+    clock = time.perf_counter()
+    T = self._bucket(plan.num_tokens)
     if self.config.max_loras:
       self._place_adapters(plan)
     q_RV = None
@@ -429,15 +442,54 @@ class Engine:
                      for s, r in zip(plan.seqs, requests))
     wants_prompt = self._num_prompt_lp and any(r is not None and r.prompt_lp is not None
                                                for r in requests)
-    self._inflight = _InFlight(plan, requests, tokens_B, row_lp=row_lp if wants_rows else None,
-                               token_lp=token_lp if wants_prompt else None, logits_BV=logits_BV,
-                               verified=verified if any(s.num_draft for s in plan.seqs) else None,
-                               expert_tokens_LE=expert_tokens_LE)
-    self.stats['build_s'] += time.perf_counter() - now
+    inflight = _InFlight(plan, requests, tokens_B, row_lp=row_lp if wants_rows else None,
+                         token_lp=token_lp if wants_prompt else None, logits_BV=logits_BV,
+                         verified=verified if any(s.num_draft for s in plan.seqs) else None,
+                         expert_tokens_LE=expert_tokens_LE)
+    self._count(plan, T, prev is not None, clock)
+    return inflight
+
+  def _count(self, plan: StepPlan, T: int, overlapped: bool, clock: float) -> None:
+    self.stats['build_s'] += time.perf_counter() - clock
     self.stats['steps'] += 1
-    self.stats['overlapped_steps'] += prev is not None
+    self.stats['overlapped_steps'] += overlapped
     self.stats['tokens'] += plan.num_tokens
     self.stats['padded_tokens'] += T
+
+  def _launch_chain(self, plans: Sequence[StepPlan], buckets: Sequence[int]
+                    ) -> tuple[list[_InFlight], jax.Array]:
+    """Runs plans (each planned after scheduler.advance of the one before, its decodes fed on
+    device) as ONE device call (programs.chain), padded to `buckets`, and waits for their tokens:
+    an _InFlight per plan (tokens on the host) and their logits [n, max_seqs, V] on device. For an
+    engine with no draft q, LoRA, grammar or experts: a draft model's."""
+    if self._has_q or self.config.max_loras or self.expert_tokens_LE is not None or self._num_grammar:
+      raise ValueError('_launch_chain: only for a plain engine (a draft model\'s).')
+    clock = time.perf_counter()
+    B, M, buffers, rows = self.config.max_seqs, self.config.max_pages_per_seq, [], None
+    for plan, T in zip(plans, buckets):
+      ints, floats, _, _ = step_lib.host_inputs(plan, T, min(B, T), M, self._S, self._K1, self._requests,
+                                                self._slot_of, self._mask_words, rows)
+      buffers += [ints, floats]
+      rows = {s.request_id: b for b, s in enumerate(plan.seqs) if s.sample}
+    if self._replicated is not None:
+      buffers = jax.device_put(buffers, self._replicated)
+    key = tuple(buckets)
+    if key not in self._chains:
+      start = time.perf_counter()
+      jitted = programs.chain([self._step_fns[T] for T in key], B, self.pages, self._replicated)
+      self._chains[key] = jitted.lower(self.params, self.pages, self._no_tokens, self._all_allowed,
+                                       *buffers).compile()
+      self.stats['compile_s'] += time.perf_counter() - start
+    (tokens_nB, logits_nBV), self.pages = self._chains[key](self.params, self.pages, self._no_tokens,
+                                                           self._all_allowed, *buffers)
+    for plan, T in zip(plans, buckets):
+      self._count(plan, T, False, clock)
+      clock = time.perf_counter()
+    tokens_nB = np.asarray(tokens_nB)
+    self.stats['wait_s'] += time.perf_counter() - clock
+    inflight = [_InFlight(plan, tuple(self._requests.get(s.request_id) for s in plan.seqs), tokens_B)
+                for plan, tokens_B in zip(plans, tokens_nB)]
+    return inflight, logits_nBV
 
   def _propose(self, prev: _InFlight | None) -> dict[str, list[int]] | None:
     """Drafts for the decoding requests that may speculate; None when this step backs off, or plans
@@ -477,34 +529,6 @@ class Engine:
                        f'{self.model_cfg.vocab_size}: a drafter must share the target\'s tokenizer (e.g. a '
                        'student distilled from it: stoker distill).')
     self._drafter = speculative.DraftModel(draft, self.config)
-
-  def draft_steps(self, k: int) -> list[tuple[dict[str, tuple[int, int]], jax.Array, list[str]]]:
-    """Runs k steps (a draft model's), each planned and dispatched while the one before runs (its
-    tokens fed on device, as overlapped steps are), and collects them all; nothing is left in
-    flight. Per step: ({request id: (sampled token, its row)}, the step's logits [B, V] on device,
-    ids of requests that ended)."""
-    if self._inflight is not None:
-      raise RuntimeError('draft_steps() with a step in flight; drive an engine with step() or '
-                         'draft_steps(), not both.')
-    out = []
-    self._dispatch(None)
-    for j in range(k):
-      prev, self._inflight = self._inflight, None
-      if prev is None:
-        break
-      if j + 1 < k:
-        self.scheduler.advance(prev.plan)
-        prev = prev._replace(advanced=True)
-        self._dispatch(prev)
-      new, finished = self._collect(prev)
-      rows = {s.request_id: b for b, s in enumerate(prev.plan.seqs) if s.sample}
-      for f in finished:
-        self._drop(f.request_id)
-      out.append(({rid: (tokens[0], rows[rid]) for rid, tokens, _ in new}, prev.logits_BV,
-                  [f.request_id for f in finished]))
-    if self._inflight is not None:  # nothing was dispatched ahead of the last collected step
-      raise AssertionError('draft_steps left a step in flight')
-    return out
 
   def _place_adapters(self, plan: StepPlan) -> None:
     """Copies the adapters `plan` needs into device slots (LRU) and records their slot ids."""

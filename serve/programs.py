@@ -86,6 +86,28 @@ def place(steps: dict, params: nnx.State, abstract_params: nnx.State, spec: kv_c
           jax.device_put(stacks, replicated), jitted)
 
 
+def chain(step_fns, B: int, pages, replicated: NamedSharding | None):
+  """One jitted program running `step_fns` (serve/step.py's step, each at its bucket) in turn, each
+  step's decodes fed the step before's sampled tokens: a draft model's k steps in one device call,
+  not k (each a dispatch and a host round trip: 0.2-0.4 ms on a 2-core CPU against a 1M drafter's
+  0.25 ms step). Arguments: (params, pages, no_tokens_B, mask_BW, ints_1, floats_1, ..., ints_n,
+  floats_n); returns ((tokens_nB, logits_nBV), pages), each step's logits padded to B rows; the pools
+  donated, and with a mesh kept on `pages`' shardings."""
+
+  def run(params, pages, prev_tokens_B, mask_BW, *buffers):
+    tokens, logits = [], []
+    for j, f in enumerate(step_fns):
+      (prev_tokens_B, _, _, logits_XV, _, _), pages = f(params, pages, buffers[2 * j], buffers[2 * j + 1],
+                                                        prev_tokens_B, mask_BW)
+      tokens.append(prev_tokens_B)
+      logits.append(jax.numpy.pad(logits_XV, ((0, B - logits_XV.shape[0]), (0, 0))))
+    return (jax.numpy.stack(tokens), jax.numpy.stack(logits)), pages
+
+  if replicated is None:
+    return jax.jit(run, donate_argnums=(1,))
+  return jax.jit(run, donate_argnums=(1,), out_shardings=(replicated, jax.tree.map(lambda x: x.sharding, pages)))
+
+
 def enable_compilation_cache(directory: str) -> None:
   """Turns on JAX's persistent compilation cache in `directory` (process-wide), for every compile."""
   current = jax.config.jax_compilation_cache_dir

@@ -232,6 +232,7 @@ def test_the_engine_with_a_bad_draft_model_is_exact_in_distribution(temperature,
                                                              top_p=top_p, seed=s) for s in range(N)])
   stats = engine.spec_stats
   assert stats.verifications > N // 2 and 0 < stats.accepted < stats.drafted
+  assert engine._drafter.engine._chains, 'no draft round ran as one device call'  # pylint: disable=protected-access
   out = np.array(outs)
   p12, p3 = exact_distribution(temperature, top_p)
   joint = np.zeros((V, V))

@@ -4,6 +4,7 @@ server without speculation does, for mixed prompt lengths, concurrent requests o
 to preempt, shared prompts (the prefix cache), stop strings and max_tokens; /metrics reports the acceptance rate, accepted tokens per verification and drafter time.
 And `stoker serve`'s start-up errors (acceptance 5): a bad k, a drafter of another vocabulary."""
 
+import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import cli
-from serve import command, loader
+from serve import command, loader, spec_flags, speculative
 from serve.server import BackgroundServer, ServerConfig, Service
 from tests.serve.server_fixtures import ENGINE
 
@@ -42,11 +43,11 @@ def servers(server_workdir):
       'off': start(command.make_load(SMALL, checkpoint=server_workdir)),
       'ngram': start(command.make_load(
           command.speculative_config(SMALL, None, 'ngram', 3, 16), checkpoint=server_workdir)),
-      # The served model drafts for itself (the plumbing, every greedy draft accepted), both models
-      # sharded over a 2-way tensor-parallel mesh.
+      # The served model drafts for itself, its weights as loaded (the plumbing, every greedy draft
+      # accepted), both models sharded over a 2-way tensor-parallel mesh.
       'draft': start(command.make_load(command.speculative_config(SMALL, server_workdir, None, 3, 16),
                                        checkpoint=server_workdir, draft_checkpoint=server_workdir,
-                                       mesh=loader.serving_mesh(2))),
+                                       mesh=loader.serving_mesh(2), draft_weight_dtype=None)),
   }
   yield made
   for background in made.values():
@@ -135,3 +136,14 @@ def test_stoker_serve_refuses_a_bad_configuration_before_binding(server_workdir,
   code = cli.main(['serve', '--checkpoint', server_workdir, '--port', '0', *flags])
   err = capsys.readouterr().err
   assert code == 2 and message in err and 'Traceback' not in err, err[-2000:]
+
+
+def test_draft_weight_dtype_flag():
+  """--draft-weight-dtype: auto (the default) drafts with int8 weights on CPU, none keeps them as loaded."""
+  parser = argparse.ArgumentParser()
+  spec_flags.add_arguments(parser)
+  assert spec_flags.values(parser.parse_args([]))['draft_weight_dtype'] == 'auto'
+  assert spec_flags.values(parser.parse_args(['--draft-weight-dtype', 'none']))['draft_weight_dtype'] is None
+  target = command.speculative_config(SMALL, 'drafter', None, 3, None)
+  assert speculative.draft_engine_config(target).weight_dtype == 'int8'  # the suite runs on CPU
+  assert speculative.draft_engine_config(target, None).weight_dtype == target.weight_dtype
