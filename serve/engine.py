@@ -21,9 +21,9 @@ code with advance and resolve fused. Which features use which path:
                the host; see Engine._overlaps); steps that speculate (their drafts need the tokens
                before them on the host; serve/speculative.py).
 
-Speculative decoding (EngineConfig.speculative, serve/speculative.py): before planning, a drafter
-proposes up to k tokens per decoding request (prompt lookup, or a draft model on its own Engine,
-attach_drafter); the scheduler plans each as its last token + its drafts; the step verifies them
+Speculative decoding (EngineConfig.speculative, serve/speculative.py; the Engine's side in
+serve/drafting.py): before planning, a drafter proposes up to k tokens per decoding request (prompt
+lookup, or a draft model on its own Engine, attach_drafter); the scheduler plans each as its last token + its drafts; the step verifies them
 on device (greedy: longest matching prefix; sampling: exact rejection sampling), and the scheduler
 rolls rejected tokens back.
 
@@ -61,7 +61,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -76,11 +76,13 @@ from serve import kv_cache, programs, quant, sampling, speculative
 from serve import outputs as outputs_lib
 from serve import lora as lora_lib
 from serve import step as step_lib
+from serve.drafting import Drafting
 from serve.attention import resolve
 from serve.engine_config import LAYER_LOOPS, EngineConfig, layer_bytes, out_major, unrolls  # pylint: disable=unused-import
 from serve.sampling import SamplingParams
 from serve.outputs import RequestOutput, TokenLogprob  # noqa: F401  (the engine's API)
 from serve.scheduler import Scheduler, StepPlan
+from serve.step import InFlight
 from serve.text import TextStream
 
 
@@ -96,19 +98,7 @@ class _Request:
   speculate: bool = False  # drafts may be proposed for it (serve/speculative.py)
 
 
-class _InFlight(NamedTuple):
-  plan: StepPlan
-  requests: tuple[_Request | None, ...]  # per plan row, the request it was planned for
-  tokens_B: jax.Array
-  advanced: bool = False  # scheduler.advance(plan) ran: resolve, not update, applies the tokens
-  row_lp: sampling.Logprobs | None = None  # device arrays; fetched only when someone asked
-  token_lp: sampling.Logprobs | None = None
-  logits_BV: jax.Array | None = None  # each row's logits (a draft model's q), on device
-  verified: tuple[jax.Array, jax.Array] | None = None  # (tokens_BK1, accepted_B) when the plan has drafts
-  expert_tokens_LE: jax.Array | None = None  # int32 [L, E]: a mixture of experts' assignments
-
-
-class Engine:
+class Engine(Drafting):
   """Continuous batching over a paged KV cache. Not thread-safe: drive it from one thread."""
 
   def __init__(self, model_cfg: ModelConfig, params: nnx.State | nnx.Module,
@@ -160,7 +150,7 @@ class Engine:
     self._slot_of: dict[bytes, int] = {}  # adapter key -> slot id, for the step being built
     self.scheduler = Scheduler(engine_cfg.scheduler_config())
     self._requests: dict[str, _Request] = {}
-    self._inflight: _InFlight | None = None
+    self._inflight: InFlight | None = None
     self._seeds = np.random.default_rng(engine_cfg.seed)
     self._ids = itertools.count()
     # Seconds: host_s is all of step(); within it plan_s (scheduler.schedule), build_s (host
@@ -324,7 +314,7 @@ class Engine:
     self.stats['host_s'] += now - start
     return outputs
 
-  def _overlaps(self, prev: _InFlight) -> bool:
+  def _overlaps(self, prev: InFlight) -> bool:
     """Whether the step after `prev` may be planned before prev's tokens reach the host: not when
     prev sampled for a grammar-constrained request (its next bitmask needs that token), nor when
     prev verified drafts or the next step may draft (drafts need the tokens before them)."""
@@ -335,14 +325,7 @@ class Engine:
       return False
     return self.config.async_scheduling
 
-  def _speculating(self) -> bool:
-    """Whether the next step drafts: some live request may, and the engine holds at most
-    speculative_max_batch requests, running or waiting (the back-off: serve/speculative.py says
-    why; counting the waiting ones backs off while a large batch is still being admitted)."""
-    return (self._drafter is not None and self._num_speculative > 0
-            and len(self._requests) <= self.config.speculative_max_batch)
-
-  def _collect(self, prev: _InFlight) -> tuple[list[tuple[str, tuple[int, ...], TokenLogprob | None]],
+  def _collect(self, prev: InFlight) -> tuple[list[tuple[str, tuple[int, ...], TokenLogprob | None]],
                                                 list]:
     """Waits for prev's tokens and applies them; (request id, new tokens, logprob or None) of live
     requests (several tokens where drafts were accepted), and the requests that finished."""
@@ -392,7 +375,7 @@ class Engine:
         ended.append(self.scheduler.finish(request_id, 'stop'))
     return ended
 
-  def _dispatch(self, prev: _InFlight | None) -> None:
+  def _dispatch(self, prev: InFlight | None) -> None:
     """Plans and dispatches a step; `prev`: the advanced step still in flight, whose sampled
     tokens feed this step's decodes of them."""
     if not self.scheduler.has_work:
@@ -418,7 +401,7 @@ class Engine:
   def _bucket(self, num_tokens: int) -> int:
     return next(b for b in self.config.buckets() if b >= num_tokens)
 
-  def _launch(self, plan: StepPlan, prev: _InFlight | None, drafts=None) -> _InFlight:
+  def _launch(self, plan: StepPlan, prev: InFlight | None, drafts=None) -> InFlight:
     """Dispatches `plan`'s compiled step; `prev`: the step in flight whose tokens it feeds on."""
     clock = time.perf_counter()
     T = self._bucket(plan.num_tokens)
@@ -442,7 +425,7 @@ class Engine:
                      for s, r in zip(plan.seqs, requests))
     wants_prompt = self._num_prompt_lp and any(r is not None and r.prompt_lp is not None
                                                for r in requests)
-    inflight = _InFlight(plan, requests, tokens_B, row_lp=row_lp if wants_rows else None,
+    inflight = InFlight(plan, requests, tokens_B, row_lp=row_lp if wants_rows else None,
                          token_lp=token_lp if wants_prompt else None, logits_BV=logits_BV,
                          verified=verified if any(s.num_draft for s in plan.seqs) else None,
                          expert_tokens_LE=expert_tokens_LE)
@@ -456,80 +439,6 @@ class Engine:
     self.stats['tokens'] += plan.num_tokens
     self.stats['padded_tokens'] += T
 
-  def _launch_chain(self, plans: Sequence[StepPlan], buckets: Sequence[int]
-                    ) -> tuple[list[_InFlight], jax.Array]:
-    """Runs plans (each planned after scheduler.advance of the one before, its decodes fed on
-    device) as ONE device call (programs.chain), padded to `buckets`, and waits for their tokens:
-    an _InFlight per plan (tokens on the host) and their logits [n, max_seqs, V] on device. For an
-    engine with no draft q, LoRA, grammar or experts: a draft model's."""
-    if self._has_q or self.config.max_loras or self.expert_tokens_LE is not None or self._num_grammar:
-      raise ValueError('_launch_chain: only for a plain engine (a draft model\'s).')
-    clock = time.perf_counter()
-    B, M, buffers, rows = self.config.max_seqs, self.config.max_pages_per_seq, [], None
-    for plan, T in zip(plans, buckets):
-      ints, floats, _, _ = step_lib.host_inputs(plan, T, min(B, T), M, self._S, self._K1, self._requests,
-                                                self._slot_of, self._mask_words, rows)
-      buffers += [ints, floats]
-      rows = {s.request_id: b for b, s in enumerate(plan.seqs) if s.sample}
-    if self._replicated is not None:
-      buffers = jax.device_put(buffers, self._replicated)
-    key = tuple(buckets)
-    if key not in self._chains:
-      start = time.perf_counter()
-      jitted = programs.chain([self._step_fns[T] for T in key], B, self.pages, self._replicated)
-      self._chains[key] = jitted.lower(self.params, self.pages, self._no_tokens, self._all_allowed,
-                                       *buffers).compile()
-      self.stats['compile_s'] += time.perf_counter() - start
-    (tokens_nB, logits_nBV), self.pages = self._chains[key](self.params, self.pages, self._no_tokens,
-                                                           self._all_allowed, *buffers)
-    for plan, T in zip(plans, buckets):
-      self._count(plan, T, False, clock)
-      clock = time.perf_counter()
-    tokens_nB = np.asarray(tokens_nB)
-    self.stats['wait_s'] += time.perf_counter() - clock
-    inflight = [_InFlight(plan, tuple(self._requests.get(s.request_id) for s in plan.seqs), tokens_B)
-                for plan, tokens_B in zip(plans, tokens_nB)]
-    return inflight, logits_nBV
-
-  def _propose(self, prev: _InFlight | None) -> dict[str, list[int]] | None:
-    """Drafts for the decoding requests that may speculate; None when this step backs off, or plans
-    ahead of `prev` (its tokens are not on the host yet; the step after it drafts)."""
-    if self._drafter is None:
-      if self._num_speculative:
-        raise RuntimeError('EngineConfig.speculative=\'draft\' but no draft model is attached; call '
-                           'engine.attach_drafter(draft_engine) before stepping.')
-      return None
-    if not self._speculating():
-      self.spec_stats.backoffs += self._num_speculative > 0
-      return None
-    if prev is not None:
-      return None
-    contexts = {}
-    for request_id, tokens, remaining in self.scheduler.decoding():
-      request = self._requests.get(request_id)
-      if request is not None and request.speculate and remaining > 1:
-        contexts[request_id] = speculative.Context(tokens, request.params, request.seed, remaining)
-        if len(contexts) == self._S:  # the step's verification slots
-          break
-    if not contexts:
-      return None
-    clock = time.perf_counter()
-    drafts = self._drafter.propose(contexts, self.config.num_speculative_tokens)
-    self.spec_stats.draft_s += time.perf_counter() - clock
-    return {rid: d for rid, d in drafts.items() if d} or None
-
-  def attach_drafter(self, draft: Engine) -> None:
-    """Drafts with `draft`, an Engine over a small model of the same vocabulary built with
-    speculative.draft_engine_config(this engine's config); EngineConfig.speculative must be 'draft'."""
-    if self.config.speculative != 'draft':
-      raise ValueError(f'attach_drafter: this engine has speculative={self.config.speculative!r}; build it '
-                       'with EngineConfig(speculative=\'draft\', num_speculative_tokens=k).')
-    if draft.model_cfg.vocab_size != self.model_cfg.vocab_size:
-      raise ValueError(f'the draft model has a vocabulary of {draft.model_cfg.vocab_size} tokens, the target '
-                       f'{self.model_cfg.vocab_size}: a drafter must share the target\'s tokenizer (e.g. a '
-                       'student distilled from it: stoker distill).')
-    self._drafter = speculative.DraftModel(draft, self.config)
-
   def _place_adapters(self, plan: StepPlan) -> None:
     """Copies the adapters `plan` needs into device slots (LRU) and records their slot ids."""
     needed = [r.adapter for r in (self._requests.get(s.request_id) for s in plan.seqs)
@@ -539,7 +448,7 @@ class Engine:
       self._stacks = self._write_slot(self._stacks, np.int32(slot - 1), adapter.factors)
     self.stats['lora_swaps'] += len(writes)
 
-  def _host_arrays(self, plan: StepPlan, T: int, prev: _InFlight | None = None,
+  def _host_arrays(self, plan: StepPlan, T: int, prev: InFlight | None = None,
                    q_RV: jax.Array | None = None):
     """The step's inputs after params and pages: the plan as packed numpy buffers
     (step.host_inputs), the tokens of `prev` (the step in flight) that placeholders in the plan

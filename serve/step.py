@@ -27,6 +27,7 @@ Always-present step inputs and outputs, so that no feature compiles a variant of
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,21 @@ from serve import lora as lora_lib
 from serve import sampling, speculative
 from serve.sampling import SamplingParams
 from serve.scheduler import PLACEHOLDER, StepPlan
+
+
+class InFlight(NamedTuple):
+  """A dispatched step as the engine holds it until its tokens are collected: its plan, the requests
+  it was planned for and the step's outputs on device."""
+
+  plan: StepPlan
+  requests: tuple  # per plan row, the engine's request it was planned for (None: gone)
+  tokens_B: jax.Array
+  advanced: bool = False  # scheduler.advance(plan) ran: resolve, not update, applies the tokens
+  row_lp: sampling.Logprobs | None = None  # device arrays; fetched only when someone asked
+  token_lp: sampling.Logprobs | None = None
+  logits_BV: jax.Array | None = None  # each row's logits (a draft model's q), on device
+  verified: tuple[jax.Array, jax.Array] | None = None  # (tokens_BK1, accepted_B) when the plan has drafts
+  expert_tokens_LE: jax.Array | None = None  # int32 [L, E]: a mixture of experts' assignments
 
 
 def pack(batch: forward_lib.StepBatch, feed_T: np.ndarray, targets_T: np.ndarray,

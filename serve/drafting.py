@@ -1,0 +1,102 @@
+"""The Engine's speculative decoding side (serve/speculative.py): attaching a drafter, the back-off,
+proposing drafts before a step is planned; and, on a draft model's own engine, its k steps run as one
+device call (`_launch_chain`, driven by speculative.DraftModel). A mixin of serve/engine.Engine, whose
+state it shares."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from serve import programs, speculative
+from serve import step as step_lib
+from serve.scheduler import StepPlan
+from serve.step import InFlight
+
+
+class Drafting:
+  """Engine methods for speculative decoding (see the module docstring)."""
+
+  def _speculating(self) -> bool:
+    """Whether the next step drafts: some live request may, and the engine holds at most
+    speculative_max_batch requests, running or waiting (the back-off: serve/speculative.py says
+    why; counting the waiting ones backs off while a large batch is still being admitted)."""
+    return (self._drafter is not None and self._num_speculative > 0
+            and len(self._requests) <= self.config.speculative_max_batch)
+
+  def _propose(self, prev: InFlight | None) -> dict[str, list[int]] | None:
+    """Drafts for the decoding requests that may speculate; None when this step backs off, or plans
+    ahead of `prev` (its tokens are not on the host yet; the step after it drafts)."""
+    if self._drafter is None:
+      if self._num_speculative:
+        raise RuntimeError('EngineConfig.speculative=\'draft\' but no draft model is attached; call '
+                           'engine.attach_drafter(draft_engine) before stepping.')
+      return None
+    if not self._speculating():
+      self.spec_stats.backoffs += self._num_speculative > 0
+      return None
+    if prev is not None:
+      return None
+    contexts = {}
+    for request_id, tokens, remaining in self.scheduler.decoding():
+      request = self._requests.get(request_id)
+      if request is not None and request.speculate and remaining > 1:
+        contexts[request_id] = speculative.Context(tokens, request.params, request.seed, remaining)
+        if len(contexts) == self._S:  # the step's verification slots
+          break
+    if not contexts:
+      return None
+    clock = time.perf_counter()
+    drafts = self._drafter.propose(contexts, self.config.num_speculative_tokens)
+    self.spec_stats.draft_s += time.perf_counter() - clock
+    return {rid: d for rid, d in drafts.items() if d} or None
+
+  def attach_drafter(self, draft) -> None:
+    """Drafts with `draft`, an Engine over a small model of the same vocabulary built with
+    speculative.draft_engine_config(this engine's config); EngineConfig.speculative must be 'draft'."""
+    if self.config.speculative != 'draft':
+      raise ValueError(f'attach_drafter: this engine has speculative={self.config.speculative!r}; build it '
+                       'with EngineConfig(speculative=\'draft\', num_speculative_tokens=k).')
+    if draft.model_cfg.vocab_size != self.model_cfg.vocab_size:
+      raise ValueError(f'the draft model has a vocabulary of {draft.model_cfg.vocab_size} tokens, the target '
+                       f'{self.model_cfg.vocab_size}: a drafter must share the target\'s tokenizer (e.g. a '
+                       'student distilled from it: stoker distill).')
+    self._drafter = speculative.DraftModel(draft, self.config)
+
+  def _launch_chain(self, plans: Sequence[StepPlan], buckets: Sequence[int]
+                    ) -> tuple[list[InFlight], jax.Array]:
+    """Runs plans (each planned after scheduler.advance of the one before, its decodes fed on
+    device) as ONE device call (programs.chain), padded to `buckets`, and waits for their tokens:
+    an InFlight per plan (tokens on the host) and their logits [n, max_seqs, V] on device. For an
+    engine with no draft q, LoRA, grammar or experts: a draft model's."""
+    if self._has_q or self.config.max_loras or self.expert_tokens_LE is not None or self._num_grammar:
+      raise ValueError('_launch_chain: only for a plain engine (a draft model\'s).')
+    clock = time.perf_counter()
+    B, M, buffers, rows = self.config.max_seqs, self.config.max_pages_per_seq, [], None
+    for plan, T in zip(plans, buckets):
+      ints, floats, _, _ = step_lib.host_inputs(plan, T, min(B, T), M, self._S, self._K1, self._requests,
+                                                self._slot_of, self._mask_words, rows)
+      buffers += [ints, floats]
+      rows = {s.request_id: b for b, s in enumerate(plan.seqs) if s.sample}
+    if self._replicated is not None:
+      buffers = jax.device_put(buffers, self._replicated)
+    key = tuple(buckets)
+    if key not in self._chains:
+      start = time.perf_counter()
+      jitted = programs.chain([self._step_fns[T] for T in key], B, self.pages, self._replicated)
+      self._chains[key] = jitted.lower(self.params, self.pages, self._no_tokens, self._all_allowed,
+                                       *buffers).compile()
+      self.stats['compile_s'] += time.perf_counter() - start
+    (tokens_nB, logits_nBV), self.pages = self._chains[key](self.params, self.pages, self._no_tokens,
+                                                           self._all_allowed, *buffers)
+    for plan, T in zip(plans, buckets):
+      self._count(plan, T, False, clock)
+      clock = time.perf_counter()
+    tokens_nB = np.asarray(tokens_nB)
+    self.stats['wait_s'] += time.perf_counter() - clock
+    inflight = [InFlight(plan, tuple(self._requests.get(s.request_id) for s in plan.seqs), tokens_B)
+                for plan, tokens_B in zip(plans, tokens_nB)]
+    return inflight, logits_nBV
