@@ -49,12 +49,12 @@ admitted only if the running requests then use at most max_adapters distinct ada
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import heapq
 import itertools
 from collections.abc import Collection, Mapping, Sequence
 
+from serve.admission import Admission
 from serve.allocator import ROOT_HASH, PageAllocator, hash_blocks
 from serve.plans import (PLACEHOLDER, Finished, Policy, ScheduledSeq, SchedulerConfig,  # noqa: F401
                          StepPlan)
@@ -92,7 +92,7 @@ class _Request:
     return len(self.token_ids) - self.num_prompt >= self.max_tokens
 
 
-class Scheduler:
+class Scheduler(Admission):
   """Continuous batching over a paged KV cache; see the module docstring and Policy."""
 
   def __init__(self, config: SchedulerConfig):
@@ -351,70 +351,6 @@ class Scheduler:
     request.pages, request.num_computed, request.num_committed = [], 0, 0
     heapq.heappush(self._free_slots, request.slot)
     request.slot = None
-
-  # ---- admission.
-
-  def _prefix(self, request: _Request) -> list[int]:
-    """Cached pages matching the request's leading full blocks, leaving at least its last token to compute."""
-    if not self.config.prefix_caching or not request.use_prefix_cache:
-      return []
-    request.block_hashes = hash_blocks(request.token_ids, self.config.page_size, request.block_hashes,
-                                       request.adapter or ROOT_HASH)
-    return self.allocator.match(request.block_hashes[:(len(request.token_ids) - 1) // self.config.page_size])
-
-  def _take(self, request: _Request, shared: list[int], num_new_pages: int) -> None:
-    self.allocator.share(shared)
-    request.pages = shared + self.allocator.allocate(num_new_pages)
-    request.num_computed = len(shared) * self.config.page_size
-    request.num_committed = len(shared)
-    request.prefill_len = len(request.token_ids)
-    request.slot = heapq.heappop(self._free_slots)
-    self._waiting.remove(request)
-    bisect.insort(self._running, request, key=lambda r: r.arrival)
-
-  def _fits(self, shared: list[int], num_new_pages: int) -> bool:
-    """Admission control: pages for the new grant (and cached pages it takes off the LRU) above the watermark;
-    the watermark is waived when nothing runs, so a lone request always gets in."""
-    reserve = self.config.watermark_pages if self._running else 0
-    from_lru = sum(1 for p in shared if self.allocator.ref_counts[p] == 0)
-    return num_new_pages + from_lru <= self.allocator.num_available - reserve
-
-  def _admit(self, step: _Step, whole_prompts: bool) -> None:
-    G = self.config.page_size
-    while self._waiting and step.budget > 0 and self._free_slots and not step.preempted:
-      request = self._waiting[0]
-      if not self._adapter_fits(request) or request.token_ids[-1] == PLACEHOLDER:
-        return  # a preempted request's prefill needs its placeholders resolved
-      shared = self._prefix(request)
-      remaining = len(request.token_ids) - len(shared) * G
-      chunk = min(remaining, step.budget)
-      if whole_prompts and chunk < remaining and remaining <= self.config.token_budget:
-        return  # a prompt that fits a step goes in whole, in a later step
-      num_new_pages = -(-(len(shared) * G + chunk) // G) - len(shared)
-      if not self._fits(shared, num_new_pages):
-        return
-      self._take(request, shared, num_new_pages)
-      self._emit(request, chunk, step)
-
-  def _adapter_fits(self, request: _Request) -> bool:
-    """Whether admitting `request` keeps the running requests' distinct adapters within max_adapters."""
-    if not self.config.max_adapters or request.adapter is None:
-      return True
-    running = {r.adapter for r in self._running if r.adapter is not None}
-    return request.adapter in running or len(running) < self.config.max_adapters
-
-  def _admit_batch(self) -> None:
-    """STATIC: admit up to max_seqs waiting requests FCFS, granting the pages of their whole prompts now."""
-    G = self.config.page_size
-    while self._waiting and self._free_slots:
-      request = self._waiting[0]
-      if not self._adapter_fits(request) or request.token_ids[-1] == PLACEHOLDER:
-        return
-      shared = self._prefix(request)
-      num_new_pages = -(-len(request.token_ids) // G) - len(shared)
-      if not self._fits(shared, num_new_pages):
-        return
-      self._take(request, shared, num_new_pages)
 
   # ---- results.
 
