@@ -80,7 +80,7 @@ class Drafting:
       ints, floats, _, _ = step_lib.host_inputs(plan, T, min(B, T), M, self._S, self._K1, self._requests,
                                                 self._slot_of, self._mask_words, rows)
       buffers += [ints, floats]
-      rows = {s.request_id: b for b, s in enumerate(plan.seqs) if s.sample}
+      rows = plan.sample_rows()
     if self._replicated is not None:
       buffers = jax.device_put(buffers, self._replicated)
     key = tuple(buckets)

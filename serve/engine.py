@@ -23,9 +23,9 @@ code with advance and resolve fused. Which features use which path:
 
 Speculative decoding (EngineConfig.speculative, serve/speculative.py; the Engine's side in
 serve/drafting.py): before planning, a drafter proposes up to k tokens per decoding request (prompt
-lookup, or a draft model on its own Engine, attach_drafter); the scheduler plans each as its last token + its drafts; the step verifies them
-on device (greedy: longest matching prefix; sampling: exact rejection sampling), and the scheduler
-rolls rejected tokens back.
+lookup, or a draft model on its own Engine, attach_drafter); the scheduler plans each as its last
+token + its drafts; the step verifies them on device (greedy: longest matching prefix; sampling:
+exact rejection sampling), and the scheduler rolls rejected tokens back.
 
 The compiled step, its packed inputs and the always-present inputs and outputs that keep features
 (grammar masks, logprobs, LoRA slots, verification) from compiling variants of it: serve/step.py.
@@ -76,8 +76,8 @@ from serve import kv_cache, programs, quant, sampling, speculative
 from serve import outputs as outputs_lib
 from serve import lora as lora_lib
 from serve import step as step_lib
-from serve.drafting import Drafting
 from serve.attention import resolve
+from serve.drafting import Drafting
 from serve.engine_config import LAYER_LOOPS, EngineConfig, layer_bytes, out_major, unrolls  # pylint: disable=unused-import
 from serve.sampling import SamplingParams
 from serve.outputs import RequestOutput, TokenLogprob  # noqa: F401  (the engine's API)
@@ -454,8 +454,7 @@ class Engine(Drafting):
     (step.host_inputs), the tokens of `prev` (the step in flight) that placeholders in the plan
     stand for, the grammar bitmask [B, ceil(V / 32)], with a draft model its logits in the
     verification rows (q_RV; zeros when none), and the LoRA slots when the engine has any."""
-    prev_rows = {} if prev is None else {s.request_id: b for b, s in enumerate(prev.plan.seqs)
-                                         if s.sample}
+    prev_rows = {} if prev is None else prev.plan.sample_rows()
     B = self.config.max_seqs
     ints, floats, mask, mask_s = step_lib.host_inputs(
         plan, T, min(B, T), self.config.max_pages_per_seq, self._S, self._K1,

@@ -82,6 +82,10 @@ class StepPlan:
   def num_tokens(self) -> int:
     return sum(len(s.token_ids) for s in self.seqs)
 
+  def sample_rows(self) -> dict[str, int]:
+    """Request id -> its row in the step's sampled tokens, for each sequence that samples."""
+    return {s.request_id: b for b, s in enumerate(self.seqs) if s.sample}
+
 
 @dataclasses.dataclass(frozen=True)
 class Finished:

@@ -86,6 +86,11 @@ def place(steps: dict, params: nnx.State, abstract_params: nnx.State, spec: kv_c
           jax.device_put(stacks, replicated), jitted)
 
 
+def stack_rows(xs_XV, B: int) -> jax.Array:
+  """Per-step [X, V] arrays (a small bucket samples X < B rows) stacked as [n, B, V], zero-padded."""
+  return jax.numpy.stack([jax.numpy.pad(x, ((0, B - x.shape[0]), (0, 0))) for x in xs_XV])
+
+
 def chain(step_fns, B: int, pages, replicated: NamedSharding | None):
   """One jitted program running `step_fns` (serve/step.py's step, each at its bucket) in turn, each
   step's decodes fed the step before's sampled tokens: a draft model's k steps in one device call,
@@ -100,8 +105,8 @@ def chain(step_fns, B: int, pages, replicated: NamedSharding | None):
       (prev_tokens_B, _, _, logits_XV, _, _), pages = f(params, pages, buffers[2 * j], buffers[2 * j + 1],
                                                         prev_tokens_B, mask_BW)
       tokens.append(prev_tokens_B)
-      logits.append(jax.numpy.pad(logits_XV, ((0, B - logits_XV.shape[0]), (0, 0))))
-    return (jax.numpy.stack(tokens), jax.numpy.stack(logits)), pages
+      logits.append(logits_XV)
+    return (jax.numpy.stack(tokens), stack_rows(logits, B)), pages
 
   if replicated is None:
     return jax.jit(run, donate_argnums=(1,))

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from serve import sampling
+from serve import programs, sampling
 
 SPECULATIVE = ('ngram', 'draft')  # EngineConfig.speculative: prompt lookup, or a draft model
 NGRAM_MAX, NGRAM_MIN = 3, 1  # prompt lookup matches the last 3, then 2, then 1 tokens
@@ -201,7 +201,7 @@ class DraftModel:
     self._rows: dict[str, list[int]] = {}  # per request, its draft tokens' rows in the stacked logits
     B, V = cfg.max_seqs, engine.model_cfg.vocab_size
     # A step of a small bucket has fewer rows than B (serve/engine.py): padded, every step stacks alike.
-    self._stack = jax.jit(lambda xs: jnp.stack([jnp.pad(x, ((0, B - x.shape[0]), (0, 0))) for x in xs]))
+    self._stack = jax.jit(functools.partial(programs.stack_rows, B=B))
     self._gather = jax.jit(lambda stack, idx_R: jnp.take(stack.reshape(-1, V), idx_R, axis=0))
     self._num_rows = B
 
@@ -224,7 +224,7 @@ class DraftModel:
     self._rows = {rid: [] for rid in contexts}
     for j, inflight in enumerate(self._steps(k)):
       new, finished = engine._collect(inflight)  # pylint: disable=protected-access
-      rows = {s.request_id: b for b, s in enumerate(inflight.plan.seqs) if s.sample}
+      rows = inflight.plan.sample_rows()
       for rid, tokens, _ in new:
         if rid in drafts:
           drafts[rid].append(tokens[0])
