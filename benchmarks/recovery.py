@@ -1,19 +1,21 @@
 """Recovery of a 2-process job after one process is SIGKILLed: just-in-time vs periodic checkpoints.
 
   python benchmarks/recovery.py                      # 2 failures per mode, ~10 min on 2 CPU cores
-  python benchmarks/recovery.py --failures 1 --every 4 --hang_timeout_s 10
+  python benchmarks/recovery.py --failures 1 --every 4
 
 Each run is `stoker launch --local-processes 2 --devices-per-process 4 --supervise -- train ...`
 on a small prepared corpus, with process 1 SIGKILLed in a step drawn uniformly from [c, 2c)
-(fault.kind='sigkill', fault.process=1). Process 0's next collective stalls; its watchdog
-(checkpoint.hang_timeout_s) notices (or the all-reduce fails outright), and:
+(fault.kind='sigkill', fault.process=1). Process 0's next collective stalls; the launcher tells its
+watchdog that process 1 exited (STOKER_PEER_EXITED: parallelism/launch.py), which acts within a
+second, not after checkpoint.hang_timeout_s (or the all-reduce fails outright), and:
   just in time  it writes the pre-step state it holds (train/emergency.py: no collectives) and exits;
   periodic      (checkpoint.just_in_time=False, the fused step) it has nothing consistent to save
                 and exits.
 The supervisor restarts both processes, which resume from the emergency checkpoint or the newest
 periodic one (every c steps). Per failure it reports, from the processes' logs and metrics:
   steps replayed  the killed step + 1 - the step resumed from (at least 1: the killed step itself);
-  detection       SIGKILL -> the survivor notices (its watchdog fires, or its step raises);
+  detection       SIGKILL -> the survivor notices (told by the launcher, its watchdog timing out, or
+                  its step raising);
   recovery        SIGKILL -> the first step finished after the restart (detection, save, exit,
                   restart, distributed start-up, compile, restore, that step);
   caught up       SIGKILL -> the killed step finished again (recovery + the replayed steps).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import random
@@ -45,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--failures', type=int, default=2, help='failures per mode')
   p.add_argument('--every', type=int, default=4, help='periodic checkpoint interval c (steps)')
-  p.add_argument('--hang_timeout_s', type=float, default=10.0)
+  p.add_argument('--hang_timeout_s', type=float, default=600.0,
+                 help='checkpoint.hang_timeout_s (the default); the launcher\'s word comes first')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out_dir', default=os.path.join(os.path.dirname(__file__), 'out'))
   return p.parse_args(argv)
@@ -79,7 +83,7 @@ def seconds(stamp: str) -> float:
 def first(pattern: str, text: str) -> re.Match:
   match = re.search(pattern, text)
   if match is None:
-    raise RuntimeError(f'no line matching {pattern!r} in the job log (job.log in its workdir).')
+    raise RuntimeError(f'no line matching {pattern!r} in the job\'s logs (job.log, stoker*.log in its workdir).')
   return match
 
 
@@ -100,10 +104,14 @@ def drill(data: str, workdir: str, jit: bool, kill_step: int, args) -> dict:
     f.write(text)
   if result.returncode:
     raise RuntimeError(f'the job failed ({result.returncode}); its log: {workdir}/job.log')
-  killed = seconds(first(STAMP + r' WARNING injected fault: SIGKILL in step', text).group(1))
-  # The survivor's watchdog, or (fused step) the failed gradient all-reduce raising.
-  noticed = seconds(first(STAMP + r' ERROR (No training progress|Step failed in a multi-process)',
-                          text).group(1))
+  # Timestamps to the millisecond are in the processes' own log files (the console shows the time of day).
+  logs = ''.join(open(f, encoding='utf-8').read()
+                 for f in sorted(glob.glob(os.path.join(workdir, 'stoker*.log'))))
+  killed = seconds(first(STAMP + r' WARNING [^\]]*\] injected fault: SIGKILL in step', logs).group(1))
+  # The survivor's watchdog (told by the launcher, or timing out), or (fused step) the failed
+  # gradient all-reduce raising.
+  noticed = seconds(first(STAMP + r' ERROR [^\]]*\] (Process \d+ of this job exited|No training progress|'
+                          r'Step failed in a multi-process)', logs).group(1))
   resumed = int(first(r'Resumed from the (?:emergency )?checkpoint of step (\d+)', text).group(1))
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]

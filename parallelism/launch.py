@@ -4,7 +4,10 @@ Starts N copies of the `stoker` command, each with its own fake CPU devices and 
 variables of parallelism/distributed.py (coordinator on a free local port), for development and
 tests of multi-process code. When one process ends with an error (or is killed) the others are
 given `grace_s` to finish what they are doing (a just-in-time save), then SIGTERM, then SIGKILL:
-no process is ever left behind. Imports no JAX.
+no process is ever left behind. Unless it exited as all do together (a collective save first), the
+others learn of it at once: the launcher creates the file named by their STOKER_PEER_EXITED, which
+their training watchdog polls (train/faults.py), so a survivor stuck in a collective with the dead
+process saves what it holds within a second, not after checkpoint.hang_timeout_s. Imports no JAX.
 """
 
 from __future__ import annotations
@@ -12,12 +15,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Sequence
+
+# train/faults.py's exits that every process takes together, after a collective save (preempted, a
+# step failed everywhere, non-finite losses): no peer is left waiting, none is told. Duplicated so
+# that the launcher never imports JAX.
+_TOGETHER = (80, 81, 83)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,8 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help='Fake CPU devices of each process (default 4).')
   p.add_argument('--grace_s', type=float, default=180.0,
                  help='After one process fails, how long the others may take to save and exit '
-                      '(more than their watchdog needs to notice: checkpoint.hang_timeout_s, '
-                      'max(60 s, 4x that) inside a save).')
+                      '(told at once, they write what they hold with no collective).')
   p.add_argument('--supervise', action='store_true',
                  help='Restart the whole job after a just-in-time exit or a kill.')
   p.add_argument('--max_restarts', type=int, default=3)
@@ -50,11 +59,14 @@ def run_local(argv: Sequence[str], processes: int, devices_per_process: int,
     raise ValueError(f'need --local-processes >= 1 and --devices-per-process >= 1; got '
                      f'{processes} and {devices_per_process}.')
   coordinator = f'127.0.0.1:{free_port()}'
+  tmp = tempfile.mkdtemp(prefix='stoker-launch-')
+  peer_exited = os.path.join(tmp, 'peer-exited')
   children = []
   for i in range(processes):
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     env.update(STOKER_COORDINATOR=coordinator, STOKER_NUM_PROCESSES=str(processes),
-               STOKER_PROCESS_ID=str(i), JAX_PLATFORMS=env.get('JAX_PLATFORMS', 'cpu'))
+               STOKER_PROCESS_ID=str(i), JAX_PLATFORMS=env.get('JAX_PLATFORMS', 'cpu'),
+               STOKER_PEER_EXITED=peer_exited)
     children.append(subprocess.Popen(
         [sys.executable, sys.argv[0], '--host_devices', str(devices_per_process), *argv], env=env))
   logging.info('Started %d processes (pids %s), coordinator %s.', processes,
@@ -77,6 +89,9 @@ def run_local(argv: Sequence[str], processes: int, devices_per_process: int,
           failed.add(i)
           if first_failure is None:
             first_failure, deadline = rc, time.monotonic() + grace_s
+            if rc not in _TOGETHER:  # the others' watchdogs poll it
+              with open(peer_exited, 'w', encoding='utf-8') as f:
+                f.write(f'Process {i} of this job exited with {rc}')
             logging.warning('Process %d exited with %d; the others have %.0f s to finish.', i, rc,
                             grace_s)
           else:
@@ -89,6 +104,7 @@ def run_local(argv: Sequence[str], processes: int, devices_per_process: int,
       time.sleep(0.1)
   finally:
     _terminate(children)
+    shutil.rmtree(tmp, ignore_errors=True)
     for s, handler in previous.items():
       signal.signal(s, handler)
   codes = [c.returncode for c in children]

@@ -25,6 +25,7 @@ EXIT_STEP_FAILED = 81  # an exception in a step: the state before that step was 
 EXIT_HANG = 82  # the watchdog saw no progress: the state before the stuck step was saved
 EXIT_NONFINITE = 83  # non-finite losses outlasted every rollback: restarting will not help
 RESTARTABLE = (EXIT_PREEMPTED, EXIT_STEP_FAILED, EXIT_HANG)
+PEER_EXITED_ENV = 'STOKER_PEER_EXITED'  # a file the launcher creates when a process of the job exits
 PAUSED_SLACK = 4  # in work that may take long, the watchdog waits this many timeouts (>= 60 s)
 
 
@@ -70,23 +71,29 @@ class SignalGuard:
 
 
 class Watchdog:
-  """A thread that calls `on_hang` when no heartbeat came for `timeout_s`, then ends the process
-  with EXIT_HANG (even if `on_hang` itself hangs: it gets max(60 s, 4 x timeout_s)).
+  """A thread that calls `on_hang` when no heartbeat came for `timeout_s`, or at once when the launcher
+  says a peer process of the job has exited (`peer_exited`, a file it creates: STOKER_PEER_EXITED, set by
+  parallelism/launch.py); then it ends the process with EXIT_HANG (even if `on_hang` itself hangs:
+  it gets max(60 s, 4 x timeout_s)).
 
   The loop beats after every step; `paused()` covers work that may legitimately take longer
   (validation, a save), for which the limit is max(60 s, PAUSED_SLACK x timeout_s): in a
-  multi-process job a save or a validation batch can itself wait forever on a dead peer.
+  multi-process job a save or a validation batch can itself wait forever on a dead peer. A peer's
+  exit needs no timeout: the survivor's next collective would wait for it forever, so it saves what it
+  holds (train/emergency.py) within a poll, not after timeout_s (600 s by default).
   """
 
-  def __init__(self, timeout_s: float, on_hang: Callable[[], None]):
+  def __init__(self, timeout_s: float, on_hang: Callable[[], None],
+               peer_exited: str | None = None):
     self.timeout_s, self._on_hang = timeout_s, on_hang
+    self._peer_exited = peer_exited or os.environ.get(PEER_EXITED_ENV) or None
     self._last: float | None = None  # armed by the first beat: start-up may be slow
     self._paused = 0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name='stoker-watchdog', daemon=True)
 
   def __enter__(self) -> Watchdog:
-    if self.timeout_s > 0:
+    if self.timeout_s > 0 or self._peer_exited:
       self._thread.start()
     return self
 
@@ -106,19 +113,29 @@ class Watchdog:
       self.beat()
 
   def _run(self) -> None:
-    while not self._stop.wait(min(1.0, self.timeout_s / 4)):
-      limit = max(60.0, PAUSED_SLACK * self.timeout_s) if self._paused else self.timeout_s
-      if self._last is None or time.monotonic() - self._last < limit:
+    poll = min(1.0, self.timeout_s / 4) if self.timeout_s > 0 else 1.0
+    while not self._stop.wait(poll):
+      if self._last is None:
         continue
-      logging.error('No training progress for %.0f s: treating it as a hang.', limit)
-      saver = threading.Thread(target=self._on_hang, name='stoker-hang-save', daemon=True)
-      saver.start()
-      limit = max(60.0, 4 * self.timeout_s)
-      saver.join(limit)
-      if saver.is_alive():
-        logging.error('The hang save did not finish within %.0f s; exiting without it.', limit)
-      logging.shutdown()
-      os._exit(EXIT_HANG)  # the main thread is stuck: only a hard exit ends the process
+      if self._peer_exited and os.path.exists(self._peer_exited):
+        with open(self._peer_exited, encoding='utf-8') as f:
+          logging.error('%s: saving what this process holds now, not after the watchdog\'s timeout.',
+                        f.read().strip() or 'A peer process of this job exited')
+        break
+      limit = max(60.0, PAUSED_SLACK * self.timeout_s) if self._paused else self.timeout_s
+      if self.timeout_s > 0 and time.monotonic() - self._last >= limit:
+        logging.error('No training progress for %.0f s: treating it as a hang.', limit)
+        break
+    else:
+      return
+    saver = threading.Thread(target=self._on_hang, name='stoker-hang-save', daemon=True)
+    saver.start()
+    limit = max(60.0, 4 * self.timeout_s)
+    saver.join(limit)
+    if saver.is_alive():
+      logging.error('The hang save did not finish within %.0f s; exiting without it.', limit)
+    logging.shutdown()
+    os._exit(EXIT_HANG)  # the main thread is stuck: only a hard exit ends the process
 
 
 class FaultInjector:

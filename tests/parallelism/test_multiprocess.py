@@ -93,8 +93,9 @@ def test_two_processes_match_one_and_checkpoints_cross_process_counts(prepared, 
 
 def test_sigkill_of_one_process_resumes_from_the_survivors_save(prepared, tmp_path):
   """Process 1 dies in step 4 (after the periodic checkpoint of step 3). Usually process 0's
-  gradient all-reduce stalls; its watchdog saves the pre-step state of step 4 without collectives
-  and exits; the supervisor restarts both, which resume at step 4. Sometimes gloo aborts process 0
+  gradient all-reduce stalls; the launcher tells its watchdog at once (the default hang timeout, 600
+  s, would outlast the launcher's grace), which saves the pre-step state of step 4 without
+  collectives and exits; the supervisor restarts both, which resume at step 4. Sometimes gloo aborts process 0
   at once (an uncaught C++ exception: `terminate called after throwing an instance of
   'gloo::EnforceNotMet'`, SIGABRT), before any Python code can save; the restart then resumes from
   the checkpoint of step 3. Either way the run ends bitwise equal to an uninterrupted 2-process run."""
@@ -110,14 +111,14 @@ def test_sigkill_of_one_process_resumes_from_the_survivors_save(prepared, tmp_pa
   result = stoker('launch', '--local-processes', '2', '--devices-per-process', '4', '--grace_s',
                   '120', '--supervise', '--max_restarts', '1', '--',
                   *train_args(workdir, prepared, "fault.kind='sigkill'", 'fault.process=1',
-                              'fault.step=4', 'checkpoint.hang_timeout_s=10',
-                              'checkpoint.async_save=False'))
+                              'fault.step=4', 'checkpoint.async_save=False'))
   assert result.returncode == 0, result.stderr[-4000:]
   log = result.stderr
   assert 'injected fault: SIGKILL in step 4' in log, log[-4000:]
   assert 'Process 1 exited with -9' in log, log[-4000:]
   assert 'restart 1 of 1' in log, log[-4000:]
   if 'Emergency checkpoint of step 4: process 0' in log:  # process 0 lived to save
+    assert 'Process 1 of this job exited with -9: saving what this process holds now' in log, log[-4000:]
     # Killed in step 4 (0-based), resumed before it: step 4 alone is computed twice.
     assert 'Resumed from the emergency checkpoint of step 4 ' in log, log[-4000:]
   else:  # gloo aborted process 0 before its watchdog could save
@@ -134,17 +135,38 @@ def test_sigkill_of_one_process_resumes_from_the_survivors_save(prepared, tmp_pa
 
 
 def test_launch_notices_a_dead_process_while_an_earlier_one_runs(tmp_path, monkeypatch, caplog):
-  """Process 1 is killed while process 0 is stuck: the launcher sees it at once (it used to poll
-  only up to the first live process), gives process 0 its grace, then ends it."""
+  """Process 1 is killed while process 0 waits: the launcher sees it at once (it used to poll only up
+  to the first live process) and tells process 0 through its STOKER_PEER_EXITED file, which process 0
+  reads and exits on, well within its grace. A process that exits as all do together tells nobody."""
   child = tmp_path / 'child.py'
-  child.write_text('import os, signal, time\n'
+  child.write_text('import os, signal, sys, time\n'
                    "if os.environ['STOKER_PROCESS_ID'] == '1':\n"
                    '  os.kill(os.getpid(), signal.SIGKILL)\n'
-                   'time.sleep(60)\n')
+                   "flag = os.environ['STOKER_PEER_EXITED']\n"
+                   'for _ in range(600):\n'
+                   '  if os.path.exists(flag):\n'
+                   "    sys.exit(3 if open(flag).read() == 'Process 1 of this job exited with -9' else 4)\n"
+                   '  time.sleep(0.1)\n')
   monkeypatch.setattr(sys, 'argv', [str(child)])
   start = time.monotonic()
   with caplog.at_level(logging.INFO):
-    rc = run_local([], processes=2, devices_per_process=1, grace_s=1.0)
+    rc = run_local([], processes=2, devices_per_process=1, grace_s=30.0)
   assert rc == -signal.SIGKILL
-  assert time.monotonic() - start < 30
-  assert 'Process 1 exited with -9; the others have 1 s to finish.' in caplog.text
+  assert time.monotonic() - start < 20
+  assert 'Process 1 exited with -9; the others have 30 s to finish.' in caplog.text
+  assert 'Process 0 exited with 3.' in caplog.text  # by itself, told why
+
+  # A together-exit (train/faults.py's EXIT_PREEMPTED: every process saved collectively and exits)
+  # tells nobody: a peer still finishing that save must not switch to an emergency save.
+  child.write_text('import os, sys, time\n'
+                   "if os.environ['STOKER_PROCESS_ID'] == '1':\n"
+                   '  sys.exit(80)\n'
+                   'time.sleep(3)\n'
+                   "sys.exit(5 if os.path.exists(os.environ['STOKER_PEER_EXITED']) else 0)\n")
+  caplog.clear()
+  start = time.monotonic()
+  with caplog.at_level(logging.INFO):
+    rc = run_local([], processes=2, devices_per_process=1, grace_s=20.0)
+  assert rc == 80
+  assert time.monotonic() - start < 15  # process 0 ended by itself, untold (5 would be logged)
+  assert 'Process 0 exited' not in caplog.text

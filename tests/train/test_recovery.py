@@ -4,7 +4,11 @@ test_checkpoint.py)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -142,3 +146,24 @@ def test_rollbacks_give_up_after_max_rollbacks(tmp_path):
   with pytest.raises(faults.TrainingInterrupted, match='after 1 rollbacks') as e:
     recovery.rollback(9, 2)
   assert e.value.exit_code == faults.EXIT_NONFINITE and e.value.saved_step is None
+
+
+def test_watchdog_saves_at_once_when_the_launcher_says_a_peer_exited(tmp_path):
+  """A survivor stuck in a collective with a dead peer saves within a poll of the launcher's file
+  (parallelism/launch.py), not after checkpoint.hang_timeout_s (here 600 s), and exits EXIT_HANG."""
+  flag = tmp_path / 'peer-exited'
+  script = ('import time\nfrom train import faults\n'
+            f"with faults.Watchdog(600.0, lambda: print('saved', flush=True), peer_exited={str(flag)!r}) as w:\n"
+            '  w.beat()\n  time.sleep(60)\n')
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.Popen([sys.executable, '-c', script], cwd=repo, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  time.sleep(3)
+  assert proc.poll() is None  # no peer exited, 600 s not passed: it waits
+  start = time.monotonic()
+  flag.write_text('Process 1 of this job exited with -9')
+  out, err = proc.communicate(timeout=30)
+  assert proc.returncode == faults.EXIT_HANG, err[-2000:]
+  assert time.monotonic() - start < 10
+  assert out == 'saved\n'
+  assert 'Process 1 of this job exited with -9: saving what this process holds now' in err
