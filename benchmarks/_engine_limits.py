@@ -91,11 +91,11 @@ def probes(args, cores: int) -> dict:
   return out
 
 
-def probe_now(cores: int, nbytes: int = 1 << 30) -> str:
-  """The probes taken now, as probe_line writes them (a matmul's cpu share under 90%: something else
-  ran on the host, and the figures beside it are not results)."""
-  return probe_line({'probes': {'start': {'matmul': probe_peak(cores),
-                                          'bandwidth': probe_bandwidth(cores, nbytes)}}})
+def probe_now(cores: int, nbytes: int = 1 << 30, when: str = 'start') -> str:
+  """The probes taken now, as probe_line writes them, labelled `when` ('start' or 'end' of a run; a
+  matmul's cpu share under 90%: something else ran on the host, and the figures beside it are not results)."""
+  return probe_line({'probes': {when: {'matmul': probe_peak(cores),
+                                       'bandwidth': probe_bandwidth(cores, nbytes)}}})
 
 
 def machine_limits(report: dict) -> tuple[float, float]:

@@ -62,7 +62,11 @@ def prepare_main(args: argparse.Namespace) -> dict:
   from data import prepare  # pylint: disable=g-import-not-at-top
   data_beam.check_beam()
   import apache_beam  # pylint: disable=g-import-not-at-top
+  from _engine_limits import probe_now  # pylint: disable=g-import-not-at-top
   workers = [int(w) for w in args.prepare_workers.split(',') if w.strip()]
+  cores = len(os.sched_getaffinity(0))
+  probes = {'start': probe_now(cores)}  # a cpu share under 90%: the ratios are not results
+  log(probes['start'])
   load_start, start = os.getloadavg()[0], time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
     src = os.path.join(tmp, 'src')
@@ -88,12 +92,14 @@ def prepare_main(args: argparse.Namespace) -> dict:
         shutil.rmtree(out)
         log(f'run {r + 1}/{args.prepare_runs} {name}: {runs[name][-1]:.2f} s')
     documents = manifest['documents']
+  probes['end'] = probe_now(cores, when='end')
+  log(probes['end'])
   ref = runs['in-process']
   report = {'date': datetime.date.today().isoformat(), 'cpu': cpu_name(), 'cpu_cores': os.cpu_count(),
             'python': platform.python_version(), 'apache_beam': apache_beam.__version__,
             'pyarrow': pa.__version__, 'tokenizers': metadata.version('tokenizers'),
             'settings': {k: v for k, v in vars(args).items() if k.startswith('prepare') or k == 'seed'},
-            'documents': documents, 'input_bytes': nbytes, 'rows': {}}
+            'documents': documents, 'input_bytes': nbytes, 'probes': probes, 'rows': {}}
   for name, seconds in runs.items():
     report['rows'][name] = {
         'seconds': seconds, 'median_seconds': statistics.median(seconds),
@@ -122,7 +128,8 @@ def prepare_table(report: dict) -> str:
                  f"{'yes' if r['identical_to_in_process'] else 'NO':>11}")
   lines += ['', 'vs in-process: median over runs of the paired ratio of throughput (> 1: faster).',
             'identical: every shard\'s sha256 equals the in-process run\'s.',
-            'Beam rows include starting the DirectRunner and its worker processes (seconds per run).']
+            'Beam rows include starting the DirectRunner and its worker processes (seconds per run).',
+            report['probes']['start'], report['probes']['end']]
   return '\n'.join(lines)
 
 

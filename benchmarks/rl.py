@@ -96,8 +96,12 @@ def main(argv=None) -> int:
   from rl import loop, rollout, tasks  # pylint: disable=g-import-not-at-top
   from rl.config import load_rl_config  # pylint: disable=g-import-not-at-top
   from serve.engine import Engine  # pylint: disable=g-import-not-at-top
+  from _engine_limits import probe_now  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_compilation_cache_dir', os.path.expanduser('~/.cache/stoker/xla'))
   os.makedirs(args.out, exist_ok=True)
+  cores = len(os.sched_getaffinity(0))
+  probes = {'start': probe_now(cores)}  # a cpu share under 90%: the throughput ratio is not a result
+  log(probes['start'])
   paths = tasks.write_task(os.path.join(args.out, 'task'), seed=args.seed)
   tokenizer = tokenizers.Tokenizer.from_file(paths['tokenizer'])
   base = load_rl_config(['rl/addition_tiny.gin'], args.gin_param)
@@ -128,6 +132,8 @@ def main(argv=None) -> int:
     from train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
     logged = read_metrics(workdir)
   total_s = time.perf_counter() - start
+  probes['end'] = probe_now(cores, when='end')
+  log(probes['end'])
   by_step = {r['step']: r for r in logged}
   for step, samples in alone.items():
     if not isinstance(step, int) or step + 1 not in by_step:
@@ -144,7 +150,7 @@ def main(argv=None) -> int:
            if compared else float('nan'))
   split = {k: float(np.sum([r[k] for r in steps])) for k in ('sample_s', 'score_s', 'train_s', 'update_s')}
   figures = {
-      'cpu': cpu_name(), 'host_devices': args.host_devices, 'load_avg': os.getloadavg(),
+      'cpu': cpu_name(), 'host_devices': args.host_devices, 'load_avg': os.getloadavg(), 'probes': probes,
       'model': 'tiny preset, vocab 14', 'params': cfg.model.num_params(),
       'warm_start': sft_history, 'warm_start_s': sft_s,
       'held_out_start': evals[0][1] if evals else None, 'held_out_final': evals[-1][1] if evals else None,
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
   _plot(figures, os.path.join(args.out, 'rl.png'))
   print(json.dumps({k: figures[k] for k in ('held_out_start', 'held_out_final', 'held_out_best', 'gain',
                                             'passed', 'rl_steps', 'total_s', 'time_split_s',
-                                            'throughput_ratio_rl_over_alone')}, indent=1))
+                                            'throughput_ratio_rl_over_alone', 'probes')}, indent=1))
   return 0 if figures['passed'] else 1
 
 
