@@ -114,20 +114,12 @@ class Watchdog:
 
   def _run(self) -> None:
     poll = min(1.0, self.timeout_s / 4) if self.timeout_s > 0 else 1.0
-    while not self._stop.wait(poll):
-      if self._last is None:
-        continue
-      if self._peer_exited and os.path.exists(self._peer_exited):
-        with open(self._peer_exited, encoding='utf-8') as f:
-          logging.error('%s: saving what this process holds now, not after the watchdog\'s timeout.',
-                        f.read().strip() or 'A peer process of this job exited')
-        break
-      limit = max(60.0, PAUSED_SLACK * self.timeout_s) if self._paused else self.timeout_s
-      if self.timeout_s > 0 and time.monotonic() - self._last >= limit:
-        logging.error('No training progress for %.0f s: treating it as a hang.', limit)
-        break
-    else:
-      return
+    reason = None
+    while reason is None:
+      if self._stop.wait(poll):
+        return
+      reason = self._reason()
+    logging.error('%s', reason)
     saver = threading.Thread(target=self._on_hang, name='stoker-hang-save', daemon=True)
     saver.start()
     limit = max(60.0, 4 * self.timeout_s)
@@ -136,6 +128,20 @@ class Watchdog:
       logging.error('The hang save did not finish within %.0f s; exiting without it.', limit)
     logging.shutdown()
     os._exit(EXIT_HANG)  # the main thread is stuck: only a hard exit ends the process
+
+  def _reason(self) -> str | None:
+    """Why to save and exit now (a peer exited, or no beat for the limit), or None; never before the
+    first beat."""
+    if self._last is None:
+      return None
+    if self._peer_exited and os.path.exists(self._peer_exited):
+      with open(self._peer_exited, encoding='utf-8') as f:
+        said = f.read().strip() or 'A peer process of this job exited'
+      return f'{said}: saving what this process holds now, not after the watchdog\'s timeout.'
+    limit = max(60.0, PAUSED_SLACK * self.timeout_s) if self._paused else self.timeout_s
+    if self.timeout_s > 0 and time.monotonic() - self._last >= limit:
+      return f'No training progress for {limit:.0f} s: treating it as a hang.'
+    return None
 
 
 class FaultInjector:
