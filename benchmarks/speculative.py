@@ -13,8 +13,9 @@ Prompts: code completion, --prompt_len tokens of stdlib Python source cut at ran
 
 For batch 1 and 16, greedy and temperature 0.8, each engine decodes --new_tokens tokens per
 prompt after its prefill (decode tokens/s: from every request's first token to the last), runs
-interleaved, median of --runs: plain (speculation off), the draft model (k = --k) and prompt
-lookup (ngram). Reported per row: tokens/s and the speed-up over plain measured in the same run;
+interleaved (the engines' order rotating), median of --runs: plain (speculation off), the draft model
+(k = --k) and prompt lookup (ngram); batch 16 decodes its group --batch16_repeats times a run.
+Reported per row: tokens/s and the speed-up over plain, the median of each run's ratio in that run;
 for speculation the acceptance rate (accepted / drafted tokens, vLLM's), Leviathan et al.'s per-token a
 (accepted / (accepted + rejections): a draft is tried only while those before it were accepted), the
 drafter/target step-time ratio c (a drafter step as it runs inside speculation, from the drafter's measured seconds, over a
@@ -64,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--new_tokens', type=int, default=96, help='tokens decoded per request')
   p.add_argument('--prompts', type=int, default=8, help='prompts: batch 1 decodes each alone, batch 16 '
                  'cycles through them')
-  p.add_argument('--runs', type=int, default=3)
+  p.add_argument('--runs', type=int, default=5)
+  p.add_argument('--batch16_repeats', type=int, default=3, help='times a batch-16 run decodes its group')
   p.add_argument('--host_devices', type=int, default=1)
   p.add_argument('--workdir', default=os.path.join(os.path.dirname(__file__), 'out', 'speculative'))
   p.add_argument('--out_dir', default=os.path.join(os.path.dirname(__file__), 'out'))
@@ -153,23 +155,30 @@ def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
   engines['draft'].attach_drafter(Engine(draft_cfg, draft_params, speculative.draft_engine_config(spec('draft'))))
 
   from _engine_limits import probe_now  # pylint: disable=g-import-not-at-top
-  probes = probe_now(len(os.sched_getaffinity(0)))
-  log(f'{probes}; {pages}')
+  cores = len(os.sched_getaffinity(0))
+  probes = {'start': probe_now(cores)}  # a cpu share under 90%: the speed-ups are not results
+  log(f"{probes['start']}; {pages}")
   results = []
   for batch in (1, 16):
     for temperature in (0.0, 0.8):
       params = SamplingParams(max_tokens=args.new_tokens, temperature=temperature, seed=0)
-      groups = [[p] for p in prompts] if batch == 1 else [(prompts * 16)[:16]]
+      # batch 16 decodes its group --batch16_repeats times a run: a run of each batch then times a
+      # comparable stretch (~2 s), not 0.6 s that one hypervisor hiccup moves by 10-20%.
+      groups = [[p] for p in prompts] if batch == 1 else [(prompts * 16)[:16]] * args.batch16_repeats
       for name, engine in engines.items():  # warm-up: every bucket compiled and dispatched
         decode_time(engine, groups[0], dataclasses.replace(params, max_tokens=8))
       rates = {name: [] for name in engines}
       before = {name: dataclasses.replace(e.spec_stats) for name, e in engines.items()}
       steps_before = {name: e.stats['steps'] for name, e in engines.items()}
       spent = dict.fromkeys(engines, 0.0)
-      for _ in range(args.runs):  # a run: every group through every engine, interleaved
+      names = list(engines)
+      for run in range(args.runs):  # a run: every group through every engine, interleaved; the
+        # engines' order rotates from run to run so that none always follows the same one
+        order = names[run % len(names):] + names[:run % len(names)]
         totals = {name: [0, 0.0] for name in engines}
         for group in groups:
-          for name, engine in engines.items():
+          for name in order:
+            engine = engines[name]
             tokens, seconds = decode_time(engine, group, params)
             totals[name][0] += tokens
             totals[name][1] += seconds
@@ -177,6 +186,9 @@ def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
           rates[name].append(tokens / secs)
           spent[name] += secs
       rate = {name: statistics.median(r) for name, r in rates.items()}
+      # the speed-up: the median over runs of each run's ratio to plain in that same run (paired:
+      # the host's speed drifts between runs more than between engines within one)
+      paired = {name: statistics.median(x / p for x, p in zip(r, rates['plain'])) for name, r in rates.items()}
       plain_step_s = batch / rate['plain']  # a plain decode step computes one token per sequence
       for name in ('draft', 'ngram'):
         d = engines[name].spec_stats.since(before[name])
@@ -188,7 +200,7 @@ def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
         # prefill steps (one per request, before its clock starts) are few.
         v = (spent[name] - d.draft_s) / max(engines[name].stats['steps'] - steps_before[name], 1) / plain_step_s
         row = dict(drafter=name, batch=batch, temperature=temperature, tok_s=rate[name],
-                   plain_tok_s=rate['plain'], speedup=rate[name] / rate['plain'],
+                   plain_tok_s=rate['plain'], speedup=paired[name], runs=rates[name], plain_runs=rates['plain'],
                    acceptance=d.accepted / d.drafted if d.drafted else 0.0, a=a,
                    verifications=d.verifications, backoff_steps=d.backoffs, k=args.k)
         row['c'] = c  # prompt lookup: its lookups' seconds per draft token, over a plain step
@@ -202,9 +214,10 @@ def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
       log(f'batch {batch}, temperature {temperature}: ' +
           ', '.join(f'{n} {r:.1f} tok/s' for n, r in rate.items()) + f'; load {os.getloadavg()[0]:.2f}')
 
+  probes['end'] = probe_now(cores, when='end')
   lines = [f'k = {args.k}, speculative_max_batch = {args.max_batch}; drafter {size:.3f} of the target\'s '
            f'params; {cpu_name()}, {len(os.sched_getaffinity(0))} cores, load {os.getloadavg()[0]:.2f}; '
-           f'{probes}; {pages}.',
+           f"{probes['start']}; {probes['end']}; {pages}.",
            f"{'drafter':<7} {'batch':>5} {'temp':>4} {'tok/s':>7} {'plain':>7} {'speed-up':>8} {'acc':>5} {'a':>5} "
            f"{'c':>5} {'predicted':>9} {'meas/pred':>9} {'v':>5} {'pred(v)':>7}"]
   for r in results:

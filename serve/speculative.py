@@ -121,16 +121,15 @@ def verify(p_logits_RV: jax.Array, q_logits_RV: jax.Array | None, draft_R: jax.A
     # p == q leaves no residual; a rejection then has probability 0, so any draw will do.
     residual_RV = jnp.where(jnp.sum(residual_RV, axis=-1, keepdims=True) > 0, residual_RV, p_RV)
 
-    def one(seed, position, p_row_V, residual_V):
-      key = jax.random.fold_in(jax.random.key(seed), position)
-      u = jax.random.uniform(jax.random.fold_in(key, 1))
-      fix = jax.random.categorical(jax.random.fold_in(key, 2), jnp.log(residual_V))
-      bonus = jax.random.categorical(key, p_row_V)  # as sampling.sample draws at this position
-      return u, fix.astype(jnp.int32), bonus.astype(jnp.int32)
-
-    u_R, fix_R, bonus_R = jax.vmap(one)(seeds_R, positions_R, p_filtered_RV, residual_RV)
+    keys_R = sampling.row_keys(seeds_R, positions_R)
+    u_R = sampling.uniforms(jax.vmap(jax.random.fold_in, (0, None))(keys_R, 1))
     accept_R = u_R * q_d_R < p_d_R  # u < p / q without dividing by a q of 0
-    return accept_R, jnp.where(has_draft_R, jnp.where(accept_R, draft_safe_R, fix_R), bonus_R)
+    # A row needs one draw: from the residual where it holds a draft (used if rejected), else the
+    # bonus token from p, with the key sampling.sample draws with at this position.
+    fix_u_R = sampling.uniforms(jax.vmap(jax.random.fold_in, (0, None))(keys_R, 2))
+    drawn_R = sampling.inverse_cdf(jnp.where(has_draft_R, fix_u_R, sampling.uniforms(keys_R)),
+                                   jnp.where(has_draft_R[:, None], residual_RV, p_RV))
+    return accept_R, jnp.where(has_draft_R & accept_R, draft_safe_R, drawn_R)
 
   def greedy():
     return jnp.zeros(R, bool), greedy_R

@@ -72,6 +72,27 @@ def test_draws_follow_the_filtered_distribution(temperature, top_k, top_p):
   np.testing.assert_array_less(np.abs(freq - probs), 5 * np.sqrt(probs * (1 - probs) / n) + 1e-9)
 
 
+@pytest.mark.parametrize('vocab', [1, 14, 100, 4096, 5000])
+def test_inverse_cdf_matches_an_exact_one_and_never_draws_a_zero_weight(vocab):
+  """The two-level draw against float64 cumsum + searchsorted on the same uniforms (they may part
+  only where float32 rounding moves a boundary), zero-weight tokens never drawn, even at u = 0 and
+  just below 1 with zeros on both ends and whole blocks of zeros."""
+  rng = np.random.default_rng(vocab)
+  w_V = (rng.random(vocab) ** 3).astype(np.float32)
+  w_V[rng.random(vocab) < 0.3] = 0
+  w_V[:vocab // 4] = 0
+  w_V[-1] = 0 if vocab > 1 else 1
+  w_V[max(0, vocab // 2 - 1)] += 0.5
+  u_N = np.concatenate([[0.0, np.nextafter(np.float32(1), np.float32(0))],
+                        rng.random(20_000)]).astype(np.float32)
+  got = np.asarray(jax.jit(sampling.inverse_cdf)(u_N, np.tile(w_V, (len(u_N), 1))))
+  cdf = np.cumsum(w_V.astype(np.float64))
+  want = np.minimum(np.searchsorted(cdf, u_N.astype(np.float64) * cdf[-1], side='right'), vocab - 1)
+  assert (w_V[got] > 0).all()
+  assert (got != want).sum() <= 2
+  assert got[0] == np.flatnonzero(w_V)[0] and got[1] == np.flatnonzero(w_V)[-1]
+
+
 def test_greedy_is_argmax():
   logits_BV = np.random.default_rng(2).standard_normal((8, V)).astype(np.float32)
   logits_BV[3, [2, 7]] = 9.0  # a tie: the lower id wins
