@@ -202,7 +202,7 @@ def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
         row = dict(drafter=name, batch=batch, temperature=temperature, tok_s=rate[name],
                    plain_tok_s=rate['plain'], speedup=paired[name], runs=rates[name], plain_runs=rates['plain'],
                    acceptance=d.accepted / d.drafted if d.drafted else 0.0, a=a,
-                   verifications=d.verifications, backoff_steps=d.backoffs, k=args.k)
+                   verifications=d.verifications, backoff_steps=d.backoffs, paused=d.paused, k=args.k)
         row['c'] = c  # prompt lookup: its lookups' seconds per draft token, over a plain step
         row['predicted'] = speculative.predicted_speedup(a, args.k, c) if d.steps else 1.0
         row['measured_over_predicted'] = row['speedup'] / row['predicted']

@@ -27,9 +27,16 @@ class Drafting:
     return (self._drafter is not None and self._num_speculative > 0
             and len(self._requests) <= self.config.speculative_max_batch)
 
+  def _may_draft(self) -> bool:
+    """Whether the next step may draft: the engine speculates (_speculating) and some request that
+    may speculate is not paused by the acceptance back-off. Else steps overlap (Engine._overlaps)."""
+    return self._speculating() and any(r.speculate and not r.pause for r in self._requests.values())
+
   def _propose(self, prev: InFlight | None) -> dict[str, list[int]] | None:
-    """Drafts for the decoding requests that may speculate; None when this step backs off, or plans
-    ahead of `prev` (its tokens are not on the host yet; the step after it drafts)."""
+    """Drafts for the decoding requests that may speculate and are not paused (each step the engine
+    speculates counts one off every pause); None when this step backs off or nobody drafts. Planned
+    ahead of `prev` (its tokens not on the host yet), nobody drafts: Engine._overlaps lets that
+    happen only while every request that may draft is paused."""
     if self._drafter is None:
       if self._num_speculative:
         raise RuntimeError('EngineConfig.speculative=\'draft\' but no draft model is attached; call '
@@ -38,21 +45,31 @@ class Drafting:
     if not self._speculating():
       self.spec_stats.backoffs += self._num_speculative > 0
       return None
-    if prev is not None:
-      return None
+    paused = [rid for rid, r in self._requests.items() if r.pause]
+    for request_id in paused:
+      self._requests[request_id].pause -= 1
+    self.spec_stats.paused += len(paused)
     contexts = {}
-    for request_id, tokens, remaining in self.scheduler.decoding():
+    for request_id, tokens, remaining in self.scheduler.decoding() if prev is None else ():
       request = self._requests.get(request_id)
-      if request is not None and request.speculate and remaining > 1:
+      if request is not None and request.speculate and remaining > 1 and request_id not in paused:
         contexts[request_id] = speculative.Context(tokens, request.params, request.seed, remaining)
         if len(contexts) == self._S:  # the step's verification slots
           break
     if not contexts:
       return None
     clock = time.perf_counter()
-    drafts = self._drafter.propose(contexts, self.config.num_speculative_tokens)
+    drafts = self._drafter.propose(contexts, self.config.num_speculative_tokens, keep=paused)
     self.spec_stats.draft_s += time.perf_counter() - clock
     return {rid: d for rid, d in drafts.items() if d} or None
+
+  def _judge(self, request, accepted: int) -> None:
+    """After a verification of `request` that kept `accepted` drafts: the moving average of what its
+    verifications keep, and a pause of EngineConfig.speculative_pause drafting steps while that is
+    below speculative_min_accepted (serve/speculative.py: the acceptance back-off)."""
+    request.kept += speculative.KEPT_WEIGHT * (accepted - request.kept)
+    if request.kept < self.config.speculative_min_accepted:
+      request.pause = self.config.speculative_pause
 
   def attach_drafter(self, draft) -> None:
     """Drafts with `draft`, an Engine over a small model of the same vocabulary built with

@@ -19,7 +19,8 @@ code with advance and resolve fused. Which features use which path:
   synchronous  EngineConfig.async_scheduling=False; and steps after one that sampled for a
                grammar-constrained request (its next token bitmask needs the token before on
                the host; see Engine._overlaps); steps that speculate (their drafts need the tokens
-               before them on the host; serve/speculative.py).
+               before them on the host; serve/speculative.py), unless every request that may
+               draft is paused by the acceptance back-off.
 
 Speculative decoding (EngineConfig.speculative, serve/speculative.py; the Engine's side in
 serve/drafting.py): before planning, a drafter proposes up to k tokens per decoding request (prompt
@@ -96,6 +97,8 @@ class _Request:
   stop_stream: TextStream | None = None  # incremental detokenization for stop strings
   adapter: lora_lib.HostAdapter | None = None  # its LoRA adapter (None: the base)
   speculate: bool = False  # drafts may be proposed for it (serve/speculative.py)
+  kept: float = 0.0  # a moving average of the drafts its verifications kept (Drafting._judge)
+  pause: int = 0  # steps it may draft in that it skips first (Drafting._judge)
 
 
 class Engine(Drafting):
@@ -226,7 +229,7 @@ class Engine(Drafting):
     seed = params.seed if params.seed is not None else int(self._seeds.integers(2 ** 32))
     request = _Request(params, seed, matcher=matcher, adapter=adapter,
                        speculate=bool(self._K1) and params.speculate and params.logprobs is None
-                       and matcher is None)
+                       and matcher is None, kept=float(self.config.num_speculative_tokens))
     if wants_prompt:
       request.prompt_ids = tuple(int(t) for t in prompt_ids)
       request.prompt_lp = [None] * len(request.prompt_ids)
@@ -321,7 +324,7 @@ class Engine(Drafting):
     if self._num_grammar and any(r is not None and r.matcher is not None and s.sample
                                  for s, r in zip(prev.plan.seqs, prev.requests)):
       return False
-    if self._K1 and (self._speculating() or any(s.num_draft for s in prev.plan.seqs)):
+    if self._K1 and (self._may_draft() or any(s.num_draft for s in prev.plan.seqs)):
       return False
     return self.config.async_scheduling
 
@@ -349,6 +352,7 @@ class Engine(Drafting):
           self.spec_stats.drafted += s.num_draft
           self.spec_stats.accepted += m
           self.spec_stats.rejections += m < s.num_draft
+          self._judge(r, m)
     apply = self.scheduler.resolve if prev.advanced else self.scheduler.update
     finished = apply(prev.plan, sampled)
     ended = {f.request_id: f for f in finished}

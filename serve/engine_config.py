@@ -71,6 +71,10 @@ class EngineConfig:
   speculative: str | None = None  # None: off; 'ngram': prompt lookup; 'draft': a draft model (attach_drafter)
   num_speculative_tokens: int = 0  # k: drafts per verification (>= 1 when speculative is set)
   speculative_max_batch: int = 4  # back-off: speculate only while the engine holds at most this many requests
+  # per request: it pauses drafting for speculative_pause of the steps it could draft in while a moving
+  # average of the drafts its verifications kept is below speculative_min_accepted (serve/speculative.py)
+  speculative_min_accepted: float = 0.5
+  speculative_pause: int = 16
 
   def __post_init__(self):
     object.__setattr__(self, 'policy', Policy(self.policy))
@@ -113,6 +117,12 @@ class EngineConfig:
     if k and k + 1 > self.max_pages_per_seq * self.page_size:
       raise ValueError(f'EngineConfig.num_speculative_tokens={k} exceeds a sequence\'s block table '
                        f'({self.max_pages_per_seq} pages of {self.page_size}); lower k.')
+    if not self.speculative_min_accepted >= 0 or (k and self.speculative_min_accepted > k):
+      raise ValueError(f'EngineConfig.speculative_min_accepted={self.speculative_min_accepted!r}: drafts kept per '
+                       f'verification, from 0 (never pause) to num_speculative_tokens ({k}).')
+    if not isinstance(self.speculative_pause, int) or self.speculative_pause < 1:
+      raise ValueError(f'EngineConfig.speculative_pause={self.speculative_pause!r}; use an integer >= 1 (steps a '
+                       'request skips drafting before it drafts again).')
     if not isinstance(self.speculative_max_batch, int) or self.speculative_max_batch < 1:
       raise ValueError(f'EngineConfig.speculative_max_batch={self.speculative_max_batch!r}; use an integer '
                        '>= 1 (speculate while at most that many sequences run).')

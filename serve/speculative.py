@@ -36,6 +36,15 @@ k + 1 tokens per sequence: while the step is bound by reading the weights (small
 costs little more than one token; at large batches it costs about k + 1 times more, more than the
 (1 - a^(k+1)) / (1 - a) tokens it yields for an acceptance rate a. Requests that ask for logprobs,
 use a grammar, or set SamplingParams.speculate=False never draft.
+
+Acceptance back-off, per request: each verification updates a moving average of the drafts it kept
+(weight KEPT_WEIGHT on the latest; it starts at k). While that average is below
+EngineConfig.speculative_min_accepted (default 0.5) the request skips the next
+speculative_pause (16) steps it could draft in, decoding plainly, then drafts again to re-measure.
+A verification costs ~1.3-1.5 plain steps on XLA:CPU, so a request whose verifications keep under
+~0.5 drafts loses by drafting: prompt lookup while sampling at temperature 0.8 kept 0.12 on
+average (benchmarks/speculative.py). Whether to draft depends only on the request's own past
+verifications, so its output distribution stays the target's.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Mapping, NamedTuple, Sequence
+from typing import Collection, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +62,7 @@ from serve import programs, sampling
 
 SPECULATIVE = ('ngram', 'draft')  # EngineConfig.speculative: prompt lookup, or a draft model
 NGRAM_MAX, NGRAM_MIN = 3, 1  # prompt lookup matches the last 3, then 2, then 1 tokens
+KEPT_WEIGHT = 0.3  # the acceptance back-off's moving average: the latest verification's weight
 DRAFT_SEED_SALT = 0x9E3779B9  # a request's drafter seed: its seed xor this (drafts independent of verification)
 
 
@@ -168,7 +178,7 @@ class NgramDrafter:
 
   point_mass = True
 
-  def propose(self, contexts: Mapping[str, Context], k: int) -> dict[str, list[int]]:
+  def propose(self, contexts: Mapping[str, Context], k: int, keep: Collection[str] = ()) -> dict[str, list[int]]:
     return {rid: ngram_draft(c.tokens, k) for rid, c in contexts.items()}
 
   def forget(self, request_id: str) -> None:
@@ -204,11 +214,12 @@ class DraftModel:
     self._gather = jax.jit(lambda stack, idx_R: jnp.take(stack.reshape(-1, V), idx_R, axis=0))
     self._num_rows = B
 
-  def propose(self, contexts: Mapping[str, Context], k: int) -> dict[str, list[int]]:
-    """Up to k draft tokens per request id."""
+  def propose(self, contexts: Mapping[str, Context], k: int, keep: Collection[str] = ()) -> dict[str, list[int]]:
+    """Up to k draft tokens per request id. The drafter forgets its other requests but those in
+    `keep` (paused ones, which catch up when they draft again)."""
     engine = self.engine
     for rid in list(self._live):
-      if rid not in contexts:
+      if rid not in contexts and rid not in keep:
         self.forget(rid)
     for rid, c in contexts.items():
       if rid in self._live:
@@ -311,6 +322,7 @@ class SpecStats:
   draft_s: float = 0.0
   steps: int = 0
   backoffs: int = 0
+  paused: int = 0  # drafting opportunities requests skipped, paused by the acceptance back-off
 
   def as_dict(self) -> dict:
     return {f'spec_{k}': v for k, v in dataclasses.asdict(self).items()}

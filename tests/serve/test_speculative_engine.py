@@ -20,9 +20,10 @@ from serve.sampling import SamplingParams
 from tests.serve.test_engine import (CFG, ONE_BUCKET, PARAMS, SMALL_POOL, assert_idle_and_clean,
                                      mixed_prompts, naive_greedy)
 
-# Speculating whatever the batch (4 slots: max_seqs); test_backs_off_at_large_batch sets the limit.
+# Speculating whatever the batch (4 slots: max_seqs) and however few drafts are kept: every round
+# verifies (test_backs_off_at_large_batch and test_a_request_whose_drafts_fail_pauses set the limits).
 NGRAM = dataclasses.replace(SMALL_POOL, speculative='ngram', num_speculative_tokens=3,
-                            speculative_max_batch=16)
+                            speculative_max_batch=16, speculative_min_accepted=0.0)
 DRAFT = dataclasses.replace(NGRAM, speculative='draft')
 
 
@@ -131,6 +132,71 @@ def test_backs_off_at_large_batch():
   assert_idle_and_clean(engine)
 
 
+class WrongDrafts(speculative.NgramDrafter):
+  """Drafts that greedy decoding never keeps: each one token past the target's own (`full`)."""
+
+  def __init__(self, prompt, full):
+    self.prompt, self.full = prompt, full
+
+  def propose(self, contexts, k, keep=()):
+    done = {rid: len(c.tokens) - len(self.prompt) for rid, c in contexts.items()}
+    return {rid: [(t + 1) % CFG.vocab_size for t in self.full[n:n + k]] for rid, n in done.items()}
+
+
+def paused_rounds(max_tokens, k, min_accepted, pause, weight=speculative.KEPT_WEIGHT):
+  """(verifications, paused steps) of one request whose drafts are never kept, by the documented
+  rule: the first token comes from the prefill; each later step counts one off a pause, else
+  verifies while more than one token remains; a verification keeps 0 and moves the average; below
+  min_accepted the request pauses for the next `pause` steps."""
+  kept, skip, verifications, skipped = float(k), 0, 0, 0
+  for produced in range(1, max_tokens):
+    if skip:
+      skip, skipped = skip - 1, skipped + 1
+      continue
+    if max_tokens - produced <= 1:
+      continue
+    verifications += 1
+    kept += weight * (0 - kept)
+    skip = pause if kept < min_accepted else 0
+  return verifications, skipped
+
+
+def test_a_request_whose_drafts_fail_pauses_drafting():
+  prompt, max_tokens = [3, 1, 4, 1], 40  # 12 pages of 4: room for 40 tokens and k + 1 more
+  full = naive_greedy(prompt, max_tokens)
+  counts, overlapped = {}, {}
+  for min_accepted in (0.0, 0.5):
+    engine = Engine(CFG, PARAMS, dataclasses.replace(NGRAM, speculative_min_accepted=min_accepted,
+                                                     speculative_pause=16))
+    engine._drafter = WrongDrafts(prompt, full)  # pylint: disable=protected-access
+    assert engine.generate([prompt], SamplingParams(max_tokens=max_tokens)) == [full]
+    s = engine.spec_stats
+    assert s.accepted == 0
+    counts[min_accepted] = (s.verifications, s.paused)
+    overlapped[min_accepted] = engine.stats['overlapped_steps']
+    assert_idle_and_clean(engine)
+  assert counts[0.0] == (max_tokens - 2, 0) and overlapped[0.0] == 0
+  # 39 decode steps: 6 verifications take the average from 3 below 0.5 (3 x 0.7^6 = 0.35), 16
+  # paused, 1 verification (0.25), the last 16 paused, overlapped (nobody may draft).
+  assert counts[0.5] == paused_rounds(max_tokens, 3, 0.5, 16) == (7, 32)
+  assert overlapped[0.5] == 32 - 2  # each pause's first step is planned after its verification
+
+
+def test_a_bad_draft_model_pauses_and_stays_exact():
+  """A draft model that rarely agrees: requests pause (kept by the drafter, which catches them up when
+  they draft again), outputs equal the naive decode, and both caches return every page."""
+  cfg = dataclasses.replace(DRAFT, speculative_min_accepted=0.5, speculative_pause=4)
+  engine = Engine(CFG, PARAMS, cfg)
+  engine.attach_drafter(Engine(CFG, perturbed(PARAMS, 3.0), speculative.draft_engine_config(cfg)))
+  prompts, max_tokens = prompts_and_limits()
+  got = engine.generate(prompts, [SamplingParams(max_tokens=m) for m in max_tokens])
+  assert got == [naive_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+  s = engine.spec_stats
+  assert s.paused > 0 and s.verifications > 0 and s.accepted < s.drafted
+  assert_idle_and_clean(engine)
+  check_drafter_clean(engine)
+
+
 def test_tensor_parallel_2_with_a_draft_model():
   mesh = make_mesh(MeshConfig(ici=(1, 1, 2)), jax.devices()[:2])
   cfg = dataclasses.replace(ONE_BUCKET, speculative='draft', num_speculative_tokens=3,
@@ -151,6 +217,9 @@ def test_tensor_parallel_2_with_a_draft_model():
     (dict(speculative='eagle', num_speculative_tokens=2), "speculative='eagle'"),
     (dict(num_speculative_tokens=2), 'without a drafter'),
     (dict(speculative='ngram', num_speculative_tokens=2, speculative_max_batch=0), 'speculative_max_batch'),
+    (dict(speculative='ngram', num_speculative_tokens=2, speculative_min_accepted=2.5), 'from 0 .never pause. to'),
+    (dict(speculative='ngram', num_speculative_tokens=2, speculative_min_accepted=-1), 'speculative_min_accepted'),
+    (dict(speculative='ngram', num_speculative_tokens=2, speculative_pause=0), 'speculative_pause'),
 ])
 def test_bad_configuration_fails_at_start_up(kwargs, match):
   with pytest.raises(ValueError, match=match):
