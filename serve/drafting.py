@@ -33,10 +33,10 @@ class Drafting:
     return self._speculating() and any(r.speculate and not r.pause for r in self._requests.values())
 
   def _propose(self, prev: InFlight | None) -> dict[str, list[int]] | None:
-    """Drafts for the decoding requests that may speculate and are not paused (each step the engine
-    speculates counts one off every pause); None when this step backs off or nobody drafts. Planned
-    ahead of `prev` (its tokens not on the host yet), nobody drafts: Engine._overlaps lets that
-    happen only while every request that may draft is paused."""
+    """Drafts for the decoding requests that may speculate and are not paused (_count_pauses);
+    None when this step backs off or nobody drafts. Planned ahead of `prev` (its tokens not on the
+    host yet), nobody drafts: Engine._overlaps lets that happen only while every request that may
+    draft is paused."""
     if self._drafter is None:
       if self._num_speculative:
         raise RuntimeError('EngineConfig.speculative=\'draft\' but no draft model is attached; call '
@@ -45,23 +45,29 @@ class Drafting:
     if not self._speculating():
       self.spec_stats.backoffs += self._num_speculative > 0
       return None
-    paused = [rid for rid, r in self._requests.items() if r.pause]
-    for request_id in paused:
-      self._requests[request_id].pause -= 1
-    self.spec_stats.paused += len(paused)
     contexts = {}
     for request_id, tokens, remaining in self.scheduler.decoding() if prev is None else ():
       request = self._requests.get(request_id)
-      if request is not None and request.speculate and remaining > 1 and request_id not in paused:
+      if request is not None and request.speculate and remaining > 1 and not request.pause:
         contexts[request_id] = speculative.Context(tokens, request.params, request.seed, remaining)
         if len(contexts) == self._S:  # the step's verification slots
           break
     if not contexts:
       return None
     clock = time.perf_counter()
-    drafts = self._drafter.propose(contexts, self.config.num_speculative_tokens, keep=paused)
+    drafts = self._drafter.propose(contexts, self.config.num_speculative_tokens)
     self.spec_stats.draft_s += time.perf_counter() - clock
     return {rid: d for rid, d in drafts.items() if d} or None
+
+  def _count_pauses(self, plan: StepPlan) -> None:
+    """A dispatched step, while the engine speculates, counts one off the pause of each paused
+    request it samples a token for (a step it could have drafted in)."""
+    if self._K1 and self._speculating():
+      for seq in plan.seqs:
+        request = self._requests.get(seq.request_id)
+        if seq.sample and request is not None and request.pause:
+          request.pause -= 1
+          self.spec_stats.paused += 1
 
   def _judge(self, request, accepted: int) -> None:
     """After a verification of `request` that kept `accepted` drafts: the moving average of what its

@@ -387,6 +387,7 @@ class Engine(Drafting):
     drafts = self._propose(prev) if self._K1 else None
     plan = self._plan(drafts, ahead=prev is not None)
     if plan is not None:
+      self._count_pauses(plan)
       self._inflight = self._launch(plan, prev, drafts)
 
   def _plan(self, drafts=None, ahead: bool = False) -> StepPlan | None:

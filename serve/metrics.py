@@ -142,8 +142,8 @@ class _EngineCollector:
                    'model\'s steps).', s.get('spec_draft_s', 0.0))
     yield _counter('stoker_spec_decode_backoff_steps', 'Steps that did not speculate because more than '
                    'speculative_max_batch requests were in the engine.', s.get('spec_backoffs', 0))
-    yield _counter('stoker_spec_decode_paused_drafts', 'Chances to draft that requests skipped: paused while '
-                   'their verifications kept fewer than speculative_min_accepted drafts (a moving average).',
+    yield _counter('stoker_spec_decode_paused_drafts', 'Tokens sampled without drafting by requests paused '
+                   'while their verifications kept fewer than speculative_min_accepted drafts (a moving average).',
                    s.get('spec_paused', 0))
     yield _counter('stoker_engine_step_seconds', 'Seconds spent in Engine.step, waiting for the device '
                    'included (its rate: the engine\'s busy fraction).', s.get('step_seconds', 0.0))

@@ -137,7 +137,9 @@ def inverse_cdf(u_R: jax.Array, weights_RV: jax.Array) -> jax.Array:
   a Gumbel-max draw needs V random numbers per row, and at V = 4096 on a 2-core CPU their threefry
   bits cost ~110 us per row. The cumulative sum runs in two levels (sum each of ~sqrt(V) blocks,
   walk the blocks' cumulative sums, then the chosen block's): XLA:CPU's cumsum over 4096 is
-  ~90 us a row, the two levels 12 (and rounding piles up over sqrt(V) terms, not V).
+  ~90 us a row, the two levels 12 (and rounding piles up over sqrt(V) terms, not V). A float32
+  uniform is a multiple of 2^-23 (jax.random.uniform): a token of probability below ~1e-7 is drawn
+  with a probability rounded to that grid (a Gumbel draw has float32 limits of its own).
   """
   R, V = weights_RV.shape
   C = 1 << max(0, (int(V) - 1).bit_length() + 1) // 2  # blocks: about sqrt(V), a power of two
@@ -146,16 +148,21 @@ def inverse_cdf(u_R: jax.Array, weights_RV: jax.Array) -> jax.Array:
   block_RC = jnp.sum(w_RCL, axis=-1)
   upto_RC = jnp.cumsum(block_RC, axis=-1)
   target_R = u_R * upto_RC[:, -1]
-  c_C, l_L = jnp.arange(C, dtype=jnp.int32), jnp.arange(L, dtype=jnp.int32)
-  # Rounding can carry target past the last cumulative sum (or past a block's own sum below): the
-  # last token of positive weight is then drawn, never one of weight 0.
-  last_R = jnp.max(jnp.where(block_RC > 0, c_C, 0), axis=-1)
-  c_R = jnp.minimum(jnp.sum(upto_RC <= target_R[:, None], axis=-1, dtype=jnp.int32), last_R)
+
+  def first(cum_RX, weight_RX, bound_R):
+    """The first index of positive weight whose cumulative sum passes bound_R; where rounding
+    carries bound_R past the last sum, the last index of positive weight. Never one of weight 0,
+    however a backend rounds sums over zeros."""
+    x_X = jnp.arange(cum_RX.shape[-1], dtype=jnp.int32)
+    positive_RX = weight_RX > 0
+    passed_R = jnp.min(jnp.where((cum_RX > bound_R[:, None]) & positive_RX, x_X, cum_RX.shape[-1]), axis=-1)
+    last_R = jnp.max(jnp.where(positive_RX, x_X, 0), axis=-1)
+    return jnp.minimum(passed_R, last_R)
+
+  c_R = first(upto_RC, block_RC, target_R)
   w_RL = jnp.take_along_axis(w_RCL, c_R[:, None, None], axis=1)[:, 0]
-  rest_R = jnp.maximum(target_R - jnp.take_along_axis(upto_RC - block_RC, c_R[:, None], axis=1)[:, 0], 0)
-  last_R = jnp.max(jnp.where(w_RL > 0, l_L, 0), axis=-1)
-  l_R = jnp.minimum(jnp.sum(jnp.cumsum(w_RL, axis=-1) <= rest_R[:, None], axis=-1, dtype=jnp.int32), last_R)
-  return c_R * L + l_R
+  rest_R = target_R - jnp.take_along_axis(upto_RC - block_RC, c_R[:, None], axis=1)[:, 0]
+  return c_R * L + first(jnp.cumsum(w_RL, axis=-1), w_RL, rest_R)
 
 
 def sample(logits_BV: jax.Array, batch: SamplingBatch) -> jax.Array:

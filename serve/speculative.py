@@ -39,11 +39,12 @@ use a grammar, or set SamplingParams.speculate=False never draft.
 
 Acceptance back-off, per request: each verification updates a moving average of the drafts it kept
 (weight KEPT_WEIGHT on the latest; it starts at k). While that average is below
-EngineConfig.speculative_min_accepted (default 0.5) the request skips the next
-speculative_pause (16) steps it could draft in, decoding plainly, then drafts again to re-measure.
-A verification costs ~1.3-1.5 plain steps on XLA:CPU, so a request whose verifications keep under
-~0.5 drafts loses by drafting: prompt lookup while sampling at temperature 0.8 kept 0.12 on
-average (benchmarks/speculative.py). Whether to draft depends only on the request's own past
+EngineConfig.speculative_min_accepted (default 0.5) the request decodes its next speculative_pause
+(16) tokens plainly (steps overlap while every request that may draft is paused; a draft model
+forgets it and prefills it afresh), then drafts again to re-measure. A verification costs ~1.3-1.5
+plain steps on XLA:CPU, so a request whose verifications keep under ~0.5 drafts loses by drafting:
+prompt lookup while sampling at temperature 0.8 kept ~0.1 of its 3 drafts per verification before
+this back-off (benchmarks/speculative.py). Whether to draft depends only on the request's own past
 verifications, so its output distribution stays the target's.
 """
 
@@ -52,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Collection, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -178,7 +179,7 @@ class NgramDrafter:
 
   point_mass = True
 
-  def propose(self, contexts: Mapping[str, Context], k: int, keep: Collection[str] = ()) -> dict[str, list[int]]:
+  def propose(self, contexts: Mapping[str, Context], k: int) -> dict[str, list[int]]:
     return {rid: ngram_draft(c.tokens, k) for rid, c in contexts.items()}
 
   def forget(self, request_id: str) -> None:
@@ -214,12 +215,12 @@ class DraftModel:
     self._gather = jax.jit(lambda stack, idx_R: jnp.take(stack.reshape(-1, V), idx_R, axis=0))
     self._num_rows = B
 
-  def propose(self, contexts: Mapping[str, Context], k: int, keep: Collection[str] = ()) -> dict[str, list[int]]:
-    """Up to k draft tokens per request id. The drafter forgets its other requests but those in
-    `keep` (paused ones, which catch up when they draft again)."""
+  def propose(self, contexts: Mapping[str, Context], k: int) -> dict[str, list[int]]:
+    """Up to k draft tokens per request id. The drafter forgets its other requests (a paused one is
+    prefilled afresh when it drafts again: a request left in the drafter's engine would decode on)."""
     engine = self.engine
     for rid in list(self._live):
-      if rid not in contexts and rid not in keep:
+      if rid not in contexts:
         self.forget(rid)
     for rid, c in contexts.items():
       if rid in self._live:
@@ -322,7 +323,7 @@ class SpecStats:
   draft_s: float = 0.0
   steps: int = 0
   backoffs: int = 0
-  paused: int = 0  # drafting opportunities requests skipped, paused by the acceptance back-off
+  paused: int = 0  # tokens sampled without drafting by requests paused by the acceptance back-off
 
   def as_dict(self) -> dict:
     return {f'spec_{k}': v for k, v in dataclasses.asdict(self).items()}

@@ -144,10 +144,10 @@ class WrongDrafts(speculative.NgramDrafter):
 
 
 def paused_rounds(max_tokens, k, min_accepted, pause, weight=speculative.KEPT_WEIGHT):
-  """(verifications, paused steps) of one request whose drafts are never kept, by the documented
-  rule: the first token comes from the prefill; each later step counts one off a pause, else
-  verifies while more than one token remains; a verification keeps 0 and moves the average; below
-  min_accepted the request pauses for the next `pause` steps."""
+  """(verifications, paused tokens) of one request whose drafts are never kept, by the documented
+  rule: the first token comes from the prefill; each later token is sampled paused (counting one
+  off the pause), else verifies while more than one token remains; a verification keeps 0 and moves
+  the average; below min_accepted the request decodes its next `pause` tokens paused."""
   kept, skip, verifications, skipped = float(k), 0, 0, 0
   for produced in range(1, max_tokens):
     if skip:
@@ -183,8 +183,8 @@ def test_a_request_whose_drafts_fail_pauses_drafting():
 
 
 def test_a_bad_draft_model_pauses_and_stays_exact():
-  """A draft model that rarely agrees: requests pause (kept by the drafter, which catches them up when
-  they draft again), outputs equal the naive decode, and both caches return every page."""
+  """A draft model that rarely agrees: requests pause (the drafter forgets them and prefills them
+  afresh when they draft again), outputs equal the naive decode, and both caches return every page."""
   cfg = dataclasses.replace(DRAFT, speculative_min_accepted=0.5, speculative_pause=4)
   engine = Engine(CFG, PARAMS, cfg)
   engine.attach_drafter(Engine(CFG, perturbed(PARAMS, 3.0), speculative.draft_engine_config(cfg)))
@@ -238,11 +238,18 @@ def test_a_drafter_of_another_vocabulary_is_refused(draft_engine, ngram_engine):
     draft_engine.attach_drafter(types.SimpleNamespace(model_cfg=CFG, config=DRAFT))
 
 
+@pytest.mark.parametrize('paused', [False, True], ids=['drafting', 'pausing'])
 @pytest.mark.parametrize('which', ['ngram', 'draft'])
-def test_random_workloads_return_every_page(which, request):
+def test_random_workloads_return_every_page(which, paused, request):
   """Requests arriving while others run, greedy and sampled, some aborted mid-flight: both caches'
-  allocator invariants hold after every step and every page returns (acceptance 3)."""
+  allocator invariants hold after every step and every page returns (acceptance 3). `pausing`: the
+  acceptance back-off pauses a request for 2 tokens after any verification that rejects a draft."""
   engine = request.getfixturevalue(f'{which}_engine')
+  if paused:
+    cfg = dataclasses.replace(engine.config, speculative_min_accepted=3.0, speculative_pause=2)
+    engine = Engine(CFG, PARAMS, cfg)
+    if which == 'draft':  # the draft_engine fixture's drafter
+      engine.attach_drafter(Engine(CFG, perturbed(PARAMS, 0.3), speculative.draft_engine_config(cfg)))
   rng = np.random.default_rng(11)
   prompts, _ = prompts_and_limits()
   pending = [(f'w{i}', prompts[i % len(prompts)][:int(rng.integers(1, 20))] + [int(i)],
@@ -267,7 +274,7 @@ def test_random_workloads_return_every_page(which, request):
       engine._drafter.engine.scheduler.check()  # pylint: disable=protected-access
     steps += 1
     assert steps < 2000
-  assert engine.spec_stats.verifications > 0
+  assert engine.spec_stats.verifications > 0 and (engine.spec_stats.paused > 0) == paused
   assert_idle_and_clean(engine)
   if which == 'draft':
     check_drafter_clean(engine)
