@@ -216,7 +216,7 @@ def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
 
   probes['end'] = probe_now(cores, when='end')
   lines = [f'k = {args.k}, speculative_max_batch = {args.max_batch}; drafter {size:.3f} of the target\'s '
-           f'params; {cpu_name()}, {len(os.sched_getaffinity(0))} cores, load {os.getloadavg()[0]:.2f}; '
+           f'params; {cpu_name()}, {cores} cores, load {os.getloadavg()[0]:.2f}; '
            f"{probes['start']}; {probes['end']}; {pages}.",
            f"{'drafter':<7} {'batch':>5} {'temp':>4} {'tok/s':>7} {'plain':>7} {'speed-up':>8} {'acc':>5} {'a':>5} "
            f"{'c':>5} {'predicted':>9} {'meas/pred':>9} {'v':>5} {'pred(v)':>7}"]

@@ -71,8 +71,8 @@ class Drafting:
 
   def _judge(self, request, accepted: int) -> None:
     """After a verification of `request` that kept `accepted` drafts: the moving average of what its
-    verifications keep, and a pause of EngineConfig.speculative_pause drafting steps while that is
-    below speculative_min_accepted (serve/speculative.py: the acceptance back-off)."""
+    verifications keep, and a pause of EngineConfig.speculative_pause sampled tokens (_count_pauses)
+    while that is below speculative_min_accepted (serve/speculative.py: the acceptance back-off)."""
     request.kept += speculative.KEPT_WEIGHT * (accepted - request.kept)
     if request.kept < self.config.speculative_min_accepted:
       request.pause = self.config.speculative_pause

@@ -98,7 +98,7 @@ class _Request:
   adapter: lora_lib.HostAdapter | None = None  # its LoRA adapter (None: the base)
   speculate: bool = False  # drafts may be proposed for it (serve/speculative.py)
   kept: float = 0.0  # a moving average of the drafts its verifications kept (Drafting._judge)
-  pause: int = 0  # steps it may draft in that it skips first (Drafting._judge)
+  pause: int = 0  # tokens it samples without drafting before it drafts again (Drafting._judge)
 
 
 class Engine(Drafting):

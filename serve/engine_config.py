@@ -71,8 +71,8 @@ class EngineConfig:
   speculative: str | None = None  # None: off; 'ngram': prompt lookup; 'draft': a draft model (attach_drafter)
   num_speculative_tokens: int = 0  # k: drafts per verification (>= 1 when speculative is set)
   speculative_max_batch: int = 4  # back-off: speculate only while the engine holds at most this many requests
-  # per request: it pauses drafting for speculative_pause of the steps it could draft in while a moving
-  # average of the drafts its verifications kept is below speculative_min_accepted (serve/speculative.py)
+  # per request: while a moving average of the drafts its verifications kept is below speculative_min_accepted,
+  # it samples its next speculative_pause tokens without drafting (serve/speculative.py)
   speculative_min_accepted: float = 0.5
   speculative_pause: int = 16
 
@@ -121,8 +121,8 @@ class EngineConfig:
       raise ValueError(f'EngineConfig.speculative_min_accepted={self.speculative_min_accepted!r}: drafts kept per '
                        f'verification, from 0 (never pause) to num_speculative_tokens ({k}).')
     if not isinstance(self.speculative_pause, int) or self.speculative_pause < 1:
-      raise ValueError(f'EngineConfig.speculative_pause={self.speculative_pause!r}; use an integer >= 1 (steps a '
-                       'request skips drafting before it drafts again).')
+      raise ValueError(f'EngineConfig.speculative_pause={self.speculative_pause!r}; use an integer >= 1 (tokens a '
+                       'paused request samples before it drafts again).')
     if not isinstance(self.speculative_max_batch, int) or self.speculative_max_batch < 1:
       raise ValueError(f'EngineConfig.speculative_max_batch={self.speculative_max_batch!r}; use an integer '
                        '>= 1 (speculate while at most that many sequences run).')

@@ -124,8 +124,10 @@ def row_keys(seeds_R: jax.Array, positions_R: jax.Array) -> jax.Array:
       seeds_R, positions_R)
 
 
-def uniforms(keys_R: jax.Array) -> jax.Array:
-  """One float32 uniform in [0, 1) per key."""
+def uniforms(keys_R: jax.Array, salt: int | None = None) -> jax.Array:
+  """One float32 uniform in [0, 1) per key (per fold_in(key, salt) when salt is given)."""
+  if salt is not None:
+    keys_R = jax.vmap(jax.random.fold_in, (0, None))(keys_R, salt)
   return jax.vmap(jax.random.uniform)(keys_R)
 
 

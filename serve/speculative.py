@@ -133,12 +133,11 @@ def verify(p_logits_RV: jax.Array, q_logits_RV: jax.Array | None, draft_R: jax.A
     residual_RV = jnp.where(jnp.sum(residual_RV, axis=-1, keepdims=True) > 0, residual_RV, p_RV)
 
     keys_R = sampling.row_keys(seeds_R, positions_R)
-    u_R = sampling.uniforms(jax.vmap(jax.random.fold_in, (0, None))(keys_R, 1))
+    u_R = sampling.uniforms(keys_R, 1)
     accept_R = u_R * q_d_R < p_d_R  # u < p / q without dividing by a q of 0
     # A row needs one draw: from the residual where it holds a draft (used if rejected), else the
     # bonus token from p, with the key sampling.sample draws with at this position.
-    fix_u_R = sampling.uniforms(jax.vmap(jax.random.fold_in, (0, None))(keys_R, 2))
-    drawn_R = sampling.inverse_cdf(jnp.where(has_draft_R, fix_u_R, sampling.uniforms(keys_R)),
+    drawn_R = sampling.inverse_cdf(jnp.where(has_draft_R, sampling.uniforms(keys_R, 2), sampling.uniforms(keys_R)),
                                    jnp.where(has_draft_R[:, None], residual_RV, p_RV))
     return accept_R, jnp.where(has_draft_R & accept_R, draft_safe_R, drawn_R)
 
