@@ -1,7 +1,15 @@
 """The Engine's speculative decoding side (serve/speculative.py): attaching a drafter, the back-off,
 proposing drafts before a step is planned; and, on a draft model's own engine, its k steps run as one
 device call (`_launch_chain`, driven by speculative.DraftModel). A mixin of serve/engine.Engine, whose
-state it shares."""
+state it shares.
+
+A draft model's drafts reach the target's verification on device: propose() dispatches the drafter's
+steps and returns PLACEHOLDERs; the target plans its step around them and dispatches it with the
+drafter's tokens and logits gathered into its verification rows (DraftModel.feed; serve/step.py feeds
+them into the step's tokens); only then does the host wait for the drafter's tokens, to apply them to
+its own requests (_settle_drafts) while the verification runs. So the target's planning and
+dispatch (~1 ms a round on a 2-core CPU) overlap the drafter's steps, where they used to wait for
+them. Prompt lookup needs the tokens on the host: it drafts there."""
 
 from __future__ import annotations
 
@@ -9,7 +17,6 @@ import time
 from typing import Sequence
 
 import jax
-import numpy as np
 
 from serve import programs, speculative
 from serve import step as step_lib
@@ -59,6 +66,12 @@ class Drafting:
     self.spec_stats.draft_s += time.perf_counter() - clock
     return {rid: d for rid, d in drafts.items() if d} or None
 
+  def _settle_drafts(self) -> None:
+    """The draft model applies its dispatched steps' tokens (DraftModel.settle), timed as drafting."""
+    clock = time.perf_counter()
+    self._drafter.settle()
+    self.spec_stats.draft_s += time.perf_counter() - clock
+
   def _count_pauses(self, plan: StepPlan) -> None:
     """A dispatched step, while the engine speculates, counts one off the pause of each paused
     request it samples a token for (a step it could have drafted in)."""
@@ -90,11 +103,12 @@ class Drafting:
     self._drafter = speculative.DraftModel(draft, self.config)
 
   def _launch_chain(self, plans: Sequence[StepPlan], buckets: Sequence[int]
-                    ) -> tuple[list[InFlight], jax.Array]:
-    """Runs plans (each planned after scheduler.advance of the one before, its decodes fed on
-    device) as ONE device call (programs.chain), padded to `buckets`, and waits for their tokens:
-    an InFlight per plan (tokens on the host) and their logits [n, max_seqs, V] on device. For an
-    engine with no draft q, LoRA, grammar or experts: a draft model's."""
+                    ) -> tuple[list[InFlight], jax.Array, jax.Array]:
+    """Dispatches plans (each planned after scheduler.advance of the one before, its decodes fed on
+    device) as ONE device call (programs.chain), padded to `buckets`: an InFlight per plan (tokens_B
+    None: the caller fills them in from the next), their tokens [n, max_seqs] and their logits
+    [n, max_seqs, V], on device. For an engine with no draft q, LoRA, grammar or experts: a draft
+    model's."""
     if self._has_q or self.config.max_loras or self.expert_tokens_LE is not None or self._num_grammar:
       raise ValueError('_launch_chain: only for a plain engine (a draft model\'s).')
     clock = time.perf_counter()
@@ -118,8 +132,6 @@ class Drafting:
     for plan, T in zip(plans, buckets):
       self._count(plan, T, False, clock)
       clock = time.perf_counter()
-    tokens_nB = np.asarray(tokens_nB)
-    self.stats['wait_s'] += time.perf_counter() - clock
-    inflight = [InFlight(plan, tuple(self._requests.get(s.request_id) for s in plan.seqs), tokens_B)
-                for plan, tokens_B in zip(plans, tokens_nB)]
-    return inflight, logits_nBV
+    inflight = [InFlight(plan, tuple(self._requests.get(s.request_id) for s in plan.seqs), None)
+                for plan in plans]
+    return inflight, tokens_nB, logits_nBV

@@ -147,7 +147,7 @@ class Engine(Drafting):
     stacks = lora_lib.init_stacks(self.adapters.targets, engine_cfg.max_loras, engine_cfg.max_lora_rank)
     self.params, self.pages, self._stacks, jitted = programs.place(
         steps, params, abstract_params, spec, stacks, mesh, rules, engine_cfg.weight_dtype == 'int8',
-        self._has_q + bool(engine_cfg.max_loras))
+        2 * self._has_q + bool(engine_cfg.max_loras))
     axes = {lora_lib.path_name(t.path): len(t.lead) for t in self.adapters.targets}
     self._write_slot = jax.jit(functools.partial(lora_lib.write_slot, axes), donate_argnums=(0,))
     self._slot_of: dict[bytes, int] = {}  # adapter key -> slot id, for the step being built
@@ -172,6 +172,7 @@ class Engine(Drafting):
     self._num_speculative = 0  # live requests that may draft
     self._no_q = (jax.device_put(np.zeros((R, model_cfg.vocab_size), np.float32), self._replicated)
                   if self._has_q else None)
+    self._no_drafts = jax.device_put(np.zeros(R, np.int32), self._replicated) if self._has_q else None
     self._drafter = speculative.NgramDrafter() if engine_cfg.speculative == 'ngram' else None
     self.spec_stats = speculative.SpecStats()
     # A mixture of experts: the assignments each layer's experts received over all steps (padding
@@ -389,6 +390,8 @@ class Engine(Drafting):
     if plan is not None:
       self._count_pauses(plan)
       self._inflight = self._launch(plan, prev, drafts)
+    if drafts and self._has_q:
+      self._settle_drafts()  # the draft model's bookkeeping, while the verification runs
 
   def _plan(self, drafts=None, ahead: bool = False) -> StepPlan | None:
     """scheduler.schedule(drafts), timed; None for an empty plan when `ahead` (a step is in flight:
@@ -412,15 +415,16 @@ class Engine(Drafting):
     T = self._bucket(plan.num_tokens)
     if self.config.max_loras:
       self._place_adapters(plan)
-    q_RV = None
+    q_RV = drafts_R = None
     if drafts:
       self.spec_stats.steps += 1
       drafted = [s for s in plan.seqs if s.num_draft]  # verification slots, in plan order
-      # The drafter's q enters only rejection sampling: greedy verification compares argmaxes.
-      if self._has_q and any(self._requests[s.request_id].params.temperature > 0 for s in drafted):
+      if self._has_q and drafted:
+        # The drafter's q enters only rejection sampling: greedy verification compares argmaxes.
         rows = [(s.request_id, i * self._K1, s.num_draft) for i, s in enumerate(drafted)]
-        q_RV = self._drafter.q_rows(rows, self._S * self._K1)
-    arrays = self._host_arrays(plan, T, prev, q_RV)
+        q_RV, drafts_R = self._drafter.feed(
+            rows, self._S * self._K1, any(self._requests[s.request_id].params.temperature > 0 for s in drafted))
+    arrays = self._host_arrays(plan, T, prev, q_RV, drafts_R)
     if self._replicated is not None:
       arrays = jax.device_put(arrays, self._replicated)
     out, self.pages = self._steps[T](self.params, self.pages, *arrays)
@@ -454,11 +458,12 @@ class Engine(Drafting):
     self.stats['lora_swaps'] += len(writes)
 
   def _host_arrays(self, plan: StepPlan, T: int, prev: InFlight | None = None,
-                   q_RV: jax.Array | None = None):
+                   q_RV: jax.Array | None = None, drafts_R: jax.Array | None = None):
     """The step's inputs after params and pages: the plan as packed numpy buffers
     (step.host_inputs), the tokens of `prev` (the step in flight) that placeholders in the plan
-    stand for, the grammar bitmask [B, ceil(V / 32)], with a draft model its logits in the
-    verification rows (q_RV; zeros when none), and the LoRA slots when the engine has any."""
+    stand for, the grammar bitmask [B, ceil(V / 32)], with a draft model its logits and draft
+    tokens in the verification rows (q_RV, drafts_R; zeros when none), and the LoRA slots when the
+    engine has any."""
     prev_rows = {} if prev is None else prev.plan.sample_rows()
     B = self.config.max_seqs
     ints, floats, mask, mask_s = step_lib.host_inputs(
@@ -469,7 +474,8 @@ class Engine(Drafting):
       mask = np.pad(mask, ((0, B - len(mask)), (0, 0)), constant_values=-1)
     return (ints, floats, self._no_tokens if prev is None else prev.tokens_B,
             self._all_allowed if mask is None else mask) + (
-                (self._no_q if q_RV is None else q_RV,) if self._has_q else ()) + (
+                (self._no_q if q_RV is None else q_RV, self._no_drafts if drafts_R is None else drafts_R)
+                if self._has_q else ()) + (
                 (self._stacks,) if self.config.max_loras else ())
 
   # ---- offline use.

@@ -27,7 +27,8 @@ the synchronous step. Several plans may be advanced ahead (a draft model plans i
 device call): each resolve() takes the oldest, whose placeholder is the first of the request's trailing ones, and a
 preempted request waits until its placeholders resolve (its prefill needs the tokens).
 
-Speculative decoding (serve/speculative.py): `schedule(drafts)` takes draft tokens per request id. A decoding
+Speculative decoding (serve/speculative.py): `schedule(drafts)` takes draft tokens per request id (PLACEHOLDERs
+for a draft model's, which reach the step on device). A decoding
 request with a draft is planned as its last token followed by up to k draft tokens (ScheduledSeq.num_draft),
 capped by max_tokens (at most max_tokens - outputs - 1 drafts: the verification always adds one token), by the
 budget (one token kept for each decode planned after it) and by the pages the pool can grant without preempting
@@ -464,9 +465,11 @@ class Scheduler(Admission):
 
 
 def _verified_tokens(seq: ScheduledSeq, tokens) -> list[int]:
-  """A drafted sequence's verified tokens as a list; ValueError unless they are accepted drafts and one more."""
+  """A drafted sequence's verified tokens as a list; ValueError unless they are accepted drafts and one more
+  (a PLACEHOLDER draft, one the host never saw, matches any token)."""
   tokens = [int(t) for t in (tokens if isinstance(tokens, (tuple, list)) else (tokens,))]
-  if not 1 <= len(tokens) <= seq.num_draft + 1 or tokens[:-1] != list(seq.token_ids[1:len(tokens)]):
+  drafts = seq.token_ids[1:len(tokens)]
+  if not 1 <= len(tokens) <= seq.num_draft + 1 or any(d not in (t, PLACEHOLDER) for t, d in zip(tokens, drafts)):
     raise ValueError(f'request {seq.request_id!r}: verified tokens {tokens} are not accepted drafts of '
                      f'{seq.token_ids[1:]} followed by one token; pass 1 to num_draft + 1 tokens.')
   return tokens

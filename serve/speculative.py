@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from serve import programs, sampling
+from serve.plans import PLACEHOLDER
 
 SPECULATIVE = ('ngram', 'draft')  # EngineConfig.speculative: prompt lookup, or a draft model
 NGRAM_MAX, NGRAM_MIN = 3, 1  # prompt lookup matches the last 3, then 2, then 1 tokens
@@ -184,9 +185,6 @@ class NgramDrafter:
   def forget(self, request_id: str) -> None:
     pass
 
-  def q_rows(self, rows, R: int):
-    return None
-
 
 class DraftModel:
   """A draft model on its own Engine (see the module docstring). `engine`: built with
@@ -207,16 +205,24 @@ class DraftModel:
     self.engine = engine
     self._live: set[str] = set()
     self._logits: jax.Array | None = None  # the last k steps' logits [n, B, V]
+    self._tokens: jax.Array | None = None  # and their tokens [n, B]
+    self._pending: list = []  # their InFlights, until settle()
     self._rows: dict[str, list[int]] = {}  # per request, its draft tokens' rows in the stacked logits
     B, V = cfg.max_seqs, engine.model_cfg.vocab_size
     # A step of a small bucket has fewer rows than B (serve/engine.py): padded, every step stacks alike.
     self._stack = jax.jit(functools.partial(programs.stack_rows, B=B))
     self._gather = jax.jit(lambda stack, idx_R: jnp.take(stack.reshape(-1, V), idx_R, axis=0))
+    self._stack_tokens = jax.jit(jnp.stack)
+    self._gather_tokens = jax.jit(lambda stack, idx_R: jnp.take(stack.reshape(-1), idx_R))
     self._num_rows = B
 
   def propose(self, contexts: Mapping[str, Context], k: int) -> dict[str, list[int]]:
-    """Up to k draft tokens per request id. The drafter forgets its other requests (a paused one is
-    prefilled afresh when it drafts again: a request left in the drafter's engine would decode on)."""
+    """Up to k draft tokens per request id, as PLACEHOLDERs: the drafter's k steps are dispatched, not
+    waited for; the target's verification takes their tokens on device (feed) and settle() applies
+    them to the drafter's own requests while it runs. The drafter forgets its other requests (a
+    paused one is prefilled afresh when it drafts again: a request left in the drafter's engine
+    would decode on)."""
+    self.settle()
     engine = self.engine
     for rid in list(self._live):
       if rid not in contexts:
@@ -230,27 +236,36 @@ class DraftModel:
             max_tokens=max(c.remaining, 1) + k + 1, temperature=c.params.temperature, top_k=c.params.top_k,
             top_p=c.params.top_p, seed=(c.seed ^ DRAFT_SEED_SALT) % 2 ** 32))
         self._live.add(rid)
-    drafts = {rid: [] for rid in contexts}
     self._rows = {rid: [] for rid in contexts}
-    for j, inflight in enumerate(self._steps(k)):
-      new, finished = engine._collect(inflight)  # pylint: disable=protected-access
-      rows = inflight.plan.sample_rows()
-      for rid, tokens, _ in new:
-        if rid in drafts:
-          drafts[rid].append(tokens[0])
-          self._rows[rid].append(j * self._num_rows + rows[rid])
+    self._pending = self._steps(k)
+    for j, inflight in enumerate(self._pending):
+      for rid, row in inflight.plan.sample_rows().items():
+        if rid in self._rows:
+          self._rows[rid].append(j * self._num_rows + row)
+    return {rid: [PLACEHOLDER] * len(rows) for rid, rows in self._rows.items()}
+
+  def settle(self) -> None:
+    """Applies the dispatched drafter steps' tokens to its requests (waiting for them if need be)."""
+    engine, pending, self._pending = self.engine, self._pending, []
+    if pending and pending[0].tokens_B is None:  # a chain: its tokens [n, B] in one transfer
+      clock = time.perf_counter()
+      tokens_nB = np.asarray(self._tokens)
+      engine.stats['wait_s'] += time.perf_counter() - clock
+      pending = [f._replace(tokens_B=tokens_nB[j]) for j, f in enumerate(pending)]
+    for inflight in pending:
+      _, finished = engine._collect(inflight)  # pylint: disable=protected-access
       for f in finished:
         engine._drop(f.request_id)  # pylint: disable=protected-access
         self._live.discard(f.request_id)
-    return drafts
 
   def _steps(self, k: int) -> list:
     """The engine's next k steps (fewer if it runs out of work), planned ahead of their tokens
-    (scheduler.advance: each step decodes the tokens the one before samples, fed on device), run
-    and left to collect in order (advanced but the last); their logits go to self._logits. Run
-    as one device call (Engine._launch_chain) when the first step catches up at most 2 tokens a
-    sequence and the rest each decode a token: the common round; else (a new request's prompt)
-    step by step. Steps are padded alike, (2T, T, ..., T): one program per decode bucket T."""
+    (scheduler.advance: each step decodes the tokens the one before samples, fed on device),
+    dispatched, to collect in order (advanced but the last); their logits go to self._logits,
+    their tokens to self._tokens [n, B]. Run as one device call (Engine._launch_chain; tokens_B None
+    in what it returns) when the first step catches up at most 2 tokens a sequence and the rest
+    each decode a token: the common round; else (a new request's prompt) step by step. Steps are
+    padded alike, (2T, T, ..., T): one program per decode bucket T."""
     engine = self.engine
     if engine._inflight is not None:  # pylint: disable=protected-access
       raise RuntimeError('a draft model\'s engine has a step in flight; drive it with step() or as a '
@@ -267,23 +282,28 @@ class DraftModel:
     T = sizes[-1] if len(plans) > 1 else 0
     first = min(2 * T, engine.config.token_budget)  # the budget is a bucket too
     if T and all(t == T for t in sizes[1:]) and sizes[0] <= first:
-      inflight, self._logits = engine._launch_chain(plans, [first] + sizes[1:])  # pylint: disable=protected-access
+      inflight, self._tokens, self._logits = engine._launch_chain(plans, [first] + sizes[1:])  # pylint: disable=protected-access
     else:
       inflight, prev = [], None
       for plan in plans:
         prev = engine._launch(plan, prev)  # pylint: disable=protected-access
         inflight.append(prev)
+      self._tokens = self._stack_tokens(tuple(f.tokens_B for f in inflight)) if inflight else None
       self._logits = self._stack(tuple(f.logits_BV for f in inflight)) if inflight else None
     return [f._replace(advanced=j + 1 < len(inflight)) for j, f in enumerate(inflight)]
 
-  def q_rows(self, rows: Sequence[tuple[str, int, int]], R: int):
-    """The drafter's logits [R, V] in the target step's verification rows: (request id, first row, drafts)."""
+  def feed(self, rows: Sequence[tuple[str, int, int]], R: int, with_q: bool):
+    """The target step's verification inputs from the drafter's dispatched steps, on device:
+    (q_RV: its logits [R, V], None unless with_q; drafts_R: its draft tokens [R]), row r of a
+    verification slot whose rows start at `first` holding the request's r - first th draft.
+    rows: (request id, first row, drafts)."""
     idx_R = np.zeros(R, np.int32)
     for rid, r, n in rows:
       idx_R[r:r + n] = self._rows[rid][:n]
-    return self._gather(self._logits, idx_R)
+    return self._gather(self._logits, idx_R) if with_q else None, self._gather_tokens(self._tokens, idx_R)
 
   def forget(self, request_id: str) -> None:
+    self.settle()
     if request_id in self._live:
       self._live.discard(request_id)
       self.engine.abort(request_id)

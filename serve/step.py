@@ -71,9 +71,9 @@ def pack(batch: forward_lib.StepBatch, feed_T: np.ndarray, targets_T: np.ndarray
 
 def unpack(ints_I, floats_F, T: int, B: int, M: int, S: int = 0, K1: int = 0):
   """The inverse of pack (on device): static slices of the two buffers. With S > 0 (speculation)
-  also (verify_indices_R, draft_R, num_draft_S, rows_S), R = S K1, else None."""
+  also (verify_indices_R, num_draft_S, rows_S), R = S K1, else None."""
   R = S * K1
-  sizes = (T, T, B * M, B, B + 1, 1, B, T, T, 3, B, B, B) + ((R, R, S, S) if S else ())
+  sizes = (T, T, B * M, B, B + 1, 1, B, T, T, 3, B, B, B) + ((R, S, S) if S else ())
   parts, start = [], 0
   for n in sizes:
     parts.append(ints_I[start:start + n])
@@ -96,11 +96,14 @@ def _lora_slots(ints_I, T: int):
 def step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, floats_F,
           prev_tokens_B, mask_BW, *extra):
   """One step. Tokens with feed_T >= 0 are the previous step's sampled token in that row (a
-  decode planned before its input was known on the host); the rest come from the host.
+  decode planned before its input was known on the host); feed_T = -2 - r, a draft model's draft
+  token in verification row r (drafts_R, after q_RV in `extra`: fed on device, serve/drafting.py);
+  the rest come from the host.
   flags: [some row wants its sampled token's logprobs, some row is grammar-masked, sequences with
   drafts to verify]. shape: (T, B, M, S, K1): B the rows this bucket samples (min(max_seqs, T);
   tokens_B comes back padded to prev_tokens_B's max_seqs rows), S the verification slots (0: none).
-  inputs: (a draft model's logits q_RV come first in `extra`, the LoRA adapter slots come last).
+  inputs: (has_q: a draft model's logits q_RV and its draft tokens drafts_R come first in `extra`;
+  has_lora: the LoRA adapter slots come last).
   Returns ((tokens_B, row_lp, token_lp, logits_BV, verified, expert_tokens_LE), pages); verified:
   (tokens_SK1, accepted_S) with S > 0 (serve/speculative.py: verify), else None; expert_tokens_LE:
   int32 [L, E] for a mixture of experts, else None."""
@@ -108,14 +111,19 @@ def step(graphdef, backend, mesh, unroll, shape, inputs, params, pages, ints_I, 
   T, B, _, S, K1 = shape
   batch, feed_T, targets_T, flags, sampling_batch, spec = unpack(ints_I, floats_F, *shape)
   fed_T = jnp.take(prev_tokens_B, jnp.maximum(feed_T, 0))
-  batch = batch._replace(token_ids_T=jnp.where(feed_T >= 0, fed_T, batch.token_ids_T))
+  tokens_T = jnp.where(feed_T >= 0, fed_T, batch.token_ids_T)
+  if has_q:
+    tokens_T = jnp.where(feed_T <= -2, jnp.take(extra[1], jnp.maximum(-2 - feed_T, 0)), tokens_T)
+  batch = batch._replace(token_ids_T=tokens_T)
   slots_T = None
   if has_lora:
     params = lora_lib.attach(params, extra[-1])
     slots_T = _lora_slots(ints_I, T)
   with_head = None
   if spec is not None:
-    verify_indices_R, draft_R, num_draft_S, rows_S = spec
+    verify_indices_R, num_draft_S, rows_S = spec
+    # Row r's draft is the token after its verified position (rows past a slot's drafts: ignored).
+    draft_R = jnp.take(tokens_T, jnp.minimum(verify_indices_R + 1, T - 1))
     q_RV = extra[0] if has_q else None
     slot_batch = sampling.SamplingBatch(*(x[rows_S] for x in sampling_batch))
 
@@ -165,7 +173,7 @@ def host_inputs(plan: StepPlan, T: int, B: int, M: int, S: int, K1: int, request
   targets = np.full(T, -1, np.int32)
   lora_slots = np.zeros(T, np.int32)
   flags = np.zeros(3, np.int32)
-  verify_idx, drafts = np.zeros(S * K1, np.int32), np.full(S * K1, -1, np.int32)
+  verify_idx = np.zeros(S * K1, np.int32)
   num_draft, verify_rows = np.zeros(S, np.int32), np.zeros(S, np.int32)
   mask, mask_s = None, 0.0
   rows = []
@@ -173,22 +181,25 @@ def host_inputs(plan: StepPlan, T: int, B: int, M: int, S: int, K1: int, request
   for b, seq in enumerate(plan.seqs):
     n, start = len(seq.token_ids), seq.start_pos
     tokens[t:t + n] = seq.token_ids
-    if seq.token_ids[-1] == PLACEHOLDER:  # only a decode's input can be one
-      tokens[t + n - 1] = 0  # re-timing a plan without `prev` (serve/sim/probe.py): any token
+    d = seq.num_draft
+    if seq.token_ids[n - 1 - d] == PLACEHOLDER:  # a decode's input
+      tokens[t + n - 1 - d] = 0  # re-timing a plan without `prev` (serve/sim/probe.py): any token
       if prev_rows is not None:
-        feed[t + n - 1] = prev_rows[seq.request_id]
+        feed[t + n - 1 - d] = prev_rows[seq.request_id]
+    if d and seq.token_ids[-1] == PLACEHOLDER:  # a draft model's drafts, fed on device (step)
+      tokens[t + n - d:t + n] = 0
+      feed[t + n - d:t + n] = -2 - (flags[2] * K1 + np.arange(d))
     positions[t:t + n] = np.arange(start, start + n)
     tables[b, :len(seq.block_table)] = seq.block_table
     kv_lens[b], last[b] = start + n, t + n - 1
     t += n
     cu[b + 1] = t
-    if seq.num_draft:  # verification rows: the last token, then each draft
-      d, s = seq.num_draft, flags[2]
+    if d:  # verification rows: the last token, then each draft
+      s = flags[2]
       if s >= S:
         raise ValueError(f'a plan with more than {S} drafted sequences (EngineConfig.verify_slots); '
                          'draft for at most that many.')
       verify_idx[s * K1:s * K1 + d + 1] = np.arange(t - d - 1, t)
-      drafts[s * K1:s * K1 + d] = seq.token_ids[n - d:]
       num_draft[s], verify_rows[s] = d, b
       flags[2] += 1
     request = requests.get(seq.request_id)
@@ -215,6 +226,6 @@ def host_inputs(plan: StepPlan, T: int, B: int, M: int, S: int, K1: int, request
   flags[1] = mask is not None
   batch = forward_lib.StepBatch(tokens, positions, tables, kv_lens, cu,
                                 np.array([len(plan.seqs)], np.int32), last)
-  spec = (verify_idx, drafts, num_draft, verify_rows) if S else ()
+  spec = (verify_idx, num_draft, verify_rows) if S else ()
   ints, floats = pack(batch, feed, targets, flags, sampling.host_batch(rows, B), lora_slots, spec)
   return ints, floats, mask, mask_s

@@ -197,6 +197,21 @@ def test_a_bad_draft_model_pauses_and_stays_exact():
   check_drafter_clean(engine)
 
 
+def test_a_draft_model_with_the_targets_weights_has_every_draft_accepted():
+  """The drafts reach the target's verification on device (serve/drafting.py): a drafter with the
+  target's own float32 weights proposes the target's greedy tokens, so every one is accepted; a feed
+  that put any other token in a draft's place would be rejected there."""
+  engine = Engine(CFG, PARAMS, DRAFT)
+  engine.attach_drafter(Engine(CFG, PARAMS, speculative.draft_engine_config(DRAFT, weight_dtype=None)))
+  prompts, max_tokens = prompts_and_limits()
+  got = engine.generate(prompts, [SamplingParams(max_tokens=m) for m in max_tokens])
+  assert got == [naive_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+  s = engine.spec_stats
+  assert s.drafted > 2 * s.verifications > 0 and s.accepted == s.drafted and s.rejections == 0
+  assert_idle_and_clean(engine)
+  check_drafter_clean(engine)
+
+
 def test_tensor_parallel_2_with_a_draft_model():
   mesh = make_mesh(MeshConfig(ici=(1, 1, 2)), jax.devices()[:2])
   cfg = dataclasses.replace(ONE_BUCKET, speculative='draft', num_speculative_tokens=3,
