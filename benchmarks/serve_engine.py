@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--min_bucket', type=int, default=1,
                  help='the engines\' smallest token bucket (EngineConfig\'s default)')
   p.add_argument('--weight_layout', default='auto',
-                 help='the engines\' EngineConfig.weight_layout (auto: out_major on CPU)')
+                 help='the engines\' EngineConfig.weight_layout (auto: out_major on CPU from width 768)')
   p.add_argument('--kv_tokens', type=int, default=2048, help='capacity: KV budget in tokens')
   p.add_argument('--max_len', type=int, default=512, help='capacity: longest request')
   p.add_argument('--threads', type=int, default=0,

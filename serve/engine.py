@@ -139,7 +139,8 @@ class Engine(Drafting):
              for T in engine_cfg.buckets()}
     self._step_fns, self._chains = steps, {}  # chains: _launch_chain's programs, compiled on first use
     self._relay = programs.relay(engine_cfg.weight_dtype == 'int8',
-                                 out_major(engine_cfg.weight_layout, jax.default_backend()))
+                                 out_major(engine_cfg.weight_layout, jax.default_backend(),
+                                           model_cfg.d_model))
     params = self._relay(params)
     abstract_params = jax.eval_shape(self._relay, abstract_params)
     self.weight_bytes = quant.nbytes(params)

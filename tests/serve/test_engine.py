@@ -19,6 +19,7 @@ from models import presets, transformer
 from models.layers import OutMajor
 from parallelism.mesh import MeshConfig, make_mesh
 from serve.engine import Engine, EngineConfig
+from serve.engine_config import out_major
 from serve.sampling import SamplingParams
 
 CFG = presets.preset('tiny', num_layers=2, d_model=64, vocab_size=256, num_heads=8, num_kv_heads=4,
@@ -160,11 +161,12 @@ def test_prefix_sharing(big_pages):
 @pytest.mark.parametrize('tp', [2, 4])
 def test_tensor_parallel_matches_naive(tp):
   mesh = make_mesh(MeshConfig(ici=(1, 1, tp)), jax.devices()[:tp])
-  engine = Engine(CFG, PARAMS, ONE_BUCKET, mesh)
+  # Out-major weights ('auto' picks them on CPU from width 768: engine_config.out_major) sharded.
+  engine = Engine(CFG, PARAMS, dataclasses.replace(ONE_BUCKET, weight_layout='out_major'), mesh)
   assert engine.pages.k_LPGKH.sharding.spec[3] == 'tensor'
   layers = engine.params['layers']  # unrolled: each layer's weights apart (serve/programs.py: layout)
   q = (layers[0] if engine.unroll else layers)['attn']['q_DNH'].get_value()
-  assert isinstance(q, OutMajor)  # on CPU: [(L,) N, H, D] (models/layers.py)
+  assert isinstance(q, OutMajor)  # [(L,) N, H, D] (models/layers.py)
   assert q.t.sharding.spec[q.t.ndim - 3] == 'tensor'  # the heads
   prompts, max_tokens = mixed_prompts()
   got = run_all(engine, prompts, max_tokens)
@@ -357,6 +359,8 @@ def test_steps_update_the_pools_in_place(model, layer_loop):
 
 
 def test_config_buckets_and_errors():
+  assert [out_major('auto', p, w) for p, w in (('cpu', 256), ('cpu', 768), ('gpu', 4096))] == [False, True, False]
+  assert out_major('out_major', 'cpu', 256) and not out_major('model', 'cpu', 4096)
   assert SMALL_POOL.buckets() == (8, 16)
   assert EngineConfig(token_budget=48, min_bucket=8, max_seqs=4).buckets() == (8, 16, 32, 48)
   with pytest.raises(ValueError, match='max_seqs'):
