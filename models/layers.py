@@ -92,7 +92,8 @@ class OutMajor(NamedTuple):
   with w^T laid out [N, K] at ~150: the weight streams along the kernel's long axis. Measured on a
   2-core AVX-512 host, the small preset's projections and LM head at 16 rows: 31.5 -> 20.8 ms; at 4
   rows 19.8 -> 14.5 ms; at one row the same (a matrix-vector product either way); at 256 rows, even.
-  The serving engine lays its weights out so on CPU (serve/programs.py); models never build it.
+  The serving engine lays its weights out so on CPU for models of width 768 and up (narrower ones ran
+  faster in their own layout: serve/engine_config.py, OUT_MAJOR_MIN_WIDTH); models never build it.
 
   Which axes are contracted is read from each product's spec, so one array serves a tied embedding
   both ways: as the table (`take_rows`, [V, D]) and as the LM head ('BTD,DV', stored [V, D] too)."""

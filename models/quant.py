@@ -93,7 +93,8 @@ class WeightOnly(Int8):
 
 class Int8OutMajor(Int8):
   """Int8 laid out as models.layers.OutMajor (q and scale with their contracted axes last), whose
-  W8A8 products run weight first: the serving engine's int8 weights on CPU (out_major_params)."""
+  W8A8 products run weight first: the serving engine's int8 weights on CPU from width 768
+  (out_major_params; serve/engine_config.py)."""
 
   @property
   def T(self) -> Int8OutMajor:  # pylint: disable=invalid-name

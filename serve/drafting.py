@@ -64,7 +64,13 @@ class Drafting:
     clock = time.perf_counter()
     drafts = self._drafter.propose(contexts, self.config.num_speculative_tokens)
     self.spec_stats.draft_s += time.perf_counter() - clock
-    return {rid: d for rid, d in drafts.items() if d} or None
+    drafts = {rid: d for rid, d in drafts.items() if d}
+    # A request that found no draft (prompt lookup: no match) keeps none, as a verification that
+    # kept none would (_judge, in _count_pauses: after this step's pauses are counted): its step
+    # gains nothing and is synchronous, where a paused request's steps overlap.
+    self._undrafted = [self._requests[rid] for rid in contexts if rid not in drafts]
+    self.spec_stats.undrafted += len(self._undrafted)
+    return drafts or None
 
   def _settle_drafts(self) -> None:
     """The draft model applies its dispatched steps' tokens (DraftModel.settle), timed as drafting."""
@@ -74,17 +80,21 @@ class Drafting:
 
   def _count_pauses(self, plan: StepPlan) -> None:
     """A dispatched step, while the engine speculates, counts one off the pause of each paused
-    request it samples a token for (a step it could have drafted in)."""
+    request it samples a token for (a step it could have drafted in); then the requests that found
+    no draft for it (_propose) count as having kept none."""
     if self._K1 and self._speculating():
       for seq in plan.seqs:
         request = self._requests.get(seq.request_id)
         if seq.sample and request is not None and request.pause:
           request.pause -= 1
           self.spec_stats.paused += 1
+    for request in self._undrafted:
+      self._judge(request, 0)
+    self._undrafted = []
 
   def _judge(self, request, accepted: int) -> None:
-    """After a verification of `request` that kept `accepted` drafts: the moving average of what its
-    verifications keep, and a pause of EngineConfig.speculative_pause sampled tokens (_count_pauses)
+    """After a verification of `request` that kept `accepted` drafts (or a step it found none for:
+    0): the moving average of what its drafting keeps, and a pause of EngineConfig.speculative_pause sampled tokens (_count_pauses)
     while that is below speculative_min_accepted (serve/speculative.py: the acceptance back-off)."""
     request.kept += speculative.KEPT_WEIGHT * (accepted - request.kept)
     if request.kept < self.config.speculative_min_accepted:
@@ -106,7 +116,7 @@ class Drafting:
                     ) -> tuple[list[InFlight], jax.Array, jax.Array]:
     """Dispatches plans (each planned after scheduler.advance of the one before, its decodes fed on
     device) as ONE device call (programs.chain), padded to `buckets`: an InFlight per plan (tokens_B
-    None: the caller fills them in from the next), their tokens [n, max_seqs] and their logits
+    None: DraftModel.settle fills them in from the tokens), their tokens [n, max_seqs] and their logits
     [n, max_seqs, V], on device. For an engine with no draft q, LoRA, grammar or experts: a draft
     model's."""
     if self._has_q or self.config.max_loras or self.expert_tokens_LE is not None or self._num_grammar:

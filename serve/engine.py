@@ -171,6 +171,7 @@ class Engine(Drafting):
     self._num_prompt_lp = 0  # live requests that want prompt logprobs
     self._num_grammar = 0  # live requests with a grammar
     self._num_speculative = 0  # live requests that may draft
+    self._undrafted = []  # requests that found no draft for the step being planned (Drafting._propose)
     self._no_q = (jax.device_put(np.zeros((R, model_cfg.vocab_size), np.float32), self._replicated)
                   if self._has_q else None)
     self._no_drafts = jax.device_put(np.zeros(R, np.int32), self._replicated) if self._has_q else None

@@ -145,6 +145,9 @@ class _EngineCollector:
     yield _counter('stoker_spec_decode_paused_drafts', 'Tokens sampled without drafting by requests paused '
                    'while their verifications kept fewer than speculative_min_accepted drafts (a moving average).',
                    s.get('spec_paused', 0))
+    yield _counter('stoker_spec_decode_undrafted', 'Steps in which a request that could draft found no draft '
+                   '(prompt lookup: no match); the acceptance back-off counts them as keeping none.',
+                   s.get('spec_undrafted', 0))
     yield _counter('stoker_engine_step_seconds', 'Seconds spent in Engine.step, waiting for the device '
                    'included (its rate: the engine\'s busy fraction).', s.get('step_seconds', 0.0))
     fluidity = self._metrics.rolling_fluidity()

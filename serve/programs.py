@@ -70,7 +70,7 @@ def place(steps: dict, params: nnx.State, abstract_params: nnx.State, spec: kv_c
   """(params, pages, LoRA stacks, {bucket: jitted step}): on the default device without a mesh;
   with one, params sharded by `rules` (their int8 layout's rules when `int8`), the pools on kv
   heads, everything else replicated. `extra_inputs`: the step's optional inputs after the four
-  always there (a draft model's q, the LoRA stacks), each replicated."""
+  always there (a draft model's q and draft tokens, the LoRA stacks), each replicated."""
   if mesh is None:
     jitted = {T: jax.jit(f, donate_argnums=(1,)) for T, f in steps.items()}
     return params, kv_cache.init_pages(spec), jax.device_put(stacks), jitted

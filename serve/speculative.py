@@ -38,14 +38,15 @@ costs little more than one token; at large batches it costs about k + 1 times mo
 use a grammar, or set SamplingParams.speculate=False never draft.
 
 Acceptance back-off, per request: each verification updates a moving average of the drafts it kept
-(weight KEPT_WEIGHT on the latest; it starts at k). While that average is below
-EngineConfig.speculative_min_accepted (default 0.5) the request decodes its next speculative_pause
+(weight KEPT_WEIGHT on the latest; it starts at k), and so does a step for which the drafter found no
+draft (prompt lookup without a match), as keeping none: such a step gains nothing and is synchronous.
+While that average is below EngineConfig.speculative_min_accepted (default 0.5) the request decodes its next speculative_pause
 (16) tokens plainly (steps overlap while every request that may draft is paused; a draft model
 forgets it and prefills it afresh), then drafts again to re-measure. A verification costs ~1.3-1.5
 plain steps on XLA:CPU, so a request whose verifications keep under ~0.5 drafts loses by drafting:
 prompt lookup while sampling at temperature 0.8 kept ~0.1 of its 3 drafts per verification before
 this back-off (benchmarks/speculative.py). Whether to draft depends only on the request's own past
-verifications, so its output distribution stays the target's.
+(its verifications and its tokens), so its output distribution stays the target's.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def verify(p_logits_RV: jax.Array, q_logits_RV: jax.Array | None, draft_R: jax.A
 
   p_logits_RV: the target's logits at row b's j-th verified position (j <= num_draft_B[b]; rows past
   it are ignored). q_logits_RV: the drafter's logits when it drew draft_R[r] (None: a point mass on
-  the draft, prompt lookup). draft_R: the draft token following position j (-1: none).
+  the draft, prompt lookup). draft_R: the draft token following position j (rows past num_draft_B[b]:
+  ignored).
   batch.positions_B: the position of the token drawn after the last draft (a sequence of length N
   with n drafts: N + n). Returns (tokens_BK1, accepted_B): row b keeps tokens_BK1[b, :accepted_B[b] + 1].
   """
@@ -317,8 +319,9 @@ def draft_engine_config(target_cfg, weight_dtype: str | None = 'auto'):
   in `weight_dtype` (EngineConfig.weight_dtype, or 'auto'). 'auto' is int8 on CPU: each round the
   target's step flushes the caches, so the drafter's k steps read its weights from memory again, and
   int8 cut their time 16% (a 1M drafter, k = 3, 680 rounds: 1.47-1.53 s vs 1.74-1.84 s, interleaved
-  runs) at the same acceptance (0.634 vs 0.638); elsewhere the target's. Any drafter keeps the output
-  exact: verification decides."""
+  runs, measured with out-major weights, before engine_config.OUT_MAJOR_MIN_WIDTH) at the same
+  acceptance (0.634 vs 0.638); elsewhere the target's. Any drafter keeps the output exact:
+  verification decides."""
   k = target_cfg.num_speculative_tokens
   extra = -(-(k + 1) // target_cfg.page_size)
   if weight_dtype == 'auto':
@@ -343,6 +346,7 @@ class SpecStats:
   steps: int = 0
   backoffs: int = 0
   paused: int = 0  # tokens sampled without drafting by requests paused by the acceptance back-off
+  undrafted: int = 0  # times a request that could draft found no draft (prompt lookup: no match)
 
   def as_dict(self) -> dict:
     return {f'spec_{k}': v for k, v in dataclasses.asdict(self).items()}

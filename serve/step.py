@@ -13,8 +13,9 @@ Always-present step inputs and outputs, so that no feature compiles a variant of
     fetched from the device only then: plain decoding pays two skipped branches;
   - each row's logits [B, V] (a draft model's q, serve/speculative.py), left on device;
   - with speculation configured (k drafts, S = EngineConfig.verify_slots sequences of K1 = k + 1
-    verification rows, R = S K1): per row its token index and draft token, per slot its draft
-    count and its row in the step (and, with a draft model, the drafter's logits q_RV [R, V]).
+    verification rows, R = S K1): per row its token index (its draft is the step's next token),
+    per slot its draft count and its row in the step (and, with a draft model, the drafter's
+    logits q_RV [R, V] and draft tokens drafts_R [R], fed into the step's tokens on device).
     Speculating sequences take the slots in plan order. The verification (speculative.verify)
     runs in a branch taken only when some sequence has drafts, on K1 rows when only one has
     (batch 1: k + 1 rows, not R), else on all R; that branch runs the LM head once over the
@@ -46,7 +47,7 @@ class InFlight(NamedTuple):
 
   plan: StepPlan
   requests: tuple  # per plan row, the engine's request it was planned for (None: gone)
-  tokens_B: jax.Array
+  tokens_B: jax.Array | None  # None: not yet known (a draft model's chain, until DraftModel.settle)
   advanced: bool = False  # scheduler.advance(plan) ran: resolve, not update, applies the tokens
   row_lp: sampling.Logprobs | None = None  # device arrays; fetched only when someone asked
   token_lp: sampling.Logprobs | None = None

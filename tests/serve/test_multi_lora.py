@@ -125,7 +125,7 @@ def test_admission_keeps_running_adapters_within_the_slots():
 
 
 def test_mixed_batch_equals_each_merged_model(loaded, reference, peft_dirs):
-  engine, base = loaded.engine, quant.model_layout(loaded.engine.params)  # OutMajor on CPU
+  engine, base = loaded.engine, quant.model_layout(loaded.engine.params)  # OutMajor on CPU from width 768
   names = [None, 'sql', 'poem', 'math']
   mixes = []
   place = engine._place_adapters  # pylint: disable=protected-access

@@ -182,6 +182,28 @@ def test_a_request_whose_drafts_fail_pauses_drafting():
   assert overlapped[0.5] == 32 - 2  # each pause's first step is planned after its verification
 
 
+class NoDrafts(speculative.NgramDrafter):
+  """Prompt lookup that never finds a match."""
+
+  def propose(self, contexts, k, keep=()):
+    return {rid: [] for rid in contexts}
+
+
+def test_a_request_that_finds_no_draft_pauses_drafting():
+  """A step whose lookup finds no draft counts as keeping none (the same rule, paused_rounds): the
+  request pauses and its steps overlap, where each such step would run synchronously."""
+  prompt, max_tokens = [3, 1, 4, 1], 40
+  engine = Engine(CFG, PARAMS, dataclasses.replace(NGRAM, speculative_min_accepted=0.5, speculative_pause=16))
+  engine._drafter = NoDrafts()  # pylint: disable=protected-access
+  assert engine.generate([prompt], SamplingParams(max_tokens=max_tokens)) == [naive_greedy(prompt, max_tokens)]
+  s = engine.spec_stats
+  assert (s.undrafted, s.paused, s.verifications) == (*paused_rounds(max_tokens, 3, 0.5, 16), 0) == (7, 32, 0)
+  # Every paused step overlaps: the step that found no draft verified nothing, so the next one is
+  # planned ahead of its token (a verification's is not: test_a_request_whose_drafts_fail_pauses).
+  assert engine.stats['overlapped_steps'] == 32
+  assert_idle_and_clean(engine)
+
+
 def test_a_bad_draft_model_pauses_and_stays_exact():
   """A draft model that rarely agrees: requests pause (the drafter forgets them and prefills them
   afresh when they draft again), outputs equal the naive decode, and both caches return every page."""
