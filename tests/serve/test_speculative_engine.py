@@ -15,7 +15,7 @@ import pytest
 
 from parallelism.mesh import MeshConfig, make_mesh
 from serve import speculative
-from serve.engine import Engine, EngineConfig
+from serve.engine import Engine
 from serve.sampling import SamplingParams
 from tests.serve.test_engine import (CFG, ONE_BUCKET, PARAMS, SMALL_POOL, assert_idle_and_clean,
                                      mixed_prompts, naive_greedy)
