@@ -11,7 +11,9 @@
    The step costs the same either way.
 2. The step-time model: serve.sim.estimator.fit(load_profile(DIR)) on the shipped serve/sim/profiles/tiny_cpu
    (--profile DIR for another), or with --take_profile a fresh `stoker profile --out` first, under the same
-   background load as the runs. The server runs the profile's EngineConfig.
+   background load as the runs. The server runs the profile's EngineConfig. The profile's steps are busy ones;
+   its wake.csv gives how much slower the first steps after an idle gap run (serve/sim/wake.py), which a server
+   at these loads meets at nearly every request: without it the simulated TTFT was about half the real one.
 3. `stoker serve` of the model on 127.0.0.1 (a free port, `--gin_param engine.*` = the profile's engine),
    started afresh for every run below, so every run meets a cold prefix cache (`stoker bench` builds the same
    prompts from the same seed).

@@ -72,6 +72,20 @@ class Drafting:
     self.spec_stats.undrafted += len(self._undrafted)
     return drafts or None
 
+  def _verification_inputs(self, plan: StepPlan, drafts) -> tuple[jax.Array | None, jax.Array | None]:
+    """A draft model's inputs to `plan`'s verification (DraftModel.feed): its logits q_RV, when some
+    drafting request samples (greedy verification compares argmaxes), and its draft tokens drafts_R;
+    (None, None) without a draft model or drafts."""
+    if not drafts:
+      return None, None
+    self.spec_stats.steps += 1
+    drafted = [s for s in plan.seqs if s.num_draft]  # verification slots, in plan order
+    if not (self._has_q and drafted):
+      return None, None
+    rows = [(s.request_id, i * self._K1, s.num_draft) for i, s in enumerate(drafted)]
+    return self._drafter.feed(rows, self._S * self._K1,
+                              any(self._requests[s.request_id].params.temperature > 0 for s in drafted))
+
   def _settle_drafts(self) -> None:
     """The draft model applies its dispatched steps' tokens (DraftModel.settle), timed as drafting."""
     clock = time.perf_counter()
@@ -94,8 +108,9 @@ class Drafting:
 
   def _judge(self, request, accepted: int) -> None:
     """After a verification of `request` that kept `accepted` drafts (or a step it found none for:
-    0): the moving average of what its drafting keeps, and a pause of EngineConfig.speculative_pause sampled tokens (_count_pauses)
-    while that is below speculative_min_accepted (serve/speculative.py: the acceptance back-off)."""
+    0): the moving average of what its drafting keeps, and a pause of EngineConfig.speculative_pause
+    sampled tokens (_count_pauses) while that is below speculative_min_accepted (serve/speculative.py:
+    the acceptance back-off)."""
     request.kept += speculative.KEPT_WEIGHT * (accepted - request.kept)
     if request.kept < self.config.speculative_min_accepted:
       request.pause = self.config.speculative_pause

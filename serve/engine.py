@@ -73,7 +73,7 @@ from models import transformer
 from models.config import ModelConfig
 from parallelism import sharding as sharding_lib
 from parallelism.rules import DEFAULT_RULES, Rules
-from serve import kv_cache, programs, quant, sampling, speculative
+from serve import kv_cache, programs, quant, speculative
 from serve import outputs as outputs_lib
 from serve import lora as lora_lib
 from serve import step as step_lib
@@ -417,16 +417,7 @@ class Engine(Drafting):
     T = self._bucket(plan.num_tokens)
     if self.config.max_loras:
       self._place_adapters(plan)
-    q_RV = drafts_R = None
-    if drafts:
-      self.spec_stats.steps += 1
-      drafted = [s for s in plan.seqs if s.num_draft]  # verification slots, in plan order
-      if self._has_q and drafted:
-        # The drafter's q enters only rejection sampling: greedy verification compares argmaxes.
-        rows = [(s.request_id, i * self._K1, s.num_draft) for i, s in enumerate(drafted)]
-        q_RV, drafts_R = self._drafter.feed(
-            rows, self._S * self._K1, any(self._requests[s.request_id].params.temperature > 0 for s in drafted))
-    arrays = self._host_arrays(plan, T, prev, q_RV, drafts_R)
+    arrays = self._host_arrays(plan, T, prev, *self._verification_inputs(plan, drafts))
     if self._replicated is not None:
       arrays = jax.device_put(arrays, self._replicated)
     out, self.pages = self._steps[T](self.params, self.pages, *arrays)

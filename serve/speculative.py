@@ -210,12 +210,12 @@ class DraftModel:
     self._tokens: jax.Array | None = None  # and their tokens [n, B]
     self._pending: list = []  # their InFlights, until settle()
     self._rows: dict[str, list[int]] = {}  # per request, its draft tokens' rows in the stacked logits
-    B, V = cfg.max_seqs, engine.model_cfg.vocab_size
+    B = cfg.max_seqs
     # A step of a small bucket has fewer rows than B (serve/engine.py): padded, every step stacks alike.
     self._stack = jax.jit(functools.partial(programs.stack_rows, B=B))
-    self._gather = jax.jit(lambda stack, idx_R: jnp.take(stack.reshape(-1, V), idx_R, axis=0))
     self._stack_tokens = jax.jit(jnp.stack)
-    self._gather_tokens = jax.jit(lambda stack, idx_R: jnp.take(stack.reshape(-1), idx_R))
+    # Rows of a stack [n, B, ...] by their flat index j * B + b.
+    self._gather = jax.jit(lambda stack, idx_R: jnp.take(stack.reshape((-1,) + stack.shape[2:]), idx_R, axis=0))
     self._num_rows = B
 
   def propose(self, contexts: Mapping[str, Context], k: int) -> dict[str, list[int]]:
@@ -302,7 +302,7 @@ class DraftModel:
     idx_R = np.zeros(R, np.int32)
     for rid, r, n in rows:
       idx_R[r:r + n] = self._rows[rid][:n]
-    return self._gather(self._logits, idx_R) if with_q else None, self._gather_tokens(self._tokens, idx_R)
+    return self._gather(self._logits, idx_R) if with_q else None, self._gather(self._tokens, idx_R)
 
   def forget(self, request_id: str) -> None:
     self.settle()

@@ -23,7 +23,8 @@ adds time, so the prediction is monotone (more tokens, sequences or context is n
 extrapolates linearly in context and batch, as the hardware does, where trees go flat outside the grid
 (on the tiny CPU profile trees also cross-validate no better: p90 8% against 6%). Past the largest bucket
 (a token budget beyond the profiled one), the largest bucket's cost is scaled by T / T_last.
-K-fold cross-validated relative error is in `ProfiledModel.cv_error`.
+K-fold cross-validated relative error is in `ProfiledModel.cv_error`. Those are busy steps; how much
+slower steps run after the machine idled (wake.csv) is `ProfiledModel.wake` (serve/sim/wake.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import storage
 from serve.engine import EngineConfig
 from serve.kernels import tiled
 from serve.sim.roofline import padded_tokens
+from serve.sim import wake as wake_lib
 from serve.sim.shape import StepShape
 
 LINEAR = ('tokens', 'num_seqs', 'num_decodes', 'attn_qk', 'kv_tokens', 'gathered')
@@ -59,6 +61,7 @@ class Profile:
   device_s: np.ndarray
   host: tuple[dict, ...]
   meta: dict
+  wake: tuple[dict, ...] = ()  # wake.csv's rows (serve/sim/wake.py); () for a profile without it
 
   @property
   def engine(self) -> EngineConfig:
@@ -101,7 +104,11 @@ def load_profile(path: str) -> Profile:
     raise ValueError(_missing(path, f'steps.csv does not parse: {e}')) from None
   if (wall <= 0).any():
     raise ValueError(_missing(path, 'steps.csv has non-positive wall_s'))
-  return Profile(path, shapes, tuple(r['kind'] for r in rows), wall, device, host, meta)
+  wake_csv, wake = storage.join(path, 'wake.csv'), ()
+  if storage.isfile(wake_csv):  # optional: profiles before it run as always busy
+    with storage.open(wake_csv, newline='') as f:
+      wake = tuple(csv.DictReader(f))
+  return Profile(path, shapes, tuple(r['kind'] for r in rows), wall, device, host, meta, wake)
 
 
 def features(shape: StepShape, engine: EngineConfig) -> np.ndarray:
@@ -168,6 +175,7 @@ class ProfiledModel:
   cv_error: dict  # median and p90 relative error of K-fold predictions; folds; rows
   device_kind: str
   path: str
+  wake: wake_lib.Wake | None = None  # the slowdown after idle (serve/sim/wake.py); None: always busy
 
   def step_time_s(self, shape: StepShape) -> float:
     buckets = self.engine.buckets()
@@ -186,7 +194,8 @@ class ProfiledModel:
             f'{" + after a larger step (" + after + ")" if after else ""}'
             f'{" + " + terms + " (s per unit)" if terms else ""}; {self.cv_error["folds"]}-fold CV '
             f'relative error median {100 * self.cv_error["median"]:.1f}%, p90 '
-            f'{100 * self.cv_error["p90"]:.1f}% over {self.cv_error["rows"]} rows')
+            f'{100 * self.cv_error["p90"]:.1f}% over {self.cv_error["rows"]} rows'
+            f'{"; " + self.wake.describe() if self.wake else ""}')
 
 
 def fit(profile: Profile, folds: int = 5, seed: int = 0) -> ProfiledModel:
@@ -202,4 +211,4 @@ def fit(profile: Profile, folds: int = 5, seed: int = 0) -> ProfiledModel:
             rows=len(y))
   coef = [float(c) for c in _fit(X, y, nb)]
   return ProfiledModel(tuple(coef[:nb]), tuple(coef[nb:2 * nb]), tuple(coef[2 * nb:]), profile.engine, cv,
-                       profile.meta.get('device_kind', '?'), profile.path)
+                       profile.meta.get('device_kind', '?'), profile.path, wake_lib.fit(profile.wake))

@@ -17,9 +17,11 @@ compiled step alone (block_until_ready). The grid (`grid_for`, from the EngineCo
            chunked policy only: the others never mix)
   after    b decodes right after a step of P tokens, P each bucket above the smallest (prev_tokens P;
            that step is the b decodes and a new prompt's chunk, or with prefill-first the chunk alone)
+  wake     after each idle gap of wake_gaps, one request's steps (two prompt chunks, then decodes) against
+           the same steps back to back (serve/sim/wake.py: how much slower a machine runs after idling)
 Files in --out (a local directory, gs://BUCKET/PATH or s3://BUCKET/PATH; storage/): steps.csv (one row
 per grid point), host.csv (Scheduler.schedule and update and the engine's host buffers per step, against
-batch size) and meta.json (device, backend, model and engine configs, jax version, date, load average
+batch size), wake.csv and meta.json (device, backend, model and engine configs, jax version, date, load average
 before and after, grid), meta.json last. An unusable bucket stops the command before it measures.
 """
 
@@ -44,7 +46,7 @@ from parallelism.compile_cache import use_compilation_cache
 from serve import loader
 from serve.engine import Engine, EngineConfig
 from serve.scheduler import StepPlan
-from serve.sim import estimator, probe
+from serve.sim import estimator, probe, wake
 
 STEP_FIELDS = ('kind', 'q_lens', 'kv_lens', 'prev_tokens', 'num_seqs', 'num_decodes', 'tokens', 'bucket', 'wall_s',
                'wall_min_s', 'device_s', 'repeats')
@@ -61,6 +63,8 @@ class Grid:
   repeats: int = 5  # passes over the grid
   after_decodes: tuple[int, ...] = ()
   after_buckets: tuple[int, ...] = ()  # token counts of the step before
+  wake_gaps: tuple[float, ...] = ()  # idle gaps (s) before the steps wake.csv times (serve/sim/wake.py)
+  wake_repeats: int = 12  # passes over them (a wake's slowdown varies widely from one to the next)
 
 
 def grid_for(cfg: EngineConfig, quick: bool = False) -> Grid:
@@ -71,7 +75,7 @@ def grid_for(cfg: EngineConfig, quick: bool = False) -> Grid:
   if quick:
     return Grid((1, cfg.max_seqs), (2 * G,), (cfg.min_bucket, budget),
                 tuple(c for c in (0, budget) if c + budget < max_len), (1,), (cfg.min_bucket,), 3,
-                (1,), after[-1:])
+                (1,), after[-1:], (0.02,), 2)
   batches = sorted({1, 2, 4, 8, 12, 16, cfg.max_seqs} & set(range(1, cfg.max_seqs + 1)))
   contexts = sorted({c for c in (G, 4 * G, 16 * G, 32 * G) if c < max_len} | {max_len - 2 * G})
   chunks = sorted(set(cfg.buckets()) | {3 * b // 4 for b in cfg.buckets() if b >= 4 * cfg.min_bucket})
@@ -80,7 +84,7 @@ def grid_for(cfg: EngineConfig, quick: bool = False) -> Grid:
   mixed = sorted({1, max(1, cfg.max_seqs // 4), cfg.max_seqs - 1} - {0})
   return Grid(tuple(batches), tuple(contexts), tuple(chunks), tuple(cached), tuple(mixed),
               (cfg.min_bucket, budget // 4, budget // 2, budget), after_decodes=(1, max(1, cfg.max_seqs // 2)),
-              after_buckets=after)
+              after_buckets=after, wake_gaps=wake.GAPS_S)
 
 
 def _jsonable(cfg) -> dict:
@@ -108,6 +112,7 @@ def profile(model_cfg: ModelConfig, engine_cfg: EngineConfig, out_dir: str, *, q
     probe.device_time(engine, StepPlan((), ()), 0, T)
   rows = probe.measure(engine, grid, seed)
   host = probe.host_overhead(engine, grid.decode_batches)
+  woken = wake.measure(engine, grid.wake_gaps, grid.wake_repeats, seed) if grid.wake_gaps else []
   device = jax.devices()[0]
   meta = dict(
       device_kind=device.device_kind, backend=jax.default_backend(), num_devices=jax.device_count(),
@@ -119,16 +124,20 @@ def profile(model_cfg: ModelConfig, engine_cfg: EngineConfig, out_dir: str, *, q
       loadavg_before=[round(x, 2) for x in load_before],
       loadavg_after=[round(x, 2) for x in os.getloadavg()],
       command=' '.join(['stoker'] + sys.argv[1:]) if os.path.basename(sys.argv[0]) in ('stoker', 'cli.py') else None,
-      quick=quick, grid=dataclasses.asdict(grid), steps_rows=len(rows), host_rows=len(host))
-  write(out_dir, rows, host, meta)
+      quick=quick, grid=dataclasses.asdict(grid), steps_rows=len(rows), host_rows=len(host),
+      wake_rows=len(woken))
+  write(out_dir, rows, host, meta, woken)
   return meta
 
 
-def write(out_dir: str, rows, host, meta: dict) -> None:
-  """steps.csv, host.csv, then meta.json (written last: a profile with it is complete) into out_dir."""
+def write(out_dir: str, rows, host, meta: dict, woken=()) -> None:
+  """steps.csv, host.csv, wake.csv (if any rows), then meta.json (written last: a profile with it is
+  complete) into out_dir."""
   storage.makedirs(out_dir)
   _write_csv(storage.join(out_dir, 'steps.csv'), STEP_FIELDS, rows)
   _write_csv(storage.join(out_dir, 'host.csv'), probe.HOST_FIELDS, host)
+  if woken:
+    _write_csv(storage.join(out_dir, 'wake.csv'), wake.FIELDS, woken)
   with storage.open(storage.join(out_dir, 'meta.json'), 'w') as f:
     json.dump(meta, f, indent=1)
 
@@ -160,6 +169,7 @@ def profile_command(model_cfg: ModelConfig, engine_cfg: EngineConfig, out_dir: s
   print(f'Profiled {meta["num_params"]:,} parameters on {meta["device_kind"]} ({meta["backend"]}, '
         f'tensor parallel {meta["tensor_parallel"]}): {meta["steps_rows"]} step shapes in '
         f'{meta["duration_s"]:.0f} s, load average {meta["loadavg_before"][0]} -> '
-        f'{meta["loadavg_after"][0]}. Wrote {out_dir}/steps.csv, host.csv, meta.json.\n'
+        f'{meta["loadavg_after"][0]}. Wrote {out_dir}/steps.csv, host.csv, {"wake.csv, " if meta["wake_rows"] else ""}'
+        'meta.json.\n'
         f'Fitted: {fitted.describe()}.')
   return 0

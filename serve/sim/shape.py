@@ -52,7 +52,9 @@ class StepShape:
 
 
 class StepTimeModel(Protocol):
-  """Predicts how long one engine iteration of a given shape takes, in seconds."""
+  """Predicts how long one engine iteration of a given shape takes, in seconds, on a busy machine. A model may
+  also have `wake` (serve/sim/wake.Wake): how much slower steps run right after idling; the simulator reads it
+  with getattr (none: the machine runs every step as busy)."""
 
   def step_time_s(self, shape: StepShape) -> float:
     ...

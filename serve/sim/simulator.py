@@ -5,7 +5,9 @@ engine) and replays the timeline of serve/engine.py as serve/driver.py drives it
 
   - A step planned and dispatched at time t runs until t + T, T = model.step_time_s(StepShape.from_plan(plan))
     + step_overhead_s (the server's host work per step beyond Engine.step: the driver's loop, and on a CPU
-    backend the HTTP threads competing with the step for the cores) + a deviation drawn from step_jitter_s
+    backend the HTTP threads competing with the step for the cores), stretched when the replica has just
+    woken from idle (the model's `wake`, serve/sim/wake.py: a profile's steps are busy ones; None: none),
+    + a deviation drawn from step_jitter_s
     (the machine's step-to-step noise: a step-time model predicts a typical step, and a deterministic timeline
     would make every gap between tokens exactly that; draws are seeded, so a run is reproducible). The shape's
     prev_tokens is the replica's step before (a step after a larger one runs slower on a CPU).
@@ -43,6 +45,7 @@ from collections.abc import Sequence
 from serve.bench.client import RequestRecord
 from serve.bench.workload import RequestSpec
 from serve.scheduler import Policy, Scheduler, SchedulerConfig
+from serve.sim import wake as wake_lib
 from serve.sim.router import make_router
 from serve.sim.shape import StepShape, StepTimeModel
 
@@ -145,6 +148,7 @@ class _Replica:
     self.pending: list[RequestRecord] = []  # reached the driver while a step ran
     self.inflight = None  # the plan running on the device
     self.waking = False  # a wake event is queued: the idle driver starts a step
+    self.clock = wake_lib.Clock(getattr(cfg.model, 'wake', None))  # idle since the start
 
   def reach(self, record: RequestRecord, t: float) -> None:
     """The request reaches the driver (the server's checks, then the command queue)."""
@@ -206,6 +210,8 @@ class _Replica:
     self.pending.clear()
     if self.inflight is None and self.scheduler.has_work:
       self._dispatch(t)
+    if self.inflight is None:
+      self.clock.idle(t)
 
   def _dispatch(self, t: float) -> None:
     plan = self.scheduler.schedule()
@@ -214,7 +220,8 @@ class _Replica:
                          f'{self.scheduler.num_running} running requests (the engine fails here too); the pool '
                          f'({self.cfg.num_pages} pages) or slots may be too small.')
     cfg, stats = self.cfg, self.stats
-    step_s = cfg.model.step_time_s(StepShape.from_plan(plan, self.last_tokens)) + cfg.step_overhead_s
+    step_s = self.clock.step_s(t, cfg.model.step_time_s(StepShape.from_plan(plan, self.last_tokens))
+                               + cfg.step_overhead_s)
     self.last_tokens = plan.num_tokens
     if cfg.step_jitter_s:
       step_s = max(0.0, step_s + self.rng.choice(cfg.step_jitter_s))

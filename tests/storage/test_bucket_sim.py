@@ -20,7 +20,7 @@ from tests.storage import servers
 from tests.storage.conftest import MISSING_BUCKET_FIXES, new_bucket, use_server
 
 SHIPPED = os.path.join(os.path.dirname(estimator.__file__), 'profiles', 'tiny_cpu')
-PROFILE_FILES = ('steps.csv', 'host.csv', 'meta.json')
+PROFILE_FILES = ('steps.csv', 'host.csv', 'wake.csv', 'meta.json')
 PLAN_FILES = ('pareto.png', 'plan.json', 'plan.md')
 PLAN = ['plan', '--model', 'tiny', '--devices', 'none', '--profile-price', '0.5', '--slo', 'ttft_p90<30s',
         '--workload', 'requests=12,prompt=uniform:16:64,output=uniform:2:8', '--target-qps', '0.1',
@@ -70,9 +70,11 @@ def test_a_bucket_profile_plans_as_the_local_one(scheme, endpoints, monkeypatch,
     rows = list(csv.DictReader(f))
   with open(os.path.join(SHIPPED, 'host.csv'), newline='') as f:
     host = list(csv.DictReader(f))
+  with open(os.path.join(SHIPPED, 'wake.csv'), newline='') as f:
+    woken = list(csv.DictReader(f))
   with open(os.path.join(SHIPPED, 'meta.json')) as f:
     meta = json.load(f)
-  profile.write(f'{bucket}/profiles/tiny_cpu', rows, host, meta)  # what `stoker profile --out` writes with
+  profile.write(f'{bucket}/profiles/tiny_cpu', rows, host, meta, woken)  # what `stoker profile --out` writes with
   for file in PROFILE_FILES:
     with open(os.path.join(SHIPPED, file), 'rb') as f:
       assert obj(f'profiles/tiny_cpu/{file}') == f.read(), file
@@ -97,7 +99,7 @@ def test_stoker_profile_writes_a_bucket(scheme, endpoints, monkeypatch, tmp_path
   name = bucket.split('://')[1]
   argv = ['profile', '--out', f'{bucket}/prof', '--quick', '--gin_param', 'model.num_layers=2']
   printed = stoker(*argv, *(a for p in ENGINE_PARAMS for a in ('--gin_param', p)))
-  assert f'Wrote {bucket}/prof/steps.csv, host.csv, meta.json.' in printed and 'Fitted: ' in printed
+  assert f'Wrote {bucket}/prof/steps.csv, host.csv, wake.csv, meta.json.' in printed and 'Fitted: ' in printed
   assert sorted(servers.list_objects(scheme, endpoints[scheme], name)) == [f'prof/{f}' for f in sorted(PROFILE_FILES)]
   steps = list(csv.DictReader(io.StringIO(servers.get_object(scheme, endpoints[scheme], name,
                                                              'prof/steps.csv').decode())))
@@ -105,6 +107,7 @@ def test_stoker_profile_writes_a_bucket(scheme, endpoints, monkeypatch, tmp_path
   read = estimator.load_profile(f'{bucket}/prof')
   assert meta['steps_rows'] == len(steps) == len(read.shapes) > 0 and read.meta == meta
   assert list(read.wall_s) == [float(r['wall_s']) for r in steps]
+  assert len(read.wake) == meta['wake_rows'] > 0  # wake.csv, read back from the bucket
   assert not os.path.exists(tmp_path / f'{scheme}:')
 
 

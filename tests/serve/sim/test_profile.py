@@ -9,7 +9,7 @@ import pytest
 
 import cli
 from serve.engine import EngineConfig
-from serve.sim import estimator, probe, profile
+from serve.sim import estimator, probe, profile, wake
 from serve.sim.shape import StepShape
 
 # A small engine (buckets 16 and 32) and a 2-layer tiny model keep the compile to seconds.
@@ -62,6 +62,13 @@ def test_quick_profile_writes_the_grid(quick_profile):
   assert [int(h['num_seqs']) for h in host] == list(grid.decode_batches)
   assert all(float(h[k]) > 0 for h in host for k in probe.HOST_FIELDS[1:])
   meta = json.loads((quick_profile / 'meta.json').read_text())
+  with open(quick_profile / 'wake.csv') as f:
+    woken = list(csv.DictReader(f))
+  assert list(woken[0]) == list(wake.FIELDS)
+  steps = len({r['index'] for r in woken})  # step() calls of a two-chunk prompt and its decodes
+  assert len(woken) == len(grid.wake_gaps) * grid.wake_repeats * steps and steps >= 2 + wake.DECODES
+  assert all(float(r['wall_s']) > 0 and float(r['busy_s']) > 0 for r in woken)
+  assert meta['wake_rows'] == len(woken) and 'wake.csv' in printed
   assert meta['backend'] == 'cpu' and meta['device_kind'] and meta['jax_version']
   assert meta['model']['num_layers'] == 2 and meta['model']['d_model'] == 256  # tiny, overridden
   assert EngineConfig(**meta['engine']) == ENGINE
