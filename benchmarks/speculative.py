@@ -1,13 +1,16 @@
 """Speculative decoding: a distilled draft model and prompt lookup against plain decoding (issue 25).
 
-  python benchmarks/speculative.py                                  # T = 1M tokens: about an hour on 2 cores
+  python benchmarks/speculative.py                          # T = 1M tokens: ~24 + 8 min training, ~8 min measuring
+  python benchmarks/speculative.py --target_model teacher    # the 12M teacher as the target (~12 + 7 min training)
   python benchmarks/speculative.py --target benchmarks/out/compression/teacher   # reuse a trained target
   python benchmarks/speculative.py --tokens 40000 --new_tokens 24 --runs 1 --prompts 2   # smoke, minutes
 
-One process, on the stdlib corpus (4096-token BPE). The target (compression.py's teacher: ~12M
-params, width 384, 4 layers) trains on T tokens, or is given (--target); the drafter (~1.0M params:
-width 128, 2 layers, tied embeddings; 0.086 of the target) is distilled from it on --draft_tokens
-(default T; train/distill.py): distilled on T/4 tokens, a 1-layer drafter agreed with the target's
+One process, on the stdlib corpus (4096-token BPE). The target (WIDE: ~31M params, width 768, 4 layers, whose
+batch-1 step reads its weights from memory, so that a verification of k + 1 tokens costs ~1.2 plain steps on
+XLA:CPU; or --target_model teacher, compression.py's ~12M teacher of width 384, where it costs ~1.5) trains
+on T tokens, or is given (--target); the drafter (~1.0M params: width 128, 2 layers, tied embeddings;
+0.032 of the wide target, 0.086 of the teacher) is distilled from it on --draft_tokens (default T;
+train/distill.py): distilled on T/4 tokens, a 1-layer drafter agreed with the target's
 greedy token 42% of the time, on T 68%.
 Prompts: code completion, --prompt_len tokens of stdlib Python source cut at random lines.
 
@@ -18,8 +21,8 @@ interleaved (the engines' order rotating), median of --runs: plain (speculation 
 Reported per row: tokens/s and the speed-up over plain, the median of each run's ratio in that run;
 for speculation the acceptance rate (accepted / drafted tokens, vLLM's), Leviathan et al.'s per-token a
 (accepted / (accepted + rejections): a draft is tried only while those before it were accepted), the
-drafter/target step-time ratio c (a drafter step as it runs inside speculation, from the drafter's measured seconds, over a
-plain target step; c_alone in the JSON: the drafter's own plain decode), the speed-up Leviathan et
+drafter/target step-time ratio c (a drafter step as it runs inside speculation, from the drafter's measured
+seconds, over a plain target step; c_alone in the JSON: the drafter's own plain decode), the speed-up Leviathan et
 al. predict from them, E(a, k) / (k c + 1) with E = (1 - a^(k+1)) / (1 - a), and measured / predicted;
 v, a verification round's target step (host work included: speculative steps are synchronous) over a
 plain step, and the prediction with it, E / (k c + v). k = 3 by default: k + 1 tokens fill the
@@ -49,13 +52,22 @@ DRAFTER = ['model.vocab_size=4096', 'model.d_model=128', 'model.num_layers=2', '
            'model.num_kv_heads=1', 'model.head_dim=64', 'model.mlp_dim=512', 'model.tie_embeddings=True']
 
 
+# A target whose batch-1 decode reads its weights from memory: at width 768 XLA:CPU runs a 4-row product in about
+# the time of a 1-row one (out-major weights, serve/engine_config.py), where at the teacher's 384 it takes ~2.3x.
+WIDE = ['model.vocab_size=4096', 'model.d_model=768', 'model.num_layers=4', 'model.num_heads=12',
+        'model.num_kv_heads=4', 'model.head_dim=64', 'model.mlp_dim=2048']
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--target', default=None, help='a trained target workdir (default: train one on --tokens)')
+  p.add_argument('--target_model', choices=('teacher', 'wide'), default='wide',
+                 help='the target trained without --target: compression.py\'s teacher (~12M, width 384) or WIDE '
+                 '(~31M, width 768, 4 layers)')
   p.add_argument('--tokens', type=int, default=1_000_000, help='T: the target\'s training tokens')
   p.add_argument('--batch_size', type=int, default=16)
   p.add_argument('--seq_len', type=int, default=128)
-  p.add_argument('--learning_rate', type=float, default=3e-3)
+  p.add_argument('--learning_rate', type=float, default=None, help='the target\'s (default: 2e-3 wide, 3e-3 teacher)')
   p.add_argument('--distill_learning_rate', type=float, default=3e-3)
   p.add_argument('--draft_tokens', type=int, default=None, help='the drafter\'s distillation tokens '
                  '(default: --tokens)')
@@ -68,9 +80,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--runs', type=int, default=5)
   p.add_argument('--batch16_repeats', type=int, default=3, help='times a batch-16 run decodes its group')
   p.add_argument('--host_devices', type=int, default=1)
-  p.add_argument('--workdir', default=os.path.join(os.path.dirname(__file__), 'out', 'speculative'))
+  p.add_argument('--workdir', default=None, help='where the models train (default: benchmarks/out/speculative_wide, '
+                 'or benchmarks/out/speculative for the teacher)')
   p.add_argument('--out_dir', default=os.path.join(os.path.dirname(__file__), 'out'))
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  teacher = args.target_model == 'teacher'
+  args.learning_rate = args.learning_rate or (3e-3 if teacher else 2e-3)
+  args.workdir = args.workdir or os.path.join(os.path.dirname(__file__), 'out', 'speculative' if teacher
+                                              else 'speculative_wide')
+  return args
 
 
 def code_prompts(tokenizer_path: str, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -124,8 +142,13 @@ def main(argv=None, pages: str = 'huge pages: not asked for') -> int:
   steps_T = max(1, args.tokens // per_step)
   base = ['train/tiny_cpu.gin']
   target = args.target or os.path.join(root, 'target')
+  shape = WIDE if args.target_model == 'wide' else TEACHER
   if args.target is None:
-    train_run('target', target, base, recipe(args, steps_T) + TEACHER)
+    train_run('target', target, base, recipe(args, steps_T) + shape)
+    width = checkpoint_io.load(target)[0].d_model
+    if f'model.d_model={width}' not in shape:
+      raise SystemExit(f'{target} holds a target of width {width}, not the {args.target_model} model: pass '
+                       f'--workdir for a fresh one, or --target {target} to measure it.')
   drafter = os.path.join(root, 'drafter')
   args.learning_rate = args.distill_learning_rate
   draft_steps = max(1, (args.draft_tokens or args.tokens) // per_step)
