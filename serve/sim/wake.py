@@ -22,6 +22,7 @@ wake.csv, which the simulator runs as always busy)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import statistics
 import time
@@ -149,7 +150,7 @@ def measure(engine, gaps_s: Sequence[float] = GAPS_S, repeats: int = 12, seed: i
   rng = np.random.default_rng(seed)
   prompt = min(2 * cfg.token_budget - cfg.page_size, cfg.max_pages_per_seq * cfg.page_size - DECODES - 2,
                (cfg.num_pages - 2) * cfg.page_size - DECODES - 2)
-  ids = iter(range(10**9))
+  ids = itertools.count()
 
   def run() -> list[float]:
     engine.add_request(f'wake-{next(ids)}', rng.integers(1, engine.model_cfg.vocab_size, prompt).tolist(),
